@@ -1,0 +1,3 @@
+from glitr_cli.cli import main
+
+main()
