@@ -1,0 +1,61 @@
+"""Glimpses: differentiable crops of a frame at a location, and their footprint on the frame.
+
+A location l = (x, y) lives in the normalised coordinates of `F.affine_grid` with
+`align_corners=True`: -1 is the centre of the first pixel, +1 the centre of the last, x runs
+along columns, (0, 0) is the frame centre. A glimpse of g patches of p pixels covers the
+fraction s = g / n of each axis, where n = frame_size / p is the patch grid. Locations are
+never clamped; a glimpse that leaves the frame reads zeros there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def glimpse_theta(loc: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+    """Affine matrices [[s_x, 0, x], [0, s_y, y]] for locations `loc` (N, 2) -> (N, 2, 3)."""
+    n = loc.shape[0]
+    theta = loc.new_zeros(n, 2, 3)
+    theta[:, 0, 0] = scale[0]
+    theta[:, 1, 1] = scale[1]
+    theta[:, :, 2] = loc
+    return theta
+
+
+def extract_glimpse(
+    frames: torch.Tensor, loc: torch.Tensor, size: tuple[int, int], scale: tuple[float, float]
+) -> torch.Tensor:
+    """Bilinearly sample glimpses from `frames` (N, C, H, W) at `loc` (N, 2).
+
+    `size` is the output (height, width) in samples, `scale` the (s_x, s_y) fraction of the
+    frame covered. Differentiable with respect to both frames and locations. Returns
+    (N, C, size[0], size[1]).
+    """
+    theta = glimpse_theta(loc.to(frames.dtype), scale)
+    grid = F.affine_grid(theta, [frames.shape[0], frames.shape[1], size[0], size[1]], align_corners=True)
+    return F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def glimpse_mask(
+    loc: torch.Tensor, frame_size: tuple[int, int], glimpse_pixels: tuple[int, int], scale: tuple[float, float]
+) -> torch.Tensor:
+    """Footprint of glimpses at `loc` (N, 2) on frames of `frame_size` (H, W) -> (N, H, W).
+
+    The inverse of the glimpse map sends an all-ones glimpse back onto the frame, so the mask
+    is 1 inside [l - s, l + s] and falls off linearly over one glimpse pixel outside it.
+    """
+    n = loc.shape[0]
+    theta = loc.new_zeros(n, 2, 3)
+    theta[:, 0, 0] = 1.0 / scale[0]
+    theta[:, 1, 1] = 1.0 / scale[1]
+    theta[:, 0, 2] = -loc[:, 0] / scale[0]
+    theta[:, 1, 2] = -loc[:, 1] / scale[1]
+    grid = F.affine_grid(theta, [n, 1, frame_size[0], frame_size[1]], align_corners=True)
+    ones = loc.new_ones(n, 1, glimpse_pixels[0], glimpse_pixels[1])
+    return F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+
+
+def glimpse_area_fraction(img_size: int, patch_size: int, glimpse_size: int) -> float:
+    """Fraction of a square frame's area that one glimpse of `glimpse_size` patches covers."""
+    return (glimpse_size * patch_size) ** 2 / img_size**2

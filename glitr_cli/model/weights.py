@@ -1,0 +1,160 @@
+"""Loading and converting weights: our checkpoints, the original GliTr layout, iBOT, timm.
+
+Every file is read with `torch.load(..., weights_only=True)`; a file that does not fit the
+model is one `GlitrError` listing the missing, unexpected and misshaped keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+from glitr_cli.errors import GlitrError
+from glitr_cli.model.glitr import GliTr
+
+StateDict = dict[str, torch.Tensor]
+
+# module and parameter names of the original GliTr release -> ours
+_ORIGINAL_PREFIXES = (
+    ("temporal_head.patch_embed.embed_layer.", "classifier.input_proj."),
+    ("temploc_head.patch_embed.embed_layer.", "locator.input_proj."),
+    ("temporal_head.tmp_embed", "classifier.temporal_embed"),
+    ("temploc_head.tmp_embed", "locator.temporal_embed"),
+    ("temporal_head.", "classifier."),
+    ("temploc_head.", "locator."),
+)
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """`torch.load` with `weights_only=True`; a missing or unreadable file is one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlitrError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with foreign objects, garbage bytes
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GlitrError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from None
+
+
+def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _summary(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_checked(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strictly load `sd`; any difference is one GlitrError that names `source` and the keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    misshaped = sorted(
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(sd) if sd[k].shape != own[k].shape
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
+        if misshaped:
+            parts.append(f"misshaped (file vs model) {len(misshaped)}: {_summary(misshaped)}")
+        raise GlitrError(f"{source} does not fit the model: " + "; ".join(parts))
+    module.load_state_dict(sd)
+
+
+def convert_original_glitr(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Convert a state dict of the original GliTr code (teacher or student) to our layout.
+
+    The original splits the ViT's position table into `backbone.cls_embed` (1, 1, D) and
+    `backbone.pos_embed` (1, n*n, D); we keep timm's single (1, 1 + n*n, D) table. A DDP
+    `module.` prefix and a student's embedded `teacher.` sub-module are dropped.
+    """
+    sd = _strip_prefix(sd, "module.")
+    out: StateDict = {}
+    for key, value in sd.items():
+        if key.startswith("teacher."):
+            continue
+        for old, new in _ORIGINAL_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    if "backbone.cls_embed" in out and "backbone.pos_embed" in out:
+        out["backbone.pos_embed"] = torch.cat([out.pop("backbone.cls_embed"), out["backbone.pos_embed"]], dim=1)
+    return out
+
+
+def load_original_glitr(model: GliTr, path: str | Path) -> None:
+    """Load a checkpoint written by the original GliTr code into `model`."""
+    obj = read_checkpoint(path)
+    sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
+    if not isinstance(sd, Mapping):
+        raise GlitrError(f"{path}: expected a state dict (optionally under 'model'), found {type(sd).__name__}")
+    load_state_dict_checked(model, convert_original_glitr(sd), str(path))
+
+
+def _fit_backbone(model: GliTr, sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Keep a plain ViT state dict's backbone keys and resample its position table to our grid."""
+    sd = _strip_prefix(_strip_prefix(sd, "module."), "backbone.")
+    own = model.backbone.state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))}
+    pos = sd.get("pos_embed")
+    if pos is not None and pos.shape != own["pos_embed"].shape:
+        sd["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.backbone.grid_size), num_prefix_tokens=1)
+    return sd
+
+
+def load_backbone(model: GliTr, source: str | Path) -> None:
+    """Initialise T_f from an iBOT/DeiT-style checkpoint file (weights under `state_dict`,
+    `model`, `teacher` or bare) or, for a name that is not a file, from timm's pretrained weights."""
+    if Path(source).suffix in (".pth", ".pt", ".bin") or Path(source).exists():
+        obj = read_checkpoint(source)
+        sd = obj
+        for key in ("state_dict", "model", "teacher"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], Mapping):
+                sd = sd[key]
+                break
+        if not isinstance(sd, Mapping):
+            raise GlitrError(f"{source}: expected a ViT state dict, found {type(sd).__name__}")
+    else:
+        import timm
+
+        try:
+            sd = timm.create_model(str(source), pretrained=True, num_classes=0).state_dict()
+        except Exception as e:
+            raise GlitrError(f"timm pretrained weights {source!r} could not be loaded: {e}") from None
+    load_state_dict_checked(model.backbone, _fit_backbone(model, sd), str(source))
+
+
+def init_student_from_teacher(student: GliTr, teacher: GliTr) -> None:
+    """The student starts from all of the teacher's weights (T_f, T_c, T_l and init_loc)."""
+    load_state_dict_checked(student, teacher.state_dict(), "teacher weights")
+
+
+def jester_teacher_from_ssv2(sd: Mapping[str, torch.Tensor], num_frames: int) -> StateDict:
+    """An SSv2 teacher's state dict made into a Jester teacher's starting point.
+
+    The class head is dropped (new classes), and each temporal embedding keeps every k-th
+    step (k = old length / num_frames, i.e. `[:, ::2]` from 16 to 8 frames).
+    """
+    out: StateDict = {}
+    for key, value in sd.items():
+        if key.startswith("classifier.head."):
+            continue
+        if key.endswith("temporal_embed"):
+            old = value.shape[1]
+            if old % num_frames:
+                raise GlitrError(f"{key}: cannot take {num_frames} of {old} temporal steps evenly")
+            value = value[:, :: old // num_frames].clone()
+        out[key] = value
+    return out
