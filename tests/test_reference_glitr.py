@@ -211,18 +211,16 @@ def test_student_stepwise(ref: Reference, prefix: str):
     x = torch.from_numpy(ref.x)
     locs = torch.from_numpy(ref.expected[prefix + "student_eval_loc"]).float()
     feats = torch.from_numpy(exp["student_eval_feat"]).float()
+    step_outputs = {
+        "student_eval_feat": lambda t: student.backbone(x[:, t], locs[:, t]).numpy(),
+        "student_eval_mask_pool8": lambda t: ref.masks(student, locs[:, t : t + 1])[:, 0],
+        "student_eval_logits": lambda t: student.classifier(feats[:, : t + 1])[:, -1].numpy(),
+        "student_eval_loc_next": lambda t: student.locator(feats[:, : t + 1])[:, -1].numpy(),
+    }
     with torch.no_grad():
-        for t in range(x.shape[1]):
-            f = student.backbone(x[:, t], locs[:, t])
-            assert_close(f"feat[{t}]", f.numpy(), exp["student_eval_feat"][:, t], **_rt(tol["student_eval_feat"]))
-            mask = ref.masks(student, locs[:, t : t + 1])[:, 0]
-            assert_close(f"mask[{t}]", mask, exp["student_eval_mask_pool8"][:, t], **_rt(tol["student_eval_mask_pool8"]))
-            logits = student.classifier(feats[:, : t + 1])[:, -1]
-            assert_close(f"logits[{t}]", logits.numpy(), exp["student_eval_logits"][:, t], **_rt(tol["student_eval_logits"]))
-            loc_next = student.locator(feats[:, : t + 1])[:, -1]
-            assert_close(
-                f"loc_next[{t}]", loc_next.numpy(), exp["student_eval_loc_next"][:, t], **_rt(tol["student_eval_loc_next"])
-            )
+        for name, step in step_outputs.items():
+            for t in range(x.shape[1]):
+                assert_close(f"{prefix}{name}[:, {t}]", step(t), exp[name][:, t], **_rt(tol[name]))
 
 
 def _rt(entry: dict) -> dict:
