@@ -52,10 +52,15 @@ def _summary(keys: list[str], limit: int = 6) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_state_dict_checked(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strictly load `sd`; any difference is one GlitrError that names `source` and the keys."""
+def load_state_dict_checked(
+    module: nn.Module, sd: Mapping[str, torch.Tensor], source: str, allow_missing: tuple[str, ...] = ()
+) -> None:
+    """Strictly load `sd`; any difference is one GlitrError that names `source` and the keys.
+
+    Keys starting with a prefix in `allow_missing` may be absent and keep their current values.
+    """
     own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
+    missing = sorted(k for k in set(own) - set(sd) if not k.startswith(allow_missing))
     unexpected = sorted(set(sd) - set(own))
     misshaped = sorted(
         f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(sd) if sd[k].shape != own[k].shape
@@ -69,7 +74,7 @@ def load_state_dict_checked(module: nn.Module, sd: Mapping[str, torch.Tensor], s
         if misshaped:
             parts.append(f"misshaped (file vs model) {len(misshaped)}: {_summary(misshaped)}")
         raise GlitrError(f"{source} does not fit the model: " + "; ".join(parts))
-    module.load_state_dict(sd)
+    module.load_state_dict(sd, strict=not allow_missing)
 
 
 def convert_original_glitr(sd: Mapping[str, torch.Tensor]) -> StateDict:
@@ -158,3 +163,9 @@ def jester_teacher_from_ssv2(sd: Mapping[str, torch.Tensor], num_frames: int) ->
             value = value[:, :: old // num_frames].clone()
         out[key] = value
     return out
+
+
+def load_jester_teacher_init(model: GliTr, ssv2_teacher: Mapping[str, torch.Tensor], source: str) -> None:
+    """Start a Jester teacher from an SSv2 teacher's weights; its class head stays freshly initialised."""
+    sd = jester_teacher_from_ssv2(ssv2_teacher, model.num_frames)
+    load_state_dict_checked(model, sd, source, allow_missing=("classifier.head.",))

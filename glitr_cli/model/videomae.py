@@ -1,0 +1,367 @@
+"""VideoMAE ViT video classifier, the model GliTr's SSv2 teacher is distilled from.
+
+VideoMAE: Masked Autoencoders are Data-Efficient Learners for Self-Supervised Video Pre-Training
+(Tong, Song, Wang, Wang; NeurIPS 2022). This is the *fine-tuning* classifier: a 3D tubelet patch embedding, a fixed
+sinusoidal positional table, pre-norm ViT blocks whose attention has q/v biases but no k bias, mean pooling over all
+tokens, ``fc_norm`` and a linear head. Parameter names follow the released checkpoints, so a fine-tuned state dict
+loads as is (see ``load_videomae``); ``tests/fixtures/reference-videomae`` proves the outputs equal the original's.
+
+Layouts: the model takes (B, C, T, H, W) like the original; glitr clips are (B, T, C, H, W), use ``forward_clip``.
+
+As a teacher the model is frozen: call ``model.freeze()`` (eval mode, no gradients) after loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
+from torch import nn
+
+from glitr_cli.errors import GlitrError
+
+__all__ = ["VideoMAE", "build_videomae", "checkpoint_filter_fn", "load_videomae", "sinusoid_table"]
+
+# Prefixes the original fine-tuning script strips before loading (pre-training checkpoints store the encoder
+# under ``encoder.``).
+_STRIP_PREFIXES = ("backbone.", "encoder.")
+# Where the weights sit in a released checkpoint: ``model`` (plain training path) then ``module`` (DeepSpeed), the
+# order of the original ``--model_key model|module``; anything else is taken to be a bare state dict.
+_STATE_DICT_KEYS = ("model", "module")
+_MAX_LISTED_KEYS = 6
+# Checkpoints from the plain training path also store the run's ``args`` (an argparse.Namespace, plain data); allow
+# that one class so ``weights_only=True`` loading still works on them.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+# ----------------------------------------------------------------------------------------------------------- blocks
+
+
+def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
+    """Fixed positional table, (num_positions, dim) float32.
+
+    ``PE[p, 2i] = sin(p / 10000^(2i/dim))`` and ``PE[p, 2i+1] = cos(...)``, computed in float64 and rounded to float32
+    once, bit for bit as the original builds it with numpy.
+    """
+    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]  # (P, 1)
+    expo = (2 * (torch.arange(dim) // 2)).to(torch.float64) / dim  # (D,)
+    angle = pos / torch.pow(10000.0, expo)  # (P, D)
+    table = torch.empty_like(angle)
+    table[:, 0::2] = torch.sin(angle[:, 0::2])
+    table[:, 1::2] = torch.cos(angle[:, 1::2])
+    return table.to(torch.float32)
+
+
+class TubeletEmbed(nn.Module):
+    """Non-overlapping (tubelet, patch, patch) cubes to tokens: (B, C, T, H, W) -> (B, T' * H' * W', D)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        num_frames: int = 16,
+        tubelet_size: int = 2,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size or num_frames % tubelet_size:
+            raise GlitrError(
+                f"VideoMAE: img_size {img_size} must be a multiple of patch_size {patch_size} and num_frames "
+                f"{num_frames} a multiple of tubelet_size {tubelet_size}"
+            )
+        self.img_size = img_size
+        self.num_frames = num_frames
+        self.in_chans = in_chans
+        self.grid_size = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
+        kernel = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_chans, self.num_frames, self.img_size, self.img_size)
+        if x.ndim != 5 or tuple(x.shape[1:]) != expected:
+            raise GlitrError(
+                f"VideoMAE expects (B, C, T, H, W) with (C, T, H, W) = {expected}, got {tuple(x.shape)}"
+                " (for (B, T, C, H, W) clips use forward_clip)"
+            )
+        x = self.proj(x)  # (B, D, T', H', W')
+        return x.flatten(2).transpose(1, 2)  # (B, T'*H'*W', D), tokens in (t', h', w') row-major order
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with learned q and v biases; k gets a zero bias, as in VideoMAE/BEiT."""
+
+    def __init__(self, dim: int, num_heads: int = 12, fused_attn: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise GlitrError(f"VideoMAE: embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        # The k bias is a constant zero, not a parameter: keys carry no bias (softmax is shift-invariant per query).
+        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B, N, 3C)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            q = q * self.scale  # scale q before q k^T, as the original does
+            attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
+            x = attn @ v  # (B, heads, N, hd)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block without layer scale: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, fused_attn: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, fused_attn=fused_attn)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)  # exact (erf) GELU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+class VideoMAE(nn.Module):
+    """VideoMAE fine-tuning classifier (mean pooling, ``fc_norm``, linear head; no class token).
+
+    Input (B, C, T, H, W) with T = ``num_frames`` and H = W = ``img_size``; output (B, ``num_classes``) logits.
+    Dropout and drop-path are not implemented (the teacher is only ever evaluated).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 174,
+        num_frames: int = 16,
+        img_size: int = 224,
+        patch_size: int = 16,
+        tubelet_size: int = 2,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        fused_attn: bool = True,
+        head_init_scale: float = 0.001,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = TubeletEmbed(img_size, patch_size, num_frames, tubelet_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        # Fixed, not learned, and not in the state dict; a buffer so that .to()/.double() move and cast it.
+        self.register_buffer("pos_embed", sinusoid_table(num_patches, embed_dim)[None], persistent=False)  # (1, N, D)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, fused_attn=fused_attn) for _ in range(depth)]
+        )
+        self.norm = nn.Identity()  # the original's final norm is an Identity when mean pooling is on
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights(head_init_scale)
+
+    # -- init -----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, head_init_scale: float = 0.001) -> None:
+        """Fine-tuning init of the original: trunc-normal(0.02) linears, zero biases, unit LayerNorms, small head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.head, nn.Linear):
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
+
+    @torch.no_grad()
+    def reset_pos_embed(self) -> None:
+        """Refill the fixed positional table (after ``to_empty``, e.g. when the model was built on the meta device)."""
+        table = sinusoid_table(self.pos_embed.shape[1], self.embed_dim)[None]  # (1, N, D)
+        self.pos_embed.copy_(table.to(self.pos_embed.device))
+
+    def set_fused_attn(self, enable: bool) -> None:
+        """Switch every block between fused scaled-dot-product attention and the explicit softmax path."""
+        for blk in self.blocks:
+            blk.attn.fused_attn = enable
+
+    def freeze(self) -> VideoMAE:
+        """Teacher mode: eval (no dropout anywhere anyway) and ``requires_grad=False`` on every parameter."""
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    # -- forward --------------------------------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> tokens (B, N, D), N = (T / tubelet) * (H / patch) * (W / patch)."""
+        x = self.patch_embed(x)  # (B, N, D)
+        x = x + self.pos_embed.to(dtype=x.dtype)  # (1, N, D) broadcast
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) -> logits (B, num_classes), or the pooled features (B, D) when ``pre_logits``."""
+        x = self.fc_norm(x.mean(dim=1))  # (B, D)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_clip(self, x_btchw: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """glitr clip layout (B, T, C, H, W) -> logits (B, num_classes) (or pooled features with ``pre_logits``)."""
+        if x_btchw.ndim != 5:
+            raise GlitrError(f"VideoMAE.forward_clip expects (B, T, C, H, W), got {tuple(x_btchw.shape)}")
+        x = x_btchw.permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
+        return self.forward_head(self.forward_features(x), pre_logits=pre_logits)
+
+
+# ------------------------------------------------------------------------------------------- checkpoint conversion
+
+
+def _short_list(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED_KEYS])
+    more = len(items) - _MAX_LISTED_KEYS
+    return f"[{shown}, ... {more} more]" if more > 0 else f"[{shown}]"
+
+
+def _load_error_reason(e: Exception) -> str:
+    """One short line from torch.load's (often multi-paragraph, ANSI-coloured) error message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0].split(". Please use")[0] if lines else ""
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+def _torch_load(path: Path) -> object:
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    with safe(_SAFE_GLOBALS) if safe is not None else contextlib.nullcontext():
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _extract_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a released checkpoint: under ``model``, else ``module``, else the object itself."""
+    if not isinstance(checkpoint, Mapping):
+        raise GlitrError(f"{path}: not a VideoMAE checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+    state = checkpoint
+    for key in _STATE_DICT_KEYS:
+        if key in checkpoint:
+            state = checkpoint[key]
+            break
+    if not isinstance(state, Mapping):
+        raise GlitrError(f"{path}: not a VideoMAE checkpoint (its weights are a {type(state).__name__}, not a dict)")
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise GlitrError(f"{path}: not a VideoMAE state dict (non-tensor entries {_short_list(bad)})")
+    return dict(state)
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a released VideoMAE state dict to this model's names: strip a ``backbone.``/``encoder.`` prefix.
+
+    Everything else already matches (the released names are kept as they are).
+    """
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in _STRIP_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+                break
+        out[k] = v
+    return out
+
+
+def _check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Raise one GlitrError line listing missing, unexpected and misshaped keys, if any."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    misshaped = sorted(
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    )
+    parts = [
+        f"{name} keys ({len(keys)}) {_short_list(keys)}"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
+        if keys
+    ]
+    if parts:
+        raise GlitrError(f"{path}: checkpoint does not match the VideoMAE model: " + "; ".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------------------- builders
+
+
+def build_videomae(num_classes: int = 174, **kw: Any) -> VideoMAE:
+    """VideoMAE ViT-B/16 (16 frames, 224 px, tubelet 2) with ``num_classes`` outputs; ``kw`` overrides VideoMAE args."""
+    return VideoMAE(num_classes=num_classes, **kw)
+
+
+def load_videomae(path: Path, num_classes: int | None = None, **kw: Any) -> VideoMAE:
+    """Build a VideoMAE and load a released fine-tuned checkpoint into it, strictly.
+
+    The state dict is taken from ``checkpoint["model"]`` (plain training path), else ``checkpoint["module"]``
+    (DeepSpeed, as in the SSv2 recipe), else the loaded object itself, with ``backbone.``/``encoder.`` prefixes
+    stripped. ``num_classes=None`` takes the class count from the checkpoint's ``head.weight``. Unlike the original
+    (non-strict) script, any missing, unexpected or misshaped key is a ``GlitrError``, so a head of the wrong size is
+    reported rather than silently re-initialised. The returned model is in train mode; call ``freeze()`` for a teacher.
+    """
+    path = Path(path)
+    try:
+        checkpoint = _torch_load(path)
+    except FileNotFoundError:
+        raise GlitrError(f"{path}: VideoMAE checkpoint not found") from None
+    except Exception as e:  # torch.load raises many types on garbage/truncated files; all mean "not a checkpoint"
+        raise GlitrError(
+            f"{path}: not a readable PyTorch checkpoint (weights_only load; {_load_error_reason(e)})"
+        ) from None
+    state_dict = checkpoint_filter_fn(_extract_state_dict(checkpoint, path))
+    if num_classes is None:
+        head = state_dict.get("head.weight")
+        num_classes = head.shape[0] if head is not None and head.ndim == 2 else 174
+    # Every persistent tensor is about to be replaced: build on the meta device (no seconds spent on a random init
+    # of 86M parameters), check the keys there, then adopt the loaded tensors (cast to the model's float32) without a
+    # copy and refill the fixed pos_embed, the only tensor not in the checkpoint.
+    with torch.device("meta"):
+        model = build_videomae(num_classes=num_classes, **kw)
+    _check_keys(model, state_dict, path)
+    own = model.state_dict()
+    model.to_empty(device="cpu")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    model.reset_pos_embed()
+    return model

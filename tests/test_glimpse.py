@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from glitr_cli.model import extract_glimpse, glimpse_area_fraction, glimpse_mask
+
+
+def _ramp(h: int, w: int) -> torch.Tensor:
+    rows = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w)
+    cols = torch.arange(w, dtype=torch.float64)[None, :].expand(h, w)
+    return torch.stack([cols, rows, 3 * cols - 2 * rows])[None]  # (1, 3, H, W)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (24, 40)])
+def test_glimpse_samples_where_the_formula_says(hw):
+    """Bilinear sampling reproduces linear images exactly, so each glimpse pixel must hold
+    the column/row that the affine_grid convention (x horizontal, align_corners) predicts."""
+    h, w = hw
+    frame = _ramp(h, w)
+    loc = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    scale, size = (0.5, 0.25), (6, 10)
+    g = extract_glimpse(frame, loc, size, scale)[0]
+    r = torch.arange(size[0], dtype=torch.float64)[:, None]
+    c = torch.arange(size[1], dtype=torch.float64)[None, :]
+    x = 0.3 + scale[0] * (-1 + 2 * c / (size[1] - 1))
+    y = -0.2 + scale[1] * (-1 + 2 * r / (size[0] - 1))
+    col, row = (x + 1) / 2 * (w - 1), (y + 1) / 2 * (h - 1)
+    torch.testing.assert_close(g[0], col.expand(size), rtol=0, atol=1e-9)
+    torch.testing.assert_close(g[1], row.expand(size), rtol=0, atol=1e-9)
+
+
+def test_glimpse_outside_the_frame_reads_zeros_and_is_differentiable():
+    frame = torch.rand(2, 3, 16, 16)
+    far = torch.tensor([[5.0, 5.0], [-4.0, 0.0]])
+    assert extract_glimpse(frame, far, (8, 8), (0.5, 0.5)).abs().max() == 0
+    loc = torch.tensor([[0.1, -0.3], [0.0, 0.2]], requires_grad=True)
+    extract_glimpse(frame, loc, (8, 8), (0.5, 0.5)).sum().backward()
+    assert loc.grad is not None and loc.grad.abs().sum() > 0
+
+
+def test_mask_covers_the_glimpse_footprint():
+    h = w = 64
+    loc = torch.tensor([[0.0, 0.0], [0.5, -0.5]], dtype=torch.float64)
+    m = glimpse_mask(loc, (h, w), (16, 16), (0.25, 0.25))
+    assert m.shape == (2, h, w)
+    assert m[0, 32, 32] == 1 and m[0, 0, 0] == 0
+    # 1 inside [l - s, l + s], falling off over one glimpse pixel: area close to (2s)^2 of the frame
+    area = m.sum(dim=(1, 2)) / (h * w)
+    assert torch.allclose(area, torch.full((2,), 0.25**2, dtype=torch.float64), atol=0.02)
+    assert glimpse_area_fraction(224, 16, 6) == pytest.approx((96 / 224) ** 2)
