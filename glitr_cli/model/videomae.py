@@ -13,9 +13,6 @@ As a teacher the model is frozen: call ``model.freeze()`` (eval mode, no gradien
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.model.weights import key_summary, load_state_dict_checked, read_checkpoint
 
 __all__ = ["VideoMAE", "build_videomae", "checkpoint_filter_fn", "load_videomae", "sinusoid_table"]
 
@@ -35,10 +33,6 @@ _STRIP_PREFIXES = ("backbone.", "encoder.")
 # Where the weights sit in a released checkpoint: ``model`` (plain training path) then ``module`` (DeepSpeed), the
 # order of the original ``--model_key model|module``; anything else is taken to be a bare state dict.
 _STATE_DICT_KEYS = ("model", "module")
-_MAX_LISTED_KEYS = 6
-# Checkpoints from the plain training path also store the run's ``args`` (an argparse.Namespace, plain data); allow
-# that one class so ``weights_only=True`` loading still works on them.
-_SAFE_GLOBALS = [argparse.Namespace]
 
 
 # ----------------------------------------------------------------------------------------------------------- blocks
@@ -248,31 +242,6 @@ class VideoMAE(nn.Module):
 # ------------------------------------------------------------------------------------------- checkpoint conversion
 
 
-def _short_list(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED_KEYS])
-    more = len(items) - _MAX_LISTED_KEYS
-    return f"[{shown}, ... {more} more]" if more > 0 else f"[{shown}]"
-
-
-def _load_error_reason(e: Exception) -> str:
-    """One short line from torch.load's (often multi-paragraph, ANSI-coloured) error message."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[0].split(". Please use")[0] if lines else ""
-    if len(reason) > 160:
-        reason = reason[:157] + "..."
-    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
-
-
-def _torch_load(path: Path) -> object:
-    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    with safe(_SAFE_GLOBALS) if safe is not None else contextlib.nullcontext():
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _extract_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
     """The weights of a released checkpoint: under ``model``, else ``module``, else the object itself."""
     if not isinstance(checkpoint, Mapping):
@@ -286,7 +255,7 @@ def _extract_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tenso
         raise GlitrError(f"{path}: not a VideoMAE checkpoint (its weights are a {type(state).__name__}, not a dict)")
     bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise GlitrError(f"{path}: not a VideoMAE state dict (non-tensor entries {_short_list(bad)})")
+        raise GlitrError(f"{path}: not a VideoMAE state dict (non-tensor entries: {key_summary(bad)})")
     return dict(state)
 
 
@@ -303,25 +272,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
                 break
         out[k] = v
     return out
-
-
-def _check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Raise one GlitrError line listing missing, unexpected and misshaped keys, if any."""
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in own)
-    misshaped = sorted(
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and state_dict[k].shape != own[k].shape
-    )
-    parts = [
-        f"{name} keys ({len(keys)}) {_short_list(keys)}"
-        for name, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
-        if keys
-    ]
-    if parts:
-        raise GlitrError(f"{path}: checkpoint does not match the VideoMAE model: " + "; ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------------------- builders
@@ -342,14 +292,7 @@ def load_videomae(path: Path, num_classes: int | None = None, **kw: Any) -> Vide
     reported rather than silently re-initialised. The returned model is in train mode; call ``freeze()`` for a teacher.
     """
     path = Path(path)
-    try:
-        checkpoint = _torch_load(path)
-    except FileNotFoundError:
-        raise GlitrError(f"{path}: VideoMAE checkpoint not found") from None
-    except Exception as e:  # torch.load raises many types on garbage/truncated files; all mean "not a checkpoint"
-        raise GlitrError(
-            f"{path}: not a readable PyTorch checkpoint (weights_only load; {_load_error_reason(e)})"
-        ) from None
+    checkpoint = read_checkpoint(path)
     state_dict = checkpoint_filter_fn(_extract_state_dict(checkpoint, path))
     if num_classes is None:
         head = state_dict.get("head.weight")
@@ -359,9 +302,8 @@ def load_videomae(path: Path, num_classes: int | None = None, **kw: Any) -> Vide
     # copy and refill the fixed pos_embed, the only tensor not in the checkpoint.
     with torch.device("meta"):
         model = build_videomae(num_classes=num_classes, **kw)
-    _check_keys(model, state_dict, path)
-    own = model.state_dict()
     model.to_empty(device="cpu")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    load_state_dict_checked(model, state_dict, f"{path} (VideoMAE)", assign=True)
     model.reset_pos_embed()
     return model

@@ -6,6 +6,8 @@ model is one `GlitrError` listing the missing, unexpected and misshaped keys.
 
 from __future__ import annotations
 
+import argparse
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,16 +31,28 @@ _ORIGINAL_PREFIXES = (
 )
 
 
+# released checkpoints (VideoMAE's plain training path) store their `args` as a Namespace: plain data
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
 def read_checkpoint(path: str | Path) -> object:
     """`torch.load` with `weights_only=True`; a missing or unreadable file is one clear line."""
     path = Path(path)
     if not path.is_file():
         raise GlitrError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with foreign objects, garbage bytes
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GlitrError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from None
+        raise GlitrError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    """The gist of torch.load's (often multi-paragraph, ANSI-coloured) error message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0].split(". Please use")[0][:160] if lines else ""
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
 
 
 def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
@@ -47,17 +61,23 @@ def _strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
     return dict(sd)
 
 
-def _summary(keys: list[str], limit: int = 6) -> str:
+def key_summary(keys: list[str], limit: int = 6) -> str:
+    """The first `limit` keys, comma-separated, and how many more there are."""
     shown = ", ".join(keys[:limit])
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def load_state_dict_checked(
-    module: nn.Module, sd: Mapping[str, torch.Tensor], source: str, allow_missing: tuple[str, ...] = ()
+    module: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    source: str,
+    allow_missing: tuple[str, ...] = (),
+    assign: bool = False,
 ) -> None:
     """Strictly load `sd`; any difference is one GlitrError that names `source` and the keys.
 
-    Keys starting with a prefix in `allow_missing` may be absent and keep their current values.
+    Keys starting with a prefix in `allow_missing` may be absent and keep their current values;
+    `assign` adopts the tensors instead of copying them (for modules built on the meta device).
     """
     own = module.state_dict()
     missing = sorted(k for k in set(own) - set(sd) if not k.startswith(allow_missing))
@@ -68,13 +88,13 @@ def load_state_dict_checked(
     if missing or unexpected or misshaped:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)}: {_summary(missing)}")
+            parts.append(f"missing {len(missing)}: {key_summary(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)}: {key_summary(unexpected)}")
         if misshaped:
-            parts.append(f"misshaped (file vs model) {len(misshaped)}: {_summary(misshaped)}")
+            parts.append(f"misshaped (file vs model) {len(misshaped)}: {key_summary(misshaped)}")
         raise GlitrError(f"{source} does not fit the model: " + "; ".join(parts))
-    module.load_state_dict(sd, strict=not allow_missing)
+    module.load_state_dict(sd, strict=not allow_missing, assign=assign)
 
 
 def convert_original_glitr(sd: Mapping[str, torch.Tensor]) -> StateDict:
