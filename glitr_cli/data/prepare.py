@@ -1,0 +1,630 @@
+"""`glitr prepare-data`: official downloads (and the generated toy set) to TSM frame folders.
+
+Stages: find the label files and videos, parse them (`formats`), decode every video with
+PyAV in parallel workers into `<out>/frames/<id>/000001.jpg ...`, then write `category.txt`,
+`{train,val,test}_videofolder.txt`, `failed.txt` and `glitr_dataset.json`.
+
+Resumable: each video is written into `<out>/frames/.partial-<id>/` and renamed to
+`<out>/frames/<id>/` only when complete, so a rerun skips finished videos and redoes
+half-written ones. A video that cannot be decoded is listed in `failed.txt` with the
+reason, left out of the list files, and does not stop the others.
+
+This module imports no torch, so worker processes start quickly.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from PIL import Image
+
+from glitr_cli.data.formats import (
+    DatasetInfo,
+    SplitEntry,
+    VideoRecord,
+    atomic_write_text,
+    parse_jester_labels,
+    parse_jester_split,
+    parse_ssv2_labels,
+    parse_ssv2_split,
+    write_categories,
+    write_dataset_info,
+    write_list,
+)
+from glitr_cli.errors import GlitrError
+
+DATASETS = ("ssv2", "jester", "toy")
+SPLIT_LISTS = {"train": "train_videofolder.txt", "val": "val_videofolder.txt", "test": "test_videofolder.txt"}
+SSV2_VIDEO_DIR = "20bn-something-something-v2"
+JESTER_FRAME_DIR = "20bn-jester-v1"
+PARTIAL_PREFIX = ".partial-"
+_NOT_VIDEO = {".json", ".csv", ".txt", ".md", ".tar", ".gz", ".zip"}
+
+
+def data_root() -> Path:
+    """Where datasets live: `$GLITR_DATA` if set, else `data` (relative to the working directory)."""
+    env = os.environ.get("GLITR_DATA")
+    return Path(env) if env else Path("data")
+
+
+def default_workers() -> int:
+    """Worker processes used when none are given: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass
+class PrepareSummary:
+    """What one preparation did. `failed` holds (video id, reason) pairs."""
+
+    name: str
+    out: Path
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    listed: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no video failed."""
+        return not self.failed
+
+    def describe(self, max_failures: int = 5) -> str:
+        """A summary line (done / skipped / failed, videos per list file, time), then the
+        first `max_failures` failures, one per line."""
+        lists = ", ".join(f"{k} {v}" for k, v in self.listed.items())
+        failed = f"{len(self.failed)} failed"
+        if self.failed:
+            failed += f" (listed in {self.out / 'failed.txt'})"
+        lines = [
+            f"{self.name} prepared in {self.out}: {self.done} done, {self.skipped} skipped (already prepared), "
+            f"{failed}; videos listed: {lists or 'none'}; {self.seconds:.1f} s"
+        ]
+        lines += [f"  failed {vid}: {reason}" for vid, reason in self.failed[:max_failures]]
+        if len(self.failed) > max_failures:
+            lines.append(f"  ... and {len(self.failed) - max_failures} more")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _av_reason(e: BaseException) -> str:
+    msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return " ".join(str(msg).split())
+
+
+def _resized_size(w: int, h: int, short_side: int | None) -> tuple[int, int]:
+    if short_side is None or min(w, h) == short_side:
+        return w, h
+    if h <= w:
+        return max(1, round(w * short_side / h)), short_side
+    return short_side, max(1, round(h * short_side / w))
+
+
+def iter_video_frames(
+    path: Path | str, short_side: int | None = None, check_complete: bool = True
+) -> Iterator[np.ndarray]:
+    """Decode any PyAV-readable video file, yielding RGB frames as uint8 arrays (H, W, 3).
+
+    `short_side` resizes (bicubic) so the shorter side has that many pixels. With
+    `check_complete`, a file whose decoded frames cover clearly less than the duration
+    its header announces (a truncated download) raises. Every failure raises `GlitrError`
+    naming the file."""
+    path = Path(path)
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise GlitrError(f"{path}: cannot open as a video ({_av_reason(e)})") from None
+    with container:
+        if not container.streams.video:
+            raise GlitrError(f"{path}: has no video stream")
+        stream = container.streams.video[0]
+        n = 0
+        first_t = last_t = None
+        size: tuple[int, int] | None = None
+        try:
+            for frame in container.decode(stream):
+                if size is None:
+                    size = _resized_size(frame.width, frame.height, short_side)
+                arr = frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
+                if frame.time is not None:
+                    first_t = frame.time if first_t is None else first_t
+                    last_t = frame.time
+                n += 1
+                yield arr
+        except av.FFmpegError as e:
+            raise GlitrError(f"{path}: decoding failed after {n} frames ({_av_reason(e)})") from None
+        if n == 0:
+            raise GlitrError(f"{path}: no video frames could be decoded")
+        if check_complete:
+            _check_complete(path, container, stream, n, first_t, last_t)
+
+
+def _check_complete(
+    path: Path, container: Any, stream: Any, n: int, first_t: float | None, last_t: float | None
+) -> None:
+    # A container cut short often still opens and decodes a prefix without any error
+    # (WebM, Matroska, AVI), so compare what was decoded with what the header announces.
+    expected = stream.frames or 0
+    if expected > 0 and n < 0.9 * expected and expected - n > 2:
+        raise GlitrError(f"{path}: truncated: decoded {n} of the {expected} frames its header announces")
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate or first_t is None or last_t is None:
+        return
+    total = None
+    if stream.duration and stream.time_base:
+        total = float(stream.duration * stream.time_base)
+    elif container.duration and len(container.streams) == 1:
+        total = container.duration / 1_000_000
+    if not total:
+        return
+    step = 1.0 / float(rate)
+    covered = last_t - first_t + step
+    if covered < 0.9 * total and total - covered > 2.5 * step:
+        raise GlitrError(f"{path}: truncated: {n} decoded frames cover {covered:.2f} s of the {total:.2f} s announced")
+
+
+def decode_video(path: Path | str, short_side: int | None = None) -> list[np.ndarray]:
+    """All frames of a video as uint8 RGB arrays (H, W, 3); see `iter_video_frames`."""
+    return list(iter_video_frames(path, short_side))
+
+
+# ----------------------------------------------------------------------------- parallel map
+
+
+def _map_tasks(
+    fn: Callable[[Any], Any],
+    tasks: list[Any],
+    workers: int,
+    progress: bool,
+    description: str,
+    threads: bool = False,
+) -> Iterator[Any]:
+    """Run `fn` over `tasks` (in-process for workers <= 1), yielding results as they finish,
+    with a rich progress bar. At most 4 tasks per worker are in flight."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not progress or not tasks,
+        transient=False,
+    )
+    with bar:
+        tid = bar.add_task(description, total=len(tasks))
+        if workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                yield fn(t)
+                bar.advance(tid)
+            return
+        pool: Executor
+        if threads:
+            pool = ThreadPoolExecutor(workers)
+        else:
+            # spawn: workers never inherit a parent's threads (torch, rich) half-locked
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        with pool:
+            it = iter(tasks)
+            pending: set[Future] = set()
+            for t in it:
+                pending.add(pool.submit(fn, t))
+                if len(pending) >= 4 * workers:
+                    break
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    yield f.result()
+                    bar.advance(tid)
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.add(pool.submit(fn, nxt))
+
+
+def _count_jpegs(folder: Path) -> int:
+    try:
+        return sum(1 for e in os.scandir(folder) if e.name.lower().endswith(".jpg"))
+    except OSError:
+        return 0
+
+
+def _extract_video(task: tuple[str, str, str, int | None, int]) -> tuple[str, int, str | None]:
+    """Worker: decode one video into `<frames_root>/<id>/%06d.jpg` via a partial folder.
+    Returns (id, frames written, failure reason or None)."""
+    vid, src, frames_root, short_side, quality = task
+    root = Path(frames_root)
+    tmp = root / f"{PARTIAL_PREFIX}{vid}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    n = 0
+    try:
+        for n, arr in enumerate(iter_video_frames(src, short_side), start=1):
+            Image.fromarray(arr).save(tmp / f"{n:06d}.jpg", quality=quality)
+    except Exception as e:  # any bad video is reported, never allowed to stop the others
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(e) if isinstance(e, GlitrError) else f"{src}: {type(e).__name__}: {e}"
+        return vid, 0, " ".join(reason.split())
+    os.rename(tmp, root / vid)
+    return vid, n, None
+
+
+def _resize_frame_folder(task: tuple[str, str, str, str, int, int]) -> tuple[str, int, str | None]:
+    """Worker: copy one Jester frame folder resized to `<frames_root>/<id>/%06d.jpg`."""
+    vid, src_dir, template, frames_root, short_side, quality = task
+    root = Path(frames_root)
+    tmp = root / f"{PARTIAL_PREFIX}{vid}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    n = _count_jpegs(Path(src_dir))
+    try:
+        if n == 0:
+            raise GlitrError(f"{src_dir}: no JPEG frames")
+        for i in range(1, n + 1):
+            with Image.open(Path(src_dir) / (template % i)) as im:
+                im = im.convert("RGB")
+                w, h = _resized_size(im.width, im.height, short_side)
+                im.resize((w, h), Image.Resampling.BICUBIC).save(tmp / f"{i:06d}.jpg", quality=quality)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return vid, 0, " ".join(f"{src_dir}: {e}".split())
+    os.rename(tmp, root / vid)
+    return vid, n, None
+
+
+def _check_frame_folder(task: tuple[str, str, str]) -> tuple[str, int, str | None]:
+    """Worker: count the frames of one Jester folder and check that it starts at frame 1."""
+    vid, folder, template = task
+    p = Path(folder)
+    if not p.is_dir():
+        return vid, 0, f"{p}: frame folder missing"
+    n = _count_jpegs(p)
+    if n == 0:
+        return vid, 0, f"{p}: no JPEG frames"
+    if not (p / (template % 1)).is_file():
+        return vid, 0, f"{p}: frames are not numbered from {template % 1}"
+    return vid, n, None
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _write_outputs(
+    out: Path,
+    class_names: list[str],
+    splits: dict[str, list[SplitEntry]],
+    counts: dict[str, int],
+    failed: list[tuple[str, str]],
+    info: DatasetInfo,
+) -> dict[str, int]:
+    out.mkdir(parents=True, exist_ok=True)
+    failed_path = out / "failed.txt"
+    if failed:
+        atomic_write_text(failed_path, "".join(f"{vid}\t{reason}\n" for vid, reason in failed))
+    elif failed_path.exists():
+        failed_path.unlink()
+    write_categories(out / "category.txt", class_names)
+    listed = {}
+    for split, entries in splits.items():
+        records = [VideoRecord(e.id, counts[e.id], e.label) for e in entries if e.id in counts]
+        write_list(out / SPLIT_LISTS[split], records)
+        listed[split] = len(records)
+    write_dataset_info(out, info)
+    return listed
+
+
+def _frames_info_dir(frames: Path, out: Path) -> str:
+    """Store the frames folder relative to the dataset root when inside it, else absolute."""
+    try:
+        return frames.resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return str(frames.resolve())
+
+
+def _extract_all(
+    name: str,
+    out: Path,
+    jobs: list[tuple[str, Path]],
+    workers: int,
+    short_side: int | None,
+    quality: int,
+    progress: bool,
+) -> tuple[dict[str, int], list[tuple[str, str]], int, int]:
+    """Decode every (id, video path) job not yet finished; returns counts, failures, done, skipped."""
+    frames = out / "frames"
+    frames.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    todo = []
+    for vid, path in jobs:
+        final = frames / vid
+        if final.is_dir():
+            counts[vid] = _count_jpegs(final)
+        else:
+            todo.append((vid, str(path), str(frames), short_side, quality))
+    skipped = len(counts)
+    failed: list[tuple[str, str]] = []
+    for vid, n, reason in _map_tasks(_extract_video, todo, workers, progress, f"{name}: decoding videos"):
+        if reason is None:
+            counts[vid] = n
+        else:
+            failed.append((vid, reason))
+    return counts, failed, len(todo) - len(failed), skipped
+
+
+# ----------------------------------------------------------------------------- SSv2
+
+
+def _ssv2_label_files(src: Path) -> dict[str, Path | None]:
+    files: dict[str, Path | None] = {}
+    for key in ("labels", "train", "validation", "test"):
+        old = src / f"something-something-v2-{key}.json"
+        new = src / "labels" / f"{key}.json"
+        files[key] = old if old.is_file() else new if new.is_file() else None
+    return files
+
+
+def _ssv2_missing(src: Path, what: str) -> GlitrError:
+    return GlitrError(
+        f"no Something-Something-V2 download in {src} ({what}): put the label files "
+        f"something-something-v2-{{labels,train,validation,test}}.json "
+        f"(or labels/{{labels,train,validation,test}}.json) in {src}/ "
+        f"and the videos <id>.webm in {src / SSV2_VIDEO_DIR}/ (or directly in {src}/), or pass --src DIR"
+    )
+
+
+def _index_videos(dirs: Iterable[Path]) -> dict[str, Path]:
+    """Map video id (file name up to its first dot) to file, preferring .webm; the file is
+    later decoded by its content, so any extension works."""
+    found: dict[str, Path] = {}
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            if not e.is_file() or e.name.startswith("."):
+                continue
+            p = Path(e.path)
+            if p.suffix.lower() in _NOT_VIDEO:
+                continue
+            vid = e.name.split(".", 1)[0]
+            if vid not in found or (p.suffix.lower() == ".webm" and found[vid].suffix.lower() != ".webm"):
+                found[vid] = p
+    return found
+
+
+def prepare_ssv2(
+    src: Path,
+    out: Path,
+    workers: int = 0,
+    short_side: int | None = 256,
+    quality: int = 95,
+    videos: Path | None = None,
+    progress: bool = True,
+    name: str = "ssv2",
+) -> PrepareSummary:
+    """Prepare Something-Something-V2 (or anything in its layout, such as `toy`).
+
+    `src` holds the label JSON files (old `something-something-v2-*.json` names or the
+    newer `labels/*.json`) and the videos (`20bn-something-something-v2/<id>.*` or `<id>.*`
+    in `src`, or in `videos`). Frames are resized so their short side is `short_side`
+    (None keeps the native size) and written as JPEG with `quality`."""
+    t0 = time.perf_counter()
+    workers = workers or default_workers()
+    short_side = short_side or None  # 0 keeps the native size
+    if short_side is not None and short_side < 8:
+        raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
+    files = _ssv2_label_files(src)
+    missing = [k for k in ("labels", "train", "validation") if files[k] is None]
+    if missing:
+        raise _ssv2_missing(src, f"missing {', '.join(missing)} label file")
+    class_names = parse_ssv2_labels(files["labels"])  # type: ignore[arg-type]
+    class_index = {n: i for i, n in enumerate(class_names)}
+    splits = {
+        "train": parse_ssv2_split(files["train"], class_index),  # type: ignore[arg-type]
+        "val": parse_ssv2_split(files["validation"], class_index),  # type: ignore[arg-type]
+    }
+    if files["test"] is not None:
+        splits["test"] = parse_ssv2_split(files["test"], None)
+    video_dirs = [videos] if videos is not None else [src / SSV2_VIDEO_DIR, src]
+    index = _index_videos(video_dirs)
+    if not index:
+        where = videos if videos is not None else src / SSV2_VIDEO_DIR
+        raise _ssv2_missing(src, f"no video files in {where}")
+    jobs: list[tuple[str, Path]] = []
+    failed: list[tuple[str, str]] = []
+    seen: dict[str, None] = {}
+    for entries in splits.values():
+        for e in entries:
+            if e.id in seen:
+                continue
+            seen[e.id] = None
+            if e.id in index:
+                jobs.append((e.id, index[e.id]))
+            else:
+                failed.append((e.id, f"no video file {e.id}.* in {' or '.join(str(d) for d in video_dirs)}"))
+    counts, decode_failed, done, skipped = _extract_all(name, out, jobs, workers, short_side, quality, progress)
+    pos = {vid: i for i, vid in enumerate(seen)}
+    failed = sorted(failed + decode_failed, key=lambda f: pos[f[0]])  # the order of the split files
+    listed = _write_outputs(out, class_names, splits, counts, failed, DatasetInfo(name))
+    return PrepareSummary(name, out, done, skipped, failed, listed, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- Jester
+
+
+def _jester_missing(src: Path, what: str) -> GlitrError:
+    return GlitrError(
+        f"no Jester download in {src} ({what}): put jester-v1-{{labels,train,validation,test}}.csv in {src}/ "
+        f"and the frame folders <id>/00001.jpg in {src / JESTER_FRAME_DIR}/ (or pass --frames DIR), "
+        f"or pass --src DIR"
+    )
+
+
+def prepare_jester(
+    src: Path,
+    out: Path,
+    workers: int = 0,
+    frames: Path | None = None,
+    short_side: int | None = None,
+    quality: int = 95,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Prepare 20BN-Jester: list files counting the frames present in each official folder.
+
+    Frames stay where they are (`src/20bn-jester-v1/<id>/%05d.jpg`, or `frames`) unless
+    `short_side` is given, in which case they are copied resized to `<out>/frames/<id>/`."""
+    t0 = time.perf_counter()
+    workers = workers or default_workers()
+    short_side = short_side or None
+    if short_side is not None and short_side < 8:
+        raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
+    csv = {k: src / f"jester-v1-{k}.csv" for k in ("labels", "train", "validation", "test")}
+    missing = [p.name for k, p in csv.items() if k != "test" and not p.is_file()]
+    if missing:
+        raise _jester_missing(src, f"missing {', '.join(missing)}")
+    frame_dir = frames if frames is not None else src / JESTER_FRAME_DIR
+    if not frame_dir.is_dir():
+        raise _jester_missing(src, f"no frame folder {frame_dir}")
+    class_names = parse_jester_labels(csv["labels"])
+    class_index = {n: i for i, n in enumerate(class_names)}
+    splits = {
+        "train": parse_jester_split(csv["train"], class_index),
+        "val": parse_jester_split(csv["validation"], class_index),
+    }
+    if csv["test"].is_file():
+        splits["test"] = parse_jester_split(csv["test"], None)
+    template = "%05d.jpg"
+    ids = list(dict.fromkeys(e.id for entries in splits.values() for e in entries))
+    counts: dict[str, int] = {}
+    failed: list[tuple[str, str]] = []
+    done = skipped = 0
+    if short_side is None:
+        checks = [(vid, str(frame_dir / vid), template) for vid in ids]
+        for vid, n, reason in _map_tasks(
+            _check_frame_folder, checks, workers, progress, "jester: counting frames", threads=True
+        ):
+            if reason is None:
+                counts[vid] = n
+            else:
+                failed.append((vid, reason))
+        done = len(counts)
+        info = DatasetInfo("jester", _frames_info_dir(frame_dir, out), template)
+    else:
+        out_frames = out / "frames"
+        out_frames.mkdir(parents=True, exist_ok=True)
+        todo = []
+        for vid in ids:
+            if (out_frames / vid).is_dir():
+                counts[vid] = _count_jpegs(out_frames / vid)
+            else:
+                todo.append((vid, str(frame_dir / vid), template, str(out_frames), short_side, quality))
+        skipped = len(counts)
+        for vid, n, reason in _map_tasks(_resize_frame_folder, todo, workers, progress, "jester: resizing frames"):
+            if reason is None:
+                counts[vid] = n
+            else:
+                failed.append((vid, reason))
+        done = len(todo) - len(failed)
+        info = DatasetInfo("jester")
+    pos = {vid: i for i, vid in enumerate(ids)}
+    failed.sort(key=lambda f: pos[f[0]])  # the CSV order, whatever order the workers finished in
+    listed = _write_outputs(out, class_names, splits, counts, failed, info)
+    return PrepareSummary("jester", out, done, skipped, failed, listed, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- toy
+
+
+def prepare_toy(
+    src: Path,
+    out: Path,
+    workers: int = 0,
+    short_side: int | None = None,
+    quality: int = 95,
+    progress: bool = True,
+    **toy_options: Any,
+) -> PrepareSummary:
+    """Generate the toy dataset's raw videos and SSv2 JSON files in `src`, then run the
+    SSv2 preparation on them into `out` (frames at their native size unless `short_side`).
+    `toy_options` are `ToyConfig` fields (seed, num_train, num_val, num_test, num_frames,
+    size, shapes, directions, distractors)."""
+    from glitr_cli.data.toy import ToyConfig, generate_toy
+
+    t0 = time.perf_counter()
+    workers = workers or default_workers()
+    config = ToyConfig.from_options(**toy_options)
+    generate_toy(src, config, workers=workers, progress=progress)
+    summary = prepare_ssv2(src, out, workers, short_side=short_side, quality=quality, progress=progress, name="toy")
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+# ----------------------------------------------------------------------------- entry point
+
+_OPTIONS = {
+    "ssv2": {"short_side", "quality", "videos"},
+    "jester": {"frames", "short_side", "quality"},
+    "toy": {
+        "short_side",
+        "quality",
+        "seed",
+        "num_train",
+        "num_val",
+        "num_test",
+        "num_frames",
+        "size",
+        "shapes",
+        "directions",
+        "distractors",
+    },
+}
+
+
+def prepare_dataset(
+    name: str,
+    src: Path | None = None,
+    out: Path | None = None,
+    workers: int = 0,
+    *,
+    root: Path | None = None,
+    progress: bool = True,
+    **opts: Any,
+) -> PrepareSummary:
+    """Prepare dataset `name` (ssv2, jester or toy) from `src` into `out`.
+
+    Defaults: `<root>/<name>/download` and `<root>/<name>` with `root` = `data_root()`;
+    for toy with only `out` given, the raw videos go to `<out>/download`. `workers` 0 means
+    `default_workers()`. Options that are None are ignored; other options that do not
+    apply to `name` are an error."""
+    if name not in DATASETS:
+        raise GlitrError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    opts = {k: v for k, v in opts.items() if v is not None}
+    bad = sorted(set(opts) - _OPTIONS[name])
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise GlitrError(f"{flags} does not apply to `glitr prepare-data {name}`")
+    if workers < 0:
+        raise GlitrError(f"--workers must be 0 (automatic) or more, got {workers}")
+    if "quality" in opts and not 1 <= opts["quality"] <= 100:
+        raise GlitrError(f"--quality must lie in 1..100, got {opts['quality']}")
+    base = (root if root is not None else data_root()) / name
+    out = out if out is not None else base
+    if src is None:
+        src = out / "download" if name == "toy" else base / "download"
+    if name == "ssv2":
+        return prepare_ssv2(src, out, workers, progress=progress, **opts)
+    if name == "jester":
+        return prepare_jester(src, out, workers, progress=progress, **opts)
+    return prepare_toy(src, out, workers, progress=progress, **opts)

@@ -1,0 +1,124 @@
+"""The frame-folder dataset: TSN sampling, robust JPEG decoding, loader benchmark."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import make_frames, run_glitr, write_jpeg
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from glitr_cli.data.bench import measure_loader, resolve_dataset
+from glitr_cli.data.dataset import VideoFolderDataset, decode_jpeg_bytes, sample_indices
+from glitr_cli.data.transforms import eval_transform
+from glitr_cli.errors import GlitrError
+
+
+def _make_dataset(root: Path, videos: dict[str, tuple[int, int]], split: str = "train", size=(24, 32)) -> Path:
+    """A prepared dataset by hand: real JPEG frames, list file, category.txt."""
+    for k, (vid, (n, _)) in enumerate(videos.items()):
+        for i, f in enumerate(make_frames(n, *size, seed=k), start=1):
+            write_jpeg(root / "frames" / vid / f"{i:06d}.jpg", f)
+    (root / f"{split}_videofolder.txt").write_text("".join(f"{v} {n} {lab}\n" for v, (n, lab) in videos.items()))
+    (root / "category.txt").write_text("a\nb\nc\n")
+    return root
+
+
+def _jpeg(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
+def test_tsn_sampling():
+    assert sample_indices(16, 4, train=False) == [2, 6, 10, 14]  # centre of each segment
+    assert sample_indices(10, 4, train=False) == [1, 3, 6, 8]  # segments [0,2) [2,5) [5,7) [7,10)
+    assert sample_indices(4, 4, train=True) == [0, 1, 2, 3]
+    assert sample_indices(3, 5, train=False) == sample_indices(3, 5, train=True) == [0, 1, 2, 2, 2]  # repeat the last
+    g = torch.Generator().manual_seed(0)
+    seen = [set() for _ in range(4)]
+    for _ in range(300):
+        idx = sample_indices(10, 4, train=True, generator=g)
+        for k, i in enumerate(idx):
+            seen[k].add(i)
+    assert seen == [{0, 1}, {2, 3, 4}, {5, 6}, {7, 8, 9}]  # one random frame per segment, all reachable
+
+
+def test_dataset_returns_normalised_clips_of_the_sampled_frames(tmp_path):
+    root = _make_dataset(tmp_path / "ds", {"v1": (16, 2), "v2": (5, 0)})
+    ds = VideoFolderDataset(root, "train", num_frames=4, transform=None, train=False)
+    assert ds.class_names == ["a", "b", "c"] and ds.num_classes == 3 and len(ds) == 2
+    clip, label = ds[0]
+    assert clip.dtype == torch.uint8 and clip.shape == (4, 3, 24, 32) and label == 2
+    for t, i in enumerate([2, 6, 10, 14]):
+        assert torch.equal(clip[t], _jpeg(root / "frames" / "v1" / f"{i + 1:06d}.jpg"))
+    short, _ = ds[1]
+    assert torch.equal(short[3], _jpeg(root / "frames" / "v2" / "000005.jpg"))  # segments [0,1) [1,2) [2,3) [3,5)
+    norm = VideoFolderDataset(root, "train", num_frames=8, transform=eval_transform(16, 20), train=True)
+    x, _ = norm[1]
+    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and -2.5 < x.min() < x.max() < 2.7
+    assert torch.equal(x[-1], x[-2])  # short video: its last frame repeated
+    batch, labels = next(iter(DataLoader(norm, batch_size=2)))
+    assert batch.shape == (2, 8, 3, 16, 16) and labels.tolist() == [2, 0]  # (B, T, 3, H, W)
+
+
+def test_jpeg_decoders_agree(tmp_path):
+    write_jpeg(tmp_path / "f.jpg", make_frames(1, 40, 56)[0])
+    data = (tmp_path / "f.jpg").read_bytes()
+    assert torch.equal(decode_jpeg_bytes(data, "torchvision"), decode_jpeg_bytes(data, "pillow"))
+
+
+def test_corrupt_and_missing_frames_are_replaced_by_neighbours_and_counted(tmp_path):
+    root = _make_dataset(tmp_path / "ds", {"v": (8, 1)})
+    frames = root / "frames" / "v"
+    good = {i: _jpeg(frames / f"{i + 1:06d}.jpg") for i in range(8)}
+    (frames / "000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage, not a JPEG")  # corrupt
+    (frames / "000006.jpg").unlink()  # missing
+    data = (frames / "000008.jpg").read_bytes()
+    (frames / "000008.jpg").write_bytes(data[: len(data) // 2])  # truncated
+    ds = VideoFolderDataset(root, "train", num_frames=8, transform=None, train=False)
+    clip, _ = ds[0]
+    expect = [0, 1, 1, 3, 4, 4, 6, 6]  # nearest readable neighbour, the earlier one on a tie
+    for t, i in enumerate(expect):
+        assert torch.equal(clip[t], good[i]), t
+    assert ds.replaced_frames == 3 and ds.unreadable_videos == 0
+    # counted across DataLoader worker processes too, and never a crash mid-epoch
+    (root / "train_videofolder.txt").write_text("v 8 1\n" * 6)
+    ds = VideoFolderDataset(root, "train", num_frames=8, transform=None, train=False)
+    n = sum(len(b) for b, _ in DataLoader(ds, batch_size=2, num_workers=2))
+    assert n == 6 and ds.replaced_frames == 18
+    # a video with no readable frame at all: a black clip, counted
+    for p in frames.iterdir():
+        p.write_bytes(b"")
+    ds = VideoFolderDataset(root, "train", num_frames=4)
+    clip, _ = ds[0]
+    assert clip.shape[:2] == (4, 3) and clip.max() == 0 and ds.unreadable_videos == 1
+
+
+def test_unprepared_dataset_names_the_command(tmp_path):
+    with pytest.raises(
+        GlitrError,
+        match=r"is not a prepared dataset \(missing train_videofolder.txt\): run `glitr prepare-data toy --out",
+    ):
+        VideoFolderDataset(tmp_path / "toy", "train", 8)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(GlitrError, match=r"glitr prepare-data \{ssv2,jester,toy\} --out"):
+        VideoFolderDataset(tmp_path / "mine", "val", 8)
+    root = _make_dataset(tmp_path / "ds", {"v": (4, 5)})
+    with pytest.raises(GlitrError, match=r"train_videofolder.txt:1: label 5 of video 'v' is outside 0..2"):
+        VideoFolderDataset(root, "train", 8)
+    with pytest.raises(GlitrError, match="split must be one of"):
+        VideoFolderDataset(root, "training", 8)
+
+
+def test_loader_benchmark_reports_clips_and_frames_per_second(tmp_path):
+    root = _make_dataset(tmp_path / "ds", {f"v{i}": (12, i % 3) for i in range(8)})
+    ds = VideoFolderDataset(root, "train", num_frames=6, transform=eval_transform(16, 20), train=True)
+    r = measure_loader(ds, batch_size=2, workers=2, num_batches=3)
+    assert r["clips_per_s"] > 0 and r["frames_per_s"] == pytest.approx(6 * r["clips_per_s"])
+    assert r["workers"] == 2 and r["frames_per_clip"] == 6
+    out = run_glitr("bench-loader", str(root), "--frames", "4", "--size", "16", "--batch-size", "2", "--workers", "1",
+                    "--batches", "2")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "clips/s" in out.stdout and "frames/s" in out.stdout and "1 workers, batch 2, 4 frames/clip" in out.stdout
+    assert resolve_dataset("toy", tmp_path / "elsewhere") == tmp_path / "elsewhere" / "toy"
+    assert resolve_dataset(str(root)) == root

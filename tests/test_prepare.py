@@ -1,0 +1,256 @@
+"""`glitr prepare-data ssv2|jester` on downloads in the official layouts, built from real
+videos (VP9/VP8 WebM, H.264 MP4/MKV, MPEG-4 AVI) and real JPEG folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import (
+    JESTER_LABELS,
+    SSV2_CLASSES,
+    encode_video,
+    make_frames,
+    make_jester_download,
+    make_ssv2_download,
+    run_glitr,
+    tree_bytes,
+    truncate,
+)
+from PIL import Image
+
+from glitr_cli.data.dataset import VideoFolderDataset
+from glitr_cli.data.prepare import data_root, decode_video, prepare_dataset
+from glitr_cli.errors import GlitrError
+
+
+def _frame_sizes(folder: Path) -> set[tuple[int, int]]:
+    sizes = set()
+    for p in folder.iterdir():
+        with Image.open(p) as im:
+            sizes.add(im.size)  # (width, height)
+    return sizes
+
+
+def test_ssv2_official_layout_several_codecs(tmp_path):
+    src, out = tmp_path / "download", tmp_path / "ssv2"
+    make_ssv2_download(src, [
+        ("101", "train", 2, "vp9", (48, 64), 10),
+        ("102", "train", 0, "h264", (64, 48), 9),  # portrait H.264 in MP4, named .webm
+        ("103", "validation", 1, "mpeg4", (48, 64), 8),  # MPEG-4 in AVI, named .webm
+        ("104", "validation", 0, "vp8", (48, 64), 7),
+        ("105", "test", 0, "h264-mkv", (48, 64), 6),
+    ])  # fmt: skip
+    r = run_glitr("prepare-data", "ssv2", "--src", str(src), "--out", str(out), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "5 done, 0 skipped (already prepared), 0 failed" in r.stdout
+    assert (out / "category.txt").read_text().splitlines() == [SSV2_CLASSES[i] for i in range(3)]
+    assert (out / "train_videofolder.txt").read_text() == "101 10 2\n102 9 0\n"
+    assert (out / "val_videofolder.txt").read_text() == "103 8 1\n104 7 0\n"
+    assert (out / "test_videofolder.txt").read_text() == "105 6\n"
+    assert not (out / "failed.txt").exists()
+    counts = {"101": 10, "102": 9, "103": 8, "104": 7, "105": 6}
+    for vid, n in counts.items():
+        names = sorted(p.name for p in (out / "frames" / vid).iterdir())
+        assert names == [f"{i:06d}.jpg" for i in range(1, n + 1)]  # 1-based, 6 digits
+        want = (256, 341) if vid == "102" else (341, 256)  # short side 256, aspect kept
+        assert _frame_sizes(out / "frames" / vid) == {want}
+    # the JPEGs hold the decoded video, resized
+    ref = decode_video(src / "20bn-something-something-v2" / "101.webm", short_side=256)
+    jpg = np.asarray(Image.open(out / "frames" / "101" / "000004.jpg")).astype(float)
+    assert np.abs(jpg - ref[3]).mean() < 3.0
+    assert not any(p.name.startswith(".") for p in (out / "frames").iterdir())
+
+
+def test_ssv2_newer_label_layout_with_videos_in_src(tmp_path):
+    src, out = tmp_path / "dl", tmp_path / "out"
+    make_ssv2_download(src, [("7", "train", 1, "vp9", (32, 48), 5), ("8", "validation", 2, "vp9", (32, 48), 6)],
+                       layout="new", in_subdir=False)  # fmt: skip
+    s = prepare_dataset("ssv2", src, out, workers=1, progress=False, short_side=0)  # 0: native size
+    assert s.ok and s.done == 2 and s.listed == {"train": 1, "val": 1, "test": 0}
+    assert (out / "train_videofolder.txt").read_text() == "7 5 1\n"
+    assert (out / "val_videofolder.txt").read_text() == "8 6 2\n"
+    assert _frame_sizes(out / "frames" / "7") == {(48, 32)}
+
+
+def test_truncated_empty_and_undecodable_videos_go_to_failed_txt(tmp_path):
+    src, out = tmp_path / "download", tmp_path / "ssv2"
+    make_ssv2_download(src, [
+        ("1", "train", 0, "vp9", (48, 64), 24),
+        ("2", "train", 1, "vp9", (48, 64), 24),  # will be truncated
+        ("3", "train", 2, "h264", (48, 64), 24),
+        ("4", "validation", 0, "vp9", (48, 64), 12),  # will be emptied
+        ("5", "validation", 1, "mpeg4", (48, 64), 24),  # will be truncated (AVI)
+        ("6", "validation", 2, "vp9", (48, 64), 12),  # will be replaced by a non-video
+        ("7", "test", 0, "vp9", (48, 64), 12),  # will be deleted
+    ])  # fmt: skip
+    vdir = src / "20bn-something-something-v2"
+    truncate(vdir / "2.webm", 0.6)
+    (vdir / "4.webm").write_bytes(b"")
+    truncate(vdir / "5.webm", 0.6)
+    (vdir / "6.webm").write_bytes(b"this is not a video at all\n" * 50)
+    (vdir / "7.webm").unlink()
+    r = run_glitr("prepare-data", "ssv2", "--src", str(src), "--out", str(out), "--workers", "2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 done, 0 skipped (already prepared), 5 failed" in r.stdout
+    failed = dict(line.split("\t", 1) for line in (out / "failed.txt").read_text().splitlines())
+    assert list(failed) == ["2", "4", "5", "6", "7"]
+    assert "truncated" in failed["2"] and "2.webm" in failed["2"]
+    assert "truncated" in failed["5"]
+    assert "cannot open as a video" in failed["4"] and "4.webm" in failed["4"]
+    assert "cannot open as a video" in failed["6"]
+    assert "no video file 7.*" in failed["7"]
+    assert (out / "train_videofolder.txt").read_text() == "1 24 0\n3 24 2\n"
+    assert (out / "val_videofolder.txt").read_text() == ""
+    assert (out / "test_videofolder.txt").read_text() == ""
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["1", "3"]  # nothing half-written left
+
+
+def test_killed_preparation_resumes_to_the_same_output(tmp_path):
+    src = tmp_path / "download"
+    make_ssv2_download(
+        src, [(str(i), "train" if i < 10 else "validation", i % 3, "vp9", (96, 128), 24) for i in range(12)]
+    )
+    reference = tmp_path / "reference"
+    assert prepare_dataset("ssv2", src, reference, workers=1, progress=False).ok
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "glitr_cli",
+        "prepare-data",
+        "ssv2",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    frames = out / "frames"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if frames.is_dir() and any(not p.name.startswith(".") for p in frames.iterdir()):
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [p for p in frames.iterdir() if not p.name.startswith(".")]
+    assert 1 <= len(finished) < 12, "the run was not interrupted half-way"
+    assert not (out / "train_videofolder.txt").exists()
+
+    r = run_glitr("prepare-data", "ssv2", "--src", str(src), "--out", str(out), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"{12 - len(finished)} done, {len(finished)} skipped" in r.stdout
+    assert tree_bytes(out) == tree_bytes(reference)  # lists, category, info and every JPEG byte
+
+
+def test_missing_download_says_which_files_go_where(tmp_path):
+    r = run_glitr("prepare-data", "ssv2", cwd=tmp_path)
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "no Something-Something-V2 download in data/ssv2/download" in err
+    assert "something-something-v2-{labels,train,validation,test}.json" in err
+    assert "data/ssv2/download/20bn-something-something-v2/" in err
+    r = run_glitr("prepare-data", "jester", "--data-root", "elsewhere", cwd=tmp_path)
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert (
+        "no Jester download in elsewhere/jester/download" in err
+        and "jester-v1-{labels,train,validation,test}.csv" in err
+    )
+    assert "elsewhere/jester/download/20bn-jester-v1/" in err
+    # a malformed label file: one line naming file and line
+    src = tmp_path / "dl"
+    make_ssv2_download(src, [("1", "train", 0, "vp9", (32, 32), 4), ("2", "validation", 0, "vp9", (32, 32), 4)])
+    (src / "something-something-v2-validation.json").write_text('[\n{"id": "2", "template": "Nope [x]"}\n]')
+    r = run_glitr("prepare-data", "ssv2", "--src", str(src), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "something-something-v2-validation.json:2: template" in r.stderr
+    assert "(class 'Nope x') is not in the labels file" in r.stderr
+
+
+def test_prepare_data_jester_typed_exactly_in_a_project(tmp_path):
+    project = tmp_path / "project"
+    make_jester_download(project / "data" / "jester" / "download", [
+        ("1", "train", "Swiping Left", 5),
+        ("2", "train", "No gesture", 7),
+        ("3", "train", "Doing other things", 4),
+        ("4", "validation", "Zooming In With Two Fingers", 6),
+        ("6", "test", None, 3),
+    ])  # fmt: skip
+    r = run_glitr("prepare-data", "jester", cwd=project)
+    assert r.returncode == 0, r.stderr
+    out = project / "data" / "jester"
+    assert (out / "category.txt").read_text().splitlines() == sorted(JESTER_LABELS)
+    assert (out / "train_videofolder.txt").read_text() == "1 5 2\n2 7 1\n3 4 0\n"
+    assert (out / "val_videofolder.txt").read_text() == "4 6 3\n"
+    assert (out / "test_videofolder.txt").read_text() == "6 3\n"
+    assert not (out / "frames").exists()  # frames stay in the download
+    info = json.loads((out / "glitr_dataset.json").read_text())
+    assert info == {"name": "jester", "frames_dir": "download/20bn-jester-v1", "template": "%05d.jpg"}
+    # the dataset the jester recipe reads (<data root>/jester) loads from the official frames
+    ds = VideoFolderDataset(out, "train", num_frames=8, transform=None, train=False)
+    clip, label = ds[1]
+    assert clip.shape == (8, 3, 40, 56) and label == 1
+    first = np.asarray(Image.open(out / "download" / "20bn-jester-v1" / "2" / "00001.jpg"))
+    assert np.array_equal(clip[0].permute(1, 2, 0).numpy(), first)
+    # GLITR_DATA moves the whole tree
+    moved = tmp_path / "moved"
+    (project / "data").rename(moved)
+    (moved / "jester" / "train_videofolder.txt").unlink()
+    r = run_glitr("prepare-data", "jester", cwd=project, env={"GLITR_DATA": str(moved)})
+    assert r.returncode == 0, r.stderr
+    assert (moved / "jester" / "train_videofolder.txt").read_text() == "1 5 2\n2 7 1\n3 4 0\n"
+
+
+def test_jester_frames_elsewhere_missing_folder_and_resize(tmp_path):
+    src = tmp_path / "dl"
+    frames = make_jester_download(src, [
+        ("10", "train", "Swiping Left", 5),
+        ("11", "train", "No gesture", 3),
+        ("12", "validation", "No gesture", 4),
+    ])  # fmt: skip
+    elsewhere = tmp_path / "frames"
+    frames.rename(elsewhere)
+    (src / "jester-v1-validation.csv").write_text("12;No gesture\n13;Swiping Left\n")  # 13 has no folder
+    s = prepare_dataset("jester", src, tmp_path / "out", workers=2, progress=False, frames=elsewhere)
+    assert s.failed == [("13", f"{elsewhere / '13'}: frame folder missing")]
+    assert (tmp_path / "out" / "val_videofolder.txt").read_text() == "12 4 1\n"
+    assert "13\t" in (tmp_path / "out" / "failed.txt").read_text()
+    # asked to resize: frames are copied to <out>/frames/<id>/%06d.jpg
+    s = prepare_dataset("jester", src, tmp_path / "small", workers=2, progress=False, frames=elsewhere, short_side=64)
+    assert s.done == 3 and len(s.failed) == 1
+    assert sorted(p.name for p in (tmp_path / "small" / "frames" / "10").iterdir()) == [
+        f"{i:06d}.jpg" for i in range(1, 6)
+    ]
+    assert _frame_sizes(tmp_path / "small" / "frames" / "10") == {(90, 64)}
+    ds = VideoFolderDataset(tmp_path / "small", "train", num_frames=4)
+    assert ds[0][0].shape == (4, 3, 64, 90)
+
+
+def test_decode_video_helper_and_options(tmp_path, monkeypatch):
+    path = encode_video(tmp_path / "clip.mkv", make_frames(6, 32, 48), "h264-mkv")
+    frames = decode_video(path)
+    assert len(frames) == 6 and frames[0].shape == (32, 48, 3) and frames[0].dtype == np.uint8
+    assert decode_video(path, short_side=64)[0].shape == (64, 96, 3)
+    bad = tmp_path / "bad.webm"
+    bad.write_bytes(b"\x1a\x45\xdf\xa3 not really")
+    with pytest.raises(GlitrError, match="bad.webm: cannot open as a video"):
+        decode_video(bad)
+    monkeypatch.setenv("GLITR_DATA", str(tmp_path / "d"))
+    assert data_root() == tmp_path / "d"
+    monkeypatch.delenv("GLITR_DATA")
+    assert data_root() == Path("data")
+    with pytest.raises(GlitrError, match="--frames does not apply to `glitr prepare-data ssv2`"):
+        prepare_dataset("ssv2", tmp_path, tmp_path, frames=tmp_path)
+    with pytest.raises(GlitrError, match="unknown dataset 'kinetics'"):
+        prepare_dataset("kinetics", None, None)
