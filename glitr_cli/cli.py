@@ -7,9 +7,11 @@ Each command parses its options, calls one library function and lets `main` turn
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from glitr_cli import __version__
 from glitr_cli.errors import GlitrError
@@ -39,10 +41,208 @@ def _root(
     """GliTr: online action prediction from glimpses."""
 
 
+_OVERRIDES_HELP = "Recipe overrides, section.key=value, e.g. optim.epochs=5 train.device=cpu."
+_RESUME_HELP = (
+    "Continue from this checkpoint. Without it a run continues from its own "
+    "checkpoints/last.pt when there is one."
+)
+
+
+@app.command("train-teacher")
+def train_teacher(
+    recipe: Path = typer.Argument(..., help="Teacher recipe (YAML), e.g. recipes/toy_teacher.yaml."),
+    overrides: list[str] | None = typer.Argument(None, help=_OVERRIDES_HELP, show_default=False),
+    resume: Path | None = typer.Option(None, "--resume", help=_RESUME_HELP),
+) -> None:
+    """Train the full-frame teacher of a recipe into runs/<name>/ (torchrun for many GPUs)."""
+    from glitr_cli.engine import train
+
+    train(recipe, overrides, kind="teacher", resume=resume)
+
+
+@app.command("train-glitr")
+def train_glitr(
+    recipe: Path = typer.Argument(..., help="GliTr recipe (YAML), e.g. recipes/toy.yaml."),
+    overrides: list[str] | None = typer.Argument(None, help=_OVERRIDES_HELP, show_default=False),
+    resume: Path | None = typer.Option(None, "--resume", help=_RESUME_HELP),
+) -> None:
+    """Train the GliTr student from its teacher (runs/<name>_teacher/) into runs/<name>/."""
+    from glitr_cli.engine import train
+
+    train(recipe, overrides, kind="glitr", resume=resume)
+
+
+@app.command("eval")
+def eval_(
+    recipe: Path = typer.Argument(..., help="The recipe the checkpoint was trained with, e.g. recipes/toy.yaml."),
+    overrides: list[str] | None = typer.Argument(None, help=_OVERRIDES_HELP, show_default=False),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c", help="Checkpoint to evaluate (default: the run's checkpoints/last.pt)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Directory for eval.json and accuracy.png (default: the run directory)."
+    ),
+) -> None:
+    """Top-1/top-5 at every step t: learned, center and random glimpses, and the full-frame teacher."""
+    from glitr_cli.engine import evaluate
+
+    evaluate(recipe, overrides, checkpoint=checkpoint, out_dir=out)
+
+
+_DATA_ROOT_HELP = "Moves the whole data tree (default: $GLITR_DATA, else ./data)."
+
+
+@app.command("prepare-data")
+def prepare_data(
+    dataset: str = typer.Argument(..., help="ssv2, jester or toy.", show_default=False),
+    src: Path | None = typer.Option(
+        None, "--src", help="The official download (default: <data root>/<dataset>/download; toy: <out>/download)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where the prepared dataset goes (default: <data root>/<dataset>)."
+    ),
+    data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
+    workers: int = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8."),
+    short_side: int | None = typer.Option(
+        None, "--short-side", help="Resize frames to this short side, 0 keeps them (ssv2: 256; toy, jester: keep)."
+    ),
+    quality: int | None = typer.Option(None, "--quality", help="JPEG quality of the written frames (default 95)."),
+    videos: Path | None = typer.Option(None, "--videos", help="ssv2: the folder of <id>.webm files, if elsewhere."),
+    frames: Path | None = typer.Option(None, "--frames", help="jester: the 20bn-jester-v1 frame folder, if elsewhere."),
+    seed: int | None = typer.Option(None, "--seed", help="toy: random seed (default 0)."),
+    toy_train: int | None = typer.Option(None, "--toy-train", help="toy: training videos (default 400)."),
+    toy_val: int | None = typer.Option(None, "--toy-val", help="toy: validation videos (default 100)."),
+    toy_test: int | None = typer.Option(None, "--toy-test", help="toy: unlabelled test videos (default 20)."),
+    toy_frames: int | None = typer.Option(None, "--toy-frames", help="toy: frames per video (default 16)."),
+    toy_size: int | None = typer.Option(None, "--toy-size", help="toy: frame side in pixels (default 112)."),
+    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="toy: target shapes (default square,triangle)."),
+    toy_directions: str | None = typer.Option(
+        None, "--toy-directions", help="toy: target directions (default left,right,up,down)."
+    ),
+    toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="toy: grey distractors (default 4)."),
+) -> None:
+    """Turn the SSv2 or Jester download, or a generated toy set, into frame folders and TSM list files."""
+    from glitr_cli.data.prepare import prepare_dataset
+
+    summary = prepare_dataset(
+        dataset, src, out, workers, root=data_root, short_side=short_side, quality=quality, videos=videos,
+        frames=frames, seed=seed, num_train=toy_train, num_val=toy_val, num_test=toy_test, num_frames=toy_frames,
+        size=toy_size, shapes=toy_shapes, directions=toy_directions, distractors=toy_distractors,
+    )  # fmt: skip
+    typer.echo(summary.describe())
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command("bench-loader")
+def bench_loader(
+    dataset: str = typer.Argument("toy", help="A prepared dataset folder, or ssv2/jester/toy under the data root."),
+    split: str = typer.Option("train", "--split", help="train, val or test."),
+    frames: int = typer.Option(16, "--frames", help="Frames per clip (T)."),
+    size: int = typer.Option(224, "--size", help="Crop size (the toy recipes use 112)."),
+    resize: int | None = typer.Option(None, "--resize", help="Eval: short side before the crop (size*256/224)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Clips per batch."),
+    workers: int = typer.Option(2, "--workers", "-j", help="DataLoader worker processes."),
+    batches: int = typer.Option(20, "--batches", help="Batches timed after two warm-up batches."),
+    eval_mode: bool = typer.Option(False, "--eval", help="Evaluation transform instead of training augmentation."),
+    data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
+) -> None:
+    """Print the clips/s and frames/s the data loader delivers on a prepared dataset."""
+    from glitr_cli.data.bench import benchmark_dataset, describe, resolve_dataset
+
+    result = benchmark_dataset(
+        resolve_dataset(dataset, data_root), split, frames, size, resize, batch_size, workers, batches, not eval_mode
+    )
+    typer.echo(describe(result))
+
+
+@app.command("visualize")
+def visualize(
+    video: Path = typer.Argument(..., help="A video file PyAV reads (mp4, webm, avi, ...) or a folder of JPEG frames."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c", help="GliTr checkpoint (default: the newest under runs/)."
+    ),
+    out: Path = typer.Option(Path("glimpses.gif"), "--out", "-o", help="Output animation: .gif, or .mp4."),
+    every: int | None = typer.Option(
+        None,
+        "--every",
+        help="Feed every Nth frame online instead of the T evaluation frames; the stream restarts after each T steps.",
+    ),
+    side_by_side: bool = typer.Option(False, "--side-by-side", help="Add the glimpse crop as the model sees it."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write every step's location, box and top-3 here."),
+    fps: float = typer.Option(4.0, "--fps", help="Output frames (model steps) per second."),
+    size: int = typer.Option(384, "--size", help="Longer side of the drawn frame in pixels (0: the video's own size)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Draw where a trained GliTr looks in a video, step by step, with its top-3 classes."""
+    from glitr_cli.visualize import visualize as run
+
+    run(
+        video,
+        checkpoint=checkpoint,
+        out=out,
+        every=every,
+        side_by_side=side_by_side,
+        json_path=json_path,
+        fps=fps,
+        size=size,
+        device=device,
+    )
+
+
+@app.command("bench")
+def bench(
+    recipe: Path = typer.Argument(..., help="Recipe whose models and shapes to measure, e.g. recipes/ssv2.yaml."),
+    overrides: list[str] | None = typer.Argument(None, help=_OVERRIDES_HELP, show_default=False),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", "-b", help="Clips per step (default: the recipe's batch per process)."
+    ),
+    num_classes: int = typer.Option(174, "--num-classes", help="Classes of the synthetic task."),
+    online_batch: int = typer.Option(64, "--online-batch", help="Streams at once for the batched online figure."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed repeats per measurement (median, min, max shown)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed calls before each measurement."),
+    baseline: bool = typer.Option(
+        True, "--baseline/--no-baseline", help="Also time the plain path (the original's algorithm, fp32, unfused)."
+    ),
+    data: bool = typer.Option(False, "--data", help="Also time the data loader on the recipe's prepared dataset."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+) -> None:
+    """Speed of training, evaluation and online inference against a plain reimplementation of the original."""
+    from glitr_cli.bench import BenchSettings, result_table, run_bench, write_json
+
+    settings = BenchSettings(batch_size, num_classes, online_batch, warmup, repeats, baseline, data)
+    result = run_bench(recipe, overrides, settings)
+    Console(width=max(Console().width, 110)).print(result_table(result))
+    if json_out is not None:
+        write_json(result, json_out)
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", help="Folder for data/, teacher/, glitr/, gifs/ and the results."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="A one-minute smoke test: a few clips, one epoch (not accurate)."
+    ),
+    epochs_scale: float = typer.Option(
+        1.0, "--epochs-scale", help="Multiply both toy recipes' epochs (0.5: quicker, 2: better)."
+    ),
+    train_videos: int | None = typer.Option(
+        None, "--train-videos", help="Toy training videos (default 400; more: slower, better)."
+    ),
+    gifs: int = typer.Option(4, "--gifs", help="Validation videos to draw as glimpse GIFs."),
+) -> None:
+    """Toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
+    from glitr_cli.demo import run_demo
+
+    run_demo(out, quick=quick, epochs_scale=epochs_scale, train_videos=train_videos, gifs=gifs)
+
+
 def main() -> None:
     """Entry point of the `glitr` console script."""
     try:
         app()
     except GlitrError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

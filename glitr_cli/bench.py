@@ -1,0 +1,353 @@
+"""`glitr bench`: speed figures for a recipe's models, against a plain reimplementation of the original.
+
+The plain path does what the original GliTr code does: float32, explicit softmax attention,
+both temporal heads re-run over the whole prefix at every student step (O(T^2)), and deep
+copies of the backbone and class head at every teacher step for the location losses. It lives
+here only, as the yardstick; training always takes the fast path, which computes the same
+function (tests/test_bench.py checks that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from glitr_cli.engine.models import build_model
+from glitr_cli.engine.optim import build_optimizer
+from glitr_cli.model import (
+    GliTr,
+    OnlinePredictor,
+    StudentObjective,
+    StudentOutput,
+    TeacherObjective,
+    kl_divergence,
+    step_cross_entropy,
+)
+from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
+
+# dense bf16 tensor-core peaks (FLOP/s) of GPUs whose figures are public
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
+
+
+# ------------------------------------------------------------------------------------ the plain path
+
+
+def plain_student_forward(student: GliTr, frames: torch.Tensor) -> StudentOutput:
+    """The original's student loop: at step t both heads re-read all t features (O(T^2))."""
+    b, t = frames.shape[:2]
+    loc = student.initial_location(b)
+    feats, logits, locs = [], [], []
+    for i in range(t):
+        locs.append(loc)
+        feats.append(student.backbone(frames[:, i], loc))
+        prefix = torch.stack(feats, dim=1)  # (B, i + 1, D)
+        loc = student.locator(prefix.detach())[:, -1]
+        logits.append(student.classifier(prefix)[:, -1])
+    return StudentOutput(torch.stack(feats, 1), torch.stack(logits, 1), torch.stack(locs, 1))
+
+
+def plain_student_loss(
+    student: GliTr, teacher: GliTr, frames: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        teacher_feat = teacher.encode_frames(frames)
+        teacher_logits = teacher.classifier(teacher_feat)
+    out = plain_student_forward(student, frames)
+    cls = step_cross_entropy(out.logits, labels, label_smoothing)
+    spatial = F.mse_loss(out.feat, teacher_feat)
+    temporal = kl_divergence(out.logits, teacher_logits)
+    return {"loss": cls + spatial + temporal, "cls": cls, "spatial": spatial, "temporal": temporal}
+
+
+def plain_teacher_loss(model: GliTr, frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The original's teacher step: frozen snapshots for the location losses are deep copies."""
+    out = model.forward_teacher(frames)
+    b, t = frames.shape[:2]
+    cls = step_cross_entropy(out.logits, target)
+    backbone = copy.deepcopy(model.backbone).requires_grad_(False)
+    classifier = copy.deepcopy(model.classifier).requires_grad_(False)
+    glimpse_feat = backbone(frames.flatten(0, 1), out.locs.flatten(0, 1)).view(b, t, -1)
+    loc_mse = F.mse_loss(glimpse_feat, out.feat.detach())
+    loc_kld = kl_divergence(classifier(glimpse_feat), out.logits)
+    return {"loss": cls + loc_mse + loc_kld, "cls": cls, "loc_mse": loc_mse, "loc_kld": loc_kld}
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Figure:
+    values: list[float]
+    unit: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "median": statistics.median(self.values),
+            "min": min(self.values),
+            "max": max(self.values),
+            "unit": self.unit,
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of `fn`, warm-up calls excluded."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call (matmuls, convolutions and attention, as torch's flop counter sees them)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def gpu_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device, into: dict[str, float], name: str) -> Iterator[None]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    if device.type == "cuda":
+        into[name] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # the process's peak resident set so far (KiB on Linux)
+        into[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ------------------------------------------------------------------------------------ the benchmark
+
+
+@dataclass
+class BenchSettings:
+    batch_size: int | None = None  # None: the recipe's per-process batch
+    num_classes: int = 174
+    online_batch: int = 64
+    warmup: int = 2
+    repeats: int = 5
+    baseline: bool = True
+    data: bool = False
+    loader_batches: int = 10
+
+
+class Bench:
+    """The recipe's teacher and student (random weights, same geometry) on synthetic clips."""
+
+    def __init__(self, recipe: Recipe, settings: BenchSettings) -> None:
+        self.recipe, self.settings = recipe, settings
+        self.device = _device(recipe.train.device)
+        self.amp = self.device.type == "cuda" and recipe.train.precision != "fp32"
+        self.amp_dtype = torch.float16 if recipe.train.precision == "fp16" else torch.bfloat16
+        opt = recipe.optim
+        self.batch = settings.batch_size or max(1, opt.batch_size // opt.accum_steps)
+        t, size = recipe.data.num_frames, recipe.data.img_size
+        torch.manual_seed(0)
+        geometry = dict(num_classes=settings.num_classes, num_frames=t, img_size=size)
+        self.teacher = build_model(recipe.model, **geometry).to(self.device)
+        self.student = build_model(recipe.model, **geometry).to(self.device)
+        self.student.load_state_dict(self.teacher.state_dict())
+        self.frozen_teacher = copy.deepcopy(self.teacher)  # what the student learns from (set-up, not per step)
+        gen = torch.Generator().manual_seed(0)
+        self.frames = torch.randn(self.batch, t, 3, size, size, generator=gen).to(self.device)
+        self.labels = torch.randint(0, settings.num_classes, (self.batch,), generator=gen).to(self.device)
+        self.results: dict[str, Figure] = {}
+        self.memory: dict[str, float] = {}
+        self.flops: dict[str, int] = {}
+
+    def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
+        if enabled and self.amp:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    def measure(self, name: str, fn: Callable[[], Any], work: float, unit: str) -> None:
+        """Record `work / seconds` per call of `fn` (or milliseconds per unit of work for ms units)."""
+        with _peak_memory(self.device, self.memory, name):
+            times = time_it(fn, self.device, self.settings.warmup, self.settings.repeats)
+        values = [1000 * s / work for s in times] if unit.startswith("ms") else [work / s for s in times]
+        self.results[name] = Figure(values, unit)
+
+    def train_step(
+        self, model: GliTr, loss_fn: Callable[[], dict[str, torch.Tensor]], fast: bool
+    ) -> Callable[[], None]:
+        o = self.recipe.optim
+        opt = build_optimizer(model, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+        for group in opt.param_groups:
+            group["lr"] = 1e-6  # a real update, small enough to keep the weights sane
+
+        def step() -> None:
+            with self.autocast(fast):
+                loss = loss_fn()["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    def training(self) -> None:
+        frames, labels, student, teacher = self.frames, self.labels, self.student, self.teacher
+        frozen = self.frozen_teacher
+        student_loss = StudentObjective(student, frozen, self.recipe.objective.label_smoothing).train()
+        teacher_loss = TeacherObjective(teacher).train()
+        fast = {
+            "student": self.train_step(student, lambda: student_loss(frames, labels), fast=True),
+            "teacher": self.train_step(teacher, lambda: teacher_loss(frames, labels), fast=True),
+        }
+        for kind, step in fast.items():
+            self.measure(f"{kind}_train_clips_per_s", step, self.batch, "clips/s")
+            self.flops[f"{kind}_train_step"] = count_flops(step)
+        if not self.settings.baseline:
+            return
+        plain = {
+            "student": self.train_step(student, lambda: plain_student_loss(student, frozen, frames, labels), False),
+            "teacher": self.train_step(teacher, lambda: plain_teacher_loss(teacher, frames, labels), False),
+        }
+        for model in (student, teacher):
+            model.set_fused_attn(False)
+        for kind, step in plain.items():
+            self.measure(f"{kind}_train_clips_per_s_baseline", step, self.batch, "clips/s")
+        for model in (student, teacher):
+            model.set_fused_attn(self.recipe.model.fused_attn)
+
+    def inference(self) -> None:
+        student, t = self.student.eval(), self.recipe.data.num_frames
+        size = self.recipe.data.img_size
+
+        @torch.inference_mode()
+        def evaluate() -> None:
+            with self.autocast():
+                student.forward_student(self.frames)
+
+        self.measure("eval_clips_per_s", evaluate, self.batch, "clips/s")
+        for batch, name, unit in (
+            (1, "online_ms_per_frame_b1", "ms/frame"),
+            (self.settings.online_batch, f"online_frames_per_s_b{self.settings.online_batch}", "frames/s"),
+        ):
+            stream = torch.randn(t, batch, 3, size, size).to(self.device)
+            predictor = OnlinePredictor(student, batch_size=batch)
+
+            def online(stream: torch.Tensor = stream, predictor: OnlinePredictor = predictor) -> None:
+                predictor.reset(stream.shape[1])
+                with self.autocast():
+                    for frame in stream:
+                        predictor.step(frame)
+
+            self.measure(name, online, t * batch, unit)
+        one, centre = self.frames[:1, 0], self.frames.new_zeros(1, 2)
+        self.flops["backbone_per_glimpse"] = count_flops(lambda: student.backbone(one, centre))
+        self.flops["backbone_per_full_frame"] = count_flops(lambda: student.backbone(one))
+
+    def loader(self) -> None:
+        from glitr_cli.data.bench import measure_loader
+        from glitr_cli.engine.models import build_dataset
+
+        data = resolve_recipe(self.recipe).data
+        dataset = build_dataset(data, data.train_split, train=True)
+        result = measure_loader(dataset, self.batch, data.workers, self.settings.loader_batches)
+        self.results["loader_clips_per_s"] = Figure([result["clips_per_s"]], "clips/s")
+
+    def summary(self, recipe_path: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "device": device_name(self.device),
+            "recipe": recipe_path,
+            "batch_size": self.batch,
+            "num_frames": self.recipe.data.num_frames,
+            "precision": self.recipe.train.precision if self.amp else "fp32",
+            "results": {k: v.as_dict() for k, v in self.results.items()},
+            "flops": self.flops,
+            "peak_memory_mib": self.memory,
+        }
+        peak = gpu_peak(self.device)
+        for kind in ("student", "teacher"):
+            clips = self.results[f"{kind}_train_clips_per_s"].values
+            achieved = Figure([self.flops[f"{kind}_train_step"] * c / self.batch for c in clips], "FLOP/s")
+            out["results"][f"{kind}_train_flop_per_s"] = achieved.as_dict()
+            if peak:
+                fraction = Figure([a / peak for a in achieved.values], "of peak")
+                out["results"][f"{kind}_train_fraction_of_peak"] = fraction.as_dict()
+            if f"{kind}_train_clips_per_s_baseline" in self.results:
+                base = statistics.median(self.results[f"{kind}_train_clips_per_s_baseline"].values)
+                out["results"][f"{kind}_train_speedup"] = Figure([c / base for c in clips], "x").as_dict()
+        return out
+
+
+def run_bench(recipe_path: str | Path, overrides: list[str] | None, settings: BenchSettings) -> dict[str, Any]:
+    """Measure the recipe's training, evaluation and online speed; returns the JSON-ready result."""
+    bench = Bench(load_recipe(recipe_path, overrides), settings)
+    bench.training()
+    bench.inference()
+    if settings.data:
+        bench.loader()
+    return bench.summary(str(recipe_path))
+
+
+def result_table(result: dict[str, Any]) -> Table:
+    """The figures as a rich table: median, min, max per measurement, then FLOPs and memory."""
+    table = Table(
+        title=f"glitr bench: {result['device']}, batch {result['batch_size']}, T={result['num_frames']}, "
+        f"{result['precision']}"
+    )
+    for col in ("measurement", "median", "min", "max", "unit"):
+        table.add_column(col, justify="left" if col in ("measurement", "unit") else "right", no_wrap=True)
+    for name, fig in result["results"].items():
+        table.add_row(name, *(_fmt(fig[k]) for k in ("median", "min", "max")), fig["unit"])
+    for name, flops in result["flops"].items():
+        table.add_row(f"flops_{name}", _fmt(flops), "", "", "FLOP")
+    for name, mib in result["peak_memory_mib"].items():
+        table.add_row(f"peak_memory_{name}", f"{mib:.0f}", "", "", "MiB")
+    return table
+
+
+def _fmt(x: float) -> str:
+    if abs(x) >= 1e6:
+        return f"{x:.3g}"
+    return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

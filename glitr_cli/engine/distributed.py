@@ -1,0 +1,191 @@
+"""One process or many: DDP set-up from the `torchrun` environment, samplers, seeding, reductions.
+
+`torchrun` sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process. The
+backend is nccl on CUDA and gloo on the CPU. The training sampler shards one seeded
+permutation per epoch across ranks (DistributedSampler), can start part-way through an epoch
+(resume), and hands every clip a seed derived from (seed, epoch, position) so that its random
+augmentation does not depend on data-loader workers, restarts or timing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from glitr_cli.errors import GlitrError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(preference: str, local_rank: int, distributed: bool) -> torch.device:
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GlitrError(f"train.device={preference} but no CUDA device is available; use train.device=cpu")
+        return torch.device("cuda", local_rank) if distributed or preference == "cuda" else torch.device(preference)
+    if preference != "cpu":
+        raise GlitrError(f"train.device={preference!r}: expected auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the process group `torchrun` describes (if any) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank, world > 1)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=30),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) with one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op in one process); returns the same tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-element list in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for the clip at `position` of epoch `epoch`'s global order."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that yields (index, seed) pairs and can skip the first clips of an epoch.
+
+    Rank r gets positions r, r + W, r + 2W, ... of the epoch's permutation (W ranks); the tail
+    that would not divide evenly is dropped. `set_epoch(epoch, skip)` starts after `skip`
+    clips of this rank, which is how a run resumed mid-epoch sees exactly the clips it had not.
+    """
+
+    def __init__(self, dataset_len: int, *, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
+        super().__init__(
+            range(dataset_len), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())
+        for i in range(self.skip, len(indices)):
+            position = i * self.num_replicas + self.rank
+            yield indices[i], sample_seed(self.seed, self.epoch, position)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation: rank r reads clips r, r + W, ...; no padding, so every clip counts exactly once."""
+
+    def __init__(self, dataset_len: int, *, rank: int, world_size: int) -> None:
+        self.indices = range(rank, dataset_len, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run with all generators seeded by `seed`, then put the previous states back."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset for `ResumableSampler`: item (index, seed) is `dataset[index]` drawn under `seed`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with _seeded(seed):
+            return self.dataset[index]

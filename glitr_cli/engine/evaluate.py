@@ -1,0 +1,208 @@
+"""`glitr eval`: accuracy at every step t for the learned glimpse policy and two baselines.
+
+For one checkpoint: top-1/top-5 after each frame t with glimpses where T_l sends them
+("learned"), fixed at the frame centre ("center") and at seeded uniform locations ("random"),
+plus the full-frame teacher's (the checkpoint itself when it is a teacher, else the run's
+teacher). Written as `eval.json` and plotted as `accuracy.png`:
+
+    {"steps": T, "policies": {"learned": {"top1": [...T...], "top5": [...], "covered_area": f}, ...},
+     "teacher": {"top1": [...], "top5": [...]}, "glimpse_area": f, ...}
+
+`glimpse_area` is the fraction of the frame one glimpse covers; `covered_area` the mean
+fraction of the frame that the union of a clip's T glimpses covered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from glitr_cli.engine.distributed import ShardSampler, all_reduce_sum, init_distributed
+from glitr_cli.engine.metrics import topk_correct
+from glitr_cli.engine.models import build_dataset, load_run_checkpoint, model_from_checkpoint, warn
+from glitr_cli.errors import GlitrError
+from glitr_cli.model import GliTr, glimpse_area_fraction, glimpse_mask
+from glitr_cli.model.glitr import POLICIES
+from glitr_cli.recipe import COMMANDS, Recipe, resolve_recipe
+
+EVAL_FILE = "eval.json"
+PLOT_FILE = "accuracy.png"
+
+
+def covered_fraction(model: GliTr, locs: torch.Tensor, frame_size: tuple[int, int]) -> torch.Tensor:
+    """Per clip, the fraction of the frame inside at least one of its glimpses: locs (B, T, 2) -> (B,)."""
+    b, t = locs.shape[:2]
+    side = model.backbone.glimpse_pixels
+    mask = glimpse_mask(locs.flatten(0, 1).float(), frame_size, (side, side), model.backbone.glimpse_scale)
+    return mask.view(b, t, *frame_size).amax(dim=1).mean(dim=(1, 2))  # (B,)
+
+
+@torch.no_grad()
+def evaluate_policies(
+    model: GliTr,
+    loader: Any,
+    *,
+    policies: list[str],
+    teacher: GliTr | None,
+    device: torch.device,
+    seed: int,
+    autocast: Any = None,
+) -> dict[str, Any]:
+    """Sum correct predictions over `loader` (every rank its shard) and reduce; fractions per step t."""
+    t = model.num_frames
+    names = [*policies, *(["teacher"] if teacher is not None else [])]
+    correct = torch.zeros(len(names), 2, t, dtype=torch.float64, device=device)
+    covered = torch.zeros(len(policies), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    generator = torch.Generator().manual_seed(seed)  # the random policy draws on the CPU
+    model.eval()
+    for clips, labels in loader:
+        if bool((labels < 0).any()):
+            raise GlitrError("the evaluated split has no labels (e.g. SSv2's test split); use eval.split=val")
+        clips, labels = clips.to(device), labels.to(device)
+        frame_size = tuple(clips.shape[-2:])
+        with autocast or contextlib.nullcontext():
+            for i, policy in enumerate(policies):
+                out = model.forward_student(clips, policy, generator=generator)
+                correct[i] += topk_correct(out.logits.float(), labels).double()
+                covered[i] += covered_fraction(model, out.locs, frame_size).sum().double()
+            if teacher is not None:
+                logits = teacher.forward_teacher(clips).logits
+                correct[-1] += topk_correct(logits.float(), labels).double()
+        total += labels.shape[0]
+    for tensor in (correct, covered, total):
+        all_reduce_sum(tensor)
+    n = max(total.item(), 1.0)
+    result: dict[str, Any] = {"steps": t, "clips": int(total.item()), "policies": {}}
+    for i, name in enumerate(names):
+        entry = {"top1": (correct[i, 0] / n).tolist(), "top5": (correct[i, 1] / n).tolist()}
+        if name == "teacher":
+            result["teacher"] = entry
+        else:
+            result["policies"][name] = {**entry, "covered_area": covered[i].item() / n}
+    return result
+
+
+def plot_accuracy(result: dict[str, Any], path: Path, title: str = "") -> None:
+    """Top-1 accuracy against the number of frames seen, one line per policy (teacher dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = list(range(1, result["steps"] + 1))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, entry in result["policies"].items():
+        ax.plot(steps, [100 * a for a in entry["top1"]], marker="o", markersize=3, label=f"{name} glimpses")
+    if "teacher" in result:
+        ax.plot(steps, [100 * a for a in result["teacher"]["top1"]], "k--", label="teacher (full frames)")
+    ax.set_xlabel("frames seen (t)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def result_table(result: dict[str, Any]) -> Table:
+    t = result["steps"]
+    cols = sorted({1, (t + 1) // 2, t})
+    table = Table(title=f"accuracy after t frames ({result['clips']} clips)")
+    table.add_column("policy")
+    for c in cols:
+        table.add_column(f"top-1 t={c}", justify="right")
+    table.add_column(f"top-5 t={t}", justify="right")
+    table.add_column("frame seen", justify="right")
+    rows = [(name, e, f"{100 * e['covered_area']:.1f}%") for name, e in result["policies"].items()]
+    if "teacher" in result:
+        rows.append(("teacher (full)", result["teacher"], "100%"))
+    for name, e, seen in rows:
+        table.add_row(name, *[f"{100 * e['top1'][c - 1]:.2f}" for c in cols], f"{100 * e['top5'][-1]:.2f}", seen)
+    return table
+
+
+def run_eval(
+    recipe: Recipe,
+    *,
+    checkpoint: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's checkpoint (default: its last.pt) on `eval.split`; write eval.json and accuracy.png."""
+    console = console or Console()
+    r = resolve_recipe(recipe)
+    env = init_distributed(r.train.device)
+    run_dir = Path(r.output_dir or ".")
+    path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "last.pt"
+    ckpt = load_run_checkpoint(path, produced_by=COMMANDS[r.kind])
+    model = model_from_checkpoint(ckpt, str(path)).to(env.device)
+    if (model.num_frames, model.img_size) != (r.data.num_frames, r.data.img_size):
+        raise GlitrError(
+            f"{path} was trained on {model.num_frames} frames of {model.img_size} px, the recipe reads "
+            f"{r.data.num_frames} of {r.data.img_size}; evaluate it with its own recipe"
+        )
+    unknown = [p for p in r.eval.policies if p not in POLICIES]
+    if unknown:
+        raise GlitrError(f"eval.policies: unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+
+    dataset = build_dataset(r.data, r.eval.split, train=False)
+    if list(dataset.class_names) != list(ckpt["class_names"]):
+        raise GlitrError(f"{path} was trained on other classes than {r.data.root} holds")
+    teacher: GliTr | None = None
+    if ckpt["kind"] == "teacher":
+        teacher = model
+    elif r.eval.teacher and r.objective.teacher is not None:
+        if Path(r.objective.teacher).is_file():
+            teacher_ckpt = load_run_checkpoint(r.objective.teacher, produced_by="train-teacher")
+            teacher = model_from_checkpoint(teacher_ckpt, r.objective.teacher).to(env.device)
+        elif env.is_main:
+            warn(console, f"teacher {r.objective.teacher} not found; its full-frame accuracy is left out")
+
+    loader = DataLoader(
+        dataset,
+        batch_size=r.eval.batch_size,
+        sampler=ShardSampler(len(dataset), rank=env.rank, world_size=env.world_size),
+        num_workers=r.data.workers,
+        pin_memory=env.device.type == "cuda",
+    )
+    autocast = None
+    if env.device.type == "cuda" and r.train.precision != "fp32":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if r.train.precision == "bf16" else torch.float16)
+    result = evaluate_policies(
+        model,
+        loader,
+        policies=list(r.eval.policies),
+        teacher=teacher,
+        device=env.device,
+        seed=r.eval.seed + env.rank,
+        autocast=autocast,
+    )
+    result = {
+        "steps": result["steps"],
+        "policies": result["policies"],
+        **({"teacher": result["teacher"]} if "teacher" in result else {}),
+        "glimpse_area": glimpse_area_fraction(model.img_size, model.patch_size, model.glimpse_size),
+        "clips": result["clips"],
+        "split": r.eval.split,
+        "checkpoint": str(path),
+        "kind": ckpt["kind"],
+        "epoch": ckpt["progress"]["epoch"],
+        "step": ckpt["progress"]["step"],
+    }
+    if env.is_main:
+        out = Path(out_dir) if out_dir is not None else run_dir
+        out.mkdir(parents=True, exist_ok=True)
+        (out / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        plot_accuracy(result, out / PLOT_FILE, title=f"{r.name} ({r.eval.split})")
+        console.print(result_table(result))
+        console.print(f"wrote {out / EVAL_FILE} and {out / PLOT_FILE}", highlight=False)
+    return result

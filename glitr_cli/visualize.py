@@ -1,0 +1,564 @@
+"""`glitr visualize`: watch a trained GliTr look at a video, one glimpse per frame.
+
+Stages: find and load a GliTr (student) checkpoint, open the video (any file PyAV decodes, or
+a folder of JPEG/PNG frames), choose the frames, preprocess each one like evaluation (short
+side resized to the recipe's `data.resize`, centre crop `data.img_size`, ImageNet
+normalisation), feed them one at a time to the online predictor, and draw every step on the
+*original* frame: the frame dimmed outside the glimpse, the glimpse outline, the trail of
+earlier glimpse centres, and the current top-3 classes. The result is a GIF, or an MP4 when
+the output name ends in `.mp4`, with one output frame per model step.
+
+Which frames: by default the T frames evaluation uses (the centre frame of each of T equal
+segments, T = the checkpoint's `data.num_frames`; a video shorter than T repeats its last
+frame). With `every=N` every Nth frame is fed online, as a camera would. The model was
+trained on at most T steps, so after T steps the stream *restarts*: the predictor is reset
+(the next glimpse is taken at the learned initial location, the trail is cleared, the class
+evidence starts again) and the output frame says "restart". Steps are numbered k/T within
+their window.
+
+Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the
+glimpse centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2,
+s = glimpse_size / grid (DESIGN §2). Model-input pixels map back to the source frame through
+the centre crop (a shift) and the resize (a scale per axis). Boxes (`--json`) are in
+source-frame pixel coordinates whose integers are pixel centres: x = 0 is the middle of the
+first column, x = W - 1 that of the last. Locations are not clamped, so a box can reach
+outside the frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from rich.console import Console
+
+from glitr_cli.errors import GlitrError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+OUTPUT_SUFFIXES = (".gif", ".mp4")
+DIM = 0.4  # brightness kept outside the glimpse
+OUTLINE = (255, 226, 0)  # glimpse outline
+TRAIL = (0, 220, 255)  # earlier glimpse centres
+RESTART = (255, 80, 80)
+PANEL_BG = (24, 24, 28)
+TEXT = (235, 235, 235)
+BAR = (70, 110, 200)
+INKS = (OUTLINE, TRAIL, RESTART, TEXT, BAR)  # drawn in exact colours, also in GIFs
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """How evaluation preprocessing maps a W x H source frame onto the S x S model input.
+
+    torchvision's `Resize(resize)` makes the short side `resize` and the long side
+    int(resize * long / short); `CenterCrop(S)` then cuts at offset round((size - S) / 2).
+    """
+
+    width: int  # source frame
+    height: int
+    resized_width: int
+    resized_height: int
+    left: int  # crop offset in the resized frame
+    top: int
+    size: int  # S
+
+    @classmethod
+    def of(cls, width: int, height: int, resize: int, size: int) -> CropGeometry:
+        if width <= height:
+            rw, rh = resize, int(resize * height / width)
+        else:
+            rw, rh = int(resize * width / height), resize
+        return cls(width, height, rw, rh, int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0)), size)
+
+    def to_source(self, u: float, v: float) -> tuple[float, float]:
+        """Model-input pixel coordinates (u across, v down; pixel centres) -> source pixel coordinates."""
+        # a resize by factor f maps pixel centres as src = (dst + 0.5) / f - 0.5
+        x = (u + self.left + 0.5) * self.width / self.resized_width - 0.5
+        y = (v + self.top + 0.5) * self.height / self.resized_height - 0.5
+        return x, y
+
+
+def glimpse_box(
+    loc: tuple[float, float], geometry: CropGeometry, scale: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """The glimpse at `loc` as (x0, y0, x1, y1) in source-frame pixel coordinates."""
+    last = geometry.size - 1
+    cu, cv = (loc[0] + 1) / 2 * last, (loc[1] + 1) / 2 * last  # centre in model-input pixels
+    hu, hv = scale[0] * last / 2, scale[1] * last / 2  # half-width, half-height
+    x0, y0 = geometry.to_source(cu - hu, cv - hv)
+    x1, y1 = geometry.to_source(cu + hu, cv + hv)
+    return x0, y0, x1, y1
+
+
+def display_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """Size of a frame drawn with its longer side `size` pixels (0: the source size)."""
+    if size <= 0:
+        return width, height
+    f = size / max(width, height)
+    return max(1, round(width * f)), max(1, round(height * f))
+
+
+def to_display(x: float, y: float, src: tuple[int, int], dst: tuple[int, int]) -> tuple[float, float]:
+    """Source pixel coordinates -> coordinates in the frame resized from `src` to `dst` (W, H)."""
+    return (x + 0.5) * dst[0] / src[0] - 0.5, (y + 0.5) * dst[1] / src[1] - 0.5
+
+
+# --------------------------------------------------------------------------------------- checkpoint
+
+
+@dataclass
+class Student:
+    """A GliTr student ready for online prediction, with what preprocessing needs."""
+
+    model: Any  # GliTr
+    path: Path
+    class_names: list[str]
+    num_frames: int
+    img_size: int
+    resize: int
+
+
+def _run_kind(ckpt: Path) -> str | None:
+    """The `kind:` in the run's recipe.yaml beside checkpoints/ (None when unknown)."""
+    import yaml
+
+    recipe = ckpt.parent.parent / "recipe.yaml"
+    try:
+        data = yaml.safe_load(recipe.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("kind") if isinstance(data, dict) else None
+
+
+def find_checkpoint(runs: str | Path | None = None) -> Path:
+    """The newest GliTr (student) `checkpoints/last.pt` under `runs` (default runs/)."""
+    from glitr_cli.recipe import RUNS_DIR
+
+    runs = Path(runs if runs is not None else RUNS_DIR)
+    found = [p for p in runs.glob("**/checkpoints/last.pt") if p.is_file()] if runs.is_dir() else []
+    students = [p for p in found if _run_kind(p) in ("glitr", None)]
+    if not students:
+        raise GlitrError(
+            f"no GliTr checkpoint under {runs}/: train one with `glitr demo` (or `glitr train-glitr RECIPE`), "
+            "or pass --checkpoint PATH"
+        )
+    return max(students, key=lambda p: p.stat().st_mtime)
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
+    """Load a GliTr student checkpoint written by `glitr train-glitr`; anything else is a GlitrError."""
+    from glitr_cli.engine.models import load_run_checkpoint, model_from_checkpoint
+    from glitr_cli.recipe import recipe_from_dict
+
+    path = Path(path)
+    if path.is_dir():
+        raise GlitrError(f"--checkpoint {path} is a folder; pass a checkpoint file such as {path}/checkpoints/last.pt")
+    ckpt = load_run_checkpoint(path, produced_by="train-glitr")
+    if ckpt["kind"] != "glitr":
+        raise GlitrError(
+            f"{path} is a {ckpt['kind']} checkpoint; visualize needs a GliTr (student) checkpoint "
+            "from `glitr train-glitr` or `glitr demo`"
+        )
+    recipe = recipe_from_dict(ckpt["recipe"], f"the recipe stored in {path}")
+    model = model_from_checkpoint(ckpt, str(path)).to(device).eval()
+    return Student(
+        model=model,
+        path=path,
+        class_names=[str(c) for c in ckpt["class_names"]],
+        num_frames=recipe.data.num_frames,
+        img_size=recipe.data.img_size,
+        resize=recipe.data.resize,
+    )
+
+
+# ------------------------------------------------------------------------------------------- frames
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    if not files:
+        raise GlitrError(f"{folder}: a folder of frames must hold .jpg/.jpeg/.png images, found none")
+    return files
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise GlitrError(f"{path}: cannot read as an image ({e})") from None
+
+
+class FrameSource:
+    """RGB uint8 frames (H, W, 3) of a video file (PyAV) or a folder of images, with their indices."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise GlitrError(f"{self.path}: no such video file or frame folder")
+        self._files = _image_files(self.path) if self.path.is_dir() else None
+
+    def count(self) -> int:
+        """Number of frames (decodes a video file once; cheap thanks to a tiny output size)."""
+        if self._files is not None:
+            return len(self._files)
+        from glitr_cli.data.prepare import iter_video_frames
+
+        # decoding is unavoidable (headers often omit or misstate the count); converting every
+        # frame to an 8-pixel image keeps the counting pass cheap
+        return sum(1 for _ in iter_video_frames(self.path, short_side=8))
+
+    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, frame) for every frame in order."""
+        if self._files is not None:
+            for i, f in enumerate(self._files):
+                yield i, _read_image(f)
+            return
+        from glitr_cli.data.prepare import iter_video_frames
+
+        yield from enumerate(iter_video_frames(self.path))
+
+    def select(self, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """The frames at `indices` (ascending, repeats allowed), decoding the video once."""
+        if self._files is not None:
+            for i in indices:
+                yield i, _read_image(self._files[i])
+            return
+        wanted = iter(indices)
+        nxt = next(wanted, None)
+        for i, frame in self.frames():
+            while nxt == i:
+                yield i, frame
+                nxt = next(wanted, None)
+            if nxt is None:
+                return
+
+
+def step_frames(source: FrameSource, num_frames: int, every: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    """Evaluation's T frames (`every` None), or every `every`-th frame of the whole video."""
+    if every is None:
+        from glitr_cli.data.dataset import sample_indices
+
+        return source.select(sample_indices(source.count(), num_frames, train=False))
+    return ((i, f) for i, f in source.frames() if i % every == 0)
+
+
+# ------------------------------------------------------------------------------------------ drawing
+
+
+@dataclass
+class Step:
+    """One model step, everything the drawing and the JSON need."""
+
+    index: int  # source frame index
+    step: int  # 1-based step within the current window
+    window: int  # 1-based window (a new one starts after every T steps)
+    location: tuple[float, float]
+    box: tuple[float, float, float, float]  # source pixels
+    top: list[tuple[str, float]]
+    glimpse: np.ndarray | None  # (g, g, 3) uint8, what the model saw (side by side)
+
+
+def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=px)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def render_step(
+    frame: np.ndarray,
+    step: Step,
+    trail: list[tuple[float, float]],
+    num_frames: int,
+    size: int,
+    palette: bool = False,
+) -> Image.Image:
+    """Draw one step: the frame (longer side `size` px, 0 = native) dimmed outside the glimpse,
+    the outline, the trail of earlier centres in this window, the glimpse crop when present,
+    and a panel with the step and the top classes underneath.
+
+    With `palette` the result is a 256-colour image (for GIF) whose drawing colours are exact:
+    the pictures are quantised to the first 256 - len(INKS) entries, the inks fill the rest.
+    """
+    h, w = frame.shape[:2]
+    dw, dh = display_size(w, h, size)
+    img = Image.fromarray(frame)
+    if (dw, dh) != (w, h):
+        img = img.resize((dw, dh), Image.Resampling.BILINEAR)
+    x0, y0 = to_display(step.box[0], step.box[1], (w, h), (dw, dh))
+    x1, y1 = to_display(step.box[2], step.box[3], (w, h), (dw, dh))
+
+    # dim every pixel whose centre lies outside the glimpse
+    arr = np.asarray(img).astype(np.float32)
+    xs, ys = np.arange(dw), np.arange(dh)
+    inside = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+    img = Image.fromarray(np.where(inside[..., None], arr, arr * DIM).round().astype(np.uint8))
+
+    font = _font(12)
+    line = 16
+    glimpse_w = dh if step.glimpse is not None else 0
+    gap = 4 if glimpse_w else 0
+    width = max(dw + gap + glimpse_w, 220)
+    canvas = Image.new("RGB", (width, dh + 6 + line * (1 + len(step.top))), PANEL_BG)
+    canvas.paste(img, (0, 0))
+    if step.glimpse is not None:
+        crop = Image.fromarray(step.glimpse).resize((glimpse_w, dh), Image.Resampling.NEAREST)
+        canvas.paste(crop, (dw + gap, 0))
+    if palette:
+        n = 256 - len(INKS)
+        canvas = canvas.quantize(n)
+        colours = (canvas.getpalette() or [])[: 3 * n]
+        canvas.putpalette(colours + [0] * (3 * n - len(colours)) + [c for ink in INKS for c in ink])
+        ink = {colour: n + i for i, colour in enumerate(INKS)}
+    else:
+        ink = {colour: colour for colour in INKS}
+
+    # on the frame alone, so nothing spills out of it: the trail of earlier centres, then the
+    # current centre and the outline on top
+    view = canvas.crop((0, 0, dw, dh))
+    draw = ImageDraw.Draw(view)
+    pts = [to_display(x, y, (w, h), (dw, dh)) for x, y in trail]
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if pts:
+        draw.line([*pts, (cx, cy)], fill=ink[TRAIL], width=1)
+        for px, py in pts:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=ink[TRAIL])
+    draw.line([(cx - 3, cy), (cx + 3, cy)], fill=ink[OUTLINE], width=1)
+    draw.line([(cx, cy - 3), (cx, cy + 3)], fill=ink[OUTLINE], width=1)
+    draw.rectangle([round(x0), round(y0), round(x1), round(y1)], outline=ink[OUTLINE], width=2)
+    canvas.paste(view, (0, 0))
+
+    draw = ImageDraw.Draw(canvas)
+    y = dh + 3
+    head = f"step {step.step}/{num_frames} · frame {step.index}"
+    draw.text((4, y), head, fill=ink[TEXT], font=font)
+    if step.window > 1 and step.step == 1:
+        restart = f"restart (window {step.window})"
+        draw.text((8 + draw.textlength(head, font=font), y), restart, fill=ink[RESTART], font=font)
+    for name, p in step.top:
+        y += line
+        draw.rectangle([4, y + 1, 4 + round(p * (width - 8)), y + line - 2], fill=ink[BAR])
+        draw.text((6, y), _fit(draw, f"{100 * p:5.1f}%  {name}", font, width - 12), fill=ink[TEXT], font=font)
+    return canvas
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def write_gif(images: list[Image.Image], path: Path, fps: float) -> None:
+    """An endlessly looping GIF (every step differs in its text, so no frame is merged away)."""
+    duration = max(20, round(1000 / fps))
+    images[0].save(
+        path, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0, optimize=False
+    )
+
+
+class Mp4Writer:
+    """H.264 MP4 via PyAV, encoded as the steps come (long videos need no memory); every frame is
+    placed on a canvas of the first one's size, padded to even sides (yuv420p needs them)."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        import av
+
+        self.container = av.open(str(path), "w", format="mp4")
+        self.stream: Any = None
+        self.rate = Fraction(fps).limit_denominator(1000)
+
+    def add(self, image: Image.Image) -> None:
+        if self.stream is None:
+            self.stream = self.container.add_stream("libx264", rate=self.rate)
+            self.stream.width, self.stream.height = image.width + image.width % 2, image.height + image.height % 2
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = {"crf": "18"}
+        import av
+
+        canvas = Image.new("RGB", (self.stream.width, self.stream.height), PANEL_BG)
+        canvas.paste(image.convert("RGB"), (0, 0))
+        for packet in self.stream.encode(av.VideoFrame.from_image(canvas)):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        self.container.close()
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def run_steps(
+    student: Student, frames: Iterator[tuple[int, np.ndarray]], side_by_side: bool = False
+) -> Iterator[tuple[np.ndarray, Step]]:
+    """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
+
+    Each frame is preprocessed like evaluation. After T steps the predictor is reset and a new
+    window starts (step 1 again). With `side_by_side` each Step carries the glimpse as the
+    model saw it (denormalised, uint8)."""
+    from glitr_cli.data.transforms import denormalize, eval_transform
+    from glitr_cli.model import OnlinePredictor, extract_glimpse
+
+    model = student.model
+    device = next(model.parameters()).device
+    transform = eval_transform(student.img_size, student.resize)
+    scale = model.backbone.glimpse_scale
+    side = model.backbone.glimpse_pixels
+    k = min(3, len(student.class_names))
+    predictor = OnlinePredictor(model)
+    window = 0
+    for index, frame in frames:
+        if window == 0 or predictor.steps == student.num_frames:  # the model holds T steps: a new window
+            predictor.reset()
+            window += 1
+        h, w = frame.shape[:2]
+        x = transform(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]).to(device)  # (1, 3, S, S)
+        out = predictor.step(x)
+        loc = out.location[0].float()
+        probs, classes = out.probs[0].float().topk(k)
+        glimpse = None
+        if side_by_side:
+            crop = extract_glimpse(x, loc[None], (side, side), scale)[0]  # (3, g, g), normalised
+            glimpse = (denormalize(crop).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+        location = (float(loc[0]), float(loc[1]))
+        geometry = CropGeometry.of(w, h, student.resize, student.img_size)
+        yield (
+            frame,
+            Step(
+                index=index,
+                step=predictor.steps,
+                window=window,
+                location=location,
+                box=glimpse_box(location, geometry, scale),
+                top=[(student.class_names[c], float(p)) for p, c in zip(probs.tolist(), classes.tolist(), strict=True)],
+                glimpse=glimpse,
+            ),
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GlitrError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GlitrError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def visualize(
+    video: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    out: str | Path = "glimpses.gif",
+    every: int | None = None,
+    side_by_side: bool = False,
+    json_path: str | Path | None = None,
+    fps: float = 4.0,
+    size: int = 384,
+    device: str = "auto",
+    runs: str | Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run a GliTr student online over `video` and write the glimpse animation to `out`.
+
+    `checkpoint` defaults to the newest GliTr checkpoint under `runs` (runs/). `every` None
+    feeds the T evaluation frames, else every `every`-th frame, restarting the stream after
+    each T steps (see the module docstring). `size` is the longer side of the drawn frame
+    (0 = the source size). Returns the `--json` record {"frames": [...]}.
+    """
+    console = console or Console(stderr=True)
+    out = Path(out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise GlitrError(f"--out {out}: the output must end in .gif or .mp4")
+    if every is not None and every < 1:
+        raise GlitrError(f"--every must be 1 or more, got {every}")
+    if fps <= 0:
+        raise GlitrError(f"--fps must be positive, got {fps}")
+    if size < 0:
+        raise GlitrError(f"--size must be 0 (source size) or more, got {size}")
+    dev = _device(device)
+    source = FrameSource(video)  # checks the video exists before any model is loaded
+    if checkpoint is None:
+        checkpoint = find_checkpoint(runs)
+        console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
+    student = load_student(checkpoint, dev)
+
+    mp4 = out.suffix.lower() == ".mp4"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")  # renamed into place only when complete
+    images: list[Image.Image] = []
+    writer = Mp4Writer(tmp, fps) if mp4 else None
+    record: list[dict[str, Any]] = []
+    trail: list[tuple[float, float]] = []
+    try:
+        for frame, step in run_steps(student, step_frames(source, student.num_frames, every), side_by_side):
+            if step.step == 1:
+                trail = []
+            image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)
+            if writer is not None:
+                writer.add(image)
+            else:
+                images.append(image)
+            trail.append(((step.box[0] + step.box[2]) / 2, (step.box[1] + step.box[3]) / 2))
+            record.append(
+                {
+                    "index": step.index,
+                    "location": [round(v, 6) for v in step.location],
+                    "box": [round(v, 2) for v in step.box],
+                    "top": [[name, round(p, 6)] for name, p in step.top],
+                }
+            )
+        if not record:  # only reachable through a decoder that yields nothing without an error
+            raise GlitrError(f"{video}: no frames to show")
+        if writer is not None:
+            writer.close()
+            writer = None
+        else:
+            write_gif(images, tmp, fps)
+        os.replace(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+
+    result = {"frames": record}
+    if json_path is not None:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+    windows = -(-len(record) // student.num_frames)
+    restarts = f", restarted every {student.num_frames} steps ({windows} windows)" if windows > 1 else ""
+    console.print(
+        f"wrote {out}: {len(record)} steps of {student.path}{restarts}"
+        + (f"; glimpses in {json_path}" if json_path is not None else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    return result

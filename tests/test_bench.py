@@ -1,0 +1,95 @@
+"""The speed paths compute the same function as the plain (original-style) path, and `glitr bench` runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from model_helpers import clips, tiny_glitr
+
+from glitr_cli.bench import plain_student_forward, plain_student_loss, plain_teacher_loss
+from glitr_cli.model import StudentObjective, TeacherObjective
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol, msg=k)
+
+
+@pytest.mark.parametrize("dtype,smooth,tol", [(torch.float64, False, 1e-9), (torch.float32, True, 1e-4)])
+def test_student_fast_path_equals_plain_path(dtype, smooth, tol):
+    """KV-cached T_l, one causal T_c pass and fused attention give the plain path's losses and gradients."""
+    student, teacher = tiny_glitr(0).to(dtype), tiny_glitr(1).to(dtype)
+    x, y = clips(smooth=smooth).to(dtype), torch.tensor([1, 3])
+    fast = StudentObjective(student, teacher).train()(x, y)
+    fast["loss"].backward()
+    fast_grads = _grads(student)
+    student.zero_grad(set_to_none=True)
+    student.set_fused_attn(False)
+    plain = plain_student_loss(student, teacher, x, y)
+    plain["loss"].backward()
+    for k in ("loss", "cls", "spatial", "temporal"):
+        torch.testing.assert_close(fast[k], plain[k].detach(), rtol=tol, atol=tol)
+    _assert_same(fast_grads, _grads(student), tol)
+    with torch.no_grad():
+        out = student.forward_student(x)
+        ref = plain_student_forward(student, x)
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_teacher_fast_path_equals_deep_copy_path():
+    model = tiny_glitr().double()
+    x, y = clips().double(), torch.tensor([0, 2])
+    fast = TeacherObjective(model)(x, y)
+    fast["loss"].backward()
+    fast_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    plain = plain_teacher_loss(model, x, y)
+    plain["loss"].backward()
+    for k in ("cls", "loc_mse", "loc_kld"):
+        torch.testing.assert_close(fast[k], plain[k].detach(), rtol=1e-10, atol=1e-10)
+    _assert_same(fast_grads, _grads(model), 1e-10)
+
+
+TINY_RECIPE = """
+kind: glitr
+data: {num_frames: 3, img_size: 32}
+model: {embed_dim: 16, depth: 1, num_heads: 2, patch_size: 8, glimpse_size: 2, temporal_dim: 32,
+        temporal_depth: 1, temporal_heads: 2}
+optim: {batch_size: 2}
+train: {device: cpu}
+"""
+
+
+def test_bench_command_prints_and_writes_figures(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "glitr_cli", "bench", str(recipe), "--repeats", "2", "--warmup", "1"]
+    cmd += ["--online-batch", "3", "--num-classes", "4", "--json", str(out), "optim.batch_size=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "student_train_clips_per_s" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["batch_size"] == 3 and result["device"].startswith("CPU")
+    names = {
+        "student_train_clips_per_s",
+        "student_train_clips_per_s_baseline",
+        "teacher_train_clips_per_s",
+        "teacher_train_clips_per_s_baseline",
+        "eval_clips_per_s",
+        "online_ms_per_frame_b1",
+        "online_frames_per_s_b3",
+        "student_train_speedup",
+    }
+    assert names <= set(result["results"])
+    for fig in result["results"].values():
+        assert fig["min"] <= fig["median"] <= fig["max"] and fig["min"] > 0
+    assert 0 < result["flops"]["backbone_per_glimpse"] < result["flops"]["backbone_per_full_frame"]

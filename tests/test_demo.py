@@ -1,0 +1,64 @@
+"""`glitr demo --quick`: every stage runs on the shipped toy recipes, and a rerun skips them all."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from PIL import Image
+
+from glitr_cli.demo import run_demo
+from glitr_cli.visualize import load_student
+
+
+def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    from glitr_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["glitr", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "demo"
+    res = run_demo(out, quick=True, gifs=2)
+
+    assert res.teacher.is_file() and res.student.is_file()
+    assert (out / "data" / "val_videofolder.txt").is_file()
+    result = json.loads(res.eval_json.read_text())
+    assert set(result["policies"]) == {"learned", "center", "random"} and "teacher" in result
+    assert res.plot.is_file()
+    t = load_student(res.student).num_frames
+    assert result["steps"] == t
+    assert len(res.gifs) == 2
+    for gif in res.gifs:
+        with Image.open(gif) as im:
+            assert im.n_frames == t
+    printed = capsys.readouterr().out
+    assert "learned glimpses at t=" in printed and str(res.student) in printed
+
+    # a rerun (through the CLI) finds every stage done and rewrites nothing
+    stamps = {p: p.stat().st_mtime_ns for p in (res.teacher, res.student, res.eval_json, *res.gifs)}
+    code, _, err = run_cli(["demo", "--quick", "--out", "runs/demo", "--gifs", "2"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "24 skipped" in err and "already trained" in err and "up to date" in err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_demo_mistakes_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv, expected in [
+        (["demo", "--epochs-scale", "0"], "--epochs-scale must be positive"),
+        (["demo", "--train-videos", "3"], "--train-videos must be at least 8"),
+    ]:
+        code, _, err = run_cli(argv, monkeypatch, capsys)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,325 @@
+"""The engine's parts (optimiser groups, schedule, mixup, sampler) and the training loop itself."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from glitr_cli.engine.distributed import ResumableSampler, SeededDataset, ShardSampler
+from glitr_cli.engine.mixup import MixupCutmix, soft_targets
+from glitr_cli.engine.optim import GroupSchedule, build_optimizer, build_schedule, param_groups
+from glitr_cli.model import build_glitr
+
+# ------------------------------------------------------------------------------------ optimiser
+
+
+def tiny_model():
+    return build_glitr(
+        num_classes=5, num_frames=4, img_size=32, glimpse_size=2, embed_dim=32, depth=1, num_heads=2,
+        patch_size=8, temporal_depth=1, temporal_heads=2,
+    )  # fmt: skip
+
+
+def test_param_groups_one_schedule_per_module_and_no_decay_exclusions():
+    model = tiny_model()
+    groups = param_groups(model, weight_decay=0.05)
+    assert {g["module"] for g in groups} == {"backbone", "classifier", "locator"}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for _ in model.parameters())  # each param exactly once
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    for must in ("backbone.cls_token", "backbone.pos_embed", "classifier.temporal_embed", "locator.init_loc"):
+        assert must in no_decay
+    assert all(n.endswith(("bias", "weight")) for n in no_decay if "norm" in n)
+    assert not any(n.endswith(".bias") for n in decay)
+    assert "backbone.blocks.0.attn.qkv.weight" in decay and "classifier.head.weight" in decay
+    for g in groups:  # the module tag matches where the parameters live
+        assert all(names[id(p)].startswith(g["module"] + ".") for p in g["params"])
+
+
+def test_schedule_scales_warms_up_and_decays_per_iteration():
+    sched = build_schedule(
+        {
+            "backbone": (1e-5, 1e-7, 0.0, 1e-6),
+            "classifier": (1e-4, 1e-6, 0.0, 1e-6),
+            "locator": (1e-4, 1e-6, 2.0, 1e-6),
+        },
+        global_batch=64,
+        lr_batch=128,
+        steps_per_epoch=10,
+        epochs=5,
+    )
+    first, last = sched.lrs(0), sched.lrs(50)  # the floor is reached when training ends
+    assert first["backbone"] == pytest.approx(1e-5 * 64 / 128) and first["classifier"] == pytest.approx(5e-5)
+    assert first["locator"] == pytest.approx(1e-6)  # warm-up starts low (not scaled)
+    assert sched.lrs(10)["locator"] == pytest.approx(1e-6 + (5e-5 - 1e-6) * 10 / 20)
+    assert sched.lrs(20)["locator"] == pytest.approx(5e-5)  # warm-up done: the scaled base
+    assert last["backbone"] == pytest.approx(1e-7, rel=0.01) and last["locator"] == pytest.approx(1e-6, rel=0.02)
+    lrs = [sched.lrs(i)["backbone"] for i in range(50)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # cosine decays every iteration
+    assert lrs[25] == pytest.approx(1e-7 + 0.5 * (5e-6 - 1e-7) * (1 + math.cos(math.pi * 25 / 50)))
+    g = GroupSchedule(base=1.0, floor=0.0, warmup=0, warmup_start=0.0, total=4)
+    assert [g(i) for i in range(5)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+
+
+def test_schedule_sets_every_group_of_the_optimizer():
+    model = tiny_model()
+    opt = build_optimizer(model, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
+    sched = build_schedule(
+        {"backbone": (1.0, 0.0, 0, 0), "classifier": (2.0, 0.0, 0, 0), "locator": (3.0, 0.0, 0, 0)},
+        global_batch=128,
+        lr_batch=128,
+        steps_per_epoch=1,
+        epochs=1,
+    )
+    sched.apply(opt, 0)
+    assert {g["module"]: g["lr"] for g in opt.param_groups} == {"backbone": 1.0, "classifier": 2.0, "locator": 3.0}
+
+
+# ---------------------------------------------------------------------------------------- mixup
+
+
+def test_soft_targets_with_smoothing():
+    t = soft_targets(torch.tensor([0, 2]), 4, smoothing=0.1)
+    assert torch.allclose(t.sum(1), torch.ones(2))
+    assert t[0, 0] == pytest.approx(0.9 + 0.025) and t[0, 1] == pytest.approx(0.025)
+
+
+def test_cutmix_pastes_the_same_box_in_every_frame():
+    torch.manual_seed(0)
+    b, t, h, w = 4, 3, 16, 16
+    clips = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1, 1).expand(b, t, 3, h, w).clone()
+    labels = torch.tensor([0, 1, 2, 3])
+    mix = MixupCutmix(num_classes=4, cutmix_alpha=1.0, label_smoothing=0.0)
+    for _ in range(10):
+        mixed, target = mix(clips, labels)
+        pasted = mixed[0, :, 0] != 0  # clip 0 receives clip 3's pixels inside the box
+        assert all(torch.equal(pasted[0], pasted[i]) for i in range(t))  # same box in every frame
+        lam = 1 - pasted[0].float().mean().item()
+        assert target[0, 0].item() == pytest.approx(lam) and target[0, 3].item() == pytest.approx(1 - lam)
+        assert torch.allclose(target.sum(1), torch.ones(b))
+
+
+def test_mixup_blends_clips_and_targets_alike():
+    torch.manual_seed(0)
+    clips = torch.stack([torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)])
+    mix = MixupCutmix(num_classes=3, mixup_alpha=0.8, label_smoothing=0.1)
+    mixed, target = mix(clips, torch.tensor([0, 1]))
+    lam = 1 - mixed[0].mean().item()  # clip 0 is lam*0 + (1-lam)*1
+    smooth = soft_targets(torch.tensor([0, 1]), 3, 0.1)
+    assert torch.allclose(target[0], lam * smooth[0] + (1 - lam) * smooth[1], atol=1e-6)
+    off = MixupCutmix(num_classes=3)
+    same, hard = off(clips, torch.tensor([0, 1]))
+    assert torch.equal(same, clips) and torch.equal(hard, soft_targets(torch.tensor([0, 1]), 3))
+
+
+# -------------------------------------------------------------------------------------- sampling
+
+
+def test_sampler_shards_and_resumes_mid_epoch():
+    n, world = 23, 2
+    shards = [list(ResumableSampler(n, rank=r, world_size=world, seed=1)) for r in range(world)]
+    idx = [i for s in shards for i, _ in s]
+    assert len(idx) == len(set(idx)) == 22  # disjoint; the odd tail is dropped
+    seeds = [s for shard in shards for _, s in shard]
+    assert len(set(seeds)) == len(seeds)
+    sampler = ResumableSampler(n, rank=1, world_size=world, seed=1)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.set_epoch(3, skip=4)
+    assert list(sampler) == full[4:] and len(sampler) == len(full) - 4
+    sampler.set_epoch(4)
+    assert [i for i, _ in sampler] != [i for i, _ in full]  # a new permutation each epoch
+    assert list(ShardSampler(7, rank=1, world_size=3)) == [1, 4]
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return torch.rand(()).item(), random.random(), np.random.rand()
+
+
+def test_seeded_items_do_not_depend_on_or_disturb_the_global_generators():
+    data = SeededDataset(_RandomItems())
+    torch.manual_seed(0)
+    a = data[(2, 1234)]
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    torch.rand(5)  # a different global state
+    b = data[(2, 1234)]
+    assert a == b and data[(2, 99)] != a
+    torch.manual_seed(0)
+    data[(2, 1234)]
+    assert torch.equal(torch.rand(1), before)  # the caller's generator was put back
+
+
+# ------------------------------------------------------------------------------------ training
+
+from conftest import assert_same_weights, model_weights, read_metrics, tiny_recipe  # noqa: E402
+
+from glitr_cli.engine.trainer import Trainer  # noqa: E402
+
+OVERFIT = [
+    "objective.mixup=0",
+    "objective.cutmix=0",
+    "objective.label_smoothing=0",
+    "data.randaug_n=0",
+    "data.scale=[1.0, 1.0]",
+    "data.ratio=[1.0, 1.0]",
+    "model.drop_path=0",
+    "optim.batch_size=16",  # the whole train split in one batch
+    "optim.epochs=25",
+    "optim.backbone.base=1e-2",
+    "optim.classifier.base=1e-2",
+    "optim.locator.base=1e-2",
+    "optim.locator.warmup_epochs=0",
+    "train.eval_every=0",
+    "train.checkpoint_every=0",
+]
+
+
+def test_loss_goes_down_on_a_small_batch(tmp_path, toy_data):
+    Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'run'}", *OVERFIT)).fit()
+    records = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    first, last = records[0], records[-1]
+    assert last["cls"] < 0.6 * first["cls"]
+    assert last["top1"][-1] == 1.0  # the batch is learnt by heart
+    assert set(last["lr"]) == {"backbone", "classifier", "locator"} and last["clips_per_s"] > 0
+    assert len(last["top1"]) == 4  # accuracy at every step t
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, toy_data):
+    """The reference: the tiny teacher trained for 2 epochs (8 steps) without a stop."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    trainer = Trainer(tiny_recipe(out, toy_data, "teacher", f"output_dir={out / 'run'}"))
+    trainer.fit()
+    return out / "run", trainer
+
+
+def test_interrupted_run_resumes_bit_identically(tmp_path, toy_data, uninterrupted):
+    ref_dir, ref = uninterrupted
+    out = f"output_dir={tmp_path / 'run'}"
+    # stop after step 7; the newest checkpoint is step 6 (mid-epoch 2), so step 7 is lost and redone.
+    # Data-loader workers differ from the reference: augmentation is seeded per clip, not per worker.
+    first = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", out, "data.workers=2"))
+    first.fit(max_steps=7)
+    assert first.step == 7 and (tmp_path / "run/checkpoints/step_00000006.pt").is_file()
+    second = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", out))  # found checkpoints/last.pt by itself
+    second.fit()
+    assert second.step == ref.step == 8
+    assert_same_weights(
+        model_weights(tmp_path / "run/checkpoints/last.pt"), model_weights(ref_dir / "checkpoints/last.pt")
+    )
+    opt, ref_opt = second.optimizer.state_dict()["state"], ref.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt[i]["exp_avg_sq"], ref_opt[i]["exp_avg_sq"]) for i in ref_opt)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert steps == list(range(1, 9))  # the redone step is logged once
+    kept = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert kept == ["last.pt", "step_00000006.pt", "step_00000008.pt"]  # keep_last: 2
+
+
+def test_saved_recipe_reproduces_the_run(tmp_path, uninterrupted):
+    from glitr_cli.recipe import load_recipe
+
+    ref_dir, _ = uninterrupted
+    Trainer(load_recipe(ref_dir / "recipe.yaml", [f"output_dir={tmp_path / 'again'}"])).fit()
+    assert_same_weights(
+        model_weights(tmp_path / "again/checkpoints/last.pt"), model_weights(ref_dir / "checkpoints/last.pt")
+    )
+
+
+def test_finished_run_is_not_trained_again(tmp_path, uninterrupted):
+    from glitr_cli.recipe import load_recipe
+
+    ref_dir, _ = uninterrupted
+    trainer = Trainer(load_recipe(ref_dir / "recipe.yaml"))
+    assert trainer.fit() is None and trainer.step == 8
+
+
+def test_student_resumes_bit_identically_and_learns_from_its_teacher(tmp_path, toy_data, uninterrupted):
+    ref_dir, _ = uninterrupted
+    teacher = f"objective.teacher={ref_dir / 'checkpoints/last.pt'}"
+    full = Trainer(tiny_recipe(tmp_path, toy_data, "glitr", teacher, f"output_dir={tmp_path / 'a'}"))
+    full.fit()
+    part = Trainer(tiny_recipe(tmp_path, toy_data, "glitr", teacher, f"output_dir={tmp_path / 'b'}"))
+    part.fit(max_steps=5)  # newest checkpoint: step 4, the end of epoch 1
+    Trainer(tiny_recipe(tmp_path, toy_data, "glitr", teacher, f"output_dir={tmp_path / 'b'}")).fit()
+    assert_same_weights(
+        model_weights(tmp_path / "b/checkpoints/last.pt"), model_weights(tmp_path / "a/checkpoints/last.pt")
+    )
+    train = [r for r in read_metrics(tmp_path / "a") if r["split"] == "train"]
+    assert {"cls", "spatial", "temporal"} <= set(train[0])
+    # the student starts from its teacher's weights and keeps the frozen teacher out of its checkpoint
+    assert not any(k.startswith("teacher.") for k in model_weights(tmp_path / "a/checkpoints/last.pt"))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, toy_data):
+    # no mixup pairs or drop-path draws, which depend on how a batch is split
+    common = ["objective.mixup=0", "objective.cutmix=0", "model.drop_path=0", "optim.epochs=1", "train.eval_every=0"]
+    one = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'one'}", *common))
+    one.fit()
+    acc = Trainer(
+        tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'acc'}", *common, "optim.accum_steps=2")
+    )
+    acc.fit()
+    assert acc.micro_batch == 2 and one.micro_batch == 4 and acc.step == one.step == 4
+    a, b = model_weights(tmp_path / "one/checkpoints/last.pt"), model_weights(tmp_path / "acc/checkpoints/last.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), k
+
+
+def test_step_fn_is_swappable(tmp_path, toy_data):
+    trainer = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'run'}", "optim.epochs=1"))
+    calls = []
+    trainer.setup()
+    default = trainer.step_fn
+
+    def counting(frames, target, sync):
+        calls.append(frames.shape)
+        return default(frames, target, sync)
+
+    trainer.step_fn = counting
+    trainer.fit()
+    assert len(calls) == 4 and calls[0] == (4, 4, 3, 64, 64)
+
+
+def test_batch_not_divisible_is_a_clear_error(tmp_path, toy_data):
+    from glitr_cli.errors import GlitrError
+
+    trainer = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", "optim.batch_size=6", "optim.accum_steps=4"))
+    with pytest.raises(
+        GlitrError, match=r"optim.batch_size=6 is not divisible by 1 process\(es\) x optim.accum_steps=4"
+    ):
+        trainer.setup()
+
+
+def test_conv_stem_reads_frames_and_glimpses_and_keeps_the_signal():
+    from glitr_cli.engine.models import build_model
+    from glitr_cli.recipe import ModelConfig
+
+    cfg = ModelConfig(
+        embed_dim=32, depth=1, num_heads=2, temporal_depth=1, temporal_heads=2, glimpse_size=2, stem="conv"
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=5, num_frames=3, img_size=64)
+    assert isinstance(model.backbone.patch_embed.proj, torch.nn.Sequential)  # 4 stride-2 convs: 16-px patches
+    clips = torch.randn(6, 3, 3, 64, 64)
+    teacher, student = model.forward_teacher(clips), model.forward_student(clips)
+    assert teacher.logits.shape == student.logits.shape == (6, 3, 5)
+    # the frame, not only the position embeddings, shapes the features from the first step on
+    assert teacher.feat.std(0).mean() > 0.05
+    again = build_model(cfg, num_classes=5, num_frames=3, img_size=64)
+    again.load_state_dict(model.state_dict())  # the same layout: checkpoints rebuild it
+    from glitr_cli.errors import GlitrError
+
+    odd = ModelConfig(embed_dim=32, depth=1, num_heads=2, patch_size=12, glimpse_size=2, temporal_heads=2, stem="conv")
+    with pytest.raises(GlitrError, match="power-of-two patch size, got 12"):
+        build_model(odd, num_classes=2, num_frames=2, img_size=48)

@@ -1,0 +1,81 @@
+"""`glitr eval`: per-step accuracy of each policy and of the teacher, eval.json and accuracy.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_metrics
+
+from glitr_cli.engine.evaluate import covered_fraction, run_eval
+from glitr_cli.model import build_glitr, glimpse_area_fraction
+from glitr_cli.recipe import load_recipe
+
+
+@pytest.fixture()
+def in_project(trained_tiny: Path, toy_data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(trained_tiny)
+    monkeypatch.setenv("GLITR_DATA", str(toy_data))
+    return trained_tiny
+
+
+def test_student_eval_json_plot_and_baselines(in_project, tmp_path):
+    result = run_eval(load_recipe("recipes/tiny.yaml"), out_dir=tmp_path)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["steps"] == 4 and saved["clips"] == 8 and saved["kind"] == "glitr"
+    assert set(saved["policies"]) == {"learned", "center", "random"} and "teacher" in saved
+    for entry in [*saved["policies"].values(), saved["teacher"]]:
+        assert len(entry["top1"]) == len(entry["top5"]) == 4
+        assert all(0 <= a <= b <= 1 for a, b in zip(entry["top1"], entry["top5"], strict=True))
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the learned policy is what training validated: same model, same clips, no randomness
+    last_val = [r for r in read_metrics(in_project / "runs/tiny") if r["split"] == "val"][-1]
+    assert saved["policies"]["learned"]["top1"] == pytest.approx(last_val["top1"])
+    teacher_val = [r for r in read_metrics(in_project / "runs/tiny_teacher") if r["split"] == "val"][-1]
+    assert saved["teacher"]["top1"] == pytest.approx(teacher_val["top1"])
+    # one 2x2-patch glimpse of a 4x4 grid is a quarter of the frame; centred glimpses always cover it
+    assert saved["glimpse_area"] == pytest.approx(0.25)
+    assert saved["policies"]["center"]["covered_area"] == pytest.approx(0.25, abs=0.05)
+    assert saved["policies"]["random"]["covered_area"] > saved["policies"]["center"]["covered_area"]
+
+
+def test_random_policy_is_seeded(in_project, tmp_path):
+    recipe = load_recipe("recipes/tiny.yaml", ["eval.policies=[random]", "eval.teacher=false"])
+    a = run_eval(recipe, out_dir=tmp_path / "a")
+    b = run_eval(recipe, out_dir=tmp_path / "b")
+    c = run_eval(load_recipe("recipes/tiny.yaml", ["eval.policies=[random]", "eval.seed=1"]), out_dir=tmp_path / "c")
+    assert a["policies"] == b["policies"] and "teacher" not in a
+    assert c["policies"]["random"]["covered_area"] != a["policies"]["random"]["covered_area"]
+
+
+def test_teacher_checkpoint_reports_full_frame_accuracy(in_project):
+    result = run_eval(load_recipe("recipes/tiny_teacher.yaml"))  # default: its own run dir and last.pt
+    assert result["kind"] == "teacher" and len(result["teacher"]["top1"]) == 4
+    assert (in_project / "runs/tiny_teacher/eval.json").is_file()
+    assert (in_project / "runs/tiny_teacher/accuracy.png").is_file()
+
+
+def test_eval_of_a_missing_checkpoint_names_the_training_command(in_project, tmp_path):
+    from glitr_cli.errors import GlitrError
+
+    recipe = load_recipe("recipes/tiny.yaml", [f"output_dir={tmp_path / 'nothing'}"])
+    with pytest.raises(GlitrError, match=r"not found; produce it first: glitr train-glitr"):
+        run_eval(recipe)
+
+
+def test_covered_fraction():
+    model = build_glitr(
+        num_classes=3, num_frames=2, img_size=112, glimpse_size=3, embed_dim=32, depth=1, num_heads=2,
+        temporal_depth=1, temporal_heads=2,
+    )  # fmt: skip
+    nominal = glimpse_area_fraction(112, 16, 3)
+    assert nominal == pytest.approx((48 / 112) ** 2)
+    centre = torch.zeros(1, 2, 2)
+    assert covered_fraction(model, centre, (112, 112)).item() == pytest.approx(nominal, rel=0.05)
+    apart = torch.tensor([[[-0.6, -0.6], [0.6, 0.6]]])  # two glimpses that do not overlap
+    assert covered_fraction(model, apart, (112, 112)).item() == pytest.approx(2 * nominal, rel=0.05)
+    outside = torch.tensor([[[3.0, 3.0], [3.0, 3.0]]])
+    assert covered_fraction(model, outside, (112, 112)).item() == 0.0
