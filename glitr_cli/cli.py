@@ -223,7 +223,7 @@ def demo(
         Path("runs/demo"), "--out", help="Folder for data/, teacher/, glitr/, gifs/ and the results."
     ),
     quick: bool = typer.Option(
-        False, "--quick", help="A one-minute smoke test: a few clips, one epoch (not accurate)."
+        False, "--quick", help="A smoke test of under a minute: a few clips, one epoch (not accurate)."
     ),
     epochs_scale: float = typer.Option(
         1.0, "--epochs-scale", help="Multiply both toy recipes' epochs (0.5: quicker, 2: better)."

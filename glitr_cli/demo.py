@@ -14,7 +14,7 @@ resumes a run from its checkpoints/last.pt (and does nothing for a finished one)
 and GIFs are redone only when the student checkpoint is newer than them. So an interrupted
 demo continues where it stopped. The recipes run as written except for the folders above
 and, when asked, the number of epochs (`epochs_scale`); `quick` shrinks everything to a
-smoke test of a minute that proves the plumbing, not the accuracy.
+smoke test of under a minute that proves the plumbing, not the accuracy.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 from PIL import Image
 
 from glitr_cli.demo import run_demo
@@ -25,7 +24,6 @@ def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "demo"
