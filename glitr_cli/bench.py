@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from glitr_cli.engine.graphs import GraphedStep
 from glitr_cli.engine.models import build_model
 from glitr_cli.engine.optim import build_optimizer
 from glitr_cli.model import (
@@ -38,6 +39,8 @@ from glitr_cli.model import (
     step_cross_entropy,
 )
 from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
+
+Loss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 # dense bf16 tensor-core peaks (FLOP/s) of GPUs whose figures are public
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
@@ -160,6 +163,7 @@ def device_name(device: torch.device) -> str:
 @dataclass
 class BenchSettings:
     batch_size: int | None = None  # None: the recipe's per-process batch
+    teacher_batch_size: int | None = None  # None: batch_size (a full-frame step needs far more memory)
     num_classes: int = 174
     online_batch: int = 64
     warmup: int = 2
@@ -179,6 +183,7 @@ class Bench:
         self.amp_dtype = torch.float16 if recipe.train.precision == "fp16" else torch.bfloat16
         opt = recipe.optim
         self.batch = settings.batch_size or max(1, opt.batch_size // opt.accum_steps)
+        self.teacher_batch = settings.teacher_batch_size or self.batch
         t, size = recipe.data.num_frames, recipe.data.img_size
         torch.manual_seed(0)
         geometry = dict(num_classes=settings.num_classes, num_frames=t, img_size=size)
@@ -187,65 +192,94 @@ class Bench:
         self.student.load_state_dict(self.teacher.state_dict())
         self.frozen_teacher = copy.deepcopy(self.teacher)  # what the student learns from (set-up, not per step)
         gen = torch.Generator().manual_seed(0)
-        self.frames = torch.randn(self.batch, t, 3, size, size, generator=gen).to(self.device)
-        self.labels = torch.randint(0, settings.num_classes, (self.batch,), generator=gen).to(self.device)
+        n = max(self.batch, self.teacher_batch)
+        self.frames = torch.randn(n, t, 3, size, size, generator=gen).to(self.device)
+        self.labels = torch.randint(0, settings.num_classes, (n,), generator=gen).to(self.device)
         self.results: dict[str, Figure] = {}
+        self.failures: dict[str, str] = {}
         self.memory: dict[str, float] = {}
         self.flops: dict[str, int] = {}
 
-    def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
+    def autocast(self, enabled: bool = True, cache: bool = True) -> contextlib.AbstractContextManager:
         if enabled and self.amp:
-            return torch.autocast(self.device.type, dtype=self.amp_dtype)
+            return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
         return contextlib.nullcontext()
 
-    def measure(self, name: str, fn: Callable[[], Any], work: float, unit: str) -> None:
-        """Record `work / seconds` per call of `fn` (or milliseconds per unit of work for ms units)."""
-        with _peak_memory(self.device, self.memory, name):
-            times = time_it(fn, self.device, self.settings.warmup, self.settings.repeats)
+    def measure(self, name: str, fn: Callable[[], Any], work: float, unit: str) -> bool:
+        """Record `work / seconds` per call of `fn` (or milliseconds per unit of work for ms units).
+
+        A measurement that runs out of GPU memory is recorded as a failure and the bench goes on.
+        """
+        try:
+            with _peak_memory(self.device, self.memory, name):
+                times = time_it(fn, self.device, self.settings.warmup, self.settings.repeats)
+        except torch.OutOfMemoryError:
+            self.failures[name] = "out of GPU memory"
+            torch.cuda.empty_cache()
+            return False
         values = [1000 * s / work for s in times] if unit.startswith("ms") else [work / s for s in times]
         self.results[name] = Figure(values, unit)
+        return True
 
-    def train_step(
-        self, model: GliTr, loss_fn: Callable[[], dict[str, torch.Tensor]], fast: bool
-    ) -> Callable[[], None]:
+    def train_step(self, model: GliTr, objective: Loss, x: torch.Tensor, y: torch.Tensor, *, fast: bool, graphs: bool):
+        """One optimiser step of `objective` on (x, y); the fast path in bf16 on a GPU, optionally graphed."""
         o = self.recipe.optim
-        opt = build_optimizer(model, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+        opt = build_optimizer(model, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, fused=fast and o.fused)
         for group in opt.param_groups:
             group["lr"] = 1e-6  # a real update, small enough to keep the weights sane
 
+        def forward_backward(frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+            with self.autocast(fast, cache=not graphs):
+                out = objective(frames, target)
+            out["loss"].backward()
+            return out
+
+        run = GraphedStep(forward_backward, model) if graphs else forward_backward
+
         def step() -> None:
-            with self.autocast(fast):
-                loss = loss_fn()["loss"]
-            loss.backward()
+            run(x, y)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not graphs)
 
         return step
 
     def training(self) -> None:
-        frames, labels, student, teacher = self.frames, self.labels, self.student, self.teacher
-        frozen = self.frozen_teacher
-        student_loss = StudentObjective(student, frozen, self.recipe.objective.label_smoothing).train()
-        teacher_loss = TeacherObjective(teacher).train()
+        student, teacher, frozen = self.student, self.teacher, self.frozen_teacher
+        x, y = self.frames[: self.batch], self.labels[: self.batch]
+        xt, yt = self.frames[: self.teacher_batch], self.labels[: self.teacher_batch]
         fast = {
-            "student": self.train_step(student, lambda: student_loss(frames, labels), fast=True),
-            "teacher": self.train_step(teacher, lambda: teacher_loss(frames, labels), fast=True),
+            "student": (
+                student,
+                StudentObjective(student, frozen, self.recipe.objective.label_smoothing).train(),
+                x,
+                y,
+            ),
+            "teacher": (teacher, TeacherObjective(teacher).train(), xt, yt),
         }
-        for kind, step in fast.items():
-            self.measure(f"{kind}_train_clips_per_s", step, self.batch, "clips/s")
-            self.flops[f"{kind}_train_step"] = count_flops(step)
-        if not self.settings.baseline:
-            return
-        plain = {
-            "student": self.train_step(student, lambda: plain_student_loss(student, frozen, frames, labels), False),
-            "teacher": self.train_step(teacher, lambda: plain_teacher_loss(teacher, frames, labels), False),
-        }
-        for model in (student, teacher):
-            model.set_fused_attn(False)
-        for kind, step in plain.items():
-            self.measure(f"{kind}_train_clips_per_s_baseline", step, self.batch, "clips/s")
-        for model in (student, teacher):
-            model.set_fused_attn(self.recipe.model.fused_attn)
+        for kind, (model, objective, a, b) in fast.items():  # counted eagerly: compiled or graphed, the same FLOPs
+            with contextlib.suppress(torch.OutOfMemoryError):
+                self.flops[f"{kind}_train_step"] = count_flops(
+                    self.train_step(model, objective, a, b, fast=True, graphs=False)
+                )
+        if self.settings.baseline:
+            plain = {
+                "student": (student, lambda f, t: plain_student_loss(student, frozen, f, t), x, y),
+                "teacher": (teacher, lambda f, t: plain_teacher_loss(teacher, f, t), xt, yt),
+            }
+            for model in (student, teacher):
+                model.set_fused_attn(False)
+            for kind, (model, objective, a, b) in plain.items():
+                step = self.train_step(model, objective, a, b, fast=False, graphs=False)
+                self.measure(f"{kind}_train_clips_per_s_baseline", step, a.shape[0], "clips/s")
+            for model in (student, teacher):
+                model.set_fused_attn(self.recipe.model.fused_attn)
+        if self.recipe.train.compile:  # last: the plain path and inference run the eager modules
+            student.compile()
+            teacher.compile()
+        graphs = self.recipe.train.cuda_graphs and self.device.type == "cuda"
+        for kind, (model, objective, a, b) in fast.items():
+            step = self.train_step(model, objective, a, b, fast=True, graphs=graphs)
+            self.measure(f"{kind}_train_clips_per_s", step, a.shape[0], "clips/s")
 
     def inference(self) -> None:
         student, t = self.student.eval(), self.recipe.data.num_frames
@@ -254,21 +288,25 @@ class Bench:
         @torch.inference_mode()
         def evaluate() -> None:
             with self.autocast():
-                student.forward_student(self.frames)
+                student.forward_student(self.frames[: self.batch])
 
         self.measure("eval_clips_per_s", evaluate, self.batch, "clips/s")
-        for batch, name, unit in (
-            (1, "online_ms_per_frame_b1", "ms/frame"),
-            (self.settings.online_batch, f"online_frames_per_s_b{self.settings.online_batch}", "frames/s"),
-        ):
+        graphs = self.recipe.eval.cuda_graphs
+        runs = [
+            (1, graphs, "online_ms_per_frame_b1", "ms/frame"),
+            (self.settings.online_batch, graphs, f"online_frames_per_s_b{self.settings.online_batch}", "frames/s"),
+        ]
+        if graphs and self.device.type == "cuda":  # what the graphs save
+            runs.append((1, False, "online_ms_per_frame_b1_no_graphs", "ms/frame"))
+        for batch, use_graphs, name, unit in runs:
             stream = torch.randn(t, batch, 3, size, size).to(self.device)
-            predictor = OnlinePredictor(student, batch_size=batch)
+            amp = self.amp_dtype if self.amp else None
+            predictor = OnlinePredictor(student, batch_size=batch, amp_dtype=amp, cuda_graphs=use_graphs)
 
             def online(stream: torch.Tensor = stream, predictor: OnlinePredictor = predictor) -> None:
                 predictor.reset(stream.shape[1])
-                with self.autocast():
-                    for frame in stream:
-                        predictor.step(frame)
+                for frame in stream:
+                    predictor.step(frame)
 
             self.measure(name, online, t * batch, unit)
         one, centre = self.frames[:1, 0], self.frames.new_zeros(1, 2)
@@ -289,16 +327,22 @@ class Bench:
             "device": device_name(self.device),
             "recipe": recipe_path,
             "batch_size": self.batch,
+            "teacher_batch_size": self.teacher_batch,
             "num_frames": self.recipe.data.num_frames,
             "precision": self.recipe.train.precision if self.amp else "fp32",
+            "compile": self.recipe.train.compile,
+            "cuda_graphs": self.recipe.train.cuda_graphs and self.device.type == "cuda",
             "results": {k: v.as_dict() for k, v in self.results.items()},
             "flops": self.flops,
             "peak_memory_mib": self.memory,
+            "failures": self.failures,
         }
         peak = gpu_peak(self.device)
-        for kind in ("student", "teacher"):
+        for kind, batch in (("student", self.batch), ("teacher", self.teacher_batch)):
+            if f"{kind}_train_clips_per_s" not in self.results or f"{kind}_train_step" not in self.flops:
+                continue
             clips = self.results[f"{kind}_train_clips_per_s"].values
-            achieved = Figure([self.flops[f"{kind}_train_step"] * c / self.batch for c in clips], "FLOP/s")
+            achieved = Figure([self.flops[f"{kind}_train_step"] * c / batch for c in clips], "FLOP/s")
             out["results"][f"{kind}_train_flop_per_s"] = achieved.as_dict()
             if peak:
                 fraction = Figure([a / peak for a in achieved.values], "of peak")
@@ -312,8 +356,8 @@ class Bench:
 def run_bench(recipe_path: str | Path, overrides: list[str] | None, settings: BenchSettings) -> dict[str, Any]:
     """Measure the recipe's training, evaluation and online speed; returns the JSON-ready result."""
     bench = Bench(load_recipe(recipe_path, overrides), settings)
-    bench.training()
     bench.inference()
+    bench.training()
     if settings.data:
         bench.loader()
     return bench.summary(str(recipe_path))
@@ -321,9 +365,13 @@ def run_bench(recipe_path: str | Path, overrides: list[str] | None, settings: Be
 
 def result_table(result: dict[str, Any]) -> Table:
     """The figures as a rich table: median, min, max per measurement, then FLOPs and memory."""
+    batches = f"batch {result['batch_size']}"
+    if result["teacher_batch_size"] != result["batch_size"]:
+        batches += f" (teacher {result['teacher_batch_size']})"
+    compiled = ", compiled" if result["compile"] else ""
+    compiled += ", CUDA graphs" if result["cuda_graphs"] else ""
     table = Table(
-        title=f"glitr bench: {result['device']}, batch {result['batch_size']}, T={result['num_frames']}, "
-        f"{result['precision']}"
+        title=f"glitr bench: {result['device']}, {batches}, T={result['num_frames']}, {result['precision']}{compiled}"
     )
     for col in ("measurement", "median", "min", "max", "unit"):
         table.add_column(col, justify="left" if col in ("measurement", "unit") else "right", no_wrap=True)
@@ -333,6 +381,8 @@ def result_table(result: dict[str, Any]) -> Table:
         table.add_row(f"flops_{name}", _fmt(flops), "", "", "FLOP")
     for name, mib in result["peak_memory_mib"].items():
         table.add_row(f"peak_memory_{name}", f"{mib:.0f}", "", "", "MiB")
+    for name, why in result["failures"].items():
+        table.add_row(name, "failed", "", "", why)
     return table
 
 

@@ -197,6 +197,9 @@ def bench(
     batch_size: int | None = typer.Option(
         None, "--batch-size", "-b", help="Clips per step (default: the recipe's batch per process)."
     ),
+    teacher_batch_size: int | None = typer.Option(
+        None, "--teacher-batch-size", help="Clips per teacher step (default: --batch-size)."
+    ),
     num_classes: int = typer.Option(174, "--num-classes", help="Classes of the synthetic task."),
     online_batch: int = typer.Option(64, "--online-batch", help="Streams at once for the batched online figure."),
     repeats: int = typer.Option(5, "--repeats", help="Timed repeats per measurement (median, min, max shown)."),
@@ -210,7 +213,16 @@ def bench(
     """Speed of training, evaluation and online inference against a plain reimplementation of the original."""
     from glitr_cli.bench import BenchSettings, result_table, run_bench, write_json
 
-    settings = BenchSettings(batch_size, num_classes, online_batch, warmup, repeats, baseline, data)
+    settings = BenchSettings(
+        batch_size=batch_size,
+        teacher_batch_size=teacher_batch_size,
+        num_classes=num_classes,
+        online_batch=online_batch,
+        warmup=warmup,
+        repeats=repeats,
+        baseline=baseline,
+        data=data,
+    )
     result = run_bench(recipe, overrides, settings)
     Console(width=max(Console().width, 110)).print(result_table(result))
     if json_out is not None:

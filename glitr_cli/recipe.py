@@ -102,6 +102,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: float | None = None  # max global gradient norm, None = no clipping
+    fused: bool = True  # AdamW's fused kernel when the parameters are on a GPU (same update, fewer launches)
     backbone: GroupLR = field(default_factory=GroupLR)
     classifier: GroupLR = field(default_factory=GroupLR)
     locator: GroupLR = field(default_factory=GroupLR)
@@ -114,7 +115,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA only; CPU always runs fp32
-    compile: bool = False  # torch.compile the training step's objective
+    compile: bool = False  # torch.compile T_f, T_c and T_l (fixed-shape calls; the loop over t stays eager)
+    cuda_graphs: bool = True  # one GPU: replay each micro-step (fwd + bwd) as a CUDA graph; eager under torchrun
     checkpoint_every: int = 0  # also save every N optimiser steps (0 = only at the end of each epoch)
     keep_last: int = 3  # numbered checkpoints kept besides last.pt (0 = keep all)
     eval_every: int = 1  # validate every N epochs (0 = never during training)
@@ -140,6 +142,7 @@ class EvalConfig:
     policies: list[str] = field(default_factory=lambda: ["learned", "center", "random"])
     seed: int = 0  # random-policy locations
     teacher: bool = True  # a GliTr run also reports its teacher's full-frame accuracy
+    cuda_graphs: bool = True  # online inference (visualize, bench) replays CUDA graphs on a GPU
 
 
 @dataclass

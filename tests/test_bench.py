@@ -93,3 +93,23 @@ def test_bench_command_prints_and_writes_figures(tmp_path):
     for fig in result["results"].values():
         assert fig["min"] <= fig["median"] <= fig["max"] and fig["min"] > 0
     assert 0 < result["flops"]["backbone_per_glimpse"] < result["flops"]["backbone_per_full_frame"]
+
+
+@pytest.mark.slow
+def test_compiled_modules_compute_the_plain_path():
+    """`GliTr.compile()` (T_f, T_c, T_l through torch.compile) keeps the losses and gradients."""
+    student, teacher = tiny_glitr(0), tiny_glitr(1)
+    x, y = clips(smooth=True), torch.tensor([1, 3])
+    student.set_fused_attn(False)
+    plain = plain_student_loss(student, teacher, x, y)
+    plain["loss"].backward()
+    plain_grads = _grads(student)
+    student.zero_grad(set_to_none=True)
+    student.set_fused_attn(True)
+    student.compile()
+    fast = StudentObjective(student, teacher).train()(x, y)
+    fast["loss"].backward()
+    for k in ("loss", "cls", "spatial", "temporal"):
+        torch.testing.assert_close(fast[k], plain[k].detach(), rtol=1e-4, atol=1e-4)
+    _assert_same(_grads(student), plain_grads, 1e-4)
+    assert set(student.state_dict()) == set(tiny_glitr(0).state_dict())  # names unchanged by compiling

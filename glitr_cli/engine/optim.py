@@ -111,7 +111,11 @@ def build_schedule(
 
 
 def build_optimizer(
-    model: nn.Module, *, weight_decay: float, betas: tuple[float, float], eps: float
+    model: nn.Module, *, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool = False
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`; learning rates are set by `LRSchedule.apply` each step."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=betas, eps=eps)
+    """AdamW over `param_groups(model)`; learning rates are set by `LRSchedule.apply` each step.
+
+    `fused` takes the single-kernel implementation when the parameters are on a CUDA device.
+    """
+    fused = fused and next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=betas, eps=eps, fused=fused or None)

@@ -36,6 +36,7 @@ from glitr_cli.engine.distributed import (
     init_distributed,
     seed_everything,
 )
+from glitr_cli.engine.graphs import GraphedStep
 from glitr_cli.engine.metrics import MetricsLogger, make_progress, topk_correct
 from glitr_cli.engine.models import build_dataset, warn
 from glitr_cli.engine.objectives import Objective, student_objective, teacher_objective
@@ -47,7 +48,7 @@ from glitr_cli.recipe import COMMANDS, Recipe, recipe_to_dict, resolve_recipe, s
 RECIPE_FILE = "recipe.yaml"
 
 # recipe keys that may change between a run and its resumption without a warning
-_RESUME_FREE_KEYS = ("log.", "train.device", "train.compile", "data.workers", "eval.")
+_RESUME_FREE_KEYS = ("log.", "train.device", "train.compile", "train.cuda_graphs", "data.workers", "eval.")
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -120,7 +121,9 @@ class Trainer:
                 f"{r.data.root} split '{r.data.train_split}' has {len(self.train_set)} clips, too few for one "
                 f"optimiser step of optim.batch_size={opt.batch_size}"
             )
-        self.optimizer = build_optimizer(self.model, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps)
+        self.optimizer = build_optimizer(
+            self.model, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps, fused=opt.fused
+        )
         self.schedule = build_schedule(
             {m: (g.base, g.floor, g.warmup_epochs, g.warmup_start) for m in MODULES for g in [getattr(opt, m)]},
             global_batch=opt.batch_size,
@@ -136,7 +139,12 @@ class Trainer:
         if env.distributed:
             module = DistributedDataParallel(module, device_ids=[env.device.index] if on_cuda else None)
         self.ddp = module if env.distributed else None
-        self.train_module = torch.compile(module) if r.train.compile else module
+        self.train_module = module
+        if r.train.compile:
+            self.model.compile()
+        self.graphed: GraphedStep | None = None
+        if r.train.cuda_graphs and on_cuda and not env.distributed:  # DDP's gradient hooks stay eager
+            self.graphed = GraphedStep(self._forward_backward, self.model)
 
         seed_everything(r.train.seed + 10007 * env.rank)  # per-rank randomness: mixup, drop-path
         if self.resume_from is None and (self.ckpt_dir / LAST).is_file():
@@ -185,16 +193,25 @@ class Trainer:
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+        # a CUDA graph must recompute the weight casts it reads, not take them from autocast's cache
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype, cache_enabled=self.graphed is None)
 
     def forward_backward(self, frames: torch.Tensor, target: torch.Tensor, sync: bool) -> dict[str, torch.Tensor]:
-        """Loss of one micro-batch and its backward pass (gradients all-reduced only when `sync`)."""
+        """Loss of one micro-batch and its backward pass (gradients all-reduced only when `sync`).
+
+        With `train.cuda_graphs` the pair runs as a replayed CUDA graph; its outputs are then
+        overwritten by the next micro-batch."""
+        if self.graphed is not None:
+            return self.graphed(frames, target)
         no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
         with no_sync:
-            with self.autocast():
-                out = self.train_module(frames, target)
-            loss = out["loss"] / self.recipe.optim.accum_steps
-            self.scaler.scale(loss).backward()
+            return self._forward_backward(frames, target)
+
+    def _forward_backward(self, frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            out = self.train_module(frames, target)
+        loss = out["loss"] / self.recipe.optim.accum_steps
+        self.scaler.scale(loss).backward()
         return out
 
     def optimizer_step(self) -> float | None:
@@ -206,7 +223,7 @@ class Trainer:
             norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a graph keeps writing into the same .grad
         self.step += 1
         return norm
 

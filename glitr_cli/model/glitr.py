@@ -70,6 +70,16 @@ class GliTr(nn.Module):
         for module in (self.backbone, self.classifier, self.locator):
             module.set_fused_attn(enabled)
 
+    def compile(self, **kwargs) -> None:
+        """`torch.compile` T_f, T_c and T_l in place, each on its own: the calls that have fixed
+        shapes (T_f on one frame or glimpse batch, a full causal pass of T_c or T_l) become fused
+        kernels, while the student's loop over t and T_l's cached `step` stay eager, so nothing
+        recompiles as the sequence grows. Shapes are static (`dynamic=False`): each new batch
+        shape compiles once. Parameter names and state dicts are unchanged."""
+        kwargs.setdefault("dynamic", False)
+        for module in (self.backbone, self.classifier, self.locator):
+            module.compile(**kwargs)
+
     def initial_location(self, batch: int) -> torch.Tensor:
         return self.locator.init_loc[:, 0].expand(batch, 2)  # (B, 2)
 

@@ -38,6 +38,36 @@ class KVCache:
         return k, v
 
 
+class StaticKVCache:
+    """Inference cache with fixed storage: step t writes position t in place and attends over 0..t.
+
+    Storage (depth, B, heads, max_len, head_dim) is allocated at the first append with the keys'
+    dtype and device. Every tensor shape depends only on t, so each step can be captured once in
+    a CUDA graph and replayed. Not for training: the in-place writes would break autograd.
+    """
+
+    def __init__(self, depth: int, max_len: int) -> None:
+        self.depth, self.max_len = depth, max_len
+        self.length = 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.keys.shape[1:3] != k.shape[:2] or self.keys.dtype != k.dtype:
+            b, h, _, d = k.shape
+            self.keys = k.new_zeros(self.depth, b, h, self.max_len, d)
+            self.values = torch.zeros_like(self.keys)
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        if layer == self.depth - 1:
+            self.length = end
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
 class CausalAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused_attn: bool = True) -> None:
         super().__init__()
@@ -49,7 +79,7 @@ class CausalAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | StaticKVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, c = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, t, hd)
@@ -82,7 +112,7 @@ class CausalBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | StaticKVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), cache, layer))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -127,6 +157,9 @@ class TemporalTransformer(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.depth)
 
+    def new_static_cache(self) -> StaticKVCache:
+        return StaticKVCache(self.depth, self.max_len)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One causal pass: (B, T, in_dim) -> (B, T, out_dim); output t depends on inputs 0..t only."""
         t = x.shape[1]
@@ -135,7 +168,7 @@ class TemporalTransformer(nn.Module):
             x = block(x)
         return self.head(self.norm(x))
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: KVCache | StaticKVCache) -> torch.Tensor:
         """Append one time step (B, in_dim) to `cache` and return its output (B, out_dim)."""
         t = len(cache)
         if t >= self.max_len:

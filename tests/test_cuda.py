@@ -1,0 +1,177 @@
+"""GPU paths: CUDA-graph online inference, bf16 training, fused AdamW, compile, NCCL, `glitr bench`.
+
+Skipped where no CUDA device is present (CI); run on a GPU machine with
+`python -m pytest -q tests/test_cuda.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, read_metrics, tiny_recipe
+from model_helpers import clips, tiny_glitr
+
+from glitr_cli.bench import plain_student_loss
+from glitr_cli.engine.graphs import GraphedStep
+from glitr_cli.engine.trainer import Trainer
+from glitr_cli.model import OnlinePredictor, StudentObjective
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """Plain float32 matmuls (no TF32), so float32 comparisons mean what they say."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _env() -> dict[str, str]:
+    """This checkout first on the path, keeping what the caller's PYTHONPATH already holds."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def _run(predictor: OnlinePredictor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    predictor.reset(x.shape[0])
+    steps = [predictor.step(x[:, t]) for t in range(x.shape[1])]
+    return torch.stack([s.location for s in steps], 1), torch.stack([s.logits for s in steps], 1)
+
+
+def test_cuda_graph_predictor_matches_eager_steps_and_the_batched_student():
+    model = tiny_glitr().cuda()
+    eager = OnlinePredictor(model, batch_size=2, cuda_graphs=False)
+    graphs = OnlinePredictor(model, batch_size=2, cuda_graphs=True)
+    for seed in range(3):  # every stream after the first replays the same graphs
+        x = clips(seed=seed, smooth=True).cuda()
+        locs, logits = _run(graphs, x)
+        ref_locs, ref_logits = _run(eager, x)
+        torch.testing.assert_close(locs, ref_locs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            out = model.forward_student(x)
+        torch.testing.assert_close(logits, out.logits, rtol=1e-4, atol=1e-4)
+    one = clips(batch=1, seed=5, smooth=True).cuda()  # a new batch size captures again
+    torch.testing.assert_close(_run(graphs, one)[1], _run(eager, one)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_graph_predictor_stays_close_to_float32():
+    model = tiny_glitr().cuda()
+    x = clips(smooth=True).cuda()
+    ref = _run(OnlinePredictor(model, batch_size=2), x)[1]
+    bf16 = _run(OnlinePredictor(model, batch_size=2, amp_dtype=torch.bfloat16), x)[1]
+    torch.testing.assert_close(bf16.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_fused_attention_on_cuda_equals_the_plain_path():
+    student, teacher = tiny_glitr(0).cuda(), tiny_glitr(1).cuda()
+    x, y = clips(smooth=True).cuda(), torch.tensor([1, 3]).cuda()
+    fast = StudentObjective(student, teacher).train()(x, y)
+    student.set_fused_attn(False)
+    plain = plain_student_loss(student, teacher, x, y)
+    for k in ("cls", "spatial", "temporal"):
+        torch.testing.assert_close(fast[k], plain[k].detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_training_with_fused_adamw_on_cuda(tmp_path, toy_data):
+    overrides = ["train.device=cuda", "train.precision=bf16", "optim.fused=true"]
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "glitr"
+    teacher = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={teacher_dir}", *overrides))
+    teacher.fit()
+    from_teacher = f"objective.teacher={teacher_dir / 'checkpoints/last.pt'}"
+    student = Trainer(tiny_recipe(tmp_path, toy_data, "glitr", f"output_dir={student_dir}", from_teacher, *overrides))
+    student.fit()
+    for trainer, run in ((teacher, teacher_dir), (student, student_dir)):
+        assert trainer.amp_dtype == torch.bfloat16 and trainer.optimizer.param_groups[0]["fused"] is True
+        losses = [r["loss"] for r in read_metrics(run) if r["split"] == "train"]
+        assert losses and all(torch.isfinite(torch.tensor(losses)))
+        assert (run / "checkpoints/last.pt").exists()
+
+
+def test_graphed_step_equals_the_eager_step():
+    student, teacher = tiny_glitr(0).cuda(), tiny_glitr(1).cuda()
+    objective = StudentObjective(student, teacher).train()
+
+    def forward_backward(frames, target):
+        out = objective(frames, target)
+        out["loss"].backward()
+        return out
+
+    graphed = GraphedStep(forward_backward, student)
+    for seed in range(3):  # replays with new inputs; gradients zeroed in place in between
+        x, y = clips(seed=seed, smooth=True).cuda(), torch.tensor([seed % 4, 3]).cuda()
+        student.zero_grad(set_to_none=False)
+        got = {k: v.clone() for k, v in graphed(x, y).items()}
+        got_grads = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad(set_to_none=False)
+        ref = forward_backward(x, y)
+        for k in ("loss", "cls", "spatial", "temporal", "logits"):
+            torch.testing.assert_close(got[k], ref[k].detach(), rtol=1e-5, atol=1e-5)
+        for a, p in zip(got_grads, student.parameters(), strict=True):
+            torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_graphed_training_matches_eager_training(tmp_path, toy_data):
+    same = ["train.device=cuda", "train.precision=fp32", "model.drop_path=0", "optim.epochs=1"]
+    weights = {}
+    for graphs in (False, True):
+        out = tmp_path / f"graphs_{graphs}"
+        recipe = tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={out}", f"train.cuda_graphs={graphs}", *same)
+        trainer = Trainer(recipe)
+        trainer.fit()
+        assert (trainer.graphed is not None) == graphs
+        weights[graphs] = trainer.model.state_dict()
+    for k, v in weights[False].items():
+        torch.testing.assert_close(weights[True][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_compiled_training_on_cuda(tmp_path, toy_data):
+    out = tmp_path / "compiled"
+    Trainer(
+        tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={out}", "train.device=cuda", "train.compile=true")
+    ).fit()
+    losses = [r["loss"] for r in read_metrics(out) if r["split"] == "train"]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.slow
+def test_one_process_torchrun_with_nccl(tmp_path, toy_data):
+    recipe_file = tmp_path / "tiny_teacher.yaml"
+    tiny_recipe(tmp_path, toy_data, "teacher")  # writes recipe_file
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+        "-m", "glitr_cli", "train-teacher", str(recipe_file),
+        f"data.root={toy_data / 'toy'}", f"output_dir={out}", "train.device=cuda",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-10000:]
+    ckpt = torch.load(out / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["world_size"] == 1
+
+
+def test_bench_on_cuda_reports_graphs_and_speedups(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "kind: glitr\ndata: {num_frames: 4, img_size: 64}\n"
+        "model: {embed_dim: 64, depth: 2, num_heads: 2, glimpse_size: 2, temporal_depth: 1, temporal_heads: 2}\n"
+        "optim: {batch_size: 4}\n"
+    )
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "glitr_cli", "bench", str(recipe), "--repeats", "2", "--warmup", "1"]
+    cmd += ["--online-batch", "3", "--num-classes", "4", "--json", str(out), "--teacher-batch-size", "2"]
+    cmd += ["train.cuda_graphs=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["precision"] == "bf16" and result["teacher_batch_size"] == 2 and not result["failures"]
+    assert result["cuda_graphs"]
+    for name in ("online_ms_per_frame_b1", "online_ms_per_frame_b1_no_graphs", "student_train_speedup"):
+        assert result["results"][name]["median"] > 0
