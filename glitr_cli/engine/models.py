@@ -34,37 +34,11 @@ def producing_command(path: str | Path, command: str) -> str:
     return f"glitr {command} RECIPE"
 
 
-def conv_stem(embed_dim: int, patch_size: int) -> nn.Sequential:
-    """A convolutional patch embedding: 3x3 stride-2 convs + GELU down to the patch grid, then 1x1 to D.
-
-    "Early convolutions help transformers see better" (Xiao et al., NeurIPS 2021): a ViT with
-    this stem instead of one linear projection per patch trains far faster from random weights
-    (on the toy set, ~90 % validation accuracy in 300 steps where the linear stem is still at
-    chance). It maps (N, 3, H, W) to (N, D, H/p, W/p) like the projection it replaces, so
-    glimpses (g*p pixels -> g x g tokens) work unchanged. No normalisation layers: full frames
-    and glimpses go through the same weights. `patch_size` must be a power of two.
-    """
-    n = patch_size.bit_length() - 1
-    if patch_size < 2 or 2**n != patch_size:
-        raise GlitrError(f"model.stem=conv needs a power-of-two patch size, got {patch_size}")
-    widths = [3] + [min(embed_dim, 16 * 2**i) for i in range(n)]
-    layers: list[nn.Module] = []
-    for c_in, c_out in zip(widths, widths[1:], strict=False):
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
-    layers.append(nn.Conv2d(widths[-1], embed_dim, 1))
-    for layer in layers:  # variance-preserving init, else the image signal fades through the stack
-        if isinstance(layer, nn.Conv2d):
-            last = layer is layers[-1]
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="linear" if last else "relu")
-            nn.init.zeros_(layer.bias)
-    return nn.Sequential(*layers)
-
-
 def build_model(
     cfg: ModelConfig, *, num_classes: int, num_frames: int, img_size: int, drop_path: float | None = None
 ) -> GliTr:
     """GliTr with random weights in the geometry of `cfg`."""
-    model = build_glitr(
+    return build_glitr(
         num_classes=num_classes,
         num_frames=num_frames,
         img_size=img_size,
@@ -79,10 +53,8 @@ def build_model(
         temporal_heads=cfg.temporal_heads,
         drop_path=cfg.drop_path if drop_path is None else drop_path,
         fused_attn=cfg.fused_attn,
+        stem=cfg.stem,
     )
-    if cfg.stem == "conv":  # TODO(model): belongs in model/spatial.py as an option of T_f
-        model.backbone.patch_embed.proj = conv_stem(model.backbone.embed_dim, model.patch_size)
-    return model
 
 
 def _is_file_source(source: str) -> bool:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from glitr_cli.errors import GlitrError
-from glitr_cli.model.spatial import SpatialEncoder, create_spatial_encoder
+from glitr_cli.model.spatial import SpatialEncoder, conv_stem, create_spatial_encoder
 from glitr_cli.model.temporal import Locator, TemporalTransformer
 
 POLICIES = ("learned", "center", "random")
@@ -270,8 +270,12 @@ def build_glitr(
     temporal_heads: int = 6,
     drop_path: float = 0.0,
     fused_attn: bool = True,
+    stem: str = "patch",
 ) -> GliTr:
-    """Build GliTr with random weights. Paper geometry: ViT-S/16 T_f, temporal width 2D, 4 blocks, 6 heads."""
+    """Build GliTr with random weights. Paper geometry: ViT-S/16 T_f, temporal width 2D, 4 blocks, 6 heads.
+
+    `stem` "patch" keeps the ViT's linear patch projection (the paper's); "conv" puts `conv_stem`
+    in its place (a recipe option for models trained from random weights)."""
     spatial = create_spatial_encoder(
         backbone,
         img_size=img_size,
@@ -290,4 +294,8 @@ def build_glitr(
     common = dict(depth=temporal_depth, num_heads=temporal_heads, drop_path=drop_path, fused_attn=fused_attn)
     classifier = TemporalTransformer(d, width, num_classes, num_frames, **common)
     locator = Locator(d, width, num_frames, **common)
+    if stem == "conv":  # built last, so the other modules' random weights do not depend on the stem
+        spatial.patch_embed.proj = conv_stem(d, spatial.patch_size)
+    elif stem != "patch":
+        raise GlitrError(f"unknown stem {stem!r}; expected patch (the ViT's linear projection) or conv")
     return GliTr(spatial, classifier, locator)
