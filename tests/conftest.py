@@ -102,6 +102,20 @@ def run_glitr(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout:
     )
 
 
+def run_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Run `glitr ARGV` in this process through the console-script entry point; (exit code, stdout, stderr)."""
+    from glitr_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["glitr", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def model_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
+from conftest import run_cli
 from PIL import Image
 
 from glitr_cli.demo import run_demo
 from glitr_cli.visualize import load_student
-
-
-def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    from glitr_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["glitr", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):

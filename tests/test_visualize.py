@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
-from model_helpers import tiny_glitr
+from conftest import run_cli
+from model_helpers import TINY, tiny_glitr
 from PIL import Image
 
 from glitr_cli.data.dataset import sample_indices
@@ -32,7 +32,7 @@ from glitr_cli.visualize import (
     visualize,
 )
 
-T, IMG, RESIZE = 5, 32, 36
+T, IMG, RESIZE = TINY["num_frames"], TINY["img_size"], 36
 CLASSES = ["Square moving left", "Square moving right", "Triangle moving up", "Triangle moving down"]
 
 
@@ -45,16 +45,7 @@ def write_run(run_dir: Path, kind: str = "glitr", seed: int = 0) -> Path:
         name=run_dir.name,
         kind=kind,
         data=DataConfig(num_frames=T, img_size=IMG, resize=RESIZE),
-        model=ModelConfig(
-            embed_dim=16,
-            depth=1,
-            num_heads=2,
-            patch_size=8,
-            temporal_dim=32,
-            temporal_depth=2,
-            temporal_heads=2,
-            glimpse_size=2,
-        ),
+        model=ModelConfig(**{k: v for k, v in TINY.items() if k not in ("num_classes", "num_frames", "img_size")}),
     )
     model = tiny_glitr(seed)
     state = {
@@ -266,19 +257,6 @@ def test_newest_student_checkpoint_is_found(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-
-
-def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    from glitr_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["glitr", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_default_checkpoint_under_runs(assets, tmp_path, monkeypatch, capsys):

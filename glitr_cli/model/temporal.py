@@ -144,7 +144,7 @@ class TemporalTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim, bias=head_bias)
         trunc_normal_(self.temporal_embed, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)
 
     @property
     def depth(self) -> int:
@@ -192,7 +192,8 @@ class Locator(TemporalTransformer):
             self.head.weight.mul_(0.1)
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_vit_weights(m: nn.Module) -> None:
+    """The ViT init for one module: trunc-normal(0.02) linear weights, zero biases, unit LayerNorms."""
     if isinstance(m, nn.Linear):
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import Mlp
 from torch import nn
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.model.temporal import init_vit_weights
 from glitr_cli.model.weights import key_summary, load_state_dict_checked, read_checkpoint
 
 __all__ = ["VideoMAE", "build_videomae", "checkpoint_filter_fn", "load_videomae", "sinusoid_table"]
@@ -184,13 +185,7 @@ class VideoMAE(nn.Module):
     def init_weights(self, head_init_scale: float = 0.001) -> None:
         """Fine-tuning init of the original: trunc-normal(0.02) linears, zero biases, unit LayerNorms, small head."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_vit_weights(m)
         if isinstance(self.head, nn.Linear):
             self.head.weight.mul_(head_init_scale)
             self.head.bias.mul_(head_init_scale)
