@@ -128,6 +128,7 @@ class Student:
     num_frames: int
     img_size: int
     resize: int
+    cuda_graphs: bool = True  # the recipe's eval.cuda_graphs: replay CUDA graphs on a GPU
 
 
 def _run_kind(ckpt: Path) -> str | None:
@@ -180,6 +181,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
         num_frames=recipe.data.num_frames,
         img_size=recipe.data.img_size,
         resize=recipe.data.resize,
+        cuda_graphs=recipe.eval.cuda_graphs,
     )
 
 
@@ -429,7 +431,7 @@ def run_steps(
     scale = model.backbone.glimpse_scale
     side = model.backbone.glimpse_pixels
     k = min(3, len(student.class_names))
-    predictor = OnlinePredictor(model)
+    predictor = OnlinePredictor(model, cuda_graphs=student.cuda_graphs)
     window = 0
     for index, frame in frames:
         if window == 0 or predictor.steps == student.num_frames:  # the model holds T steps: a new window
