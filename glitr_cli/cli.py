@@ -246,8 +246,11 @@ def demo(
     gifs: int = typer.Option(4, "--gifs", help="Validation videos to draw as glimpse GIFs."),
 ) -> None:
     """Toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
-    from glitr_cli.demo import run_demo
+    from glitr_cli.demo import TEACHER_RECIPE, recipes_dir, run_demo
+    from glitr_cli.engine.distributed import share_cpus_with_loader
+    from glitr_cli.recipe import load_recipe
 
+    share_cpus_with_loader(load_recipe(recipes_dir() / TEACHER_RECIPE).data.workers)  # for this whole process
     run_demo(out, quick=quick, epochs_scale=epochs_scale, train_videos=train_videos, gifs=gifs)
 
 

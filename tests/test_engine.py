@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -323,3 +326,25 @@ def test_conv_stem_reads_frames_and_glimpses_and_keeps_the_signal():
     odd = ModelConfig(embed_dim=32, depth=1, num_heads=2, patch_size=12, glimpse_size=2, temporal_heads=2, stem="conv")
     with pytest.raises(GlitrError, match="power-of-two patch size, got 12"):
         build_model(odd, num_classes=2, num_frames=2, img_size=48)
+
+
+def test_cpu_threads_leave_the_loader_workers_their_cores():
+    """A process-wide setting, so it is checked in fresh interpreters."""
+    code = (
+        "import os, torch; from glitr_cli.engine.distributed import share_cpus_with_loader; "
+        "torch.set_num_threads(4); share_cpus_with_loader(int(os.environ['W'])); print(torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cores = len(os.sched_getaffinity(0))
+
+    def threads(workers: int, **extra: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**env, "W": str(workers), **extra}, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    assert threads(1) == min(4, max(1, cores - 1))
+    assert threads(cores + 3) == 1
+    assert threads(0) == min(4, cores)
+    assert threads(1, OMP_NUM_THREADS="3") == 4  # the user's choice stands
