@@ -315,12 +315,20 @@ class Bench:
 
     def loader(self) -> None:
         from glitr_cli.data.bench import measure_loader
-        from glitr_cli.engine.models import build_dataset
+        from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
+        from glitr_cli.engine.models import build_dataset, clip_train_transform
 
         data = resolve_recipe(self.recipe).data
         dataset = build_dataset(data, data.train_split, train=True)
-        result = measure_loader(dataset, self.batch, data.workers, self.settings.loader_batches)
+        on_device = data.augment_on == "device"  # then the loader only decodes
+        collate = collate_uint8_clips if on_device else None
+        result = measure_loader(dataset, self.batch, data.workers, self.settings.loader_batches, collate_fn=collate)
         self.results["loader_clips_per_s"] = Figure([result["clips_per_s"]], "clips/s")
+        if on_device:
+            clips = collate_uint8_clips([dataset[i] for i in range(self.batch)])[0]
+            augment = DeviceAugment(clip_train_transform(data), self.device)
+            seeds = torch.arange(len(clips))
+            self.measure("device_augment_clips_per_s", lambda: augment(clips, seeds), len(clips), "clips/s")
 
     def summary(self, recipe_path: str) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -44,6 +44,7 @@ class DataConfig:
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     erase_prob: float = 0.0  # random erasing probability
     workers: int = 4  # data-loading processes per training process
+    augment_on: Literal["loader", "device"] = "loader"  # device: the training transform runs on the GPU
 
 
 @dataclass

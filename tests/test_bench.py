@@ -113,3 +113,17 @@ def test_compiled_modules_compute_the_plain_path():
         torch.testing.assert_close(fast[k], plain[k].detach(), rtol=1e-4, atol=1e-4)
     _assert_same(_grads(student), plain_grads, 1e-4)
     assert set(student.state_dict()) == set(tiny_glitr(0).state_dict())  # names unchanged by compiling
+
+
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_bench_measures_the_loader(toy_data, tmp_path, augment_on):
+    from glitr_cli.bench import BenchSettings, run_bench
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    overrides = [f"data.root={toy_data / 'toy'}", "data.workers=0", f"data.augment_on={augment_on}"]
+    settings = BenchSettings(batch_size=2, num_classes=4, online_batch=2, warmup=0, repeats=1, baseline=False)
+    settings.data, settings.loader_batches = True, 2
+    result = run_bench(recipe, overrides, settings)
+    assert result["results"]["loader_clips_per_s"]["median"] > 0
+    assert ("device_augment_clips_per_s" in result["results"]) == (augment_on == "device")

@@ -348,3 +348,37 @@ def test_cpu_threads_leave_the_loader_workers_their_cores():
     assert threads(cores + 3) == 1
     assert threads(0) == min(4, cores)
     assert threads(1, OMP_NUM_THREADS="3") == 4  # the user's choice stands
+
+
+def test_device_augmentation_trains_and_resumes_bit_identically(tmp_path, toy_data):
+    """`data.augment_on=device`: loader workers only decode; the trainer transforms each clip, seeded per clip."""
+    device = ["data.augment_on=device"]
+    ref = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'ref'}", *device))
+    ref.fit()
+    out = f"output_dir={tmp_path / 'run'}"
+    first = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", out, "data.workers=2", *device))
+    first.fit(max_steps=7)
+    second = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", out, *device))
+    second.fit()
+    assert second.step == ref.step == 8
+    assert_same_weights(
+        model_weights(tmp_path / "run/checkpoints/last.pt"), model_weights(tmp_path / "ref/checkpoints/last.pt")
+    )
+
+
+def test_device_augment_is_seeded_per_clip_and_leaves_the_global_generator_alone():
+    from glitr_cli.data.transforms import train_transform
+    from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
+
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.randint(0, 256, (3, 3, 40, 40 + 8 * i), dtype=torch.uint8, generator=g) for i in range(3)]
+    items = [(clip, i, 100 + i) for i, clip in enumerate(frames)]
+    clips, labels, seeds = collate_uint8_clips(items)  # clips of several widths stay a list
+    assert [c.shape[-1] for c in clips] == [40, 48, 56] and labels.tolist() == [0, 1, 2]
+    augment = DeviceAugment(train_transform(32, scale=(0.3, 1.0)), torch.device("cpu"))
+    state = torch.get_rng_state()
+    a, b = augment(clips, seeds), augment(clips, seeds)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.shape == (3, 3, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    c = augment(clips, seeds + 1)
+    assert not torch.equal(a, c)

@@ -17,10 +17,11 @@ from glitr_cli.errors import GlitrError
 
 
 def measure_loader(
-    dataset: Dataset, batch_size: int, workers: int, num_batches: int, warmup: int = 2
+    dataset: Dataset, batch_size: int, workers: int, num_batches: int, warmup: int = 2, collate_fn: Any = None
 ) -> dict[str, Any]:
     """Time `num_batches` batches from a shuffled DataLoader over `dataset` (items
     `(clip (T, 3, H, W), label)`), after `warmup` batches that absorb worker start-up.
+    `collate_fn` may batch the clips as a list (uint8 clips of several sizes).
 
     Memory is pinned when an accelerator exists; workers persist across epochs when
     `workers > 0`. Returns clips_per_s, frames_per_s, seconds, startup_s (time to the
@@ -41,6 +42,7 @@ def measure_loader(
         persistent_workers=workers > 0,
         drop_last=True,
         prefetch_factor=4 if workers > 0 else None,
+        collate_fn=collate_fn,
     )
 
     def batches():
@@ -51,14 +53,14 @@ def measure_loader(
     t0 = time.perf_counter()
     clips, _ = next(it)
     startup = time.perf_counter() - t0
-    frames_per_clip = int(clips.shape[1])
+    frames_per_clip = int(clips[0].shape[0])
     for _ in range(max(0, warmup - 1)):
         next(it)
     t0 = time.perf_counter()
     n = 0
     for _ in range(num_batches):
         clips, _ = next(it)
-        n += clips.shape[0]
+        n += len(clips)
     seconds = time.perf_counter() - t0
     return {
         "clips_per_s": n / seconds,

@@ -180,12 +180,14 @@ class ShardSampler(Sampler[int]):
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run with all generators seeded by `seed`, then put the previous states back."""
+def seeded(seed: int) -> Iterator[None]:
+    """Run with the CPU generators (Python, NumPy, torch) seeded by `seed`, then put their states back.
+
+    GPU generators are left alone: this runs in loader workers, which must not touch CUDA."""
     py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
@@ -195,15 +197,18 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset for `ResumableSampler`: item (index, seed) is `dataset[index]` drawn under `seed`."""
+    """Wraps a dataset for `ResumableSampler`: item (index, seed) is `dataset[index]` drawn under `seed`
+    (with `with_seed`, the seed is appended to the item, for augmentation done later on the device)."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, with_seed: bool = False) -> None:
         self.dataset = dataset
+        self.with_seed = with_seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        with _seeded(seed):
-            return self.dataset[index]
+        with seeded(seed):
+            item = self.dataset[index]
+        return (*item, seed) if self.with_seed else item

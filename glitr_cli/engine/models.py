@@ -136,25 +136,33 @@ def build_videomae_teacher(
     return videomae.freeze()
 
 
+def clip_train_transform(cfg: DataConfig) -> Any:
+    """The training transform the recipe describes: uint8 clip (T, 3, H, W) -> normalised float32."""
+    from glitr_cli.data.transforms import train_transform
+
+    return train_transform(
+        cfg.img_size,
+        randaug_m=cfg.randaug_m,
+        randaug_n=cfg.randaug_n,
+        randaug_mstd=cfg.randaug_mstd,
+        scale=cfg.scale,
+        ratio=cfg.ratio,
+        erase_prob=cfg.erase_prob,
+        randaug_prob=cfg.randaug_prob,
+    )
+
+
 def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> Any:
     """The clips of `split` under `cfg.root` (resolved), with training or evaluation transforms.
 
+    Training clips stay uint8 when `cfg.augment_on` is "device" (the trainer transforms them).
     A missing or unprepared dataset is the dataset's own `GlitrError`, naming `glitr prepare-data`."""
     from glitr_cli.data.dataset import VideoFolderDataset
-    from glitr_cli.data.transforms import eval_transform, train_transform
+    from glitr_cli.data.transforms import eval_transform
 
     assert cfg.root is not None, "resolve the recipe first"
     if train:
-        transform = train_transform(
-            cfg.img_size,
-            randaug_m=cfg.randaug_m,
-            randaug_n=cfg.randaug_n,
-            randaug_mstd=cfg.randaug_mstd,
-            scale=cfg.scale,
-            ratio=cfg.ratio,
-            erase_prob=cfg.erase_prob,
-            randaug_prob=cfg.randaug_prob,
-        )
+        transform = None if cfg.augment_on == "device" else clip_train_transform(cfg)
     else:
         transform = eval_transform(cfg.img_size, cfg.resize)
     return VideoFolderDataset(cfg.root, split, num_frames=cfg.num_frames, transform=transform, train=train)

@@ -24,6 +24,7 @@ from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
 from glitr_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glitr_cli.engine.distributed import (
     DistEnv,
@@ -38,7 +39,7 @@ from glitr_cli.engine.distributed import (
 )
 from glitr_cli.engine.graphs import GraphedStep
 from glitr_cli.engine.metrics import MetricsLogger, make_progress, topk_correct
-from glitr_cli.engine.models import build_dataset, warn
+from glitr_cli.engine.models import build_dataset, clip_train_transform, warn
 from glitr_cli.engine.objectives import Objective, student_objective, teacher_objective
 from glitr_cli.engine.optim import MODULES, build_optimizer, build_schedule
 from glitr_cli.errors import GlitrError
@@ -111,7 +112,15 @@ class Trainer:
         self.sampler = ResumableSampler(
             len(self.train_set), rank=env.rank, world_size=env.world_size, seed=r.train.seed
         )
-        self.loader = self._loader(SeededDataset(self.train_set), self.sampler, self.micro_batch, drop_last=True)
+        on_device = r.data.augment_on == "device"
+        self.augment = DeviceAugment(clip_train_transform(r.data), env.device) if on_device else None
+        self.loader = self._loader(
+            SeededDataset(self.train_set, with_seed=on_device),
+            self.sampler,
+            self.micro_batch,
+            drop_last=True,
+            collate_fn=collate_uint8_clips if on_device else None,
+        )
         if self.val_set is not None:
             shard = ShardSampler(len(self.val_set), rank=env.rank, world_size=env.world_size)
             self.val_loader = self._loader(self.val_set, shard, r.eval.batch_size, drop_last=False)
@@ -174,12 +183,15 @@ class Trainer:
         barrier()
         self._ready = True
 
-    def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool, collate_fn: Any = None
+    ) -> DataLoader:
         workers = self.recipe.data.workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
+            collate_fn=collate_fn,
             num_workers=workers,
             pin_memory=self.env.device.type == "cuda",
             drop_last=drop_last,
@@ -249,7 +261,9 @@ class Trainer:
                     return False
                 lrs = self.schedule.apply(self.optimizer, self.step)
                 for a in range(accum):
-                    clips, labels = next(batches)
+                    clips, labels, *seeds = next(batches)
+                    if self.augment is not None:
+                        clips = self.augment(clips, seeds[0])  # uint8 clips, transformed on the device
                     clips = clips.to(env.device, non_blocking=True)
                     labels = labels.to(env.device, non_blocking=True)
                     frames, target = self.objective.prepare(clips, labels)
