@@ -10,8 +10,10 @@ the 3-patch glimpse of the toy recipes). The label is shape x direction.
 Consequence, checked by the tests: every nuisance (background, colour, path, distractors)
 is drawn from the random stream before and independently of the shape, so two clips that
 differ only in shape are pixel-identical inside the central region. A fixed centre glimpse
-therefore sees the direction but never the shape; it cannot tell any class from the
-classes that share its direction. A model that follows the target can.
+of 3 patches therefore sees the direction but never the shape; it cannot tell any class from
+the classes that share its direction. The toy recipes' 4-patch glimpse (64 px) reaches 8 px
+beyond that region, so a centred one sees at most a strip of the shape's near edge, and only
+while the target is close to the region; a model that follows the target sees it whole.
 
 The generator writes SSv2-format files (`something-something-v2-*.json` and
 `20bn-something-something-v2/<id>.webm`, VP9), and `prepare-data toy` runs the SSv2
