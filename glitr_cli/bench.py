@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from glitr_cli.engine.graphs import GraphedStep
 from glitr_cli.engine.models import build_model
 from glitr_cli.engine.optim import build_optimizer
+from glitr_cli.errors import GlitrError
 from glitr_cli.model import (
     GliTr,
     OnlinePredictor,
@@ -184,6 +185,8 @@ class Bench:
         opt = recipe.optim
         self.batch = settings.batch_size or max(1, opt.batch_size // opt.accum_steps)
         self.teacher_batch = settings.teacher_batch_size or self.batch
+        if min(self.batch, self.teacher_batch, settings.online_batch, settings.repeats) < 1 or settings.warmup < 0:
+            raise GlitrError("bench: batch sizes and --repeats must be at least 1, --warmup at least 0")
         t, size = recipe.data.num_frames, recipe.data.img_size
         torch.manual_seed(0)
         geometry = dict(num_classes=settings.num_classes, num_frames=t, img_size=size)
@@ -221,7 +224,9 @@ class Bench:
         self.results[name] = Figure(values, unit)
         return True
 
-    def train_step(self, model: GliTr, objective: Loss, x: torch.Tensor, y: torch.Tensor, *, fast: bool, graphs: bool):
+    def train_step(
+        self, model: GliTr, objective: Loss, x: torch.Tensor, y: torch.Tensor, *, fast: bool, graphs: bool
+    ) -> Callable[[], None]:
         """One optimiser step of `objective` on (x, y); the fast path in bf16 on a GPU, optionally graphed."""
         o = self.recipe.optim
         opt = build_optimizer(model, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, fused=fast and o.fused)

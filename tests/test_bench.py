@@ -122,8 +122,20 @@ def test_bench_measures_the_loader(toy_data, tmp_path, augment_on):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
     overrides = [f"data.root={toy_data / 'toy'}", "data.workers=0", f"data.augment_on={augment_on}"]
-    settings = BenchSettings(batch_size=2, num_classes=4, online_batch=2, warmup=0, repeats=1, baseline=False)
-    settings.data, settings.loader_batches = True, 2
+    settings = BenchSettings(
+        batch_size=2, num_classes=4, online_batch=2, warmup=0, repeats=1, baseline=False, data=True, loader_batches=2
+    )
     result = run_bench(recipe, overrides, settings)
     assert result["results"]["loader_clips_per_s"]["median"] > 0
     assert ("device_augment_clips_per_s" in result["results"]) == (augment_on == "device")
+
+
+def test_bench_refuses_a_bad_batch_in_one_line(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "glitr_cli", "bench", str(recipe), "--teacher-batch-size", "-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "at least 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from data_helpers import encode_video
 from model_helpers import TINY, tiny_glitr
 from PIL import Image
 
@@ -72,29 +73,15 @@ def frames_of(n: int, w: int, h: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def encode(path: Path, frames: np.ndarray, codec: str, fps: int = 10) -> Path:
-    n, h, w, _ = frames.shape
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "10"} if codec == "libx264" else {"crf": "10", "b:v": "0", "deadline": "realtime"}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("vis")
     return {
         "root": root,
         "ckpt": write_run(root / "runs" / "tiny"),
-        "mp4": encode(root / "wide.mp4", frames_of(23, 320, 180), "libx264"),  # H.264, 16:9
-        "webm": encode(root / "odd.webm", frames_of(13, 97, 131, seed=1), "libvpx-vp9"),  # VP9, odd portrait
-        "one": encode(root / "one.mp4", frames_of(1, 64, 48, seed=2), "libx264"),  # a single frame
+        "mp4": encode_video(root / "wide.mp4", frames_of(23, 320, 180), "h264", fps=10),  # H.264, 16:9
+        "webm": encode_video(root / "odd.webm", frames_of(13, 97, 131, seed=1), "vp9", fps=10),  # VP9, odd portrait
+        "one": encode_video(root / "one.mp4", frames_of(1, 64, 48, seed=2), "h264", fps=10),  # a single frame
     }
 
 
