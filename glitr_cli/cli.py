@@ -115,7 +115,7 @@ def prepare_data(
     toy_test: int | None = typer.Option(None, "--toy-test", help="toy: unlabelled test videos (default 20)."),
     toy_frames: int | None = typer.Option(None, "--toy-frames", help="toy: frames per video (default 16)."),
     toy_size: int | None = typer.Option(None, "--toy-size", help="toy: frame side in pixels (default 112)."),
-    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="toy: target shapes (default square,triangle)."),
+    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="toy: target shapes (default square,ring)."),
     toy_directions: str | None = typer.Option(
         None, "--toy-directions", help="toy: target directions (default left,right,up,down)."
     ),

@@ -6,7 +6,9 @@ Stages, all under one folder DIR (default runs/demo, so `glitr visualize` finds 
 2. teacher  recipes/toy_teacher.yaml, trained into DIR/teacher
 3. glitr    recipes/toy.yaml, the GliTr student distilled from DIR/teacher, into DIR/glitr
 4. eval     learned glimpses against the centre and random baselines (and the full-frame
-            teacher): DIR/eval.json and the accuracy-vs-t plot DIR/accuracy.png
+            teacher): DIR/eval.json and the accuracy-vs-t plot DIR/accuracy.png; and how
+            often the learned glimpse holds the whole target once it has left the centre,
+            per direction: DIR/follow.json (`follow_rates`)
 5. gifs     a few validation videos drawn by `glitr visualize` into DIR/gifs/
 
 Each stage is skipped when its result is there: finished toy videos are kept, the engine
@@ -28,11 +30,13 @@ from typing import Any
 
 from rich.console import Console
 
+from glitr_cli.data.formats import atomic_write_text
 from glitr_cli.errors import GlitrError
 
 TEACHER_RECIPE = "toy_teacher.yaml"
 STUDENT_RECIPE = "toy.yaml"
 EVAL_FILE = "eval.json"
+FOLLOW_FILE = "follow.json"
 PLOT_FILE = "accuracy.png"
 
 # --quick: a handful of clips and one epoch, enough to run every stage end to end
@@ -69,8 +73,10 @@ class DemoResult:
     student: Path
     eval_json: Path
     plot: Path
+    follow_json: Path
     gifs: list[Path] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
+    follow: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -93,23 +99,78 @@ def _epochs(recipe: Path, scale: float) -> int:
 
 
 def pick_videos(data: Path, n: int) -> list[tuple[Path, str]]:
-    """Up to `n` validation videos of different classes: (raw video or frame folder, class name)."""
+    """Up to `n` validation videos of different classes, every direction before any repeats and
+    the shapes taken in turn: (raw video or frame folder, class name)."""
     from glitr_cli.data.formats import read_categories, read_list
     from glitr_cli.data.prepare import SPLIT_LISTS
-    from glitr_cli.data.toy import VIDEO_DIR
+    from glitr_cli.data.toy import VIDEO_DIR, read_toy_config
 
+    cfg = read_toy_config(data / "download")
+    n_dir, n_shape = len(cfg.directions), len(cfg.shapes)
+    order = [i % n_dir + n_dir * ((i % n_shape + i // n_dir) % n_shape) for i in range(cfg.num_classes)]
     names = read_categories(data / "category.txt")
-    picked: list[tuple[Path, str]] = []
-    seen: set[int] = set()
+    first: dict[int, str] = {}
     for record in read_list(data / SPLIT_LISTS["val"], len(names)):
+        if record.label is not None:
+            first.setdefault(record.label, record.id)
+    picked: list[tuple[Path, str]] = []
+    for label in (c for c in order if c in first):
         if len(picked) == n:
             break
-        if record.label is None or record.label in seen:
-            continue
-        seen.add(record.label)
-        raw = data / "download" / VIDEO_DIR / f"{record.id}.webm"
-        picked.append((raw if raw.is_file() else data / "frames" / record.id, names[record.label]))
+        raw = data / "download" / VIDEO_DIR / f"{first[label]}.webm"
+        picked.append((raw if raw.is_file() else data / "frames" / first[label], names[label]))
     return picked
+
+
+def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[str, float]:
+    """How well a GliTr checkpoint's learned glimpses follow the toy target on the validation split.
+
+    Over the steps at which the target shows its shape (it has left the centre, `target_revealed`),
+    the share whose glimpse holds the whole target (`target_in_glimpse`): per direction, and
+    "all". Reads the toy settings from `data`/download/toy.json to redraw each clip's target path."""
+    import numpy as np
+    import torch
+
+    from glitr_cli.data.dataset import sample_indices
+    from glitr_cli.data.toy import (
+        clip_rng,
+        plan_videos,
+        read_toy_config,
+        sample_clip,
+        target_in_glimpse,
+        target_revealed,
+    )
+    from glitr_cli.engine.models import build_dataset, load_run_checkpoint, model_from_checkpoint
+    from glitr_cli.recipe import recipe_from_dict
+
+    cfg = read_toy_config(data / "download")
+    ckpt = load_run_checkpoint(checkpoint, produced_by="train-glitr")
+    model = model_from_checkpoint(ckpt, str(checkpoint)).eval()
+    recipe = recipe_from_dict(ckpt["recipe"], f"the recipe stored in {checkpoint}")
+    recipe.data.root = str(data)
+    dataset = build_dataset(recipe.data, "val", train=False)
+    videos = {v.id: v for v in plan_videos(cfg)}
+    indices = sample_indices(cfg.num_frames, model.num_frames, train=False)
+    hits: dict[str, list[bool]] = {d: [] for d in cfg.directions}
+    records = iter(dataset.records)
+    with torch.no_grad():
+        for clips, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            for locs in model.forward_student(clips).locs.numpy():
+                video = videos[next(records).id]
+                clip = sample_clip(clip_rng(cfg, video), cfg, *cfg.class_of(video.label))
+                inside = target_in_glimpse(
+                    clip,
+                    cfg,
+                    indices,
+                    locs,
+                    model.backbone.glimpse_scale[0],
+                    resize=recipe.data.resize,
+                    crop=recipe.data.img_size,
+                )
+                hits[clip.direction] += inside[target_revealed(clip, cfg)[indices]].tolist()
+    rates = {d: float(np.mean(h)) for d, h in hits.items() if h}
+    rates["all"] = float(np.mean([x for h in hits.values() for x in h]))
+    return rates
 
 
 def _evaluate_quietly(recipe_path: Path, overrides: list[str], out: Path) -> dict[str, Any]:
@@ -158,6 +219,7 @@ def run_demo(
         student=out / "glitr" / "checkpoints" / "last.pt",
         eval_json=out / EVAL_FILE,
         plot=out / PLOT_FILE,
+        follow_json=out / FOLLOW_FILE,
     )
 
     def stage(i: int, text: str) -> None:
@@ -189,12 +251,15 @@ def run_demo(
     stage(3, f"GliTr student (glimpses) -> {res.student.parent.parent}")
     train(student_recipe, student_overrides, kind="glitr")
 
-    stage(4, "evaluation: learned vs center vs random glimpses")
-    if _newer(res.eval_json, res.student):
+    stage(4, "evaluation: learned vs center vs random glimpses, and how closely the glimpse follows the target")
+    if _newer(res.eval_json, res.student) and _newer(res.follow_json, res.student):
         res.result = json.loads(res.eval_json.read_text())
-        console.print(f"up to date: {res.eval_json}", highlight=False)
+        res.follow = json.loads(res.follow_json.read_text())
+        console.print(f"up to date: {res.eval_json}, {res.follow_json}", highlight=False)
     else:
         res.result = _evaluate_quietly(student_recipe, student_overrides, out)
+        res.follow = follow_rates(res.student, res.data)
+        atomic_write_text(res.follow_json, json.dumps(res.follow, indent=2) + "\n")
 
     stage(5, f"glimpse GIFs -> {out / 'gifs'}")
     for video, name in pick_videos(res.data, gifs):
@@ -222,13 +287,20 @@ def report(res: DemoResult, result_table: Any, console: Console | None = None) -
             if b in policies
         ]
         console.print(f"learned glimpses at t={t}: {100 * learned:.1f}% top-1, " + ", ".join(margins), highlight=False)
+    if res.follow:
+        per_direction = ", ".join(f"{d} {100 * v:.0f}%" for d, v in res.follow.items() if d != "all")
+        console.print(
+            f"the glimpse holds the whole target at {100 * res.follow['all']:.0f}% of the steps after the target "
+            f"left the centre ({per_direction})",
+            highlight=False,
+        )
     under_runs = "runs" in res.out.parts
     lines = [
         f"demo done in {res.seconds / 60:.1f} min; everything is in {res.out}/",
         f"  data      {res.data}/  (raw videos in {res.data}/download/)",
         f"  teacher   {res.teacher}",
         f"  glitr     {res.student}",
-        f"  accuracy  {res.eval_json}, {res.plot}",
+        f"  accuracy  {res.eval_json}, {res.plot}, {res.follow_json}",
         f"  gifs      {', '.join(str(g) for g in res.gifs) or 'none'}",
         "next: glitr visualize VIDEO --out glimpses.gif"
         + ("  (takes the newest GliTr under runs/)" if under_runs else f" --checkpoint {res.student}"),

@@ -21,6 +21,8 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     result = json.loads(res.eval_json.read_text())
     assert set(result["policies"]) == {"learned", "center", "random"} and "teacher" in result
     assert res.plot.is_file()
+    follow = json.loads(res.follow_json.read_text())
+    assert list(follow) == ["left", "right", "up", "down", "all"] and all(0 <= v <= 1 for v in follow.values())
     t = load_student(res.student).num_frames
     assert result["steps"] == t
     assert len(res.gifs) == 2
@@ -29,9 +31,10 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
             assert im.n_frames == t
     printed = capsys.readouterr().out
     assert "learned glimpses at t=" in printed and str(res.student) in printed
+    assert "the glimpse holds the whole target at" in printed
 
     # a rerun (through the CLI) finds every stage done and rewrites nothing
-    stamps = {p: p.stat().st_mtime_ns for p in (res.teacher, res.student, res.eval_json, *res.gifs)}
+    stamps = {p: p.stat().st_mtime_ns for p in (res.teacher, res.student, res.eval_json, res.follow_json, *res.gifs)}
     code, _, err = run_cli(["demo", "--quick", "--out", "runs/demo", "--gifs", "2"], monkeypatch, capsys)
     assert code == 0, err
     assert "24 skipped" in err and "already trained" in err and "up to date" in err

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,8 +20,10 @@ from glitr_cli.data.toy import (
     generate_toy,
     make_clip,
     plan_videos,
+    read_toy_config,
     render_clip,
     sample_clip,
+    target_in_glimpse,
     target_revealed,
 )
 from glitr_cli.errors import GlitrError
@@ -60,6 +63,42 @@ def test_a_centre_glimpse_never_sees_the_shape(size, frames):
         assert np.dot(move, DIRECTIONS[direction]) > 0.25 * size
 
 
+@pytest.mark.parametrize("resize, crop", [(None, None), (128, 112), (96, 96)])
+def test_target_in_glimpse_matches_the_drawn_pixels(resize, crop):
+    """A glimpse said to hold the whole target holds the centre of every pixel the target paints;
+    one shifted a pixel and a half further does not. Checked on rendered clips, frames
+    mapped like evaluation maps them (resize, centre crop)."""
+    cfg = ToyConfig(shapes=("square", "ring"))
+    size = resize or cfg.size
+    side = crop or size
+    half = (side - 1) / 2
+    zoom = size / cfg.size
+    scale = 4 / 7
+    for k, direction in enumerate(DIRECTIONS):
+        video = ToyVideo(str(k), "validation", k, 0)
+        clip = sample_clip(clip_rng(cfg, video), cfg, ("square", "ring")[k % 2], direction)
+        indices = np.flatnonzero(target_revealed(clip, cfg))[::2].tolist()  # the shape, not the smaller dot
+        painted = np.any(render_clip(clip, cfg) != render_clip(replace(clip, colour=(0, 0, 0)), cfg), axis=-1)
+        centre = (clip.path[indices] * zoom - (size - side) / 2 - 0.5 - half) / half
+        reach = scale - 0.85 * clip.radius * zoom / half
+        right, down = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+        for locs, whole in [
+            (centre, True),
+            (centre + (reach - 1 / half) * right, True),
+            (centre - (reach - 1 / half) * down, True),
+            (centre + (reach + 1.5 / half) * right, False),
+            (centre - (reach + 1.5 / half) * down, False),
+        ]:
+            inside = target_in_glimpse(clip, cfg, indices, locs, scale, resize=resize, crop=crop)
+            assert inside.tolist() == [whole] * len(indices)
+            for t, loc in zip(indices, locs, strict=True):
+                # the glimpse spans [l - s, l + s]: that box in source-frame pixels
+                lo, hi = (((loc + d) * half + half + 0.5 + (size - side) / 2) / zoom for d in (-scale, scale))
+                ys, xs = np.nonzero(painted[t])
+                held = (xs + 0.5 >= lo[0]) & (xs + 0.5 <= hi[0]) & (ys + 0.5 >= lo[1]) & (ys + 0.5 <= hi[1])
+                assert held.all() == whole
+
+
 def test_toy_download_is_deterministic_and_resumable(tmp_path):
     cfg = ToyConfig(seed=3, num_train=5, num_val=3, num_test=1, num_frames=8)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -71,6 +110,10 @@ def test_toy_download_is_deterministic_and_resumable(tmp_path):
     assert tree_bytes(a) == tree_bytes(b)
     other = generate_toy(tmp_path / "c", ToyConfig(seed=4, num_train=5, num_val=3, num_test=1, num_frames=8), 1, False)
     assert other == 9 and tree_bytes(tmp_path / "c") != tree_bytes(a)
+    assert read_toy_config(a) == cfg
+    (b / "toy.json").write_text('{"generator": 0}')
+    with pytest.raises(GlitrError, match="not a toy download of generator version"):
+        read_toy_config(b)
     with pytest.raises(GlitrError, match=r"made with other settings \(differs in num_frames\)"):
         generate_toy(a, ToyConfig(seed=3, num_train=5, num_val=3, num_test=1, num_frames=9), 1, False)
     with pytest.raises(GlitrError, match="--toy-shapes"):

@@ -34,7 +34,7 @@ from glitr_cli.visualize import (
 )
 
 T, IMG, RESIZE = TINY["num_frames"], TINY["img_size"], 36
-CLASSES = ["Square moving left", "Square moving right", "Triangle moving up", "Triangle moving down"]
+CLASSES = ["Square moving left", "Square moving right", "Ring moving up", "Ring moving down"]
 
 
 # ------------------------------------------------------------------------------------------ fixtures

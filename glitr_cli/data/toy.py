@@ -4,8 +4,10 @@
 Each clip has a static textured background, grey distractor shapes wandering at random and
 one coloured target. The target starts near the centre as a plain dot, leaves the central
 region in one of the directions and shows its shape only once it is entirely outside the
-central region (the area a centred glimpse covers: 3/7 of the frame side, 48 px of 112,
-the 3-patch glimpse of the toy recipes). The label is shape x direction.
+central region (3/7 of the frame side, 48 px of 112: what a centred 3-patch glimpse covers).
+The label is shape x direction. The default shapes are a filled square and a ring (the same
+square with a hole): their outlines are the same, so a glimpse must hold the target's middle
+to tell them apart, from whichever side it comes.
 
 Consequence, checked by the tests: every nuisance (background, colour, path, distractors)
 is drawn from the random stream before and independently of the shape, so two clips that
@@ -13,7 +15,8 @@ differ only in shape are pixel-identical inside the central region. A fixed cent
 of 3 patches therefore sees the direction but never the shape; it cannot tell any class from
 the classes that share its direction. The toy recipes' 4-patch glimpse (64 px) reaches 8 px
 beyond that region, so a centred one sees at most a strip of the shape's near edge, and only
-while the target is close to the region; a model that follows the target sees it whole.
+while the target is close to the region (with square and ring, a strip of their common
+outline); a model that follows the target sees it whole.
 
 The generator writes SSv2-format files (`something-something-v2-*.json` and
 `20bn-something-something-v2/<id>.webm`, VP9), and `prepare-data toy` runs the SSv2
@@ -36,7 +39,7 @@ from PIL import Image
 from glitr_cli.data.formats import atomic_write_text, template_to_class
 from glitr_cli.errors import GlitrError
 
-SHAPES = ("square", "triangle", "cross", "diamond")
+SHAPES = ("square", "ring", "triangle", "cross", "diamond")
 DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0),
     "right": (1.0, 0.0),
@@ -45,8 +48,9 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
 }
 PALETTE = ((230, 40, 40), (40, 200, 70), (40, 110, 240), (240, 200, 30), (220, 50, 220), (30, 210, 220), (250, 130, 20))
 SPLITS = ("train", "validation", "test")
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: default shapes square and ring (1: square and triangle)
 VIDEO_DIR = "20bn-something-something-v2"
+SETTINGS_FILE = "toy.json"  # in the download folder: the ToyConfig (and generator version) it was made with
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class ToyConfig:
     num_test: int = 20
     num_frames: int = 16
     size: int = 112
-    shapes: tuple[str, ...] = ("square", "triangle")
+    shapes: tuple[str, ...] = ("square", "ring")
     directions: tuple[str, ...] = ("left", "right", "up", "down")
     distractors: int = 4
     fps: int = 12
@@ -213,12 +217,41 @@ def target_revealed(clip: ToyClip, cfg: ToyConfig) -> np.ndarray:
     return np.maximum.accumulate(off > half + 0.5)
 
 
+def target_in_glimpse(
+    clip: ToyClip,
+    cfg: ToyConfig,
+    indices: Sequence[int],
+    locs: np.ndarray,
+    scale: float,
+    *,
+    resize: int | None = None,
+    crop: int | None = None,
+) -> np.ndarray:
+    """(T,) bool: whether the glimpse at `locs` (T, 2) on frames `indices` holds the whole target.
+
+    `locs` are glimpse centres in the model's coordinates (`F.affine_grid`, align_corners) on
+    frames that evaluation resized to `resize` and centre-cropped to `crop` (both default to
+    the toy's frame size), and `scale` the fraction s of the frame a glimpse covers, so a
+    glimpse spans [l - s, l + s]. The target counts as whole when its bounding square, of
+    half-side 0.85 radius (the drawn shapes' extent, near enough), lies within that span."""
+    resize = resize or cfg.size
+    crop = crop or resize
+    zoom = resize / cfg.size
+    half = (crop - 1) / 2
+    # pixel-centre coordinates in the crop, then affine_grid's [-1, 1]
+    centre = (clip.path[list(indices)] * zoom - (resize - crop) / 2 - 0.5 - half) / half
+    reach = scale - 0.85 * clip.radius * zoom / half
+    return np.abs(np.asarray(locs) - centre).max(axis=1) < reach
+
+
 def _mask(kind: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     ax, ay = np.abs(dx), np.abs(dy)
     if kind == "dot":
         return dx * dx + dy * dy <= (0.6 * r) ** 2
     if kind == "square":
         return np.maximum(ax, ay) <= 0.85 * r
+    if kind == "ring":  # the square's outline with a hole: its edges are the square's
+        return (np.maximum(ax, ay) <= 0.85 * r) & (np.maximum(ax, ay) > 0.45 * r)
     if kind == "triangle":
         return (dy >= -r) & (dy <= 0.8 * r) & (ax <= (dy + r) / 1.8)
     if kind == "cross":
@@ -336,6 +369,18 @@ def _ssv2_json(cfg: ToyConfig, videos: list[ToyVideo]) -> dict[str, Any]:
     return files
 
 
+def read_toy_config(download: Path) -> ToyConfig:
+    """The settings a toy download was generated with (its toy.json)."""
+    path = download / SETTINGS_FILE
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GlitrError(f"{path}: cannot read the toy settings ({e}); make it with `glitr prepare-data toy`") from e
+    if not isinstance(settings, dict) or settings.pop("generator", None) != GENERATOR_VERSION:
+        raise GlitrError(f"{path}: not a toy download of generator version {GENERATOR_VERSION}; regenerate it")
+    return ToyConfig.from_options(**settings)
+
+
 def generate_toy(download: Path, cfg: ToyConfig, workers: int = 1, progress: bool = True) -> int:
     """Write the toy download in the SSv2 layout under `download`; returns videos generated.
 
@@ -346,7 +391,7 @@ def generate_toy(download: Path, cfg: ToyConfig, workers: int = 1, progress: boo
     download.mkdir(parents=True, exist_ok=True)
     settings = {"generator": GENERATOR_VERSION, **asdict(cfg)}
     settings["shapes"], settings["directions"] = list(cfg.shapes), list(cfg.directions)
-    record = download / "toy.json"
+    record = download / SETTINGS_FILE
     if record.is_file():
         try:
             old = json.loads(record.read_text())
