@@ -83,12 +83,14 @@ class ObjectiveConfig:
 
 @dataclass
 class GroupLR:
-    """Learning rate of one module: warm-up from `warmup_start`, then per-iteration cosine to `floor`."""
+    """Learning rate of one module: held at 0 for `hold_epochs`, warm-up from `warmup_start`, then
+    per-iteration cosine to `floor`."""
 
     base: float = 1e-5  # scaled by global batch / optim.lr_batch
     floor: float = 1e-7  # not scaled
     warmup_epochs: float = 0.0
     warmup_start: float = 1e-6  # not scaled
+    hold_epochs: float = 0.0  # learning rate 0 for this many epochs first; warm-up and decay then share the rest
 
 
 @dataclass

@@ -48,9 +48,9 @@ def test_param_groups_one_schedule_per_module_and_no_decay_exclusions():
 def test_schedule_scales_warms_up_and_decays_per_iteration():
     sched = build_schedule(
         {
-            "backbone": (1e-5, 1e-7, 0.0, 1e-6),
-            "classifier": (1e-4, 1e-6, 0.0, 1e-6),
-            "locator": (1e-4, 1e-6, 2.0, 1e-6),
+            "backbone": (1e-5, 1e-7, 0.0, 1e-6, 0.0),
+            "classifier": (1e-4, 1e-6, 0.0, 1e-6, 0.0),
+            "locator": (1e-4, 1e-6, 2.0, 1e-6, 0.0),
         },
         global_batch=64,
         lr_batch=128,
@@ -70,11 +70,28 @@ def test_schedule_scales_warms_up_and_decays_per_iteration():
     assert [g(i) for i in range(5)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
 
 
+def test_a_held_module_starts_its_schedule_late():
+    """hold_epochs: learning rate 0, then the warm-up and the cosine squeezed into what is left."""
+    sched = build_schedule(
+        {"backbone": (1.0, 0.0, 0, 0, 0), "classifier": (1.0, 0.0, 0, 0, 0), "locator": (2.0, 0.1, 1.0, 0.0, 2.0)},
+        global_batch=128,
+        lr_batch=128,
+        steps_per_epoch=4,
+        epochs=5,
+    )
+    lrs = [sched.lrs(i)["locator"] for i in range(21)]
+    assert lrs[:8] == [0.0] * 8  # held for 2 epochs
+    assert lrs[8:13] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])  # warm-up over 1 epoch
+    plain = GroupSchedule(base=2.0, floor=0.1, warmup=0, warmup_start=0.0, total=8)
+    assert lrs[12:] == pytest.approx([plain(i) for i in range(9)])  # cosine over the last 2 epochs
+    assert sched.lrs(0)["backbone"] == 1.0  # the other modules are not held
+
+
 def test_schedule_sets_every_group_of_the_optimizer():
     model = tiny_model()
     opt = build_optimizer(model, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
     sched = build_schedule(
-        {"backbone": (1.0, 0.0, 0, 0), "classifier": (2.0, 0.0, 0, 0), "locator": (3.0, 0.0, 0, 0)},
+        {"backbone": (1.0, 0.0, 0, 0, 0), "classifier": (2.0, 0.0, 0, 0, 0), "locator": (3.0, 0.0, 0, 0, 0)},
         global_batch=128,
         lr_batch=128,
         steps_per_epoch=1,

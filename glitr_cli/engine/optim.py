@@ -46,8 +46,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class GroupSchedule:
     """Learning rate of one module at optimiser step `it` (0-based) of `total`.
 
-    Linear warm-up from `warmup_start` to `base` over `warmup` steps, then half-cosine from
-    `base` down to `floor` over the remaining steps.
+    Zero for the first `hold` steps, then linear warm-up from `warmup_start` to `base` over
+    `warmup` steps, then half-cosine from `base` down to `floor` over the remaining steps.
     """
 
     base: float
@@ -55,11 +55,15 @@ class GroupSchedule:
     warmup: int
     warmup_start: float
     total: int
+    hold: int = 0
 
     def __call__(self, it: int) -> float:
+        if it < self.hold:
+            return 0.0
+        it -= self.hold
         if it < self.warmup:
             return self.warmup_start + (self.base - self.warmup_start) * it / self.warmup
-        span = max(1, self.total - self.warmup)
+        span = max(1, self.total - self.hold - self.warmup)
         progress = min(1.0, (it - self.warmup) / span)
         return self.floor + 0.5 * (self.base - self.floor) * (1.0 + math.cos(math.pi * progress))
 
@@ -85,15 +89,15 @@ class LRSchedule:
 
 
 def build_schedule(
-    groups: dict[str, tuple[float, float, float, float]],
+    groups: dict[str, tuple[float, float, float, float, float]],
     *,
     global_batch: int,
     lr_batch: int,
     steps_per_epoch: int,
     epochs: int,
 ) -> LRSchedule:
-    """`groups` maps module -> (base, floor, warmup_epochs, warmup_start); base lr is scaled by
-    `global_batch / lr_batch`, floors and warm-up starts are not."""
+    """`groups` maps module -> (base, floor, warmup_epochs, warmup_start, hold_epochs); base lr is
+    scaled by `global_batch / lr_batch`, floors and warm-up starts are not."""
     total = steps_per_epoch * epochs
     scale = global_batch / lr_batch
     return LRSchedule(
@@ -104,8 +108,9 @@ def build_schedule(
                 warmup=round(warmup_epochs * steps_per_epoch),
                 warmup_start=warmup_start,
                 total=total,
+                hold=round(hold_epochs * steps_per_epoch),
             )
-            for name, (base, floor, warmup_epochs, warmup_start) in groups.items()
+            for name, (base, floor, warmup_epochs, warmup_start, hold_epochs) in groups.items()
         }
     )
 

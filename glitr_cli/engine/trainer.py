@@ -134,7 +134,11 @@ class Trainer:
             self.model, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps, fused=opt.fused
         )
         self.schedule = build_schedule(
-            {m: (g.base, g.floor, g.warmup_epochs, g.warmup_start) for m in MODULES for g in [getattr(opt, m)]},
+            {
+                m: (g.base, g.floor, g.warmup_epochs, g.warmup_start, g.hold_epochs)
+                for m in MODULES
+                for g in [getattr(opt, m)]
+            },
             global_batch=opt.batch_size,
             lr_batch=opt.lr_batch,
             steps_per_epoch=self.steps_per_epoch,
