@@ -15,8 +15,9 @@ Each stage is skipped when its result is there: finished toy videos are kept, th
 resumes a run from its checkpoints/last.pt (and does nothing for a finished one), evaluation
 and GIFs are redone only when the student checkpoint is newer than them. So an interrupted
 demo continues where it stopped. The recipes run as written except for the folders above
-and, when asked, the number of epochs (`epochs_scale`); `quick` shrinks everything to a
-smoke test of under a minute that proves the plumbing, not the accuracy.
+and, when asked, the number of epochs (`epochs_scale`, which scales a module's `hold_epochs`
+too); `quick` shrinks everything to a smoke test of under a minute that proves the plumbing,
+not the accuracy.
 """
 
 from __future__ import annotations
@@ -92,10 +93,18 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def _epochs(recipe: Path, scale: float) -> int:
+def scaled_epochs(recipe: Path, scale: float) -> list[str]:
+    """Overrides that train `recipe` for `scale` times its epochs; a module held still for some
+    epochs (`hold_epochs`) is held for the same share of them."""
+    from glitr_cli.engine.optim import MODULES
     from glitr_cli.recipe import load_recipe
 
-    return max(1, round(load_recipe(recipe).optim.epochs * scale))
+    optim = load_recipe(recipe).optim
+    epochs = max(1, round(optim.epochs * scale))
+    held = [(m, getattr(optim, m).hold_epochs) for m in MODULES]
+    return [f"optim.epochs={epochs}"] + [
+        f"optim.{m}.hold_epochs={hold * epochs / optim.epochs:g}" for m, hold in held if hold
+    ]
 
 
 def pick_videos(data: Path, n: int) -> list[tuple[Path, str]]:
@@ -243,8 +252,8 @@ def run_demo(
         *common,
     ]
     if not quick and epochs_scale != 1.0:
-        teacher_overrides.append(f"optim.epochs={_epochs(teacher_recipe, epochs_scale)}")
-        student_overrides.append(f"optim.epochs={_epochs(student_recipe, epochs_scale)}")
+        teacher_overrides += scaled_epochs(teacher_recipe, epochs_scale)
+        student_overrides += scaled_epochs(student_recipe, epochs_scale)
 
     stage(2, f"teacher (full frames) -> {res.teacher.parent.parent}")
     train(teacher_recipe, teacher_overrides, kind="teacher")

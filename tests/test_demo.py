@@ -7,7 +7,7 @@ import json
 from conftest import run_cli
 from PIL import Image
 
-from glitr_cli.demo import run_demo
+from glitr_cli.demo import recipes_dir, run_demo, scaled_epochs
 from glitr_cli.visualize import load_student
 
 
@@ -50,3 +50,8 @@ def test_demo_mistakes_exit_2(tmp_path, monkeypatch, capsys):
         code, _, err = run_cli(argv, monkeypatch, capsys)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_epochs_scale_scales_the_hold_of_a_held_module():
+    assert scaled_epochs(recipes_dir() / "toy_teacher.yaml", 0.5) == ["optim.epochs=15", "optim.locator.hold_epochs=10"]
+    assert scaled_epochs(recipes_dir() / "toy.yaml", 2.0) == ["optim.epochs=40"]  # nothing held
