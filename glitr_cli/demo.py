@@ -140,7 +140,7 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
     import numpy as np
     import torch
 
-    from glitr_cli.data.dataset import sample_indices
+    from glitr_cli.data.dataset import VideoFolderDataset, sample_indices
     from glitr_cli.data.toy import (
         clip_rng,
         plan_videos,
@@ -149,17 +149,16 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
         target_in_glimpse,
         target_revealed,
     )
-    from glitr_cli.engine.models import build_dataset, load_run_checkpoint, model_from_checkpoint
-    from glitr_cli.recipe import recipe_from_dict
+    from glitr_cli.data.transforms import eval_transform
+    from glitr_cli.visualize import load_student
 
     cfg = read_toy_config(data / "download")
-    ckpt = load_run_checkpoint(checkpoint, produced_by="train-glitr")
-    model = model_from_checkpoint(ckpt, str(checkpoint)).eval()
-    recipe = recipe_from_dict(ckpt["recipe"], f"the recipe stored in {checkpoint}")
-    recipe.data.root = str(data)
-    dataset = build_dataset(recipe.data, "val", train=False)
+    student = load_student(checkpoint)
+    model = student.model
+    transform = eval_transform(student.img_size, student.resize)
+    dataset = VideoFolderDataset(data, "val", num_frames=student.num_frames, transform=transform, train=False)
     videos = {v.id: v for v in plan_videos(cfg)}
-    indices = sample_indices(cfg.num_frames, model.num_frames, train=False)
+    indices = sample_indices(cfg.num_frames, student.num_frames, train=False)
     hits: dict[str, list[bool]] = {d: [] for d in cfg.directions}
     records = iter(dataset.records)
     with torch.no_grad():
@@ -173,8 +172,8 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
                     indices,
                     locs,
                     model.backbone.glimpse_scale[0],
-                    resize=recipe.data.resize,
-                    crop=recipe.data.img_size,
+                    resize=student.resize,
+                    crop=student.img_size,
                 )
                 hits[clip.direction] += inside[target_revealed(clip, cfg)[indices]].tolist()
     rates = {d: float(np.mean(h)) for d, h in hits.items() if h}

@@ -169,7 +169,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     ckpt = load_run_checkpoint(path, produced_by="train-glitr")
     if ckpt["kind"] != "glitr":
         raise GlitrError(
-            f"{path} is a {ckpt['kind']} checkpoint; visualize needs a GliTr (student) checkpoint "
+            f"{path} is a {ckpt['kind']} checkpoint, not a GliTr (student) checkpoint "
             "from `glitr train-glitr` or `glitr demo`"
         )
     recipe = recipe_from_dict(ckpt["recipe"], f"the recipe stored in {path}")

@@ -14,8 +14,9 @@ import torch
 
 from glitr_cli.engine.distributed import ResumableSampler, SeededDataset, ShardSampler
 from glitr_cli.engine.mixup import MixupCutmix, soft_targets
-from glitr_cli.engine.optim import GroupSchedule, build_optimizer, build_schedule, param_groups
+from glitr_cli.engine.optim import MODULES, GroupSchedule, build_optimizer, build_schedule, param_groups
 from glitr_cli.model import build_glitr
+from glitr_cli.recipe import GroupLR
 
 # ------------------------------------------------------------------------------------ optimiser
 
@@ -48,9 +49,9 @@ def test_param_groups_one_schedule_per_module_and_no_decay_exclusions():
 def test_schedule_scales_warms_up_and_decays_per_iteration():
     sched = build_schedule(
         {
-            "backbone": (1e-5, 1e-7, 0.0, 1e-6, 0.0),
-            "classifier": (1e-4, 1e-6, 0.0, 1e-6, 0.0),
-            "locator": (1e-4, 1e-6, 2.0, 1e-6, 0.0),
+            "backbone": GroupLR(base=1e-5, floor=1e-7, warmup_epochs=0.0, warmup_start=1e-6),
+            "classifier": GroupLR(base=1e-4, floor=1e-6, warmup_epochs=0.0, warmup_start=1e-6),
+            "locator": GroupLR(base=1e-4, floor=1e-6, warmup_epochs=2.0, warmup_start=1e-6),
         },
         global_batch=64,
         lr_batch=128,
@@ -73,7 +74,11 @@ def test_schedule_scales_warms_up_and_decays_per_iteration():
 def test_a_held_module_starts_its_schedule_late():
     """hold_epochs: learning rate 0, then the warm-up and the cosine squeezed into what is left."""
     sched = build_schedule(
-        {"backbone": (1.0, 0.0, 0, 0, 0), "classifier": (1.0, 0.0, 0, 0, 0), "locator": (2.0, 0.1, 1.0, 0.0, 2.0)},
+        {
+            "backbone": GroupLR(base=1.0, floor=0.0, warmup_start=0.0),
+            "classifier": GroupLR(base=1.0, floor=0.0, warmup_start=0.0),
+            "locator": GroupLR(base=2.0, floor=0.1, warmup_epochs=1.0, warmup_start=0.0, hold_epochs=2.0),
+        },
         global_batch=128,
         lr_batch=128,
         steps_per_epoch=4,
@@ -91,7 +96,7 @@ def test_schedule_sets_every_group_of_the_optimizer():
     model = tiny_model()
     opt = build_optimizer(model, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
     sched = build_schedule(
-        {"backbone": (1.0, 0.0, 0, 0, 0), "classifier": (2.0, 0.0, 0, 0, 0), "locator": (3.0, 0.0, 0, 0, 0)},
+        {m: GroupLR(base=base, floor=0.0, warmup_start=0.0) for m, base in zip(MODULES, (1.0, 2.0, 3.0), strict=True)},
         global_batch=128,
         lr_batch=128,
         steps_per_epoch=1,

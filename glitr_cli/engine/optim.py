@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from glitr_cli.recipe import GroupLR
+
 MODULES = ("backbone", "classifier", "locator")
 
 # learned tokens and embeddings: decaying them towards zero only hurts
@@ -89,28 +91,28 @@ class LRSchedule:
 
 
 def build_schedule(
-    groups: dict[str, tuple[float, float, float, float, float]],
+    groups: dict[str, GroupLR],
     *,
     global_batch: int,
     lr_batch: int,
     steps_per_epoch: int,
     epochs: int,
 ) -> LRSchedule:
-    """`groups` maps module -> (base, floor, warmup_epochs, warmup_start, hold_epochs); base lr is
-    scaled by `global_batch / lr_batch`, floors and warm-up starts are not."""
+    """`groups` maps module -> its recipe `GroupLR`; base lr is scaled by `global_batch / lr_batch`,
+    floors and warm-up starts are not."""
     total = steps_per_epoch * epochs
     scale = global_batch / lr_batch
     return LRSchedule(
         {
             name: GroupSchedule(
-                base=base * scale,
-                floor=floor,
-                warmup=round(warmup_epochs * steps_per_epoch),
-                warmup_start=warmup_start,
+                base=g.base * scale,
+                floor=g.floor,
+                warmup=round(g.warmup_epochs * steps_per_epoch),
+                warmup_start=g.warmup_start,
                 total=total,
-                hold=round(hold_epochs * steps_per_epoch),
+                hold=round(g.hold_epochs * steps_per_epoch),
             )
-            for name, (base, floor, warmup_epochs, warmup_start, hold_epochs) in groups.items()
+            for name, g in groups.items()
         }
     )
 

@@ -134,11 +134,7 @@ class Trainer:
             self.model, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps, fused=opt.fused
         )
         self.schedule = build_schedule(
-            {
-                m: (g.base, g.floor, g.warmup_epochs, g.warmup_start, g.hold_epochs)
-                for m in MODULES
-                for g in [getattr(opt, m)]
-            },
+            {m: getattr(opt, m) for m in MODULES},
             global_batch=opt.batch_size,
             lr_batch=opt.lr_batch,
             steps_per_epoch=self.steps_per_epoch,
