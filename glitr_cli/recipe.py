@@ -20,8 +20,9 @@ from typing import Any, Literal
 import yaml
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write_text
+from glitr_cli.paths import data_root, find_recipe, recipe_stem, run_dir
 
-RUNS_DIR = "runs"
 COMMANDS = {"teacher": "train-teacher", "glitr": "train-glitr"}  # the command that trains each recipe kind
 
 
@@ -120,6 +121,8 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA only; CPU always runs fp32
     compile: bool = False  # torch.compile T_f, T_c and T_l (fixed-shape calls; the loop over t stays eager)
     cuda_graphs: bool = True  # one GPU: replay each micro-step (fwd + bwd) as a CUDA graph; eager under torchrun
+    grad_checkpointing: bool = False  # recompute T_f's (and T_c's, T_l's) activations in backward: less memory
+    threads: int = 0  # PyTorch CPU threads; 0: $OMP_NUM_THREADS, else the cores data.workers leave free (recorded)
     checkpoint_every: int = 0  # also save every N optimiser steps (0 = only at the end of each epoch)
     keep_last: int = 3  # numbered checkpoints kept besides last.pt (0 = keep all)
     eval_every: int = 1  # validate every N epochs (0 = never during training)
@@ -320,11 +323,10 @@ def _override_dict(override: str) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file, apply `section.key=value` overrides, validate every key and type."""
-    path = Path(path)
-    if not path.is_file():
-        raise GlitrError(f"recipe {path} not found (ship recipes live in recipes/, e.g. recipes/toy_teacher.yaml)")
+def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe (a file, or the name of a shipped one: `find_recipe`), apply `section.key=value`
+    overrides, validate every key and type."""
+    path = find_recipe(spec)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -339,23 +341,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         merged = _merge(merged, one)
     recipe = recipe_from_dict(merged, str(path))
     if recipe.name is None:
-        recipe.name = path.stem
+        recipe.name = recipe_stem(path)
     return recipe
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
     """A copy with the layout defaults filled in: data root, output dir, a GliTr run's teacher."""
-    from glitr_cli.data.prepare import data_root
-
     out = recipe_from_dict(recipe_to_dict(recipe))
     if out.name is None:
         raise GlitrError("the recipe has no name; set name: in the recipe")
     if out.data.root is None:
         out.data.root = str(Path(data_root()) / out.data.dataset)
     if out.output_dir is None:
-        out.output_dir = str(Path(RUNS_DIR) / out.name)
+        out.output_dir = str(run_dir(out.name))
     if out.kind == "glitr" and out.objective.teacher is None:
-        out.objective.teacher = str(Path(RUNS_DIR) / f"{out.name}_teacher" / "checkpoints" / "last.pt")
+        out.objective.teacher = str(run_dir(f"{out.name}_teacher") / "checkpoints" / "last.pt")
     return out
 
 
@@ -363,4 +363,4 @@ def save_recipe(recipe: Recipe, path: str | Path, header: str = "") -> None:
     """Write `recipe` as YAML (keys in schema order) after optional comment lines `header`."""
     text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
     comments = "".join(f"# {line}\n" for line in header.splitlines())
-    Path(path).write_text(comments + text)
+    atomic_write_text(path, comments + text)

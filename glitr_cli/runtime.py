@@ -1,0 +1,158 @@
+"""How this process runs: one frozen `Runtime`, decided once from the recipe and the environment.
+
+Device, precision (autocast), CUDA graphs, `torch.compile`, gradient checkpointing, CPU threads,
+data-loader workers and the process's place in a `torchrun` job live here, so training,
+evaluation, `visualize`, `bench` and `demo` make the same choices for the same recipe.
+
+CPU threads: PyTorch starts one thread per core, and when loader workers (or other programs) hold
+some of those cores every parallel operation waits for a descheduled thread. The runtime gives
+PyTorch the cores the loader workers leave free (`train.threads: 0`), or `$OMP_NUM_THREADS` when it
+is set; a run records the number it used, because float results depend on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from glitr_cli.errors import GlitrError
+from glitr_cli.recipe import Recipe
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the variables `torchrun` sets; (0, 1, 0) without it."""
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def parse_device(
+    text: str, *, key: str = "train.device", local_rank: int = 0, distributed: bool = False
+) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a device that exists here; anything else is one clear line.
+
+    Under torchrun (`distributed`) `cuda` means this process's GPU, cuda:LOCAL_RANK."""
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise GlitrError(f"{key}={text!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise GlitrError(f"{key}={text!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise GlitrError(f"{key}={text}: no CUDA GPU is available here; use {key}=cpu")
+    if distributed or device.index is None:
+        device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
+        raise GlitrError(f"{key}={text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def auto_threads(workers: int) -> int:
+    """PyTorch threads when the recipe says 0: `$OMP_NUM_THREADS` if set, else the cores left by the workers."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, available_cores() - workers)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything about how the process runs that is not what it computes."""
+
+    device: torch.device
+    precision: str  # what runs: bf16 | fp16 | fp32 (fp32 off CUDA whatever the recipe says)
+    train_graphs: bool  # training micro-steps replayed as CUDA graphs (one CUDA process only)
+    eval_graphs: bool  # online steps replayed as CUDA graphs (CUDA only)
+    compile: bool
+    grad_checkpointing: bool
+    threads: int
+    workers: int
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, device: str | None = None) -> Runtime:
+        """The runtime `recipe` asks for in this process; `device` overrides `train.device` (`--device`)."""
+        rank, world, local_rank = torchrun_env()
+        key = "--device" if device is not None else "train.device"
+        dev = parse_device(device or recipe.train.device, key=key, local_rank=local_rank, distributed=world > 1)
+        t = recipe.train
+        on_cuda = dev.type == "cuda"
+        return cls(
+            device=dev,
+            precision=t.precision if on_cuda else "fp32",
+            train_graphs=t.cuda_graphs and on_cuda and world == 1,  # DDP's gradient hooks stay eager
+            eval_graphs=recipe.eval.cuda_graphs and on_cuda,
+            compile=t.compile,
+            grad_checkpointing=t.grad_checkpointing,
+            threads=t.threads or auto_threads(recipe.data.workers),
+            workers=recipe.data.workers,
+            rank=rank,
+            world_size=world,
+        )
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES.get(self.precision)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def apply(self) -> None:
+        """Set this process's PyTorch thread count (process-wide; do it once, before any work)."""
+        torch.set_num_threads(self.threads)
+
+    def autocast(self, graphed: bool = False) -> contextlib.AbstractContextManager:
+        """Autocast to the runtime's precision (nothing in fp32). Under a CUDA graph (`graphed`) the
+        weight casts must be recomputed at every replay, not taken from autocast's cache."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not graphed)
+
+    def loader(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        sampler: Sampler | None = None,
+        drop_last: bool = False,
+        collate_fn: Callable[[list], Any] | None = None,
+        seed: int = 0,
+    ) -> DataLoader:
+        """A DataLoader with the runtime's workers (persistent), pinned memory on CUDA, and its own
+        generator, so creating an iterator never draws from the global one (bit-exact resume)."""
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=drop_last,
+            persistent_workers=self.workers > 0,
+            generator=torch.Generator().manual_seed(seed),
+        )
