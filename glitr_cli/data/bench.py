@@ -13,7 +13,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from glitr_cli.data.dataset import VideoFolderDataset
+from glitr_cli.data.formats import DATASETS
+from glitr_cli.data.transforms import eval_transform, train_transform
 from glitr_cli.errors import GlitrError
+from glitr_cli.paths import data_root
 
 
 def measure_loader(
@@ -78,8 +82,6 @@ def measure_loader(
 def resolve_dataset(dataset: str | Path, root: Path | None = None) -> Path:
     """A dataset folder from a path, or from a name (ssv2, jester, toy) under the data root
     (`root`, else `$GLITR_DATA` or ./data) when no such folder exists here."""
-    from glitr_cli.data.prepare import DATASETS, data_root
-
     path = Path(dataset)
     if str(dataset) in DATASETS and not (path / "category.txt").is_file():
         return (root if root is not None else data_root()) / str(dataset)
@@ -99,9 +101,6 @@ def benchmark_dataset(
 ) -> dict[str, Any]:
     """`measure_loader` on a prepared dataset with the training (RandAugment + crop) or the
     evaluation transform; `resize` defaults to size * 256 / 224."""
-    from glitr_cli.data.dataset import VideoFolderDataset
-    from glitr_cli.data.transforms import eval_transform, train_transform
-
     if train:
         transform = train_transform(size)
     else:

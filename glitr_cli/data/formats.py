@@ -21,13 +21,15 @@ Formats (as the official downloads and the TSM generators write them):
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write_text
+
+DATASETS = ("ssv2", "jester", "toy")  # what `glitr prepare-data` knows by name
 
 
 @dataclass(frozen=True)
@@ -111,14 +113,6 @@ def _json_array_items(path: Path, what: str) -> list[tuple[int, Any]]:
     if text[pos:].strip():
         raise GlitrError(f"{path}:{_line_of(text, pos)}: malformed JSON in {what} (extra data after the list)")
     return items
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file so that readers see either the old or the complete new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- SSv2

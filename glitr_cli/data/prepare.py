@@ -14,25 +14,21 @@ This module imports no torch, so worker processes start quickly.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import av
-import numpy as np
 from PIL import Image
 
 from glitr_cli.data.formats import (
+    DATASETS,
     DatasetInfo,
     SplitEntry,
     VideoRecord,
-    atomic_write_text,
     parse_jester_labels,
     parse_jester_split,
     parse_ssv2_labels,
@@ -41,25 +37,18 @@ from glitr_cli.data.formats import (
     write_dataset_info,
     write_list,
 )
+from glitr_cli.data.parallel import default_workers, map_tasks
+from glitr_cli.data.toy import ToyConfig, generate_toy
+from glitr_cli.data.video import iter_video_frames, resized_size
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write_text
+from glitr_cli.paths import data_root
 
-DATASETS = ("ssv2", "jester", "toy")
 SPLIT_LISTS = {"train": "train_videofolder.txt", "val": "val_videofolder.txt", "test": "test_videofolder.txt"}
 SSV2_VIDEO_DIR = "20bn-something-something-v2"
 JESTER_FRAME_DIR = "20bn-jester-v1"
 PARTIAL_PREFIX = ".partial-"
 _NOT_VIDEO = {".json", ".csv", ".txt", ".md", ".tar", ".gz", ".zip"}
-
-
-def data_root() -> Path:
-    """Where datasets live: `$GLITR_DATA` if set, else `data` (relative to the working directory)."""
-    env = os.environ.get("GLITR_DATA")
-    return Path(env) if env else Path("data")
-
-
-def default_workers() -> int:
-    """Worker processes used when none are given: the CPU count, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass
@@ -94,143 +83,6 @@ class PrepareSummary:
         if len(self.failed) > max_failures:
             lines.append(f"  ... and {len(self.failed) - max_failures} more")
         return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-def _av_reason(e: BaseException) -> str:
-    msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return " ".join(str(msg).split())
-
-
-def _resized_size(w: int, h: int, short_side: int | None) -> tuple[int, int]:
-    if short_side is None or min(w, h) == short_side:
-        return w, h
-    if h <= w:
-        return max(1, round(w * short_side / h)), short_side
-    return short_side, max(1, round(h * short_side / w))
-
-
-def iter_video_frames(
-    path: Path | str, short_side: int | None = None, check_complete: bool = True
-) -> Iterator[np.ndarray]:
-    """Decode any PyAV-readable video file, yielding RGB frames as uint8 arrays (H, W, 3).
-
-    `short_side` resizes (bicubic) so the shorter side has that many pixels. With
-    `check_complete`, a file whose decoded frames cover clearly less than the duration
-    its header announces (a truncated download) raises. Every failure raises `GlitrError`
-    naming the file."""
-    path = Path(path)
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as e:
-        raise GlitrError(f"{path}: cannot open as a video ({_av_reason(e)})") from None
-    with container:
-        if not container.streams.video:
-            raise GlitrError(f"{path}: has no video stream")
-        stream = container.streams.video[0]
-        n = 0
-        first_t = last_t = None
-        size: tuple[int, int] | None = None
-        try:
-            for frame in container.decode(stream):
-                if size is None:
-                    size = _resized_size(frame.width, frame.height, short_side)
-                arr = frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
-                if frame.time is not None:
-                    first_t = frame.time if first_t is None else first_t
-                    last_t = frame.time
-                n += 1
-                yield arr
-        except av.FFmpegError as e:
-            raise GlitrError(f"{path}: decoding failed after {n} frames ({_av_reason(e)})") from None
-        if n == 0:
-            raise GlitrError(f"{path}: no video frames could be decoded")
-        if check_complete:
-            _check_complete(path, container, stream, n, first_t, last_t)
-
-
-def _check_complete(
-    path: Path, container: Any, stream: Any, n: int, first_t: float | None, last_t: float | None
-) -> None:
-    # A container cut short often still opens and decodes a prefix without any error
-    # (WebM, Matroska, AVI), so compare what was decoded with what the header announces.
-    expected = stream.frames or 0
-    if expected > 0 and n < 0.9 * expected and expected - n > 2:
-        raise GlitrError(f"{path}: truncated: decoded {n} of the {expected} frames its header announces")
-    rate = stream.average_rate or stream.guessed_rate
-    if not rate or first_t is None or last_t is None:
-        return
-    total = None
-    if stream.duration and stream.time_base:
-        total = float(stream.duration * stream.time_base)
-    elif container.duration and len(container.streams) == 1:
-        total = container.duration / 1_000_000
-    if not total:
-        return
-    step = 1.0 / float(rate)
-    covered = last_t - first_t + step
-    if covered < 0.9 * total and total - covered > 2.5 * step:
-        raise GlitrError(f"{path}: truncated: {n} decoded frames cover {covered:.2f} s of the {total:.2f} s announced")
-
-
-def decode_video(path: Path | str, short_side: int | None = None) -> list[np.ndarray]:
-    """All frames of a video as uint8 RGB arrays (H, W, 3); see `iter_video_frames`."""
-    return list(iter_video_frames(path, short_side))
-
-
-# ----------------------------------------------------------------------------- parallel map
-
-
-def _map_tasks(
-    fn: Callable[[Any], Any],
-    tasks: list[Any],
-    workers: int,
-    progress: bool,
-    description: str,
-    threads: bool = False,
-) -> Iterator[Any]:
-    """Run `fn` over `tasks` (in-process for workers <= 1), yielding results as they finish,
-    with a rich progress bar. At most 4 tasks per worker are in flight."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress or not tasks,
-        transient=False,
-    )
-    with bar:
-        tid = bar.add_task(description, total=len(tasks))
-        if workers <= 1 or len(tasks) <= 1:
-            for t in tasks:
-                yield fn(t)
-                bar.advance(tid)
-            return
-        pool: Executor
-        if threads:
-            pool = ThreadPoolExecutor(workers)
-        else:
-            # spawn: workers never inherit a parent's threads (torch, rich) half-locked
-            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-        with pool:
-            it = iter(tasks)
-            pending: set[Future] = set()
-            for t in it:
-                pending.add(pool.submit(fn, t))
-                if len(pending) >= 4 * workers:
-                    break
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    yield f.result()
-                    bar.advance(tid)
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending.add(pool.submit(fn, nxt))
 
 
 def _count_jpegs(folder: Path) -> int:
@@ -276,7 +128,7 @@ def _resize_frame_folder(task: tuple[str, str, str, str, int, int]) -> tuple[str
         for i in range(1, n + 1):
             with Image.open(Path(src_dir) / (template % i)) as im:
                 im = im.convert("RGB")
-                w, h = _resized_size(im.width, im.height, short_side)
+                w, h = resized_size(im.width, im.height, short_side)
                 im.resize((w, h), Image.Resampling.BICUBIC).save(tmp / f"{i:06d}.jpg", quality=quality)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,7 +208,7 @@ def _extract_all(
             todo.append((vid, str(path), str(frames), short_side, quality))
     skipped = len(counts)
     failed: list[tuple[str, str]] = []
-    for vid, n, reason in _map_tasks(_extract_video, todo, workers, progress, f"{name}: decoding videos"):
+    for vid, n, reason in map_tasks(_extract_video, todo, workers, progress, f"{name}: decoding videos"):
         if reason is None:
             counts[vid] = n
         else:
@@ -512,7 +364,7 @@ def prepare_jester(
     done = skipped = 0
     if short_side is None:
         checks = [(vid, str(frame_dir / vid), template) for vid in ids]
-        for vid, n, reason in _map_tasks(
+        for vid, n, reason in map_tasks(
             _check_frame_folder, checks, workers, progress, "jester: counting frames", threads=True
         ):
             if reason is None:
@@ -531,7 +383,7 @@ def prepare_jester(
             else:
                 todo.append((vid, str(frame_dir / vid), template, str(out_frames), short_side, quality))
         skipped = len(counts)
-        for vid, n, reason in _map_tasks(_resize_frame_folder, todo, workers, progress, "jester: resizing frames"):
+        for vid, n, reason in map_tasks(_resize_frame_folder, todo, workers, progress, "jester: resizing frames"):
             if reason is None:
                 counts[vid] = n
             else:
@@ -560,8 +412,6 @@ def prepare_toy(
     SSv2 preparation on them into `out` (frames at their native size unless `short_side`).
     `toy_options` are `ToyConfig` fields (seed, num_train, num_val, num_test, num_frames,
     size, shapes, directions, distractors)."""
-    from glitr_cli.data.toy import ToyConfig, generate_toy
-
     t0 = time.perf_counter()
     workers = workers or default_workers()
     config = ToyConfig.from_options(**toy_options)

@@ -32,12 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 from PIL import Image
 
-from glitr_cli.data.formats import atomic_write_text, template_to_class
+from glitr_cli.data.formats import template_to_class
+from glitr_cli.data.parallel import map_tasks
+from glitr_cli.data.video import encode_video
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write_text
 
 SHAPES = ("square", "ring", "triangle", "cross", "diamond")
 DIRECTIONS: dict[str, tuple[float, float]] = {
@@ -320,29 +322,13 @@ def make_clip(cfg: ToyConfig, video: ToyVideo) -> np.ndarray:
     return render_clip(sample_clip(clip_rng(cfg, video), cfg, shape, direction), cfg)
 
 
-def encode_video(path: Path, frames: np.ndarray, fps: int = 12, crf: int = 8) -> None:
-    """Encode uint8 frames (T, H, W, 3) as VP9 in WebM (the SSv2 format), single-threaded
-    so the bytes are reproducible."""
-    t, h, w, _ = frames.shape
-    # bitexact: no random segment UID or date in the header, so a seed gives the same bytes
-    with av.open(str(path), "w", format="webm", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream("libvpx-vp9", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        # realtime/cpu-used 8 is ~3x faster than "good" at the same PSNR (~37 dB) on these clips
-        stream.options = {"crf": str(crf), "b:v": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "0"}
-        stream.codec_context.thread_count = 1
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def _make_video(task: tuple[ToyConfig, ToyVideo, str]) -> str:
     """Worker: render and encode one video, written under a temporary name then renamed."""
     cfg, video, path = task
     tmp = f"{path}.partial"
-    encode_video(Path(tmp), make_clip(cfg, video), cfg.fps)
+    # single-threaded and bitexact, so a seed gives the same bytes
+    options = {"crf": "8", "row-mt": "0"}
+    encode_video(tmp, make_clip(cfg, video), "vp9", cfg.fps, options=options, bitexact=True, threads=1)
     os.replace(tmp, path)
     return video.id
 
@@ -386,8 +372,6 @@ def generate_toy(download: Path, cfg: ToyConfig, workers: int = 1, progress: boo
 
     Resumable: existing videos are kept. A `toy.json` records the settings; a folder made
     with other settings is an error rather than a silent mix."""
-    from glitr_cli.data.prepare import _map_tasks
-
     download.mkdir(parents=True, exist_ok=True)
     settings = {"generator": GENERATOR_VERSION, **asdict(cfg)}
     settings["shapes"], settings["directions"] = list(cfg.shapes), list(cfg.directions)
@@ -412,6 +396,6 @@ def generate_toy(download: Path, cfg: ToyConfig, workers: int = 1, progress: boo
     vdir.mkdir(exist_ok=True)
     tasks = [(cfg, v, str(vdir / f"{v.id}.webm")) for v in videos if not (vdir / f"{v.id}.webm").is_file()]
     n = 0
-    for _ in _map_tasks(_make_video, tasks, workers, progress, "toy: generating videos"):
+    for _ in map_tasks(_make_video, tasks, workers, progress, "toy: generating videos"):
         n += 1
     return n

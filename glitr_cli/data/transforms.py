@@ -17,6 +17,7 @@ import torch
 from torchvision.transforms import v2
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.recipe import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -140,3 +141,17 @@ def denormalize(
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x * s + m).clamp(0.0, 1.0)
+
+
+def clip_train_transform(cfg: DataConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training transform a recipe's `data` section describes."""
+    return train_transform(
+        cfg.img_size,
+        randaug_m=cfg.randaug_m,
+        randaug_n=cfg.randaug_n,
+        randaug_mstd=cfg.randaug_mstd,
+        scale=cfg.scale,
+        ratio=cfg.ratio,
+        erase_prob=cfg.erase_prob,
+        randaug_prob=cfg.randaug_prob,
+    )

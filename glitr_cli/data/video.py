@@ -1,0 +1,252 @@
+"""Video files in and out, all through PyAV: decoding any container and codec into RGB frames,
+encoding frames (the toy generator, `glitr visualize`, the tests), and reading a video file or a
+folder of JPEG/PNG frames frame by frame (`FrameSource`).
+
+Frames are uint8 numpy arrays (H, W, 3), RGB.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import av
+import numpy as np
+from PIL import Image
+
+from glitr_cli.errors import GlitrError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+# name -> (container format, encoder, default encoder options)
+CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "vp9": ("webm", "libvpx-vp9", {"crf": "20", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}),
+    "vp8": ("webm", "libvpx", {"crf": "10", "b:v": "1M", "deadline": "realtime", "cpu-used": "8"}),
+    "h264": ("mp4", "libx264", {"crf": "18"}),
+    "h264-mkv": ("matroska", "libx264", {"crf": "18", "preset": "ultrafast"}),
+    "mpeg4": ("avi", "mpeg4", {"qscale": "3"}),
+}
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def _av_reason(e: BaseException) -> str:
+    msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return " ".join(str(msg).split())
+
+
+def resized_size(w: int, h: int, short_side: int | None) -> tuple[int, int]:
+    """(width, height) after resizing so the shorter side is `short_side` (None: unchanged)."""
+    if short_side is None or min(w, h) == short_side:
+        return w, h
+    if h <= w:
+        return max(1, round(w * short_side / h)), short_side
+    return short_side, max(1, round(h * short_side / w))
+
+
+def iter_video_frames(
+    path: Path | str, short_side: int | None = None, check_complete: bool = True
+) -> Iterator[np.ndarray]:
+    """Decode any PyAV-readable video file, yielding RGB frames as uint8 arrays (H, W, 3).
+
+    `short_side` resizes (bicubic) so the shorter side has that many pixels. With
+    `check_complete`, a file whose decoded frames cover clearly less than the duration
+    its header announces (a truncated download) raises. Every failure raises `GlitrError`
+    naming the file."""
+    path = Path(path)
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise GlitrError(f"{path}: cannot open as a video ({_av_reason(e)})") from None
+    with container:
+        if not container.streams.video:
+            raise GlitrError(f"{path}: has no video stream")
+        stream = container.streams.video[0]
+        n = 0
+        first_t = last_t = None
+        size: tuple[int, int] | None = None
+        try:
+            for frame in container.decode(stream):
+                if size is None:
+                    size = resized_size(frame.width, frame.height, short_side)
+                arr = frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
+                if frame.time is not None:
+                    first_t = frame.time if first_t is None else first_t
+                    last_t = frame.time
+                n += 1
+                yield arr
+        except av.FFmpegError as e:
+            raise GlitrError(f"{path}: decoding failed after {n} frames ({_av_reason(e)})") from None
+        if n == 0:
+            raise GlitrError(f"{path}: no video frames could be decoded")
+        if check_complete:
+            _check_complete(path, container, stream, n, first_t, last_t)
+
+
+def _check_complete(
+    path: Path, container: Any, stream: Any, n: int, first_t: float | None, last_t: float | None
+) -> None:
+    # A container cut short often still opens and decodes a prefix without any error
+    # (WebM, Matroska, AVI), so compare what was decoded with what the header announces.
+    expected = stream.frames or 0
+    if expected > 0 and n < 0.9 * expected and expected - n > 2:
+        raise GlitrError(f"{path}: truncated: decoded {n} of the {expected} frames its header announces")
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate or first_t is None or last_t is None:
+        return
+    total = None
+    if stream.duration and stream.time_base:
+        total = float(stream.duration * stream.time_base)
+    elif container.duration and len(container.streams) == 1:
+        total = container.duration / 1_000_000
+    if not total:
+        return
+    step = 1.0 / float(rate)
+    covered = last_t - first_t + step
+    if covered < 0.9 * total and total - covered > 2.5 * step:
+        raise GlitrError(f"{path}: truncated: {n} decoded frames cover {covered:.2f} s of the {total:.2f} s announced")
+
+
+def decode_video(path: Path | str, short_side: int | None = None) -> list[np.ndarray]:
+    """All frames of a video as uint8 RGB arrays (H, W, 3); see `iter_video_frames`."""
+    return list(iter_video_frames(path, short_side))
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+class VideoWriter:
+    """Encode RGB frames one at a time (long videos need no memory) with one of `CODECS`.
+
+    The first frame fixes the size; odd sides are padded with black to even ones (yuv420p needs
+    them). `options` update the codec's defaults; `bitexact` keeps random ids and dates out of the
+    header and `threads` fixes the encoder's threads, so the same frames give the same bytes.
+    The container format is explicit, so the file name's extension does not matter.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fps: float,
+        codec: str = "h264",
+        options: dict[str, str] | None = None,
+        bitexact: bool = False,
+        threads: int = 0,
+    ) -> None:
+        fmt, self._encoder, defaults = CODECS[codec]
+        self._options = {**defaults, **(options or {})}
+        self._threads = threads
+        self._rate = Fraction(fps).limit_denominator(1000)
+        self.container = av.open(str(path), "w", format=fmt, options={"fflags": "+bitexact"} if bitexact else {})
+        self.stream: Any = None
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one uint8 frame (H, W, 3)."""
+        h, w = frame.shape[:2]
+        if self.stream is None:
+            self.stream = self.container.add_stream(self._encoder, rate=self._rate)
+            self.stream.width, self.stream.height = w + w % 2, h + h % 2
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = dict(self._options)
+            if self._threads:
+                self.stream.codec_context.thread_count = self._threads
+        if (w + w % 2, h + h % 2) != (self.stream.width, self.stream.height):
+            raise ValueError(f"frame of {w}x{h} in a video of {self.stream.width}x{self.stream.height}")
+        if w % 2 or h % 2:
+            frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)))
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        for packet in self.stream.encode(video_frame):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        """Flush the encoder and close the file."""
+        if self.stream is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        self.container.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def encode_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: float = 12, **options: Any) -> Path:
+    """Encode frames (T, H, W, 3) uint8 into `path`; `options` are `VideoWriter`'s."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(path, fps, codec, **options) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- frame sources
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The JPEG/PNG files of a frame folder in natural order (frame2 before frame10)."""
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    if not files:
+        raise GlitrError(f"{folder}: a folder of frames must hold .jpg/.jpeg/.png images, found none")
+    return files
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file as RGB uint8 (H, W, 3); an unreadable one is a GlitrError naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise GlitrError(f"{path}: cannot read as an image ({e})") from None
+
+
+class FrameSource:
+    """RGB uint8 frames (H, W, 3) of a video file (PyAV) or a folder of images, with their indices."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise GlitrError(f"{self.path}: no such video file or frame folder")
+        self._files = image_files(self.path) if self.path.is_dir() else None
+
+    def count(self) -> int:
+        """Number of frames (decodes a video file once; cheap thanks to a tiny output size)."""
+        if self._files is not None:
+            return len(self._files)
+        # decoding is unavoidable (headers often omit or misstate the count); converting every
+        # frame to an 8-pixel image keeps the counting pass cheap
+        return sum(1 for _ in iter_video_frames(self.path, short_side=8))
+
+    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, frame) for every frame in order."""
+        if self._files is not None:
+            for i, f in enumerate(self._files):
+                yield i, read_image(f)
+            return
+        yield from enumerate(iter_video_frames(self.path))
+
+    def select(self, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """The frames at `indices` (ascending, repeats allowed), decoding the video once."""
+        if self._files is not None:
+            for i in indices:
+                yield i, read_image(self._files[i])
+            return
+        wanted = iter(indices)
+        nxt = next(wanted, None)
+        for i, frame in self.frames():
+            while nxt == i:
+                yield i, frame
+                nxt = next(wanted, None)
+            if nxt is None:
+                return
