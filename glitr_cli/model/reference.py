@@ -1,0 +1,91 @@
+"""The plain reference path: what the original GliTr code computes, the way it computes it.
+
+float32 (the caller's), explicit softmax attention (`set_fused_attn(False)` on the model), both
+temporal heads re-run over the whole prefix at every student step (O(T^2)), and deep copies of
+the backbone and class head at every teacher step for the location losses. Training never takes
+this path; the tests use it as the oracle that the fast path must equal, and `glitr bench` as
+the yardstick its speed-ups are measured against. The objectives have the interface of
+`StudentObjective` and `TeacherObjective`: (frames, target) -> dict of losses and logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glitr_cli.model.glitr import GliTr, StudentOutput, kl_divergence, step_cross_entropy
+
+
+def plain_student_forward(student: GliTr, frames: torch.Tensor) -> StudentOutput:
+    """The original's student loop: at step t both heads re-read all t features (O(T^2))."""
+    b, t = frames.shape[:2]
+    loc = student.initial_location(b)
+    feats, logits, locs = [], [], []
+    for i in range(t):
+        locs.append(loc)
+        feats.append(student.backbone(frames[:, i], loc))
+        prefix = torch.stack(feats, dim=1)  # (B, i + 1, D)
+        loc = student.locator(prefix.detach())[:, -1]
+        logits.append(student.classifier(prefix)[:, -1])
+    return StudentOutput(torch.stack(feats, 1), torch.stack(logits, 1), torch.stack(locs, 1))
+
+
+class PlainStudentObjective(nn.Module):
+    """The student loss of the original: L_cls + MSE to the teacher's features + KL to its predictions."""
+
+    def __init__(self, student: GliTr, teacher: GliTr, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.student, self.teacher, self.label_smoothing = student, teacher, label_smoothing
+        teacher.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> PlainStudentObjective:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, frames: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            teacher_feat = self.teacher.encode_frames(frames)
+            teacher_logits = self.teacher.classifier(teacher_feat)
+        out = plain_student_forward(self.student, frames)
+        cls = step_cross_entropy(out.logits, labels, self.label_smoothing)
+        spatial = F.mse_loss(out.feat, teacher_feat)
+        temporal = kl_divergence(out.logits, teacher_logits)
+        loss = cls + spatial + temporal
+        return {"loss": loss, "cls": cls, "spatial": spatial, "temporal": temporal, "logits": out.logits}
+
+
+class PlainTeacherObjective(nn.Module):
+    """The teacher loss of the original: frozen snapshots for the location losses are deep copies."""
+
+    def __init__(self, model: GliTr, videomae: nn.Module | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.videomae, self.label_smoothing = model, videomae, label_smoothing
+
+    def forward(self, frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self.model
+        out = model.forward_teacher(frames)
+        b, t = frames.shape[:2]
+        cls = step_cross_entropy(out.logits, target, self.label_smoothing)
+        backbone = copy.deepcopy(model.backbone).requires_grad_(False)
+        classifier = copy.deepcopy(model.classifier).requires_grad_(False)
+        glimpse_feat = backbone(frames.flatten(0, 1), out.locs.flatten(0, 1)).view(b, t, -1)  # (B, T, D)
+        loc_mse = F.mse_loss(glimpse_feat, out.feat.detach())
+        loc_kld = kl_divergence(classifier(glimpse_feat), out.logits)
+        distill = out.logits.new_zeros(())
+        if self.videomae is not None:
+            with torch.no_grad():
+                target_logits = self.videomae.forward_clip(frames)
+            distill = kl_divergence(out.logits[:, -1], target_logits)
+        loss = cls + distill + loc_mse + loc_kld
+        return {
+            "loss": loss,
+            "cls": cls,
+            "distill": distill,
+            "loc_mse": loc_mse,
+            "loc_kld": loc_kld,
+            "logits": out.logits,
+        }
