@@ -1,93 +1,44 @@
-"""`glitr bench`: speed figures for a recipe's models, against a plain reimplementation of the original.
+"""`glitr bench`: speed figures for a recipe's models, against the plain reference path.
 
-The plain path does what the original GliTr code does: float32, explicit softmax attention,
-both temporal heads re-run over the whole prefix at every student step (O(T^2)), and deep
-copies of the backbone and class head at every teacher step for the location losses. It lives
-here only, as the yardstick; training always takes the fast path, which computes the same
-function (tests/test_bench.py checks that).
+It times what the commands run: the trainer's own optimiser step (`TrainStep`: schedule, autocast,
+CUDA graphs or compile, loss scaling, AdamW) on synthetic clips of the recipe's shapes, and
+evaluation's own batched pass and online predictor, all under the recipe's `Runtime`. The yardstick
+is the same `TrainStep` over the plain reference path of `model/reference.py` (the original's
+algorithm: float32, unfused attention, O(T^2) student loop, deep copies in the teacher step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import platform
 import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from glitr_cli.engine.graphs import GraphedStep
-from glitr_cli.engine.models import build_model
-from glitr_cli.engine.optim import build_optimizer
+from glitr_cli.data.bench import measure_loader
+from glitr_cli.data.dataset import build_dataset
+from glitr_cli.data.transforms import clip_train_transform
+from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
+from glitr_cli.engine.evaluation import online_predictor, predict_clips
+from glitr_cli.engine.loading import build_model
+from glitr_cli.engine.objectives import Objective, reference_objective, student_objective, teacher_objective
+from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError
-from glitr_cli.model import (
-    GliTr,
-    OnlinePredictor,
-    StudentObjective,
-    StudentOutput,
-    TeacherObjective,
-    kl_divergence,
-    step_cross_entropy,
-)
+from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
-
-Loss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+from glitr_cli.runtime import Runtime
 
 # dense bf16 tensor-core peaks (FLOP/s) of GPUs whose figures are public
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
-
-
-# ------------------------------------------------------------------------------------ the plain path
-
-
-def plain_student_forward(student: GliTr, frames: torch.Tensor) -> StudentOutput:
-    """The original's student loop: at step t both heads re-read all t features (O(T^2))."""
-    b, t = frames.shape[:2]
-    loc = student.initial_location(b)
-    feats, logits, locs = [], [], []
-    for i in range(t):
-        locs.append(loc)
-        feats.append(student.backbone(frames[:, i], loc))
-        prefix = torch.stack(feats, dim=1)  # (B, i + 1, D)
-        loc = student.locator(prefix.detach())[:, -1]
-        logits.append(student.classifier(prefix)[:, -1])
-    return StudentOutput(torch.stack(feats, 1), torch.stack(logits, 1), torch.stack(locs, 1))
-
-
-def plain_student_loss(
-    student: GliTr, teacher: GliTr, frames: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
-) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        teacher_feat = teacher.encode_frames(frames)
-        teacher_logits = teacher.classifier(teacher_feat)
-    out = plain_student_forward(student, frames)
-    cls = step_cross_entropy(out.logits, labels, label_smoothing)
-    spatial = F.mse_loss(out.feat, teacher_feat)
-    temporal = kl_divergence(out.logits, teacher_logits)
-    return {"loss": cls + spatial + temporal, "cls": cls, "spatial": spatial, "temporal": temporal}
-
-
-def plain_teacher_loss(model: GliTr, frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The original's teacher step: frozen snapshots for the location losses are deep copies."""
-    out = model.forward_teacher(frames)
-    b, t = frames.shape[:2]
-    cls = step_cross_entropy(out.logits, target)
-    backbone = copy.deepcopy(model.backbone).requires_grad_(False)
-    classifier = copy.deepcopy(model.classifier).requires_grad_(False)
-    glimpse_feat = backbone(frames.flatten(0, 1), out.locs.flatten(0, 1)).view(b, t, -1)
-    loc_mse = F.mse_loss(glimpse_feat, out.feat.detach())
-    loc_kld = kl_divergence(classifier(glimpse_feat), out.logits)
-    return {"loss": cls + loc_mse + loc_kld, "cls": cls, "loc_mse": loc_mse, "loc_kld": loc_kld}
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -132,6 +83,23 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with counter:
         fn()
     return counter.get_total_flops()
+
+
+def saved_for_backward_mib(fn: Callable[[], Any], exclude: set[int]) -> float:
+    """MiB of distinct tensors autograd keeps for the backward pass during one call of `fn`: its
+    activation memory on any device (what gradient checkpointing trades for recomputation).
+    Storages whose address is in `exclude` (the parameters) are not counted."""
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes.values()) / 2**20
 
 
 def gpu_peak(device: torch.device) -> float | None:
@@ -179,21 +147,29 @@ class Bench:
 
     def __init__(self, recipe: Recipe, settings: BenchSettings) -> None:
         self.recipe, self.settings = recipe, settings
-        self.device = _device(recipe.train.device)
-        self.amp = self.device.type == "cuda" and recipe.train.precision != "fp32"
-        self.amp_dtype = torch.float16 if recipe.train.precision == "fp16" else torch.bfloat16
+        self.runtime = Runtime.from_recipe(recipe)
+        self.runtime.apply()
+        self.device = self.runtime.device
         opt = recipe.optim
-        self.batch = settings.batch_size or max(1, opt.batch_size // opt.accum_steps)
-        self.teacher_batch = settings.teacher_batch_size or self.batch
+        self.batch = (
+            settings.batch_size if settings.batch_size is not None else max(1, opt.batch_size // opt.accum_steps)
+        )
+        self.teacher_batch = settings.teacher_batch_size if settings.teacher_batch_size is not None else self.batch
         if min(self.batch, self.teacher_batch, settings.online_batch, settings.repeats) < 1 or settings.warmup < 0:
             raise GlitrError("bench: batch sizes and --repeats must be at least 1, --warmup at least 0")
         t, size = recipe.data.num_frames, recipe.data.img_size
         torch.manual_seed(0)
         geometry = dict(num_classes=settings.num_classes, num_frames=t, img_size=size)
-        self.teacher = build_model(recipe.model, **geometry).to(self.device)
-        self.student = build_model(recipe.model, **geometry).to(self.device)
+        self.teacher = build_model(recipe.model, **geometry)
+        self.student = build_model(recipe.model, **geometry)
         self.student.load_state_dict(self.teacher.state_dict())
-        self.frozen_teacher = copy.deepcopy(self.teacher)  # what the student learns from (set-up, not per step)
+        frozen = copy.deepcopy(self.teacher)  # what the student learns from (set-up, not per step)
+        self.objectives = {
+            "student": student_objective(self.student, frozen, recipe.objective),
+            "teacher": teacher_objective(self.teacher, recipe.objective, num_classes=settings.num_classes),
+        }
+        for objective in self.objectives.values():
+            objective.loss.to(self.device)
         gen = torch.Generator().manual_seed(0)
         n = max(self.batch, self.teacher_batch)
         self.frames = torch.randn(n, t, 3, size, size, generator=gen).to(self.device)
@@ -201,12 +177,8 @@ class Bench:
         self.results: dict[str, Figure] = {}
         self.failures: dict[str, str] = {}
         self.memory: dict[str, float] = {}
+        self.activations: dict[str, float] = {}
         self.flops: dict[str, int] = {}
-
-    def autocast(self, enabled: bool = True, cache: bool = True) -> contextlib.AbstractContextManager:
-        if enabled and self.amp:
-            return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
-        return contextlib.nullcontext()
 
     def measure(self, name: str, fn: Callable[[], Any], work: float, unit: str) -> bool:
         """Record `work / seconds` per call of `fn` (or milliseconds per unit of work for ms units).
@@ -224,105 +196,75 @@ class Bench:
         self.results[name] = Figure(values, unit)
         return True
 
-    def train_step(
-        self, model: GliTr, objective: Loss, x: torch.Tensor, y: torch.Tensor, *, fast: bool, graphs: bool
-    ) -> Callable[[], None]:
-        """One optimiser step of `objective` on (x, y); the fast path in bf16 on a GPU, optionally graphed."""
-        o = self.recipe.optim
-        opt = build_optimizer(model, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, fused=fast and o.fused)
-        for group in opt.param_groups:
-            group["lr"] = 1e-6  # a real update, small enough to keep the weights sane
+    def step(self, kind: str, runtime: Runtime, plain: bool = False) -> Callable[[], None]:
+        """One optimiser step of the trainer's `TrainStep` for `kind` on its synthetic batch."""
+        batch = self.batch if kind == "student" else self.teacher_batch
+        objective: Objective = self.objectives[kind]
+        if plain:
+            objective = reference_objective(objective)
+        # one micro-batch per step; the global batch only scales the recipe's learning rates
+        optim = replace(self.recipe.optim, accum_steps=1, fused=self.recipe.optim.fused and not plain)
+        train_step = TrainStep(objective, runtime, optim, steps_per_epoch=10**6)
+        micro_batch = (self.frames[:batch], self.labels[:batch])
 
-        def forward_backward(frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-            with self.autocast(fast, cache=not graphs):
-                out = objective(frames, target)
-            out["loss"].backward()
-            return out
+        def run() -> None:
+            train_step(iter([micro_batch]))
 
-        run = GraphedStep(forward_backward, model) if graphs else forward_backward
-
-        def step() -> None:
-            run(x, y)
-            opt.step()
-            opt.zero_grad(set_to_none=not graphs)
-
-        return step
+        return run
 
     def training(self) -> None:
-        student, teacher, frozen = self.student, self.teacher, self.frozen_teacher
-        x, y = self.frames[: self.batch], self.labels[: self.batch]
-        xt, yt = self.frames[: self.teacher_batch], self.labels[: self.teacher_batch]
-        fast = {
-            "student": (
-                student,
-                StudentObjective(student, frozen, self.recipe.objective.label_smoothing).train(),
-                x,
-                y,
-            ),
-            "teacher": (teacher, TeacherObjective(teacher).train(), xt, yt),
-        }
-        for kind, (model, objective, a, b) in fast.items():  # counted eagerly: compiled or graphed, the same FLOPs
+        eager = replace(self.runtime, train_graphs=False, compile=False)  # counted eagerly: the same FLOPs
+        for kind in self.objectives:
             with contextlib.suppress(torch.OutOfMemoryError):
-                self.flops[f"{kind}_train_step"] = count_flops(
-                    self.train_step(model, objective, a, b, fast=True, graphs=False)
-                )
+                step = self.step(kind, eager)
+                self.flops[f"{kind}_train_step"] = count_flops(step)
+                params = {p.untyped_storage().data_ptr() for p in self.objectives[kind].loss.parameters()}
+                self.activations[f"{kind}_train_step"] = saved_for_backward_mib(step, params)
         if self.settings.baseline:
-            plain = {
-                "student": (student, lambda f, t: plain_student_loss(student, frozen, f, t), x, y),
-                "teacher": (teacher, lambda f, t: plain_teacher_loss(teacher, f, t), xt, yt),
-            }
-            for model in (student, teacher):
+            plain = replace(eager, precision="fp32", grad_checkpointing=False)
+            for model in (self.student, self.teacher):
                 model.set_fused_attn(False)
-            for kind, (model, objective, a, b) in plain.items():
-                step = self.train_step(model, objective, a, b, fast=False, graphs=False)
-                self.measure(f"{kind}_train_clips_per_s_baseline", step, a.shape[0], "clips/s")
-            for model in (student, teacher):
+            for kind in self.objectives:
+                batch = self.batch if kind == "student" else self.teacher_batch
+                self.measure(f"{kind}_train_clips_per_s_baseline", self.step(kind, plain, plain=True), batch, "clips/s")
+            for model in (self.student, self.teacher):
                 model.set_fused_attn(self.recipe.model.fused_attn)
-        if self.recipe.train.compile:  # last: the plain path and inference run the eager modules
-            student.compile()
-            teacher.compile()
-        graphs = self.recipe.train.cuda_graphs and self.device.type == "cuda"
-        for kind, (model, objective, a, b) in fast.items():
-            step = self.train_step(model, objective, a, b, fast=True, graphs=graphs)
-            self.measure(f"{kind}_train_clips_per_s", step, a.shape[0], "clips/s")
+        for kind in self.objectives:  # last: compiling and graphs change the modules for good
+            batch = self.batch if kind == "student" else self.teacher_batch
+            self.measure(f"{kind}_train_clips_per_s", self.step(kind, self.runtime), batch, "clips/s")
 
     def inference(self) -> None:
         student, t = self.student.eval(), self.recipe.data.num_frames
         size = self.recipe.data.img_size
-
-        @torch.inference_mode()
-        def evaluate() -> None:
-            with self.autocast():
-                student.forward_student(self.frames[: self.batch])
-
-        self.measure("eval_clips_per_s", evaluate, self.batch, "clips/s")
-        graphs = self.recipe.eval.cuda_graphs
+        clips = self.frames[: self.batch]
+        self.measure("eval_clips_per_s", lambda: predict_clips(student, clips, self.runtime), self.batch, "clips/s")
         runs = [
-            (1, graphs, "online_ms_per_frame_b1", "ms/frame"),
-            (self.settings.online_batch, graphs, f"online_frames_per_s_b{self.settings.online_batch}", "frames/s"),
+            (1, self.runtime, "online_ms_per_frame_b1", "ms/frame"),
+            (
+                self.settings.online_batch,
+                self.runtime,
+                f"online_frames_per_s_b{self.settings.online_batch}",
+                "frames/s",
+            ),
         ]
-        if graphs and self.device.type == "cuda":  # what the graphs save
-            runs.append((1, False, "online_ms_per_frame_b1_no_graphs", "ms/frame"))
-        for batch, use_graphs, name, unit in runs:
+        if self.runtime.eval_graphs:  # what the graphs save
+            runs.append((1, replace(self.runtime, eval_graphs=False), "online_ms_per_frame_b1_no_graphs", "ms/frame"))
+        for batch, runtime, name, unit in runs:
             stream = torch.randn(t, batch, 3, size, size).to(self.device)
-            amp = self.amp_dtype if self.amp else None
-            predictor = OnlinePredictor(student, batch_size=batch, amp_dtype=amp, cuda_graphs=use_graphs)
+            predictor = online_predictor(student, runtime, batch)
 
-            def online(stream: torch.Tensor = stream, predictor: OnlinePredictor = predictor) -> None:
+            def online(stream: torch.Tensor = stream, predictor: Any = predictor) -> None:
                 predictor.reset(stream.shape[1])
                 for frame in stream:
                     predictor.step(frame)
 
             self.measure(name, online, t * batch, unit)
         one, centre = self.frames[:1, 0], self.frames.new_zeros(1, 2)
-        self.flops["backbone_per_glimpse"] = count_flops(lambda: student.backbone(one, centre))
-        self.flops["backbone_per_full_frame"] = count_flops(lambda: student.backbone(one))
+        with torch.no_grad():
+            self.flops["backbone_per_glimpse"] = count_flops(lambda: student.backbone(one, centre))
+            self.flops["backbone_per_full_frame"] = count_flops(lambda: student.backbone(one))
 
     def loader(self) -> None:
-        from glitr_cli.data.bench import measure_loader
-        from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
-        from glitr_cli.engine.models import build_dataset, clip_train_transform
-
         data = resolve_recipe(self.recipe).data
         dataset = build_dataset(data, data.train_split, train=True)
         on_device = data.augment_on == "device"  # then the loader only decodes
@@ -336,18 +278,21 @@ class Bench:
             self.measure("device_augment_clips_per_s", lambda: augment(clips, seeds), len(clips), "clips/s")
 
     def summary(self, recipe_path: str) -> dict[str, Any]:
+        rt = self.runtime
         out: dict[str, Any] = {
             "device": device_name(self.device),
             "recipe": recipe_path,
             "batch_size": self.batch,
             "teacher_batch_size": self.teacher_batch,
             "num_frames": self.recipe.data.num_frames,
-            "precision": self.recipe.train.precision if self.amp else "fp32",
-            "compile": self.recipe.train.compile,
-            "cuda_graphs": self.recipe.train.cuda_graphs and self.device.type == "cuda",
+            "precision": rt.precision,
+            "compile": rt.compile,
+            "cuda_graphs": rt.train_graphs,
+            "grad_checkpointing": rt.grad_checkpointing,
             "results": {k: v.as_dict() for k, v in self.results.items()},
             "flops": self.flops,
             "peak_memory_mib": self.memory,
+            "saved_for_backward_mib": self.activations,
             "failures": self.failures,
         }
         peak = gpu_peak(self.device)
@@ -383,6 +328,7 @@ def result_table(result: dict[str, Any]) -> Table:
         batches += f" (teacher {result['teacher_batch_size']})"
     compiled = ", compiled" if result["compile"] else ""
     compiled += ", CUDA graphs" if result["cuda_graphs"] else ""
+    compiled += ", grad checkpointing" if result["grad_checkpointing"] else ""
     table = Table(
         title=f"glitr bench: {result['device']}, {batches}, T={result['num_frames']}, {result['precision']}{compiled}"
     )
@@ -394,6 +340,8 @@ def result_table(result: dict[str, Any]) -> Table:
         table.add_row(f"flops_{name}", _fmt(flops), "", "", "FLOP")
     for name, mib in result["peak_memory_mib"].items():
         table.add_row(f"peak_memory_{name}", f"{mib:.0f}", "", "", "MiB")
+    for name, mib in result["saved_for_backward_mib"].items():
+        table.add_row(f"saved_for_backward_{name}", f"{mib:.1f}", "", "", "MiB")
     for name, why in result["failures"].items():
         table.add_row(name, "failed", "", "", why)
     return table
@@ -405,12 +353,5 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def write_json(result: dict[str, Any], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(path, result)

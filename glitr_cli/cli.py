@@ -1,7 +1,8 @@
 """The `glitr` command line: one thin function per subcommand, no logic of its own.
 
 Each command parses its options, calls one library function and lets `main` turn a
-`GlitrError` (a user mistake) into one red line and exit code 2.
+`GlitrError` (a user mistake) into one red line and exit code 2. The library is imported inside
+each command, so `glitr --help` and a mistyped option answer without loading PyTorch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from rich.markup import escape
 
 from glitr_cli import __version__
 from glitr_cli.errors import GlitrError
+from glitr_cli.paths import packaged_recipe, recipe_names
 
 app = typer.Typer(
     name="glitr",
@@ -43,14 +45,13 @@ def _root(
 
 _OVERRIDES_HELP = "Recipe overrides, section.key=value, e.g. optim.epochs=5 train.device=cpu."
 _RESUME_HELP = (
-    "Continue from this checkpoint. Without it a run continues from its own "
-    "checkpoints/last.pt when there is one."
+    "Continue from this checkpoint. Without it a run continues from its own checkpoints/last.pt when there is one."
 )
 
 
 @app.command("train-teacher")
 def train_teacher(
-    recipe: Path = typer.Argument(..., help="Teacher recipe (YAML), e.g. recipes/toy_teacher.yaml."),
+    recipe: Path = typer.Argument(..., help="Teacher recipe: a YAML file or a shipped name, e.g. toy_teacher."),
     overrides: list[str] | None = typer.Argument(None, help=_OVERRIDES_HELP, show_default=False),
     resume: Path | None = typer.Option(None, "--resume", help=_RESUME_HELP),
 ) -> None:
@@ -62,7 +63,7 @@ def train_teacher(
 
 @app.command("train-glitr")
 def train_glitr(
-    recipe: Path = typer.Argument(..., help="GliTr recipe (YAML), e.g. recipes/toy.yaml."),
+    recipe: Path = typer.Argument(..., help="GliTr recipe: a YAML file or a shipped name, e.g. toy."),
     overrides: list[str] | None = typer.Argument(None, help=_OVERRIDES_HELP, show_default=False),
     resume: Path | None = typer.Option(None, "--resume", help=_RESUME_HELP),
 ) -> None:
@@ -74,7 +75,7 @@ def train_glitr(
 
 @app.command("eval")
 def eval_(
-    recipe: Path = typer.Argument(..., help="The recipe the checkpoint was trained with, e.g. recipes/toy.yaml."),
+    recipe: Path = typer.Argument(..., help="The recipe the checkpoint was trained with, e.g. toy."),
     overrides: list[str] | None = typer.Argument(None, help=_OVERRIDES_HELP, show_default=False),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", "-c", help="Checkpoint to evaluate (default: the run's checkpoints/last.pt)."
@@ -192,7 +193,7 @@ def visualize(
 
 @app.command("bench")
 def bench(
-    recipe: Path = typer.Argument(..., help="Recipe whose models and shapes to measure, e.g. recipes/ssv2.yaml."),
+    recipe: Path = typer.Argument(..., help="Recipe whose models and shapes to measure, e.g. ssv2."),
     overrides: list[str] | None = typer.Argument(None, help=_OVERRIDES_HELP, show_default=False),
     batch_size: int | None = typer.Option(
         None, "--batch-size", "-b", help="Clips per step (default: the recipe's batch per process)."
@@ -246,12 +247,40 @@ def demo(
     gifs: int = typer.Option(4, "--gifs", help="Validation videos to draw as glimpse GIFs."),
 ) -> None:
     """Toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
-    from glitr_cli.demo import TEACHER_RECIPE, recipes_dir, run_demo
-    from glitr_cli.engine.distributed import share_cpus_with_loader
-    from glitr_cli.recipe import load_recipe
+    from glitr_cli.demo import run_demo
 
-    share_cpus_with_loader(load_recipe(recipes_dir() / TEACHER_RECIPE).data.workers)  # for this whole process
     run_demo(out, quick=quick, epochs_scale=epochs_scale, train_videos=train_videos, gifs=gifs)
+
+
+recipes_app = typer.Typer(help="The recipes shipped with glitr: list them, or copy one to edit.", no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes_list(ctx: typer.Context) -> None:
+    """List the shipped recipes; any command takes one by name (glitr train-glitr ssv2)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    for name in recipe_names():
+        first = packaged_recipe(name).read_text().splitlines()[0].lstrip("# ")
+        typer.echo(f"{name:<16} {first}")
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: str = typer.Argument(..., help="A shipped recipe, e.g. ssv2 (see `glitr recipes`)."),
+    dest: Path = typer.Argument(..., help="A new file, or a folder to put NAME.yaml in."),
+) -> None:
+    """Copy a shipped recipe to edit it; then pass the copy to any command."""
+    from glitr_cli.files import atomic_write_text
+    from glitr_cli.recipe import COMMANDS, load_recipe
+
+    text = packaged_recipe(name).read_text()
+    target = dest / f"{name}.yaml" if dest.is_dir() else dest
+    if target.exists():
+        raise GlitrError(f"{target} already exists; choose another destination")
+    atomic_write_text(target, text)
+    typer.echo(f"copied {name} to {target}; edit it, then run: glitr {COMMANDS[load_recipe(target).kind]} {target}")
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 Stages, all under one folder DIR (default runs/demo, so `glitr visualize` finds the model):
 
 1. data     `prepare-data toy` into DIR/data (raw WebM videos in DIR/data/download)
-2. teacher  recipes/toy_teacher.yaml, trained into DIR/teacher
-3. glitr    recipes/toy.yaml, the GliTr student distilled from DIR/teacher, into DIR/glitr
+2. teacher  the shipped recipe toy_teacher, trained into DIR/teacher
+3. glitr    the shipped recipe toy, the GliTr student distilled from DIR/teacher, into DIR/glitr
 4. eval     learned glimpses against the centre and random baselines (and the full-frame
             teacher): DIR/eval.json and the accuracy-vs-t plot DIR/accuracy.png; and how
             often the learned glimpse holds the whole target once it has left the centre,
@@ -22,6 +22,7 @@ not the accuracy.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -29,13 +30,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from rich.console import Console
 
-from glitr_cli.data.formats import atomic_write_text
+from glitr_cli.data.dataset import VideoFolderDataset, sample_indices
+from glitr_cli.data.formats import read_categories, read_list
+from glitr_cli.data.prepare import SPLIT_LISTS, prepare_dataset
+from glitr_cli.data.toy import (
+    VIDEO_DIR,
+    clip_rng,
+    plan_videos,
+    read_toy_config,
+    sample_clip,
+    target_in_glimpse,
+    target_revealed,
+)
+from glitr_cli.data.transforms import eval_transform
+from glitr_cli.engine import train
+from glitr_cli.engine.distributed import cleanup_distributed
+from glitr_cli.engine.evaluation import result_table, run_eval
+from glitr_cli.engine.loading import load_student
+from glitr_cli.engine.optim import MODULES
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write_json
+from glitr_cli.recipe import load_recipe
+from glitr_cli.visualize import visualize
 
-TEACHER_RECIPE = "toy_teacher.yaml"
-STUDENT_RECIPE = "toy.yaml"
+TEACHER_RECIPE = "toy_teacher"  # shipped recipes, by name
+STUDENT_RECIPE = "toy"
 EVAL_FILE = "eval.json"
 FOLLOW_FILE = "follow.json"
 PLOT_FILE = "accuracy.png"
@@ -51,17 +74,6 @@ QUICK_OVERRIDES = [
     "data.workers=0",
     "log.progress=false",
 ]
-
-
-def recipes_dir() -> Path:
-    """The shipped recipes/ folder of this checkout (the demo needs a source install)."""
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    if not (here / TEACHER_RECIPE).is_file() or not (here / STUDENT_RECIPE).is_file():
-        raise GlitrError(
-            f"the toy recipes {TEACHER_RECIPE} and {STUDENT_RECIPE} are not in {here}; "
-            "run the demo from a source checkout installed with `pip install -e .`"
-        )
-    return here
 
 
 @dataclass
@@ -93,12 +105,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def scaled_epochs(recipe: Path, scale: float) -> list[str]:
+def scaled_epochs(recipe: str, scale: float) -> list[str]:
     """Overrides that train `recipe` for `scale` times its epochs; a module held still for some
     epochs (`hold_epochs`) is held for the same share of them."""
-    from glitr_cli.engine.optim import MODULES
-    from glitr_cli.recipe import load_recipe
-
     optim = load_recipe(recipe).optim
     epochs = max(1, round(optim.epochs * scale))
     held = [(m, getattr(optim, m).hold_epochs) for m in MODULES]
@@ -110,10 +119,6 @@ def scaled_epochs(recipe: Path, scale: float) -> list[str]:
 def pick_videos(data: Path, n: int) -> list[tuple[Path, str]]:
     """Up to `n` validation videos of different classes, every direction before any repeats and
     the shapes taken in turn: (raw video or frame folder, class name)."""
-    from glitr_cli.data.formats import read_categories, read_list
-    from glitr_cli.data.prepare import SPLIT_LISTS
-    from glitr_cli.data.toy import VIDEO_DIR, read_toy_config
-
     cfg = read_toy_config(data / "download")
     n_dir, n_shape = len(cfg.directions), len(cfg.shapes)
     order = [i % n_dir + n_dir * ((i % n_shape + i // n_dir) % n_shape) for i in range(cfg.num_classes)]
@@ -137,21 +142,6 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
     Over the steps at which the target shows its shape (it has left the centre, `target_revealed`),
     the share whose glimpse holds the whole target (`target_in_glimpse`): per direction, and
     "all". Reads the toy settings from `data`/download/toy.json to redraw each clip's target path."""
-    import numpy as np
-    import torch
-
-    from glitr_cli.data.dataset import VideoFolderDataset, sample_indices
-    from glitr_cli.data.toy import (
-        clip_rng,
-        plan_videos,
-        read_toy_config,
-        sample_clip,
-        target_in_glimpse,
-        target_revealed,
-    )
-    from glitr_cli.data.transforms import eval_transform
-    from glitr_cli.visualize import load_student
-
     cfg = read_toy_config(data / "download")
     student = load_student(checkpoint)
     model = student.model
@@ -181,14 +171,8 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
     return rates
 
 
-def _evaluate_quietly(recipe_path: Path, overrides: list[str], out: Path) -> dict[str, Any]:
+def _evaluate_quietly(recipe_path: str, overrides: list[str], out: Path) -> dict[str, Any]:
     """`glitr eval` into `out`, leaving the printing of its table to the final report."""
-    import io
-
-    from glitr_cli.engine.distributed import cleanup_distributed
-    from glitr_cli.engine.evaluate import run_eval
-    from glitr_cli.recipe import load_recipe
-
     try:
         return run_eval(load_recipe(recipe_path, overrides), out_dir=out, console=Console(file=io.StringIO()))
     finally:
@@ -205,11 +189,6 @@ def run_demo(
     console: Console | None = None,
 ) -> DemoResult:
     """Run (or finish) the demo in `out`; see the module docstring for the stages."""
-    from glitr_cli.data.prepare import prepare_dataset
-    from glitr_cli.engine import train
-    from glitr_cli.engine.evaluate import result_table
-    from glitr_cli.visualize import visualize
-
     console = console or Console(stderr=True)
     if epochs_scale <= 0:
         raise GlitrError(f"--epochs-scale must be positive, got {epochs_scale}")
@@ -218,7 +197,6 @@ def run_demo(
     if gifs < 0:
         raise GlitrError(f"--gifs must be 0 or more, got {gifs}")
     start = time.perf_counter()
-    recipes = recipes_dir()
     out = Path(out)
     res = DemoResult(
         out=out,
@@ -243,7 +221,7 @@ def run_demo(
         raise GlitrError(f"the toy dataset in {res.data} has videos that failed to decode: see {res.data}/failed.txt")
 
     common = [f"data.root={_quoted(res.data)}", *(QUICK_OVERRIDES if quick else [])]
-    teacher_recipe, student_recipe = recipes / TEACHER_RECIPE, recipes / STUDENT_RECIPE
+    teacher_recipe, student_recipe = TEACHER_RECIPE, STUDENT_RECIPE
     teacher_overrides = [f"output_dir={_quoted(out / 'teacher')}", *common]
     student_overrides = [
         f"output_dir={_quoted(out / 'glitr')}",
@@ -267,7 +245,7 @@ def run_demo(
     else:
         res.result = _evaluate_quietly(student_recipe, student_overrides, out)
         res.follow = follow_rates(res.student, res.data)
-        atomic_write_text(res.follow_json, json.dumps(res.follow, indent=2) + "\n")
+        atomic_write_json(res.follow_json, res.follow)
 
     stage(5, f"glimpse GIFs -> {out / 'gifs'}")
     for video, name in pick_videos(res.data, gifs):

@@ -27,12 +27,9 @@ outside the frame.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +38,16 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 
+from glitr_cli.data.dataset import sample_indices
+from glitr_cli.data.transforms import denormalize, eval_transform
+from glitr_cli.data.video import FrameSource, VideoWriter
+from glitr_cli.engine.evaluation import online_predictor
+from glitr_cli.engine.loading import Student, find_checkpoint, load_student
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write_json
+from glitr_cli.model import extract_glimpse
+from glitr_cli.runtime import Runtime
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 OUTPUT_SUFFIXES = (".gif", ".mp4")
 DIM = 0.4  # brightness kept outside the glimpse
 OUTLINE = (255, 226, 0)  # glimpse outline
@@ -115,148 +119,12 @@ def to_display(x: float, y: float, src: tuple[int, int], dst: tuple[int, int]) -
     return (x + 0.5) * dst[0] / src[0] - 0.5, (y + 0.5) * dst[1] / src[1] - 0.5
 
 
-# --------------------------------------------------------------------------------------- checkpoint
-
-
-@dataclass
-class Student:
-    """A GliTr student ready for online prediction, with what preprocessing needs."""
-
-    model: Any  # GliTr
-    path: Path
-    class_names: list[str]
-    num_frames: int
-    img_size: int
-    resize: int
-    cuda_graphs: bool = True  # the recipe's eval.cuda_graphs: replay CUDA graphs on a GPU
-
-
-def _run_kind(ckpt: Path) -> str | None:
-    """The `kind:` in the run's recipe.yaml beside checkpoints/ (None when unknown)."""
-    import yaml
-
-    recipe = ckpt.parent.parent / "recipe.yaml"
-    try:
-        data = yaml.safe_load(recipe.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return data.get("kind") if isinstance(data, dict) else None
-
-
-def find_checkpoint(runs: str | Path | None = None) -> Path:
-    """The newest GliTr (student) `checkpoints/last.pt` under `runs` (default runs/)."""
-    from glitr_cli.recipe import RUNS_DIR
-
-    runs = Path(runs if runs is not None else RUNS_DIR)
-    found = [p for p in runs.glob("**/checkpoints/last.pt") if p.is_file()] if runs.is_dir() else []
-    students = [p for p in found if _run_kind(p) in ("glitr", None)]
-    if not students:
-        raise GlitrError(
-            f"no GliTr checkpoint under {runs}/: train one with `glitr demo` (or `glitr train-glitr RECIPE`), "
-            "or pass --checkpoint PATH"
-        )
-    return max(students, key=lambda p: p.stat().st_mtime)
-
-
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
-    """Load a GliTr student checkpoint written by `glitr train-glitr`; anything else is a GlitrError."""
-    from glitr_cli.engine.models import load_run_checkpoint, model_from_checkpoint
-    from glitr_cli.recipe import recipe_from_dict
-
-    path = Path(path)
-    if path.is_dir():
-        raise GlitrError(f"--checkpoint {path} is a folder; pass a checkpoint file such as {path}/checkpoints/last.pt")
-    ckpt = load_run_checkpoint(path, produced_by="train-glitr")
-    if ckpt["kind"] != "glitr":
-        raise GlitrError(
-            f"{path} is a {ckpt['kind']} checkpoint, not a GliTr (student) checkpoint "
-            "from `glitr train-glitr` or `glitr demo`"
-        )
-    recipe = recipe_from_dict(ckpt["recipe"], f"the recipe stored in {path}")
-    model = model_from_checkpoint(ckpt, str(path)).to(device).eval()
-    return Student(
-        model=model,
-        path=path,
-        class_names=[str(c) for c in ckpt["class_names"]],
-        num_frames=recipe.data.num_frames,
-        img_size=recipe.data.img_size,
-        resize=recipe.data.resize,
-        cuda_graphs=recipe.eval.cuda_graphs,
-    )
-
-
 # ------------------------------------------------------------------------------------------- frames
-
-
-def _natural_key(path: Path) -> list[Any]:
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
-
-
-def _image_files(folder: Path) -> list[Path]:
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
-    if not files:
-        raise GlitrError(f"{folder}: a folder of frames must hold .jpg/.jpeg/.png images, found none")
-    return files
-
-
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise GlitrError(f"{path}: cannot read as an image ({e})") from None
-
-
-class FrameSource:
-    """RGB uint8 frames (H, W, 3) of a video file (PyAV) or a folder of images, with their indices."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise GlitrError(f"{self.path}: no such video file or frame folder")
-        self._files = _image_files(self.path) if self.path.is_dir() else None
-
-    def count(self) -> int:
-        """Number of frames (decodes a video file once; cheap thanks to a tiny output size)."""
-        if self._files is not None:
-            return len(self._files)
-        from glitr_cli.data.prepare import iter_video_frames
-
-        # decoding is unavoidable (headers often omit or misstate the count); converting every
-        # frame to an 8-pixel image keeps the counting pass cheap
-        return sum(1 for _ in iter_video_frames(self.path, short_side=8))
-
-    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(index, frame) for every frame in order."""
-        if self._files is not None:
-            for i, f in enumerate(self._files):
-                yield i, _read_image(f)
-            return
-        from glitr_cli.data.prepare import iter_video_frames
-
-        yield from enumerate(iter_video_frames(self.path))
-
-    def select(self, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """The frames at `indices` (ascending, repeats allowed), decoding the video once."""
-        if self._files is not None:
-            for i in indices:
-                yield i, _read_image(self._files[i])
-            return
-        wanted = iter(indices)
-        nxt = next(wanted, None)
-        for i, frame in self.frames():
-            while nxt == i:
-                yield i, frame
-                nxt = next(wanted, None)
-            if nxt is None:
-                return
 
 
 def step_frames(source: FrameSource, num_frames: int, every: int | None) -> Iterator[tuple[int, np.ndarray]]:
     """Evaluation's T frames (`every` None), or every `every`-th frame of the whole video."""
     if every is None:
-        from glitr_cli.data.dataset import sample_indices
-
         return source.select(sample_indices(source.count(), num_frames, train=False))
     return ((i, f) for i, f in source.frames() if i % every == 0)
 
@@ -380,65 +248,31 @@ def write_gif(images: list[Image.Image], path: Path, fps: float) -> None:
     )
 
 
-class Mp4Writer:
-    """H.264 MP4 via PyAV, encoded as the steps come (long videos need no memory); every frame is
-    placed on a canvas of the first one's size, padded to even sides (yuv420p needs them)."""
-
-    def __init__(self, path: Path, fps: float) -> None:
-        import av
-
-        self.container = av.open(str(path), "w", format="mp4")
-        self.stream: Any = None
-        self.rate = Fraction(fps).limit_denominator(1000)
-
-    def add(self, image: Image.Image) -> None:
-        if self.stream is None:
-            self.stream = self.container.add_stream("libx264", rate=self.rate)
-            self.stream.width, self.stream.height = image.width + image.width % 2, image.height + image.height % 2
-            self.stream.pix_fmt = "yuv420p"
-            self.stream.options = {"crf": "18"}
-        import av
-
-        canvas = Image.new("RGB", (self.stream.width, self.stream.height), PANEL_BG)
-        canvas.paste(image.convert("RGB"), (0, 0))
-        for packet in self.stream.encode(av.VideoFrame.from_image(canvas)):
-            self.container.mux(packet)
-
-    def close(self) -> None:
-        if self.stream is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-        self.container.close()
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
 def run_steps(
-    student: Student, frames: Iterator[tuple[int, np.ndarray]], side_by_side: bool = False
+    student: Student, frames: Iterator[tuple[int, np.ndarray]], runtime: Runtime, side_by_side: bool = False
 ) -> Iterator[tuple[np.ndarray, Step]]:
     """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
 
-    Each frame is preprocessed like evaluation. After T steps the predictor is reset and a new
-    window starts (step 1 again). With `side_by_side` each Step carries the glimpse as the
-    model saw it (denormalised, uint8)."""
-    from glitr_cli.data.transforms import denormalize, eval_transform
-    from glitr_cli.model import OnlinePredictor, extract_glimpse
-
-    model = student.model
-    device = next(model.parameters()).device
+    Each frame is preprocessed like evaluation and the predictor runs under `runtime` like
+    evaluation. After T steps the predictor is reset and a new window starts (step 1 again). With
+    `side_by_side` each Step carries the glimpse as the model saw it (denormalised, uint8)."""
+    model = student.model.to(runtime.device)
     transform = eval_transform(student.img_size, student.resize)
     scale = model.backbone.glimpse_scale
     side = model.backbone.glimpse_pixels
     k = min(3, len(student.class_names))
-    predictor = OnlinePredictor(model, cuda_graphs=student.cuda_graphs)
+    predictor = online_predictor(model, runtime)
     window = 0
     for index, frame in frames:
         if window == 0 or predictor.steps == student.num_frames:  # the model holds T steps: a new window
             predictor.reset()
             window += 1
         h, w = frame.shape[:2]
-        x = transform(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]).to(device)  # (1, 3, S, S)
+        pixels = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        x = transform(pixels).to(runtime.device)  # (1, 3, S, S)
         out = predictor.step(x)
         loc = out.location[0].float()
         probs, classes = out.probs[0].float().topk(k)
@@ -460,18 +294,6 @@ def run_steps(
                 glimpse=glimpse,
             ),
         )
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GlitrError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GlitrError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    return device
 
 
 def visualize(
@@ -505,27 +327,28 @@ def visualize(
         raise GlitrError(f"--fps must be positive, got {fps}")
     if size < 0:
         raise GlitrError(f"--size must be 0 (source size) or more, got {size}")
-    dev = _device(device)
     source = FrameSource(video)  # checks the video exists before any model is loaded
     if checkpoint is None:
         checkpoint = find_checkpoint(runs)
         console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
-    student = load_student(checkpoint, dev)
+    student = load_student(checkpoint)
+    runtime = Runtime.from_recipe(student.recipe, device=device)  # the precision evaluation uses
+    runtime.apply()
 
     mp4 = out.suffix.lower() == ".mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial{out.suffix}")  # renamed into place only when complete
     images: list[Image.Image] = []
-    writer = Mp4Writer(tmp, fps) if mp4 else None
+    writer = VideoWriter(tmp, fps, "h264") if mp4 else None
     record: list[dict[str, Any]] = []
     trail: list[tuple[float, float]] = []
     try:
-        for frame, step in run_steps(student, step_frames(source, student.num_frames, every), side_by_side):
+        for frame, step in run_steps(student, step_frames(source, student.num_frames, every), runtime, side_by_side):
             if step.step == 1:
                 trail = []
             image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)
             if writer is not None:
-                writer.add(image)
+                writer.write(np.asarray(image.convert("RGB")))
             else:
                 images.append(image)
             trail.append(((step.box[0] + step.box[2]) / 2, (step.box[1] + step.box[3]) / 2))
@@ -552,9 +375,7 @@ def visualize(
 
     result = {"frames": record}
     if json_path is not None:
-        json_path = Path(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_json(json_path, result)
     windows = -(-len(record) // student.num_frames)
     restarts = f", restarted every {student.num_frames} steps ({windows} windows)" if windows > 1 else ""
     console.print(

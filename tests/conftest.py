@@ -32,7 +32,7 @@ optim:
   backbone: {{base: 1.0e-3, floor: 1.0e-5}}
   classifier: {{base: 1.0e-3, floor: 1.0e-5}}
   locator: {{base: 1.0e-3, floor: 1.0e-5, warmup_epochs: 1}}
-train: {{log_every: 1, checkpoint_every: 3, keep_last: 2}}
+train: {{log_every: 1, checkpoint_every: 3, keep_last: 2, threads: 1}}
 log: {{progress: false}}
 eval: {{batch_size: 8}}
 """

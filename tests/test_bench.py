@@ -1,15 +1,17 @@
 """The speed paths compute the same function as the plain (original-style) path, and `glitr bench` runs."""
 
+import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_cli
 from model_helpers import clips, tiny_glitr
 
-from glitr_cli.bench import plain_student_forward, plain_student_loss, plain_teacher_loss
+from glitr_cli.bench import Bench, BenchSettings, run_bench
 from glitr_cli.model import StudentObjective, TeacherObjective
+from glitr_cli.model.reference import PlainStudentObjective, PlainTeacherObjective, plain_student_forward
+from glitr_cli.recipe import load_recipe
 
 
 def _grads(model):
@@ -32,7 +34,7 @@ def test_student_fast_path_equals_plain_path(dtype, smooth, tol):
     fast_grads = _grads(student)
     student.zero_grad(set_to_none=True)
     student.set_fused_attn(False)
-    plain = plain_student_loss(student, teacher, x, y)
+    plain = PlainStudentObjective(student, teacher).train()(x, y)
     plain["loss"].backward()
     for k in ("loss", "cls", "spatial", "temporal"):
         torch.testing.assert_close(fast[k], plain[k].detach(), rtol=tol, atol=tol)
@@ -51,9 +53,9 @@ def test_teacher_fast_path_equals_deep_copy_path():
     fast["loss"].backward()
     fast_grads = _grads(model)
     model.zero_grad(set_to_none=True)
-    plain = plain_teacher_loss(model, x, y)
+    plain = PlainTeacherObjective(model)(x, y)
     plain["loss"].backward()
-    for k in ("cls", "loc_mse", "loc_kld"):
+    for k in ("loss", "cls", "loc_mse", "loc_kld"):
         torch.testing.assert_close(fast[k], plain[k].detach(), rtol=1e-10, atol=1e-10)
     _assert_same(fast_grads, _grads(model), 1e-10)
 
@@ -68,15 +70,14 @@ train: {device: cpu}
 """
 
 
-def test_bench_command_prints_and_writes_figures(tmp_path):
+def test_bench_command_prints_and_writes_figures(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "glitr_cli", "bench", str(recipe), "--repeats", "2", "--warmup", "1"]
-    cmd += ["--online-batch", "3", "--num-classes", "4", "--json", str(out), "optim.batch_size=3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "student_train_clips_per_s" in proc.stdout
+    argv = ["bench", str(recipe), "--repeats", "2", "--warmup", "1", "--online-batch", "3", "--num-classes", "4"]
+    code, stdout, stderr = run_cli([*argv, "--json", str(out), "optim.batch_size=3"], monkeypatch, capsys)
+    assert code == 0, stderr
+    assert "student_train_clips_per_s" in stdout
     result = json.loads(out.read_text())
     assert result["batch_size"] == 3 and result["device"].startswith("CPU")
     names = {
@@ -101,7 +102,7 @@ def test_compiled_modules_compute_the_plain_path():
     student, teacher = tiny_glitr(0), tiny_glitr(1)
     x, y = clips(smooth=True), torch.tensor([1, 3])
     student.set_fused_attn(False)
-    plain = plain_student_loss(student, teacher, x, y)
+    plain = PlainStudentObjective(student, teacher).train()(x, y)
     plain["loss"].backward()
     plain_grads = _grads(student)
     student.zero_grad(set_to_none=True)
@@ -117,8 +118,6 @@ def test_compiled_modules_compute_the_plain_path():
 
 @pytest.mark.parametrize("augment_on", ["loader", "device"])
 def test_bench_measures_the_loader(toy_data, tmp_path, augment_on):
-    from glitr_cli.bench import BenchSettings, run_bench
-
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
     overrides = [f"data.root={toy_data / 'toy'}", "data.workers=0", f"data.augment_on={augment_on}"]
@@ -130,12 +129,32 @@ def test_bench_measures_the_loader(toy_data, tmp_path, augment_on):
     assert ("device_augment_clips_per_s" in result["results"]) == (augment_on == "device")
 
 
-def test_bench_refuses_a_bad_batch_in_one_line(tmp_path):
+@pytest.mark.parametrize("option", ["--teacher-batch-size=-1", "--batch-size=0"])
+def test_bench_refuses_a_bad_batch_in_one_line(tmp_path, monkeypatch, capsys, option):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
-    proc = subprocess.run(
-        [sys.executable, "-m", "glitr_cli", "bench", str(recipe), "--teacher-batch-size", "-1"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "at least 1" in proc.stderr and "Traceback" not in proc.stderr
+    code, _, stderr = run_cli(["bench", str(recipe), option], monkeypatch, capsys)
+    assert code == 2 and "at least 1" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_bench_times_the_training_step_and_its_plain_path_makes_the_same_update(tmp_path, kind):
+    """What bench times is one optimiser step of the trainer's `TrainStep` (schedule, AdamW, update);
+    its plain yardstick is the same step over the reference path, and the two land on the same weights."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    rates = [f"optim.{m}.base=0.01" for m in ("backbone", "classifier", "locator")]
+    # eps: AdamW's first update is lr * g / (|g| + eps); a large eps keeps it linear in g, so float noise
+    # in gradients that are zero in exact arithmetic (the key bias) stays noise
+    overrides = ["objective.label_smoothing=0.1", "model.drop_path=0", "optim.lr_batch=2", "optim.eps=1e-3", *rates]
+    bench = Bench(load_recipe(recipe, overrides), BenchSettings(batch_size=2, num_classes=4))
+    model = bench.student if kind == "student" else bench.teacher
+    start = copy.deepcopy(model.state_dict())
+    bench.step(kind, bench.runtime)()
+    fast = copy.deepcopy(model.state_dict())
+    assert max((fast[k] - start[k]).abs().max() for k in start) > 5e-3, "the step did not update the weights"
+    model.load_state_dict(start)
+    model.set_fused_attn(False)
+    bench.step(kind, bench.runtime, plain=True)()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, fast[k], rtol=1e-5, atol=1e-6, msg=k)

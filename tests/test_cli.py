@@ -1,16 +1,73 @@
+"""The command line itself: version, module alias, help, unknown commands, the shipped recipes."""
+
 import subprocess
 import sys
 
+import pytest
+from conftest import run_cli
+
 from glitr_cli import __version__
+from glitr_cli.paths import recipe_names
+from glitr_cli.recipe import load_recipe
 
 
-def test_version_and_module_alias():
+def test_version_through_the_module_alias():
+    """`python -m glitr_cli` is the same program as `glitr` (the one check that needs a new interpreter)."""
     out = subprocess.run([sys.executable, "-m", "glitr_cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0
     assert out.stdout.strip() == f"glitr {__version__}"
 
 
-def test_unknown_command_exits_2():
-    out = subprocess.run([sys.executable, "-m", "glitr_cli", "no-such-command"], capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "No such command" in out.stderr
+def test_unknown_command_exits_2(monkeypatch, capsys):
+    code, _, err = run_cli(["no-such-command"], monkeypatch, capsys)
+    assert code == 2 and "No such command" in err
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "train-glitr", "eval", "bench"])
+def test_help_explains_overrides(command, monkeypatch, capsys):
+    code, out, _ = run_cli([command, "--help"], monkeypatch, capsys)
+    assert code == 0 and "section.key=value" in out
+
+
+def test_help_of_every_command(monkeypatch, capsys):
+    code, out, _ = run_cli(["--help"], monkeypatch, capsys)
+    assert code == 0
+    commands = ["prepare-data", "train-teacher", "train-glitr", "eval", "visualize", "demo", "bench", "recipes"]
+    for command in commands:
+        assert command in out
+        code, text, _ = run_cli([command, "--help"], monkeypatch, capsys)
+        assert code == 0 and "Usage" in text, command
+    code, out, _ = run_cli(["eval", "--help"], monkeypatch, capsys)
+    assert "--checkpoint" in out and "--out" in out
+
+
+def test_recipes_lists_the_shipped_ones_and_copies_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the package's own are listed
+    code, out, _ = run_cli(["recipes"], monkeypatch, capsys)
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == recipe_names()
+    assert {"ssv2", "ssv2_teacher", "jester", "jester_teacher", "toy", "toy_teacher"} <= set(listed)
+
+    code, out, _ = run_cli(["recipes", "cp", "ssv2", "mine.yaml"], monkeypatch, capsys)
+    assert code == 0 and "glitr train-glitr mine.yaml" in out
+    copied, shipped = load_recipe(tmp_path / "mine.yaml"), load_recipe("ssv2")
+    copied.name = shipped.name  # the name comes from the file name
+    assert copied == shipped
+    (tmp_path / "edit").mkdir()
+    code, _, _ = run_cli(["recipes", "cp", "toy", "edit"], monkeypatch, capsys)
+    assert code == 0 and (tmp_path / "edit/toy.yaml").is_file()
+
+    code, _, err = run_cli(["recipes", "cp", "ssv2", "mine.yaml"], monkeypatch, capsys)
+    assert code == 2 and "mine.yaml already exists" in err
+    code, _, err = run_cli(["recipes", "cp", "ssv3", "x.yaml"], monkeypatch, capsys)
+    assert code == 2 and "did you mean 'ssv2'?" in err
+
+
+def test_a_shipped_recipe_is_found_by_name_or_by_its_checkout_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not a checkout: recipes/ssv2.yaml does not exist here
+    for spec in ("ssv2", "ssv2.yaml", "recipes/ssv2.yaml"):
+        recipe = load_recipe(spec)
+        assert recipe.name == "ssv2" and recipe.kind == "glitr" and recipe.data.num_frames == 16
+    (tmp_path / "ssv2.yaml").write_text("kind: teacher\n")  # a file of that name wins
+    assert load_recipe("ssv2.yaml").kind == "teacher"

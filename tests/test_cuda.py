@@ -16,10 +16,10 @@ import torch
 from conftest import REPO, read_metrics, tiny_recipe
 from model_helpers import clips, tiny_glitr
 
-from glitr_cli.bench import plain_student_loss
 from glitr_cli.engine.graphs import GraphedStep
 from glitr_cli.engine.trainer import Trainer
 from glitr_cli.model import OnlinePredictor, StudentObjective
+from glitr_cli.model.reference import PlainStudentObjective
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -74,7 +74,7 @@ def test_fused_attention_on_cuda_equals_the_plain_path():
     x, y = clips(smooth=True).cuda(), torch.tensor([1, 3]).cuda()
     fast = StudentObjective(student, teacher).train()(x, y)
     student.set_fused_attn(False)
-    plain = plain_student_loss(student, teacher, x, y)
+    plain = PlainStudentObjective(student, teacher).train()(x, y)
     for k in ("cls", "spatial", "temporal"):
         torch.testing.assert_close(fast[k], plain[k].detach(), rtol=1e-4, atol=1e-4)
 
@@ -88,7 +88,8 @@ def test_bf16_training_with_fused_adamw_on_cuda(tmp_path, toy_data):
     student = Trainer(tiny_recipe(tmp_path, toy_data, "glitr", f"output_dir={student_dir}", from_teacher, *overrides))
     student.fit()
     for trainer, run in ((teacher, teacher_dir), (student, student_dir)):
-        assert trainer.amp_dtype == torch.bfloat16 and trainer.optimizer.param_groups[0]["fused"] is True
+        assert trainer.runtime.amp_dtype == torch.bfloat16
+        assert trainer.train_step.optimizer.param_groups[0]["fused"] is True
         losses = [r["loss"] for r in read_metrics(run) if r["split"] == "train"]
         assert losses and all(torch.isfinite(torch.tensor(losses)))
         assert (run / "checkpoints/last.pt").exists()
@@ -125,7 +126,7 @@ def test_graphed_training_matches_eager_training(tmp_path, toy_data):
         recipe = tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={out}", f"train.cuda_graphs={graphs}", *same)
         trainer = Trainer(recipe)
         trainer.fit()
-        assert (trainer.graphed is not None) == graphs
+        assert (trainer.train_step.graphed is not None) == graphs
         weights[graphs] = trainer.model.state_dict()
     for k, v in weights[False].items():
         torch.testing.assert_close(weights[True][k], v, rtol=1e-4, atol=1e-5, msg=k)

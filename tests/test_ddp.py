@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
 
     trainer = Trainer(load_recipe(sys.argv[1], sys.argv[3:]))
     trainer.fit()
-    torch.save(trainer.model.state_dict(), f"{sys.argv[2]}/rank{trainer.env.rank}.pt")
+    torch.save(trainer.model.state_dict(), f"{sys.argv[2]}/rank{trainer.runtime.rank}.pt")
     cleanup_distributed()
     """
 )

@@ -7,8 +7,8 @@ import json
 from conftest import run_cli
 from PIL import Image
 
-from glitr_cli.demo import recipes_dir, run_demo, scaled_epochs
-from glitr_cli.visualize import load_student
+from glitr_cli.demo import run_demo, scaled_epochs
+from glitr_cli.engine.loading import load_student
 
 
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
@@ -53,5 +53,5 @@ def test_demo_mistakes_exit_2(tmp_path, monkeypatch, capsys):
 
 
 def test_epochs_scale_scales_the_hold_of_a_held_module():
-    assert scaled_epochs(recipes_dir() / "toy_teacher.yaml", 0.5) == ["optim.epochs=15", "optim.locator.hold_epochs=10"]
-    assert scaled_epochs(recipes_dir() / "toy.yaml", 2.0) == ["optim.epochs=40"]  # nothing held
+    assert scaled_epochs("toy_teacher", 0.5) == ["optim.epochs=15", "optim.locator.hold_epochs=10"]
+    assert scaled_epochs("toy", 2.0) == ["optim.epochs=40"]  # nothing held

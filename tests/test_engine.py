@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
-import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_weights, model_weights, read_metrics, tiny_recipe
 
+from glitr_cli.data.transforms import train_transform
+from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
 from glitr_cli.engine.distributed import ResumableSampler, SeededDataset, ShardSampler
+from glitr_cli.engine.loading import build_model
 from glitr_cli.engine.mixup import MixupCutmix, soft_targets
 from glitr_cli.engine.optim import MODULES, GroupSchedule, build_optimizer, build_schedule, param_groups
+from glitr_cli.engine.trainer import Trainer
+from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr
-from glitr_cli.recipe import GroupLR
+from glitr_cli.recipe import GroupLR, ModelConfig, load_recipe
+from glitr_cli.runtime import auto_threads, available_cores
 
 # ------------------------------------------------------------------------------------ optimiser
 
@@ -187,10 +191,6 @@ def test_seeded_items_do_not_depend_on_or_disturb_the_global_generators():
 
 # ------------------------------------------------------------------------------------ training
 
-from conftest import assert_same_weights, model_weights, read_metrics, tiny_recipe  # noqa: E402
-
-from glitr_cli.engine.trainer import Trainer  # noqa: E402
-
 OVERFIT = [
     "objective.mixup=0",
     "objective.cutmix=0",
@@ -243,7 +243,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, toy_data, uninterrupt
     assert_same_weights(
         model_weights(tmp_path / "run/checkpoints/last.pt"), model_weights(ref_dir / "checkpoints/last.pt")
     )
-    opt, ref_opt = second.optimizer.state_dict()["state"], ref.optimizer.state_dict()["state"]
+    opt = second.train_step.optimizer.state_dict()["state"]
+    ref_opt = ref.train_step.optimizer.state_dict()["state"]
     assert all(torch.equal(opt[i]["exp_avg_sq"], ref_opt[i]["exp_avg_sq"]) for i in ref_opt)
     steps = [r["step"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert steps == list(range(1, 9))  # the redone step is logged once
@@ -252,8 +253,6 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, toy_data, uninterrupt
 
 
 def test_saved_recipe_reproduces_the_run(tmp_path, uninterrupted):
-    from glitr_cli.recipe import load_recipe
-
     ref_dir, _ = uninterrupted
     Trainer(load_recipe(ref_dir / "recipe.yaml", [f"output_dir={tmp_path / 'again'}"])).fit()
     assert_same_weights(
@@ -262,8 +261,6 @@ def test_saved_recipe_reproduces_the_run(tmp_path, uninterrupted):
 
 
 def test_finished_run_is_not_trained_again(tmp_path, uninterrupted):
-    from glitr_cli.recipe import load_recipe
-
     ref_dir, _ = uninterrupted
     trainer = Trainer(load_recipe(ref_dir / "recipe.yaml"))
     assert trainer.fit() is None and trainer.step == 8
@@ -301,24 +298,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, toy_data):
         assert torch.allclose(a[k], b[k], atol=2e-5), k
 
 
-def test_step_fn_is_swappable(tmp_path, toy_data):
-    trainer = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'run'}", "optim.epochs=1"))
-    calls = []
-    trainer.setup()
-    default = trainer.step_fn
-
-    def counting(frames, target, sync):
-        calls.append(frames.shape)
-        return default(frames, target, sync)
-
-    trainer.step_fn = counting
-    trainer.fit()
-    assert len(calls) == 4 and calls[0] == (4, 4, 3, 64, 64)
-
-
 def test_batch_not_divisible_is_a_clear_error(tmp_path, toy_data):
-    from glitr_cli.errors import GlitrError
-
     trainer = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", "optim.batch_size=6", "optim.accum_steps=4"))
     with pytest.raises(
         GlitrError, match=r"optim.batch_size=6 is not divisible by 1 process\(es\) x optim.accum_steps=4"
@@ -327,8 +307,6 @@ def test_batch_not_divisible_is_a_clear_error(tmp_path, toy_data):
 
 
 def test_conv_stem_reads_frames_and_glimpses_and_keeps_the_signal():
-    from glitr_cli.engine.models import build_model
-    from glitr_cli.recipe import ModelConfig
 
     cfg = ModelConfig(
         embed_dim=32, depth=1, num_heads=2, temporal_depth=1, temporal_heads=2, glimpse_size=2, stem="conv"
@@ -343,33 +321,37 @@ def test_conv_stem_reads_frames_and_glimpses_and_keeps_the_signal():
     assert teacher.feat.std(0).mean() > 0.05
     again = build_model(cfg, num_classes=5, num_frames=3, img_size=64)
     again.load_state_dict(model.state_dict())  # the same layout: checkpoints rebuild it
-    from glitr_cli.errors import GlitrError
-
     odd = ModelConfig(embed_dim=32, depth=1, num_heads=2, patch_size=12, glimpse_size=2, temporal_heads=2, stem="conv")
     with pytest.raises(GlitrError, match="power-of-two patch size, got 12"):
         build_model(odd, num_classes=2, num_frames=2, img_size=48)
 
 
-def test_cpu_threads_leave_the_loader_workers_their_cores():
-    """A process-wide setting, so it is checked in fresh interpreters."""
-    code = (
-        "import os, torch; from glitr_cli.engine.distributed import share_cpus_with_loader; "
-        "torch.set_num_threads(4); share_cpus_with_loader(int(os.environ['W'])); print(torch.get_num_threads())"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    cores = len(os.sched_getaffinity(0))
+def test_cpu_threads_leave_the_loader_workers_their_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = available_cores()
+    assert auto_threads(1) == max(1, cores - 1)
+    assert auto_threads(cores + 3) == 1
+    assert auto_threads(0) == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert auto_threads(1) == 3  # the user's choice stands
 
-    def threads(workers: int, **extra: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", code], env={**env, "W": str(workers), **extra}, capture_output=True, text=True
-        )
-        assert out.returncode == 0, out.stderr
-        return int(out.stdout)
 
-    assert threads(1) == min(4, max(1, cores - 1))
-    assert threads(cores + 3) == 1
-    assert threads(0) == min(4, cores)
-    assert threads(1, OMP_NUM_THREADS="3") == 4  # the user's choice stands
+def test_the_thread_count_is_recorded_and_a_resumed_run_keeps_it(tmp_path, toy_data, monkeypatch):
+    """Float results depend on the thread count: the run records the one it chose, and a rerun of the
+    same command (on other workers, so another automatic choice) continues with it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # what the automatic choice picks here
+    out = f"output_dir={tmp_path / 'run'}"
+    first = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", out, "train.threads=0"))
+    first.fit(max_steps=4)
+    assert first.runtime.threads == torch.get_num_threads() == 3
+    assert load_recipe(tmp_path / "run/recipe.yaml").train.threads == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    second = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", out, "train.threads=0"))
+    second.fit()
+    assert second.runtime.threads == torch.get_num_threads() == 3
+    third = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'new'}", "train.threads=0"))
+    third.setup()
+    assert third.runtime.threads == 1  # a new run chooses afresh
 
 
 def test_device_augmentation_trains_and_resumes_bit_identically(tmp_path, toy_data):
@@ -389,9 +371,6 @@ def test_device_augmentation_trains_and_resumes_bit_identically(tmp_path, toy_da
 
 
 def test_device_augment_is_seeded_per_clip_and_leaves_the_global_generator_alone():
-    from glitr_cli.data.transforms import train_transform
-    from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
-
     g = torch.Generator().manual_seed(0)
     frames = [torch.randint(0, 256, (3, 3, 40, 40 + 8 * i), dtype=torch.uint8, generator=g) for i in range(3)]
     items = [(clip, i, 100 + i) for i, clip in enumerate(frames)]

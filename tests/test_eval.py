@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import read_metrics
+from rich.console import Console
 
-from glitr_cli.engine.evaluate import covered_fraction, run_eval
+from glitr_cli.data.dataset import build_dataset
+from glitr_cli.engine.evaluation import covered_fraction, predict_clips, run_eval
+from glitr_cli.engine.loading import load_student
+from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr, glimpse_area_fraction
-from glitr_cli.recipe import load_recipe
+from glitr_cli.recipe import load_recipe, resolve_recipe
+from glitr_cli.runtime import Runtime
+from glitr_cli.visualize import visualize
 
 
 @pytest.fixture()
@@ -59,8 +66,6 @@ def test_teacher_checkpoint_reports_full_frame_accuracy(in_project):
 
 
 def test_eval_of_a_missing_checkpoint_names_the_training_command(in_project, tmp_path):
-    from glitr_cli.errors import GlitrError
-
     recipe = load_recipe("recipes/tiny.yaml", [f"output_dir={tmp_path / 'nothing'}"])
     with pytest.raises(GlitrError, match=r"not found; produce it first: glitr train-glitr"):
         run_eval(recipe)
@@ -79,3 +84,24 @@ def test_covered_fraction():
     assert covered_fraction(model, apart, (112, 112)).item() == pytest.approx(2 * nominal, rel=0.05)
     outside = torch.tensor([[[3.0, 3.0], [3.0, 3.0]]])
     assert covered_fraction(model, outside, (112, 112)).item() == 0.0
+
+
+def test_eval_and_visualize_give_the_same_probabilities(in_project, tmp_path):
+    """For a validation clip and the run's checkpoint, what `glitr eval` computes (its batched pass under
+    the run's runtime) and what `glitr visualize` reports step by step (the online predictor under the
+    same runtime) are the same probabilities."""
+    recipe = resolve_recipe(load_recipe("recipes/tiny.yaml"))
+    checkpoint = in_project / "runs/tiny/checkpoints/last.pt"
+    student = load_student(checkpoint)
+    dataset = build_dataset(recipe.data, "val", train=False)
+    for i in (0, 5):
+        clip, _ = dataset[i]
+        probs = predict_clips(student.model, clip[None], Runtime.from_recipe(recipe)).logits.softmax(-1)[0]  # (T, C)
+        frames = dataset.frames_dir / dataset.records[i].id  # the JPEG frames eval decodes
+        quiet = Console(file=io.StringIO())
+        result = visualize(frames, checkpoint=checkpoint, out=tmp_path / f"{i}.gif", console=quiet)
+        assert len(result["frames"]) == probs.shape[0] == 4
+        for t, step in enumerate(result["frames"]):
+            assert [name for name, _ in step["top"]] == [student.class_names[c] for c in probs[t].topk(3).indices]
+            for name, p in step["top"]:
+                assert p == pytest.approx(probs[t, student.class_names.index(name)].item(), abs=1e-5)

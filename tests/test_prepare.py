@@ -25,8 +25,10 @@ from data_helpers import (
 from PIL import Image
 
 from glitr_cli.data.dataset import VideoFolderDataset
-from glitr_cli.data.prepare import data_root, decode_video, prepare_dataset
+from glitr_cli.data.prepare import prepare_dataset
+from glitr_cli.data.video import decode_video
 from glitr_cli.errors import GlitrError
+from glitr_cli.paths import data_root
 
 
 def _frame_sizes(folder: Path) -> set[tuple[int, int]]:

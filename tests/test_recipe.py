@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
+from glitr_cli.engine.build import build_objective
 from glitr_cli.errors import GlitrError
+from glitr_cli.paths import recipe_names
 from glitr_cli.recipe import (
     Recipe,
     load_recipe,
@@ -18,8 +22,15 @@ from glitr_cli.recipe import (
     save_recipe,
 )
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "glitr_cli" / "recipes"  # shipped in the package
 SHIPPED = ["ssv2_teacher", "ssv2", "jester_teacher", "jester", "toy_teacher", "toy"]
+
+
+def test_the_shipped_recipes_are_the_packaged_ones_and_the_checkout_link():
+    assert recipe_names() == sorted(SHIPPED)
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(SHIPPED)
+    checkout = RECIPES.parents[1] / "recipes"  # recipes/ssv2.yaml in a checkout, as the README types it
+    assert checkout.resolve() == RECIPES.resolve()
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -168,19 +179,9 @@ PAPER = {"ssv2_teacher": 174, "ssv2": 174, "jester_teacher": 27, "jester": 27}
 
 def _build(name: str, *overrides: str):
     """The objective (models included) a paper recipe trains, built without data or training."""
-    import io
-
-    from rich.console import Console
-
-    from glitr_cli.engine.objectives import student_objective, teacher_objective
-
     recipe = resolve_recipe(load_recipe(RECIPES / f"{name}.yaml", list(overrides)))
     console = Console(file=io.StringIO(), width=400)
-    if recipe.kind == "teacher":
-        objective = teacher_objective(recipe, num_classes=PAPER[name], console=console)
-    else:
-        names = [f"class {i}" for i in range(PAPER[name])]
-        objective = student_objective(recipe, class_names=names, console=console)
+    objective = build_objective(recipe, [f"class {i}" for i in range(PAPER[name])], console)
     return objective, console.file.getvalue()
 
 
@@ -202,7 +203,9 @@ def test_paper_teacher_recipes_build_with_random_weights_only_when_allowed(name,
     )
     assert model.backbone.embed_dim == 384 and len(model.backbone.blocks) == 12 and model.num_classes == PAPER[name]
     assert model.classifier.temporal_embed.shape[-1] == 768 and model.classifier.depth == 4
-    assert (objective.loss.videomae is not None) == (name == "ssv2_teacher")
+    # a missing VideoMAE under allow_random_init drops the distillation term, never distils from noise
+    assert objective.loss.videomae is None
+    assert ("distillation term is DROPPED" in printed) == (name == "ssv2_teacher")
 
 
 @pytest.mark.slow

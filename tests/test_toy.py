@@ -10,7 +10,6 @@ from data_helpers import run_glitr, tree_bytes
 from PIL import Image
 
 from glitr_cli.data.dataset import VideoFolderDataset
-from glitr_cli.data.prepare import decode_video
 from glitr_cli.data.toy import (
     DIRECTIONS,
     SHAPES,
@@ -26,6 +25,7 @@ from glitr_cli.data.toy import (
     target_in_glimpse,
     target_revealed,
 )
+from glitr_cli.data.video import decode_video
 from glitr_cli.errors import GlitrError
 
 

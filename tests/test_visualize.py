@@ -15,8 +15,8 @@ from model_helpers import TINY, tiny_glitr
 from PIL import Image
 
 from glitr_cli.data.dataset import sample_indices
-from glitr_cli.data.prepare import decode_video
 from glitr_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from glitr_cli.data.video import decode_video
 from glitr_cli.engine.checkpoint import save_checkpoint
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import OnlinePredictor, extract_glimpse

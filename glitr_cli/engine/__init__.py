@@ -1,9 +1,10 @@
-"""The training engine: one loop for the teacher and the GliTr student, and `glitr eval`.
+"""The engine: training, evaluation, checkpoints and the public API for loading trained models.
 
 `train` and `evaluate` are what the CLI calls: load a recipe, apply overrides, run, tidy up the
-process group. Everything else lives in the submodules: trainer (the loop), objectives (what
-differs between teacher and student), optim (AdamW groups and schedule), checkpoint, mixup,
-metrics, distributed, evaluate.
+process group. The submodules: trainer (the loop), step (one optimiser step), objectives (what
+differs between teacher and student), build (models and objectives with their starting weights),
+loading (trained models back from checkpoints: `load_student`), evaluation, optim, checkpoint,
+mixup, augment, graphs, metrics, distributed.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from glitr_cli.engine.distributed import cleanup_distributed
+from glitr_cli.engine.evaluation import run_eval
+from glitr_cli.engine.loading import Student, find_checkpoint, load_student
+from glitr_cli.engine.trainer import Trainer
 from glitr_cli.errors import GlitrError
+from glitr_cli.recipe import COMMANDS, load_recipe
+
+__all__ = ["Student", "Trainer", "evaluate", "find_checkpoint", "load_student", "train"]
 
 
 def train(
     recipe_path: str | Path, overrides: list[str] | None = None, *, kind: str, resume: str | Path | None = None
 ) -> None:
     """`glitr train-teacher` / `glitr train-glitr`: train the recipe's model (auto-resuming its run)."""
-    from glitr_cli.engine.distributed import cleanup_distributed
-    from glitr_cli.engine.trainer import Trainer
-    from glitr_cli.recipe import COMMANDS, load_recipe
-
     recipe = load_recipe(recipe_path, overrides)
     if recipe.kind != kind:
         raise GlitrError(
@@ -42,10 +46,6 @@ def evaluate(
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """`glitr eval`: per-step accuracy of a checkpoint for each glimpse policy (and the teacher)."""
-    from glitr_cli.engine.distributed import cleanup_distributed
-    from glitr_cli.engine.evaluate import run_eval
-    from glitr_cli.recipe import load_recipe
-
     recipe = load_recipe(recipe_path, overrides)
     try:
         return run_eval(recipe, checkpoint=checkpoint, out_dir=out_dir)

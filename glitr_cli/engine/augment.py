@@ -1,12 +1,12 @@
 """Training augmentation on the training device (`data.augment_on: device`).
 
-The SSv2 training transform (RandAugment on the full frame, then the random-resized crop) costs
-about 76 ms of one CPU core per 16-frame clip, while decoding the JPEGs is about a tenth of that:
-a GPU that trains at hundreds of clips/s outruns the loader workers of a normal host. With this
-option the workers only decode (uint8 clips, pinned) and the transform runs on the device in the
-training process, clip by clip. Each clip's random parameters are drawn from a CPU generator
-seeded from the clip's own seed, so runs stay reproducible and resumable as with loader-side
-augmentation (the noise of random erasing, drawn on the device, is the one exception).
+The training transform (RandAugment on the full frame, then the random-resized crop) costs far
+more CPU time than decoding the JPEGs (README, "Speed"), so a GPU that trains at hundreds of clips/s
+can outrun the loader workers of a normal host. With this option the workers only decode (uint8
+clips, pinned) and the transform runs on the device in the training process, clip by clip. Each
+clip's random parameters are drawn from a CPU generator seeded from the clip's own seed, so runs
+stay reproducible and resumable as with loader-side augmentation (the noise of random erasing,
+drawn on the device, is the one exception).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write, fsync_dir
 from glitr_cli.model.weights import read_checkpoint
 
 FORMAT = "glitr-checkpoint"
@@ -30,31 +31,6 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """`torch.save` to a temporary file beside `path`, flush it to disk, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def _point_last(ckpt: Path) -> None:
     """Make `last.pt` the same file as `ckpt` atomically (a hard link; a copy where links fail)."""
     tmp = ckpt.with_name(f".{LAST}.tmp-{os.getpid()}")
@@ -64,7 +40,7 @@ def _point_last(ckpt: Path) -> None:
     except OSError:
         shutil.copyfile(ckpt, tmp)
     os.replace(tmp, ckpt.with_name(LAST))
-    _fsync_dir(ckpt.parent)
+    fsync_dir(ckpt.parent)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -82,7 +58,7 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last:
     """Write `state` as the checkpoint of optimiser step `step`, point `last.pt` at it, prune."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / checkpoint_name(step)
-    atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
     _point_last(path)
     prune(ckpt_dir, keep_last)
     return path

@@ -1,7 +1,7 @@
-"""One process or many: DDP set-up from the `torchrun` environment, samplers, seeding, reductions.
+"""One process or many: the process group of a `torchrun` job, samplers, seeding, reductions.
 
-`torchrun` sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process. The
-backend is nccl on CUDA and gloo on the CPU. The training sampler shards one seeded
+`torchrun` sets RANK, WORLD_SIZE and LOCAL_RANK (read by `Runtime`); without them this is a single
+process. The backend is nccl on CUDA and gloo on the CPU. The training sampler shards one seeded
 permutation per epoch across ranks (DistributedSampler), can start part-way through an epoch
 (resume), and hands every clip a seed derived from (seed, epoch, position) so that its random
 augmentation does not depend on data-loader workers, restarts or timing.
@@ -9,11 +9,9 @@ augmentation does not depend on data-loader workers, restarts or timing.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -22,72 +20,23 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from glitr_cli.errors import GlitrError
+from glitr_cli.runtime import Runtime
 
 
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def _pick_device(preference: str, local_rank: int, distributed: bool) -> torch.device:
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise GlitrError(f"train.device={preference} but no CUDA device is available; use train.device=cpu")
-        return torch.device("cuda", local_rank) if distributed or preference == "cuda" else torch.device(preference)
-    if preference != "cpu":
-        raise GlitrError(f"train.device={preference!r}: expected auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the process group `torchrun` describes (if any) and pick this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank, world > 1)
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(minutes=30),
-            device_id=dev if dev.type == "cuda" else None,
-        )
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
-
-
-def share_cpus_with_loader(workers: int) -> None:
-    """On the CPU, give this process's intra-op threads only the cores the loader workers leave free.
-
-    PyTorch starts one OpenMP thread per core. When data-loader workers (or anything else) hold
-    some of those cores, every parallel op waits for a descheduled thread: on 2 cores with one
-    worker a toy training epoch took 77 s with 2 threads and 22 s with 1 (with another job
-    running). An OMP_NUM_THREADS set by the user (or by torchrun) is left as it is. A process-wide
-    choice, made once at the start (`glitr demo`): float results depend on the thread count, so
-    changing it mid-process would break bit-exact resumption.
-    """
-    if "OMP_NUM_THREADS" in os.environ:
+def init_distributed(runtime: Runtime) -> None:
+    """Join the process group `torchrun` describes (nothing in a single process): nccl on CUDA, gloo on CPU."""
+    if not runtime.distributed or dist.is_initialized():
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    free = max(1, cores - workers)
-    if torch.get_num_threads() > free:
-        torch.set_num_threads(free)
+    dev = runtime.device
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(
+        backend="nccl" if dev.type == "cuda" else "gloo",
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        timeout=timedelta(minutes=30),
+        device_id=dev if dev.type == "cuda" else None,
+    )
 
 
 def cleanup_distributed() -> None:

@@ -1,33 +1,31 @@
 """The training engine: one `Trainer` for the teacher and the student, on CPU, GPU or many GPUs.
 
-Phases: `setup` (process group, data, model and objective, optimiser, resume), `train_epoch`,
-`evaluate`, `save`, `resume`; `fit` runs them. Teacher and student differ only in the
-`Objective` plugged in (see objectives.py). The per-step function `step_fn` (forward +
-backward of one micro-batch) is an attribute so benchmarks can swap it.
+Phases: `setup` (runtime, process group, data, objective, the training step, resume), `train_epoch`,
+`evaluate`, `save`, `resume`; `fit` runs them. Teacher and student differ only in the `Objective`
+plugged in (objectives.py); what happens inside one optimiser step is the `TrainStep` (step.py).
 
 Reproducibility on CPU: model weights are initialised from `train.seed` on every rank; each
 clip's augmentation is seeded by (seed, epoch, position) (`ResumableSampler`); the global
-generators (mixup, drop-path) are saved per rank in every checkpoint. A run stopped at any
-moment and restarted from `last.pt` replays the same steps and ends with the same weights.
+generators (mixup, drop-path) are saved per rank in every checkpoint; the CPU thread count is
+recorded in the run and reused on resume. A run stopped at any moment and restarted from `last.pt`
+replays the same steps and ends with the same weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from rich.console import Console
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
+from glitr_cli.data.dataset import build_dataset
+from glitr_cli.data.transforms import clip_train_transform
 from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
+from glitr_cli.engine.build import build_objective
 from glitr_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glitr_cli.engine.distributed import (
-    DistEnv,
     ResumableSampler,
     SeededDataset,
     ShardSampler,
@@ -37,14 +35,13 @@ from glitr_cli.engine.distributed import (
     init_distributed,
     seed_everything,
 )
-from glitr_cli.engine.graphs import GraphedStep
+from glitr_cli.engine.evaluation import evaluate_policies
 from glitr_cli.engine.metrics import MetricsLogger, make_progress, topk_correct
-from glitr_cli.engine.models import build_dataset, clip_train_transform, warn
-from glitr_cli.engine.objectives import Objective, student_objective, teacher_objective
-from glitr_cli.engine.optim import MODULES, build_optimizer, build_schedule
-from glitr_cli.errors import GlitrError
+from glitr_cli.engine.step import TrainStep
+from glitr_cli.errors import GlitrError, warn
 from glitr_cli.model.weights import load_state_dict_checked
 from glitr_cli.recipe import COMMANDS, Recipe, recipe_to_dict, resolve_recipe, save_recipe
+from glitr_cli.runtime import Runtime
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -70,30 +67,36 @@ class Trainer:
         self.recipe = resolve_recipe(recipe)
         self.resume_from = Path(resume) if resume is not None else None
         self.console = console or Console(stderr=True)
-        self.step_fn = self.forward_backward
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # micro-batches of the current epoch already trained
-        self.step = 0  # optimiser steps taken
         self._ready = False
 
     # ---------------------------------------------------------------------------------------------- setup
 
     def say(self, message: str) -> None:
-        if self.env.is_main:
+        if self.runtime.is_main:
             self.console.print(message, highlight=False, soft_wrap=True)
 
     def setup(self) -> None:
         r = self.recipe
-        self.env: DistEnv = init_distributed(r.train.device)
-        env, opt = self.env, r.optim
-        main_console = self.console if env.is_main else None
         self.run_dir = Path(r.output_dir or ".")
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.resume_from is None and (self.ckpt_dir / LAST).is_file():
+            self.resume_from = self.ckpt_dir / LAST
+        ckpt = load_checkpoint(self.resume_from) if self.resume_from is not None else None
+        if ckpt is not None and r.train.threads == 0:  # the thread count the run was trained with
+            r.train.threads = ckpt["recipe"].get("train", {}).get("threads", 0)
+        self.runtime = runtime = Runtime.from_recipe(r)
+        runtime.apply()
+        r.train.threads = runtime.threads  # recorded in recipe.yaml and every checkpoint
+        init_distributed(runtime)
+        opt = r.optim
+        main_console = self.console if runtime.is_main else None
 
-        per_step = env.world_size * opt.accum_steps
+        per_step = runtime.world_size * opt.accum_steps
         if opt.batch_size % per_step:
             raise GlitrError(
-                f"optim.batch_size={opt.batch_size} is not divisible by {env.world_size} process(es) x "
+                f"optim.batch_size={opt.batch_size} is not divisible by {runtime.world_size} process(es) x "
                 f"optim.accum_steps={opt.accum_steps}; pick a multiple of {per_step}"
             )
         self.micro_batch = opt.batch_size // per_step
@@ -102,67 +105,38 @@ class Trainer:
         self.train_set = build_dataset(r.data, r.data.train_split, train=True)
         self.val_set = build_dataset(r.data, r.data.val_split, train=False) if r.train.eval_every > 0 else None
         self.class_names = list(self.train_set.class_names)
-        if r.kind == "teacher":
-            self.objective: Objective = teacher_objective(r, num_classes=len(self.class_names), console=main_console)
-        else:
-            self.objective = student_objective(r, class_names=self.class_names, console=main_console)
+        self.objective = build_objective(r, self.class_names, main_console)
         self.model = self.objective.model
-        self.objective.loss.to(env.device)
 
         self.sampler = ResumableSampler(
-            len(self.train_set), rank=env.rank, world_size=env.world_size, seed=r.train.seed
+            len(self.train_set), rank=runtime.rank, world_size=runtime.world_size, seed=r.train.seed
         )
         on_device = r.data.augment_on == "device"
-        self.augment = DeviceAugment(clip_train_transform(r.data), env.device) if on_device else None
-        self.loader = self._loader(
+        self.loader = runtime.loader(
             SeededDataset(self.train_set, with_seed=on_device),
-            self.sampler,
-            self.micro_batch,
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
             drop_last=True,
             collate_fn=collate_uint8_clips if on_device else None,
+            seed=r.train.seed,
         )
         if self.val_set is not None:
-            shard = ShardSampler(len(self.val_set), rank=env.rank, world_size=env.world_size)
-            self.val_loader = self._loader(self.val_set, shard, r.eval.batch_size, drop_last=False)
+            shard = ShardSampler(len(self.val_set), rank=runtime.rank, world_size=runtime.world_size)
+            self.val_loader = runtime.loader(self.val_set, batch_size=r.eval.batch_size, sampler=shard)
         self.steps_per_epoch = (self.sampler.num_samples // self.micro_batch) // opt.accum_steps
         if self.steps_per_epoch == 0:
             raise GlitrError(
                 f"{r.data.root} split '{r.data.train_split}' has {len(self.train_set)} clips, too few for one "
                 f"optimiser step of optim.batch_size={opt.batch_size}"
             )
-        self.optimizer = build_optimizer(
-            self.model, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps, fused=opt.fused
-        )
-        self.schedule = build_schedule(
-            {m: getattr(opt, m) for m in MODULES},
-            global_batch=opt.batch_size,
-            lr_batch=opt.lr_batch,
-            steps_per_epoch=self.steps_per_epoch,
-            epochs=opt.epochs,
-        )
-        on_cuda = env.device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.train.precision) if on_cuda else None
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype is torch.float16)
+        augment = DeviceAugment(clip_train_transform(r.data), runtime.device) if on_device else None
+        self.train_step = TrainStep(self.objective, runtime, opt, steps_per_epoch=self.steps_per_epoch, augment=augment)
 
-        module: nn.Module = self.objective.loss
-        if env.distributed:
-            module = DistributedDataParallel(module, device_ids=[env.device.index] if on_cuda else None)
-        self.ddp = module if env.distributed else None
-        self.train_module = module
-        if r.train.compile:
-            self.model.compile()
-        self.graphed: GraphedStep | None = None
-        if r.train.cuda_graphs and on_cuda and not env.distributed:  # DDP's gradient hooks stay eager
-            self.graphed = GraphedStep(self._forward_backward, self.model)
+        seed_everything(r.train.seed + 10007 * runtime.rank)  # per-rank randomness: mixup, drop-path
+        if ckpt is not None:
+            self.resume(ckpt, self.resume_from)
 
-        seed_everything(r.train.seed + 10007 * env.rank)  # per-rank randomness: mixup, drop-path
-        if self.resume_from is None and (self.ckpt_dir / LAST).is_file():
-            self.resume_from = self.ckpt_dir / LAST
-        if self.resume_from is not None:
-            self.resume(self.resume_from)
-
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if runtime.is_main:
             command = COMMANDS[r.kind]
             save_recipe(
                 r,
@@ -172,7 +146,7 @@ class Trainer:
             )
         self.metrics = MetricsLogger(
             self.run_dir,
-            enabled=env.is_main,
+            enabled=runtime.is_main,
             tensorboard=r.log.tensorboard,
             wandb=r.log.wandb,
             wandb_project=r.log.wandb_project,
@@ -183,65 +157,16 @@ class Trainer:
         barrier()
         self._ready = True
 
-    def _loader(
-        self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool, collate_fn: Any = None
-    ) -> DataLoader:
-        workers = self.recipe.data.workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=collate_fn,
-            num_workers=workers,
-            pin_memory=self.env.device.type == "cuda",
-            drop_last=drop_last,
-            persistent_workers=workers > 0,
-            # its own generator: creating an iterator must not draw from the global one (resume)
-            generator=torch.Generator().manual_seed(self.recipe.train.seed),
-        )
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken."""
+        return self.train_step.step
 
     # ------------------------------------------------------------------------------------------- training
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        # a CUDA graph must recompute the weight casts it reads, not take them from autocast's cache
-        return torch.autocast(self.env.device.type, dtype=self.amp_dtype, cache_enabled=self.graphed is None)
-
-    def forward_backward(self, frames: torch.Tensor, target: torch.Tensor, sync: bool) -> dict[str, torch.Tensor]:
-        """Loss of one micro-batch and its backward pass (gradients all-reduced only when `sync`).
-
-        With `train.cuda_graphs` the pair runs as a replayed CUDA graph; its outputs are then
-        overwritten by the next micro-batch."""
-        if self.graphed is not None:
-            return self.graphed(frames, target)
-        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
-        with no_sync:
-            return self._forward_backward(frames, target)
-
-    def _forward_backward(self, frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self.autocast():
-            out = self.train_module(frames, target)
-        loss = out["loss"] / self.recipe.optim.accum_steps
-        self.scaler.scale(loss).backward()
-        return out
-
-    def optimizer_step(self) -> float | None:
-        """Clip (optionally), step, zero the gradients; returns the gradient norm when clipping."""
-        norm = None
-        clip = self.recipe.optim.clip_grad
-        if clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a graph keeps writing into the same .grad
-        self.step += 1
-        return norm
-
     def train_epoch(self, max_steps: int | None = None) -> bool:
         """Train the rest of epoch `self.epoch`; False when stopped early by `max_steps`."""
-        r, env = self.recipe, self.env
+        r = self.recipe
         accum = r.optim.accum_steps
         self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.micro_batch)
         self.objective.loss.train()
@@ -249,33 +174,26 @@ class Trainer:
         first_step = self.batch_in_epoch // accum
         keys = ("loss", *self.objective.scalars)
         window = self._new_window(len(keys))
-        with make_progress(self.console, env.is_main and r.log.progress) as progress:
+
+        def observe(out: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+            window["sums"] += torch.stack([out[k].detach().float() for k in keys])
+            window["correct"] += topk_correct(out["logits"].detach(), labels, ks=(1,))[0]
+            window["clips"] += labels.shape[0]
+            window["micro"] += 1
+            self.batch_in_epoch += 1
+
+        with make_progress(self.console, self.runtime.is_main and r.log.progress) as progress:
             task = progress.add_task(
-                f"epoch {self.epoch + 1}/{r.optim.epochs}",
-                total=self.steps_per_epoch,
-                completed=first_step,
-                info="",
+                f"epoch {self.epoch + 1}/{r.optim.epochs}", total=self.steps_per_epoch, completed=first_step, info=""
             )
             for _ in range(first_step, self.steps_per_epoch):
                 if max_steps is not None and self.step >= max_steps:
                     return False
-                lrs = self.schedule.apply(self.optimizer, self.step)
-                for a in range(accum):
-                    clips, labels, *seeds = next(batches)
-                    if self.augment is not None:
-                        clips = self.augment(clips, seeds[0])  # uint8 clips, transformed on the device
-                    clips = clips.to(env.device, non_blocking=True)
-                    labels = labels.to(env.device, non_blocking=True)
-                    frames, target = self.objective.prepare(clips, labels)
-                    out = self.step_fn(frames, target, sync=a == accum - 1)
-                    self._accumulate(window, out, keys, labels)
-                    self.batch_in_epoch += 1
-                norm = self.optimizer_step()
-                if norm is not None:
-                    window["grad_norm"] = norm
+                result = self.train_step(batches, observe)
+                if result["grad_norm"] is not None:
+                    window["grad_norm"] = result["grad_norm"]
                 if self.step % r.train.log_every == 0:
-                    info = self._log_train(window, keys, lrs)
-                    progress.update(task, info=info)
+                    progress.update(task, info=self._log_train(window, keys, result["lr"]))
                     window = self._new_window(len(keys))
                 progress.advance(task)
                 last_in_epoch = self.batch_in_epoch >= self.steps_per_epoch * accum
@@ -286,26 +204,18 @@ class Trainer:
         return True
 
     def _new_window(self, n_keys: int) -> dict[str, Any]:
-        t = self.recipe.data.num_frames
+        device = self.runtime.device
         return {
-            "sums": torch.zeros(n_keys, device=self.env.device),
-            "correct": torch.zeros(t, device=self.env.device),
+            "sums": torch.zeros(n_keys, device=device),
+            "correct": torch.zeros(self.recipe.data.num_frames, device=device),
             "clips": 0,
             "micro": 0,
             "start": time.perf_counter(),
         }
 
-    def _accumulate(
-        self, window: dict[str, Any], out: dict[str, torch.Tensor], keys: tuple[str, ...], labels: torch.Tensor
-    ) -> None:
-        window["sums"] += torch.stack([out[k].detach().float() for k in keys])
-        window["correct"] += topk_correct(out["logits"].detach(), labels, ks=(1,))[0]
-        window["clips"] += labels.shape[0]
-        window["micro"] += 1
-
     def _log_train(self, window: dict[str, Any], keys: tuple[str, ...], lrs: dict[str, float]) -> str:
         """Reduce the window over ranks, write one metrics record; returns the progress-bar text."""
-        counts = torch.tensor([window["micro"], window["clips"]], dtype=torch.float64, device=self.env.device)
+        counts = torch.tensor([window["micro"], window["clips"]], dtype=torch.float64, device=self.runtime.device)
         sums = all_reduce_sum(torch.cat([window["sums"].double(), window["correct"].double(), counts]))
         n_keys = len(keys)
         micro, clips = sums[-2].item(), sums[-1].item()
@@ -326,41 +236,37 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Top-1/top-5 at every step t on the validation split (learned glimpses or full frames)."""
+        """Top-1/top-5 at every step t on the validation split (learned glimpses, or full frames for a teacher)."""
         assert self.val_set is not None
-        env = self.env
-        self.model.eval()
-        t = self.recipe.data.num_frames
-        correct = torch.zeros(2, t, dtype=torch.float64, device=env.device)
-        total = torch.zeros((), dtype=torch.float64, device=env.device)
+        student = self.objective.kind == "glitr"
         try:
-            for clips, labels in self.val_loader:
-                clips, labels = clips.to(env.device), labels.to(env.device)
-                with self.autocast():
-                    logits = self.objective.eval_logits(self.model, clips)
-                correct += topk_correct(logits.float(), labels).double()
-                total += labels.shape[0]
+            result = evaluate_policies(
+                self.model,
+                self.val_loader,
+                policies=["learned"] if student else [],
+                teacher=None if student else self.model,
+                runtime=self.runtime,
+                seed=self.recipe.eval.seed,
+            )
         finally:
             self.objective.loss.train()
-        all_reduce_sum(correct)
-        all_reduce_sum(total)
-        n = max(total.item(), 1.0)
-        return {"top1": (correct[0] / n).tolist(), "top5": (correct[1] / n).tolist(), "clips": int(total.item())}
+        scores = result["policies"]["learned"] if student else result["teacher"]
+        return {"top1": scores["top1"], "top5": scores["top5"], "clips": result["clips"]}
 
     # --------------------------------------------------------------------------------------- checkpoints
 
     def state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        step = self.train_step.state_dict()
         return {
             "kind": self.recipe.kind,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "optimizer": step["optimizer"],
+            "scaler": step["scaler"],
             "schedule": {"step": self.step, "steps_per_epoch": self.steps_per_epoch},
             "progress": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step},
             "rng": rngs,
-            "world_size": self.env.world_size,
+            "world_size": self.runtime.world_size,
             "micro_batch": self.micro_batch,
             "class_names": self.class_names,
             "recipe": recipe_to_dict(self.recipe),
@@ -370,32 +276,31 @@ class Trainer:
         """Checkpoint everything needed to continue exactly here (collective: every rank calls it)."""
         rngs = all_gather_objects(rng_state())
         path = self.ckpt_dir / LAST
-        if self.env.is_main:
+        if self.runtime.is_main:
             path = save_checkpoint(self.state(rngs), self.ckpt_dir, self.step, self.recipe.train.keep_last)
         barrier()
         return path
 
-    def resume(self, path: str | Path) -> None:
-        """Continue from checkpoint `path`: weights, optimiser, progress and generator states."""
-        ckpt = load_checkpoint(path)
+    def resume(self, ckpt: dict[str, Any], path: str | Path) -> None:
+        """Continue from checkpoint `ckpt` (read from `path`): weights, optimiser, progress, generators."""
         r = self.recipe
         if ckpt["kind"] != r.kind:
             raise GlitrError(f"cannot resume a {r.kind} run from {path}: it is a {ckpt['kind']} checkpoint")
         if list(ckpt["class_names"]) != self.class_names:
             raise GlitrError(f"cannot resume from {path}: it was trained on other classes than {r.data.root} holds")
         changed = [k for k in _diff(ckpt["recipe"], recipe_to_dict(r)) if not k.startswith(_RESUME_FREE_KEYS)]
-        if changed and self.env.is_main:
+        if changed and self.runtime.is_main:
             warn(self.console, f"the recipe differs from the one {path} was trained with: {', '.join(changed)}")
         load_state_dict_checked(self.model, ckpt["model"], str(path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
         progress = ckpt["progress"]
-        self.epoch, self.batch_in_epoch, self.step = progress["epoch"], progress["batch_in_epoch"], progress["step"]
-        same_layout = ckpt.get("world_size") == self.env.world_size and ckpt.get("micro_batch") == self.micro_batch
+        self.train_step.load_state_dict(
+            {"optimizer": ckpt["optimizer"], "scaler": ckpt.get("scaler"), "step": progress["step"]}
+        )
+        self.epoch, self.batch_in_epoch = progress["epoch"], progress["batch_in_epoch"]
+        same_layout = ckpt.get("world_size") == self.runtime.world_size and ckpt.get("micro_batch") == self.micro_batch
         if same_layout:
-            set_rng_state(ckpt["rng"][self.env.rank])
-        elif self.env.is_main:
+            set_rng_state(ckpt["rng"][self.runtime.rank])
+        elif self.runtime.is_main:
             warn(self.console, f"{path} was written by another process/batch layout; the data order will differ")
             self.batch_in_epoch -= self.batch_in_epoch % self.recipe.optim.accum_steps
         self.say(f"resumed from {path} (epoch {self.epoch + 1}, step {self.step})")
@@ -417,7 +322,7 @@ class Trainer:
             self.metrics.close()
             return None
         self.say(
-            f"{r.name}: {r.kind} on {self.env.device} x{self.env.world_size}, {len(self.train_set)} clips, "
+            f"{r.name}: {r.kind} on {self.runtime.device} x{self.runtime.world_size}, {len(self.train_set)} clips, "
             f"{self.steps_per_epoch} steps/epoch of {r.optim.batch_size} clips, {r.optim.epochs} epochs "
             f"-> {self.run_dir}"
         )

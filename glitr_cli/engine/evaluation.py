@@ -14,23 +14,24 @@ fraction of the frame that the union of a clip's T glimpses covered.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader
 
+from glitr_cli.data.dataset import build_dataset
 from glitr_cli.engine.distributed import ShardSampler, all_reduce_sum, init_distributed
+from glitr_cli.engine.loading import load_run_checkpoint, model_from_checkpoint
 from glitr_cli.engine.metrics import topk_correct
-from glitr_cli.engine.models import build_dataset, load_run_checkpoint, model_from_checkpoint, warn
-from glitr_cli.errors import GlitrError
-from glitr_cli.model import GliTr, glimpse_area_fraction, glimpse_mask
+from glitr_cli.errors import GlitrError, warn
+from glitr_cli.files import atomic_write_json
+from glitr_cli.model import GliTr, OnlinePredictor, StudentOutput, glimpse_area_fraction, glimpse_mask
 from glitr_cli.model.glitr import POLICIES
 from glitr_cli.recipe import COMMANDS, Recipe, resolve_recipe
+from glitr_cli.runtime import Runtime
 
 EVAL_FILE = "eval.json"
 PLOT_FILE = "accuracy.png"
@@ -45,37 +46,58 @@ def covered_fraction(model: GliTr, locs: torch.Tensor, frame_size: tuple[int, in
 
 
 @torch.no_grad()
+def predict_clips(
+    model: GliTr,
+    clips: torch.Tensor,
+    runtime: Runtime,
+    policy: str = "learned",
+    generator: torch.Generator | None = None,
+) -> StudentOutput:
+    """The student's glimpse pass over whole clips (B, T, 3, S, S) on the runtime's device and precision."""
+    with runtime.autocast():
+        return model.forward_student(clips.to(runtime.device), policy, generator=generator)
+
+
+def online_predictor(model: GliTr, runtime: Runtime, batch_size: int = 1) -> OnlinePredictor:
+    """The frame-by-frame predictor with the runtime's precision and CUDA graphs (what `visualize` runs)."""
+    return OnlinePredictor(model, batch_size, amp_dtype=runtime.amp_dtype, cuda_graphs=runtime.eval_graphs)
+
+
+@torch.no_grad()
 def evaluate_policies(
     model: GliTr,
     loader: Any,
     *,
     policies: list[str],
     teacher: GliTr | None,
-    device: torch.device,
+    runtime: Runtime,
     seed: int,
-    autocast: Any = None,
 ) -> dict[str, Any]:
-    """Sum correct predictions over `loader` (every rank its shard) and reduce; fractions per step t."""
-    t = model.num_frames
+    """Top-1/top-5 at every step t of `model` under each glimpse policy (and of `teacher` on full
+    frames) over `loader` (every rank its shard), reduced over ranks."""
+    device = runtime.device
+    t = (teacher if teacher is not None else model).num_frames
     names = [*policies, *(["teacher"] if teacher is not None else [])]
     correct = torch.zeros(len(names), 2, t, dtype=torch.float64, device=device)
     covered = torch.zeros(len(policies), dtype=torch.float64, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     generator = torch.Generator().manual_seed(seed)  # the random policy draws on the CPU
-    model.eval()
+    for m in (model, teacher):
+        if m is not None:
+            m.eval()
     for clips, labels in loader:
         if bool((labels < 0).any()):
             raise GlitrError("the evaluated split has no labels (e.g. SSv2's test split); use eval.split=val")
         clips, labels = clips.to(device), labels.to(device)
         frame_size = tuple(clips.shape[-2:])
-        with autocast or contextlib.nullcontext():
-            for i, policy in enumerate(policies):
-                out = model.forward_student(clips, policy, generator=generator)
-                correct[i] += topk_correct(out.logits.float(), labels).double()
-                covered[i] += covered_fraction(model, out.locs, frame_size).sum().double()
-            if teacher is not None:
+        for i, policy in enumerate(policies):
+            out = predict_clips(model, clips, runtime, policy, generator)
+            correct[i] += topk_correct(out.logits.float(), labels).double()
+            covered[i] += covered_fraction(model, out.locs, frame_size).sum().double()
+        if teacher is not None:
+            with runtime.autocast():
                 logits = teacher.forward_teacher(clips).logits
-                correct[-1] += topk_correct(logits.float(), labels).double()
+            correct[-1] += topk_correct(logits.float(), labels).double()
         total += labels.shape[0]
     for tensor in (correct, covered, total):
         all_reduce_sum(tensor)
@@ -92,13 +114,9 @@ def evaluate_policies(
 
 def plot_accuracy(result: dict[str, Any], path: Path, title: str = "") -> None:
     """Top-1 accuracy against the number of frames seen, one line per policy (teacher dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = list(range(1, result["steps"] + 1))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)  # no pyplot: no GUI backend, no global figure state
+    ax = fig.subplots()
     for name, entry in result["policies"].items():
         ax.plot(steps, [100 * a for a in entry["top1"]], marker="o", markersize=3, label=f"{name} glimpses")
     if "teacher" in result:
@@ -109,8 +127,8 @@ def plot_accuracy(result: dict[str, Any], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
 
 
 def result_table(result: dict[str, Any]) -> Table:
@@ -140,11 +158,13 @@ def run_eval(
     """Evaluate a run's checkpoint (default: its last.pt) on `eval.split`; write eval.json and accuracy.png."""
     console = console or Console()
     r = resolve_recipe(recipe)
-    env = init_distributed(r.train.device)
+    runtime = Runtime.from_recipe(r)
+    runtime.apply()
+    init_distributed(runtime)
     run_dir = Path(r.output_dir or ".")
     path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "last.pt"
     ckpt = load_run_checkpoint(path, produced_by=COMMANDS[r.kind])
-    model = model_from_checkpoint(ckpt, str(path)).to(env.device)
+    model = model_from_checkpoint(ckpt, str(path)).to(runtime.device)
     if (model.num_frames, model.img_size) != (r.data.num_frames, r.data.img_size):
         raise GlitrError(
             f"{path} was trained on {model.num_frames} frames of {model.img_size} px, the recipe reads "
@@ -163,28 +183,18 @@ def run_eval(
     elif r.eval.teacher and r.objective.teacher is not None:
         if Path(r.objective.teacher).is_file():
             teacher_ckpt = load_run_checkpoint(r.objective.teacher, produced_by="train-teacher")
-            teacher = model_from_checkpoint(teacher_ckpt, r.objective.teacher).to(env.device)
-        elif env.is_main:
+            teacher = model_from_checkpoint(teacher_ckpt, r.objective.teacher).to(runtime.device)
+        elif runtime.is_main:
             warn(console, f"teacher {r.objective.teacher} not found; its full-frame accuracy is left out")
 
-    loader = DataLoader(
-        dataset,
-        batch_size=r.eval.batch_size,
-        sampler=ShardSampler(len(dataset), rank=env.rank, world_size=env.world_size),
-        num_workers=r.data.workers,
-        pin_memory=env.device.type == "cuda",
-    )
-    autocast = None
-    if env.device.type == "cuda" and r.train.precision != "fp32":
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if r.train.precision == "bf16" else torch.float16)
+    sampler = ShardSampler(len(dataset), rank=runtime.rank, world_size=runtime.world_size)
     result = evaluate_policies(
         model,
-        loader,
+        runtime.loader(dataset, batch_size=r.eval.batch_size, sampler=sampler),
         policies=list(r.eval.policies),
         teacher=teacher,
-        device=env.device,
-        seed=r.eval.seed + env.rank,
-        autocast=autocast,
+        runtime=runtime,
+        seed=r.eval.seed + runtime.rank,
     )
     result = {
         "steps": result["steps"],
@@ -198,10 +208,9 @@ def run_eval(
         "epoch": ckpt["progress"]["epoch"],
         "step": ckpt["progress"]["step"],
     }
-    if env.is_main:
+    if runtime.is_main:
         out = Path(out_dir) if out_dir is not None else run_dir
-        out.mkdir(parents=True, exist_ok=True)
-        (out / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out / EVAL_FILE, result)
         plot_accuracy(result, out / PLOT_FILE, title=f"{r.name} ({r.eval.split})")
         console.print(result_table(result))
         console.print(f"wrote {out / EVAL_FILE} and {out / PLOT_FILE}", highlight=False)
