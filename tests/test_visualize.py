@@ -297,3 +297,17 @@ def test_checkpoint_written_by_the_trainer(trained_tiny, assets, tmp_path, monke
     assert all(s["top"][0][0] in student.class_names for s in result["frames"])
     with pytest.raises(GlitrError, match="is a teacher checkpoint"):
         load_student("runs/tiny_teacher/checkpoints/last.pt")
+
+
+def test_the_readme_python_example_runs(trained_tiny, monkeypatch, capsys):
+    """The README's "Using a trained model from Python" block, run as written on a trained student."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Using a trained model from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(trained_tiny)
+    exec(code.replace("runs/demo/glitr/checkpoints/last.pt", "runs/tiny/checkpoints/last.pt"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    student = load_student("runs/tiny/checkpoints/last.pt")
+    assert len(lines) == student.num_frames
+    for line in lines:
+        assert any(line.startswith(f"{name} ") for name in student.class_names) and "next glimpse at" in line
