@@ -116,6 +116,12 @@ def run_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     return code, captured.out, captured.err
 
 
+@pytest.fixture()
+def glitr(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """`glitr ARGS` in this process, in the test's cwd and environment: (exit code, stdout, stderr)."""
+    return lambda *argv: run_cli([str(a) for a in argv], monkeypatch, capsys)
+
+
 def model_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 

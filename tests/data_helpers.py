@@ -4,9 +4,6 @@ in the official SSv2 and Jester layouts. Nothing is mocked: every file is a real
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -125,15 +122,6 @@ def make_jester_download(
     for split, lines in rows.items():
         (src / f"jester-v1-{split}.csv").write_text("".join(line + "\n" for line in lines))
     return frames_dir
-
-
-def run_glitr(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the real CLI (`python -m glitr_cli ...`) in a subprocess."""
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + full_env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", "glitr_cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
-    )
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

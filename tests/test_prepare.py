@@ -18,7 +18,6 @@ from data_helpers import (
     make_frames,
     make_jester_download,
     make_ssv2_download,
-    run_glitr,
     tree_bytes,
     truncate,
 )
@@ -39,7 +38,7 @@ def _frame_sizes(folder: Path) -> set[tuple[int, int]]:
     return sizes
 
 
-def test_ssv2_official_layout_several_codecs(tmp_path):
+def test_ssv2_official_layout_several_codecs(tmp_path, glitr):
     src, out = tmp_path / "download", tmp_path / "ssv2"
     make_ssv2_download(src, [
         ("101", "train", 2, "vp9", (48, 64), 10),
@@ -48,9 +47,9 @@ def test_ssv2_official_layout_several_codecs(tmp_path):
         ("104", "validation", 0, "vp8", (48, 64), 7),
         ("105", "test", 0, "h264-mkv", (48, 64), 6),
     ])  # fmt: skip
-    r = run_glitr("prepare-data", "ssv2", "--src", str(src), "--out", str(out), "--workers", "2")
-    assert r.returncode == 0, r.stderr
-    assert "5 done, 0 skipped (already prepared), 0 failed" in r.stdout
+    code, out_text, err = glitr("prepare-data", "ssv2", "--src", src, "--out", out, "--workers", "2")
+    assert code == 0, err
+    assert "5 done, 0 skipped (already prepared), 0 failed" in out_text
     assert (out / "category.txt").read_text().splitlines() == [SSV2_CLASSES[i] for i in range(3)]
     assert (out / "train_videofolder.txt").read_text() == "101 10 2\n102 9 0\n"
     assert (out / "val_videofolder.txt").read_text() == "103 8 1\n104 7 0\n"
@@ -80,7 +79,7 @@ def test_ssv2_newer_label_layout_with_videos_in_src(tmp_path):
     assert _frame_sizes(out / "frames" / "7") == {(48, 32)}
 
 
-def test_truncated_empty_and_undecodable_videos_go_to_failed_txt(tmp_path):
+def test_truncated_empty_and_undecodable_videos_go_to_failed_txt(tmp_path, glitr):
     src, out = tmp_path / "download", tmp_path / "ssv2"
     make_ssv2_download(src, [
         ("1", "train", 0, "vp9", (48, 64), 24),
@@ -97,9 +96,9 @@ def test_truncated_empty_and_undecodable_videos_go_to_failed_txt(tmp_path):
     truncate(vdir / "5.webm", 0.6)
     (vdir / "6.webm").write_bytes(b"this is not a video at all\n" * 50)
     (vdir / "7.webm").unlink()
-    r = run_glitr("prepare-data", "ssv2", "--src", str(src), "--out", str(out), "--workers", "2")
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "2 done, 0 skipped (already prepared), 5 failed" in r.stdout
+    code, out_text, err = glitr("prepare-data", "ssv2", "--src", src, "--out", out, "--workers", "2")
+    assert code == 1, out_text + err
+    assert "2 done, 0 skipped (already prepared), 5 failed" in out_text
     failed = dict(line.split("\t", 1) for line in (out / "failed.txt").read_text().splitlines())
     assert list(failed) == ["2", "4", "5", "6", "7"]
     assert "truncated" in failed["2"] and "2.webm" in failed["2"]
@@ -113,7 +112,7 @@ def test_truncated_empty_and_undecodable_videos_go_to_failed_txt(tmp_path):
     assert sorted(p.name for p in (out / "frames").iterdir()) == ["1", "3"]  # nothing half-written left
 
 
-def test_killed_preparation_resumes_to_the_same_output(tmp_path):
+def test_killed_preparation_resumes_to_the_same_output(tmp_path, glitr):
     src = tmp_path / "download"
     make_ssv2_download(
         src, [(str(i), "train" if i < 10 else "validation", i % 3, "vp9", (96, 128), 24) for i in range(12)]
@@ -149,22 +148,23 @@ def test_killed_preparation_resumes_to_the_same_output(tmp_path):
     assert 1 <= len(finished) < 12, "the run was not interrupted half-way"
     assert not (out / "train_videofolder.txt").exists()
 
-    r = run_glitr("prepare-data", "ssv2", "--src", str(src), "--out", str(out), "--workers", "2")
-    assert r.returncode == 0, r.stderr
-    assert f"{12 - len(finished)} done, {len(finished)} skipped" in r.stdout
+    code, out_text, err = glitr("prepare-data", "ssv2", "--src", src, "--out", out, "--workers", "2")
+    assert code == 0, err
+    assert f"{12 - len(finished)} done, {len(finished)} skipped" in out_text
     assert tree_bytes(out) == tree_bytes(reference)  # lists, category, info and every JPEG byte
 
 
-def test_missing_download_says_which_files_go_where(tmp_path):
-    r = run_glitr("prepare-data", "ssv2", cwd=tmp_path)
-    assert r.returncode == 2
-    err = " ".join(r.stderr.split())
+def test_missing_download_says_which_files_go_where(tmp_path, monkeypatch, glitr):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = glitr("prepare-data", "ssv2")
+    assert code == 2
+    err = " ".join(err.split())
     assert "no Something-Something-V2 download in data/ssv2/download" in err
     assert "something-something-v2-{labels,train,validation,test}.json" in err
     assert "data/ssv2/download/20bn-something-something-v2/" in err
-    r = run_glitr("prepare-data", "jester", "--data-root", "elsewhere", cwd=tmp_path)
-    assert r.returncode == 2
-    err = " ".join(r.stderr.split())
+    code, _, err = glitr("prepare-data", "jester", "--data-root", "elsewhere")
+    assert code == 2
+    err = " ".join(err.split())
     assert (
         "no Jester download in elsewhere/jester/download" in err
         and "jester-v1-{labels,train,validation,test}.csv" in err
@@ -174,13 +174,14 @@ def test_missing_download_says_which_files_go_where(tmp_path):
     src = tmp_path / "dl"
     make_ssv2_download(src, [("1", "train", 0, "vp9", (32, 32), 4), ("2", "validation", 0, "vp9", (32, 32), 4)])
     (src / "something-something-v2-validation.json").write_text('[\n{"id": "2", "template": "Nope [x]"}\n]')
-    r = run_glitr("prepare-data", "ssv2", "--src", str(src), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2
-    assert "something-something-v2-validation.json:2: template" in r.stderr
-    assert "(class 'Nope x') is not in the labels file" in r.stderr
+    code, _, err = glitr("prepare-data", "ssv2", "--src", src, "--out", tmp_path / "o")
+    assert code == 2
+    err = " ".join(err.split())
+    assert "something-something-v2-validation.json:2: template" in err
+    assert "(class 'Nope x') is not in the labels file" in err
 
 
-def test_prepare_data_jester_typed_exactly_in_a_project(tmp_path):
+def test_prepare_data_jester_typed_exactly_in_a_project(tmp_path, monkeypatch, glitr):
     project = tmp_path / "project"
     make_jester_download(project / "data" / "jester" / "download", [
         ("1", "train", "Swiping Left", 5),
@@ -189,8 +190,9 @@ def test_prepare_data_jester_typed_exactly_in_a_project(tmp_path):
         ("4", "validation", "Zooming In With Two Fingers", 6),
         ("6", "test", None, 3),
     ])  # fmt: skip
-    r = run_glitr("prepare-data", "jester", cwd=project)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(project)
+    code, _, err = glitr("prepare-data", "jester")  # as the README types it
+    assert code == 0, err
     out = project / "data" / "jester"
     assert (out / "category.txt").read_text().splitlines() == sorted(JESTER_LABELS)
     assert (out / "train_videofolder.txt").read_text() == "1 5 2\n2 7 1\n3 4 0\n"
@@ -209,8 +211,9 @@ def test_prepare_data_jester_typed_exactly_in_a_project(tmp_path):
     moved = tmp_path / "moved"
     (project / "data").rename(moved)
     (moved / "jester" / "train_videofolder.txt").unlink()
-    r = run_glitr("prepare-data", "jester", cwd=project, env={"GLITR_DATA": str(moved)})
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("GLITR_DATA", str(moved))
+    code, _, err = glitr("prepare-data", "jester")
+    assert code == 0, err
     assert (moved / "jester" / "train_videofolder.txt").read_text() == "1 5 2\n2 7 1\n3 4 0\n"
 
 

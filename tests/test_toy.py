@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from data_helpers import run_glitr, tree_bytes
+from data_helpers import tree_bytes
 from PIL import Image
 
 from glitr_cli.data.dataset import VideoFolderDataset
@@ -120,12 +120,12 @@ def test_toy_download_is_deterministic_and_resumable(tmp_path):
         ToyConfig.from_options(shapes="square,hexagon")
 
 
-def test_prepare_data_toy_takes_the_ssv2_path(tmp_path):
+def test_prepare_data_toy_takes_the_ssv2_path(tmp_path, glitr):
     out = tmp_path / "toy"
-    r = run_glitr("prepare-data", "toy", "--out", str(out), "--toy-train", "16", "--toy-val", "8", "--toy-test", "2",
-                  "--workers", "2")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "26 done, 0 skipped (already prepared), 0 failed" in r.stdout
+    code, out_text, err = glitr("prepare-data", "toy", "--out", out, "--toy-train", "16", "--toy-val", "8",
+                                "--toy-test", "2", "--workers", "2")  # fmt: skip
+    assert code == 0, err
+    assert "26 done, 0 skipped (already prepared), 0 failed" in out_text
     dl = out / "download"
     for key in ("labels", "train", "validation", "test"):
         assert (dl / f"something-something-v2-{key}.json").is_file()
@@ -150,5 +150,7 @@ def test_prepare_data_toy_takes_the_ssv2_path(tmp_path):
     clip, label = ds[0]
     assert clip.shape == (8, 3, 112, 112) and 0 <= label < 8 and ds.num_classes == 8
     # resuming a finished toy preparation does nothing
-    r = run_glitr("prepare-data", "toy", "--out", str(out), "--toy-train", "16", "--toy-val", "8", "--toy-test", "2")
-    assert r.returncode == 0 and "0 done, 26 skipped" in r.stdout
+    code, out_text, _ = glitr(
+        "prepare-data", "toy", "--out", out, "--toy-train", "16", "--toy-val", "8", "--toy-test", "2"
+    )
+    assert code == 0 and "0 done, 26 skipped" in out_text

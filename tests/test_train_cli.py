@@ -10,13 +10,13 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, assert_same_weights, model_weights, run_cli, run_glitr
+from conftest import REPO, assert_same_weights, model_weights, run_glitr
 
 
 @pytest.fixture()
-def glitr(project, monkeypatch, capsys):
-    """`glitr ARGS` in this process, in the project folder: (exit code, stdout, stderr)."""
-    return lambda *argv: run_cli(list(argv), monkeypatch, capsys)
+def glitr(project, glitr):
+    """The in-process `glitr`, in the project folder."""
+    return glitr
 
 
 def one_error_line(result: tuple[int, str, str]) -> str:
