@@ -43,6 +43,13 @@ def test_student_eval_json_plot_and_baselines(in_project, tmp_path):
     assert saved["policies"]["learned"]["top1"] == pytest.approx(last_val["top1"])
     teacher_val = [r for r in read_metrics(in_project / "runs/tiny_teacher") if r["split"] == "val"][-1]
     assert saved["teacher"]["top1"] == pytest.approx(teacher_val["top1"])
+    # and, labelled apart, what the paper reports: per t the best top-1 over the run's validations
+    vals = [r for r in read_metrics(in_project / "runs/tiny") if r["split"] == "val"]
+    best = saved["best_over_epochs"]
+    assert best["of"] == "learned" and best["split"] == "val" and best["validations"] == len(vals) >= 2
+    assert best["top1"] == [max(r["top1"][t] for r in vals) for t in range(4)]
+    for t in range(4):
+        assert best["top1"][t] == next(r for r in vals if r["epoch"] == best["epoch"][t])["top1"][t]
     # one 2x2-patch glimpse of a 4x4 grid is a quarter of the frame; centred glimpses always cover it
     assert saved["glimpse_area"] == pytest.approx(0.25)
     assert saved["policies"]["center"]["covered_area"] == pytest.approx(0.25, abs=0.05)

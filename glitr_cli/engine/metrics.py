@@ -90,15 +90,8 @@ class MetricsLogger:
         """Drop records beyond optimiser step `step` (a resumed run writes them again)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in read_records(self.path) if record.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -118,6 +111,37 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`, skipping a line cut short by a kill."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def best_over_epochs(path: Path) -> dict[str, Any] | None:
+    """For every step t, the best validation top-1 over a run's per-epoch validations, and its epoch.
+
+    This is the number the paper reports (the original validates every epoch and keeps, per t,
+    the best). None when the run has no `metrics.jsonl` or never validated.
+    """
+    if not path.is_file():
+        return None
+    vals = [r for r in read_records(path) if r.get("split") == "val" and "top1" in r]
+    if not vals:
+        return None
+    steps = len(vals[0]["top1"])
+    best = [max(vals, key=lambda r: r["top1"][t]) for t in range(steps)]
+    return {
+        "top1": [r["top1"][t] for t, r in enumerate(best)],
+        "epoch": [r["epoch"] for r in best],
+        "validations": len(vals),
+    }
 
 
 def _flatten(record: dict[str, Any], prefix: str) -> list[tuple[str, float]]:
