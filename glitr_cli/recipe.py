@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -282,6 +283,114 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+# (lowest, highest, whether the lowest is allowed itself); None: no bound. A key missing here is
+# unbounded (strings, flags) or checked where it is used (names, paths, policies).
+_PROB = (0.0, 1.0, True)
+_AT_LEAST_0 = (0, None, True)
+_AT_LEAST_1 = (1, None, True)
+_POSITIVE = (0, None, False)
+_LR = {f"{k}": _AT_LEAST_0 for k in ("base", "floor", "warmup_epochs", "warmup_start", "hold_epochs")}
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "data.num_frames": _AT_LEAST_1,
+    "data.img_size": _AT_LEAST_1,
+    "data.resize": _AT_LEAST_1,
+    "data.randaug_m": (0, 10, True),
+    "data.randaug_n": _AT_LEAST_0,
+    "data.randaug_mstd": _AT_LEAST_0,
+    "data.randaug_prob": _PROB,
+    "data.scale": (0.0, 1.0, False),
+    "data.ratio": _POSITIVE,
+    "data.erase_prob": _PROB,
+    "data.workers": _AT_LEAST_0,
+    "model.embed_dim": _AT_LEAST_1,
+    "model.depth": _AT_LEAST_1,
+    "model.num_heads": _AT_LEAST_1,
+    "model.patch_size": _AT_LEAST_1,
+    "model.temporal_dim": _AT_LEAST_1,
+    "model.temporal_depth": _AT_LEAST_1,
+    "model.temporal_heads": _AT_LEAST_1,
+    "model.glimpse_size": _AT_LEAST_1,
+    "model.drop_path": (0.0, 1.0, True),
+    "objective.label_smoothing": (0.0, 1.0, True),
+    "objective.mixup": _AT_LEAST_0,
+    "objective.cutmix": _AT_LEAST_0,
+    "objective.mixup_prob": _PROB,
+    "objective.mixup_switch_prob": _PROB,
+    "optim.epochs": _AT_LEAST_1,
+    "optim.batch_size": _AT_LEAST_1,
+    "optim.accum_steps": _AT_LEAST_1,
+    "optim.lr_batch": _AT_LEAST_1,
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.betas": (0.0, 1.0, True),
+    "optim.eps": _POSITIVE,
+    "optim.clip_grad": _POSITIVE,
+    **{f"optim.{group}.{k}": r for group in ("backbone", "classifier", "locator") for k, r in _LR.items()},
+    "train.seed": _AT_LEAST_0,
+    "train.threads": _AT_LEAST_0,
+    "train.checkpoint_every": _AT_LEAST_0,
+    "train.keep_last": _AT_LEAST_0,
+    "train.eval_every": _AT_LEAST_0,
+    "train.log_every": _AT_LEAST_1,
+    "eval.batch_size": _AT_LEAST_1,
+    "eval.seed": _AT_LEAST_0,
+}
+_BELOW_1 = ("model.drop_path", "objective.label_smoothing", "optim.betas")  # 1 itself is out of range
+
+
+def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
+    """Every numeric value of `recipe` inside its range (`RANGES`), and the few values that must fit
+    together; a value out of range is a `GlitrError` naming the key, where it was set (`source` or
+    the last override that set it), what it expects and what it got."""
+
+    def where(*keys: str) -> str:
+        for override in reversed(overrides):
+            set_key = override.partition("=")[0].strip()
+            if any(k == set_key or k.startswith(set_key + ".") for k in keys):
+                return f"override '{override}'"
+        return source
+
+    def get(key: str) -> Any:
+        value: Any = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    for key, (low, high, low_ok) in RANGES.items():
+        value = get(key)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is None:
+                continue
+            high_ok = key not in _BELOW_1
+            if (low is None or v > low or (low_ok and v == low)) and (
+                high is None or v < high or (high_ok and v == high)
+            ):
+                continue
+            want = [f"at least {low}" if low_ok else f"above {low}"] if low is not None else []
+            want += [f"at most {high}" if high_ok else f"below {high}"] if high is not None else []
+            raise GlitrError(f"'{key}' in {where(key)} expects {' and '.join(want)}, got {value!r}")
+
+    d, m = recipe.data, recipe.model
+    pairs = [("data.scale", d.scale), ("data.ratio", d.ratio)]
+    for key, (lo, hi) in pairs:
+        if lo > hi:
+            raise GlitrError(f"'{key}' in {where(key)} expects [low, high] with low <= high, got {[lo, hi]}")
+    if d.resize < d.img_size:
+        raise GlitrError(
+            f"'data.resize' ({d.resize}) in {where('data.resize', 'data.img_size')} must be at least "
+            f"data.img_size ({d.img_size}): evaluation centre-crops img_size from a short side of resize"
+        )
+    patch = m.patch_size
+    if patch is None:
+        found = re.search(r"patch(\d+)", m.backbone)
+        patch = int(found.group(1)) if found else None
+    if patch is not None and m.glimpse_size * patch > d.img_size:
+        raise GlitrError(
+            f"'model.glimpse_size' in {where('model.glimpse_size', 'model.patch_size', 'data.img_size')}: "
+            f"a glimpse of {m.glimpse_size} patches of {patch} px ({m.glimpse_size * patch} px) is larger than "
+            f"the {d.img_size} px frame (data.img_size); expects model.glimpse_size at most {d.img_size // patch}"
+        )
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """Plain nested dict (tuples as lists), as YAML and checkpoints store it."""
 
@@ -328,11 +437,15 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
     overrides, validate every key and type."""
     path = find_recipe(spec)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise GlitrError(f"recipe {path} cannot be read as a text file: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise GlitrError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise GlitrError(f"recipe {path} is empty; start from a shipped one: glitr recipes cp toy {path}")
     recipe = recipe_from_dict(data, str(path))  # file errors name the file
     merged = recipe_to_dict(recipe)
     for override in overrides or []:
@@ -340,6 +453,7 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
         _build(Recipe, _merge(recipe_to_dict(Recipe()), one), "", f"override '{override}'")  # names the override
         merged = _merge(merged, one)
     recipe = recipe_from_dict(merged, str(path))
+    check_ranges(recipe, str(path), overrides or [])
     if recipe.name is None:
         recipe.name = recipe_stem(path)
     return recipe

@@ -138,7 +138,7 @@ def test_overrides(tmp_path):
 
 
 def test_override_errors(tmp_path):
-    path = write(tmp_path, "")
+    path = write(tmp_path, "kind: teacher\n")
     with pytest.raises(GlitrError, match=r"unknown key 'optim.epoc' in override 'optim.epoc=3'; did you mean"):
         load_recipe(path, ["optim.epoc=3"])
     with pytest.raises(GlitrError, match=r"'optim.epochs' in override 'optim.epochs=x' expects int"):
