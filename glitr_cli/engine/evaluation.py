@@ -177,6 +177,11 @@ def run_eval(
     run_dir = Path(r.output_dir or ".")
     path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "last.pt"
     ckpt = load_run_checkpoint(path, produced_by=COMMANDS[r.kind])
+    if ckpt["kind"] != r.kind:
+        raise GlitrError(
+            f"{path} is a {ckpt['kind']} checkpoint, but recipe {r.name} is a {r.kind} recipe; "
+            "evaluate it with the recipe it was trained with"
+        )
     model = model_from_checkpoint(ckpt, str(path)).to(runtime.device)
     if (model.num_frames, model.img_size) != (r.data.num_frames, r.data.img_size):
         raise GlitrError(

@@ -7,6 +7,7 @@ Every file is read with `weights_only=True`; a missing checkpoint names the comm
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,9 @@ def load_run_checkpoint(path: str | Path, *, produced_by: str) -> dict[str, Any]
     """A checkpoint of one of our runs; a missing one names the command that writes it."""
     if not Path(path).is_file():
         raise GlitrError(f"checkpoint {path} not found; produce it first: {producing_command(path, produced_by)}")
-    return load_checkpoint(path)
+    with warnings.catch_warnings():  # a plain pickle makes torch warn before it refuses the file: one line only
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return load_checkpoint(path)
 
 
 def checkpoint_recipe(ckpt: dict[str, Any], source: str) -> Recipe:
