@@ -3,6 +3,7 @@ videos (VP9/VP8 WebM, H.264 MP4/MKV, MPEG-4 AVI) and real JPEG folders."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,3 +260,87 @@ def test_decode_video_helper_and_options(tmp_path, monkeypatch):
         prepare_dataset("ssv2", tmp_path, tmp_path, frames=tmp_path)
     with pytest.raises(GlitrError, match="unknown dataset 'kinetics'"):
         prepare_dataset("kinetics", None, None)
+
+
+def _one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    flat = " ".join(err.split())
+    for needle in needles:
+        assert needle in flat, (needle, flat)
+
+
+def test_a_folder_prepared_with_other_settings_is_refused(tmp_path, glitr):
+    src = tmp_path / "download"
+    make_ssv2_download(src, [(str(i), "train" if i < 3 else "validation", i % 3, "vp9", (48, 64), 6) for i in range(4)])
+    out = tmp_path / "out"
+    args = ["prepare-data", "ssv2", "--src", src, "--out", out, "--workers", "1"]
+    code, _, err = glitr(*args, "--short-side", "32", "--quality", "90")
+    assert code == 0, err
+    assert json.loads((out / "glitr_prepare.json").read_text()) == {"dataset": "ssv2", "short_side": 32, "quality": 90}
+    before = tree_bytes(out)
+    code, _, err = glitr(*args, "--short-side", "24", "--quality", "90")
+    _one_error_line(code, err, f"{out} was prepared with --short-side 32, this run asks for 24", "--short-side 32")
+    code, _, err = glitr(*args, "--short-side", "32")  # the default quality, 95
+    _one_error_line(code, err, "--quality 90, this run asks for 95")
+    code, _, err = glitr(*args)  # the SSv2 default short side, 256
+    _one_error_line(code, err, "--short-side 32, this run asks for 256")
+    code, _, err = glitr(*args, "--short-side", "0", "--quality", "90")
+    _one_error_line(code, err, "--short-side 32, this run asks for 0")
+    assert tree_bytes(out) == before  # nothing written
+    # the same settings resume; an interrupted folder (no lists yet) is protected as well
+    code, out_text, err = glitr(*args, "--short-side", "32", "--quality", "90")
+    assert code == 0 and "0 done, 4 skipped" in out_text, err
+    assert tree_bytes(out) == before
+    for name in ("train_videofolder.txt", "val_videofolder.txt", "glitr_dataset.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "frames" / "3")
+    code, _, err = glitr(*args, "--short-side", "48", "--quality", "90")
+    _one_error_line(code, err, "--short-side 32, this run asks for 48")
+    assert not (out / "frames" / "3").exists()
+    code, out_text, err = glitr(*args, "--short-side", "32", "--quality", "90")
+    assert code == 0 and "1 done, 3 skipped" in out_text, err
+    assert tree_bytes(out) == before
+
+
+def test_a_native_jester_folder_is_not_continued_resized(tmp_path, glitr):
+    src = tmp_path / "dl"
+    make_jester_download(src, [("1", "train", "Swiping Left", 3), ("2", "validation", "No gesture", 3)])
+    out = tmp_path / "out"
+    code, _, err = glitr("prepare-data", "jester", "--src", src, "--out", out)
+    assert code == 0, err
+    record = json.loads((out / "glitr_prepare.json").read_text())
+    assert record == {"dataset": "jester", "short_side": 0, "quality": None}  # no frames written: no quality
+    before = tree_bytes(out)
+    code, _, err = glitr("prepare-data", "jester", "--src", src, "--out", out, "--short-side", "32")
+    _one_error_line(code, err, "was prepared with --short-side 0, this run asks for 32")
+    assert tree_bytes(out) == before
+    code, _, err = glitr("prepare-data", "jester", "--src", src, "--out", out)
+    assert code == 0, err
+
+
+def test_a_toy_folder_records_its_generator_settings(tmp_path, glitr):
+    out = tmp_path / "toy"
+    small = ["--toy-train", "4", "--toy-val", "2", "--toy-test", "0", "--toy-frames", "4", "--toy-size", "64"]
+    code, _, err = glitr("prepare-data", "toy", "--out", out, "--workers", "1", *small)
+    assert code == 0, err
+    record = json.loads((out / "glitr_prepare.json").read_text())
+    assert record["dataset"] == "toy" and record["short_side"] == 0 and record["quality"] == 95
+    assert record["toy"]["num_train"] == 4 and record["toy"]["size"] == 64
+    before = tree_bytes(tmp_path)
+    code, _, err = glitr("prepare-data", "toy", "--out", out, *small, "--toy-frames", "6")
+    _one_error_line(code, err, f"{out} was prepared with --toy-frames 4, this run asks for 6")
+    code, _, err = glitr("prepare-data", "toy", "--out", out, *small, "--short-side", "32")
+    _one_error_line(code, err, "--short-side 0, this run asks for 32")
+    # another download with other settings, into the same prepared folder
+    code, _, err = glitr("prepare-data", "toy", "--out", out, "--src", tmp_path / "other", *small, "--seed", "3")
+    _one_error_line(code, err, "--seed 0, this run asks for 3")
+    assert tree_bytes(tmp_path) == before and not (tmp_path / "other").exists()
+    # the download's own record (toy.json) names the option and both values too
+    (out / "glitr_prepare.json").unlink()
+    code, _, err = glitr("prepare-data", "toy", "--out", out, *small, "--toy-val", "3")
+    _one_error_line(code, err, "holds a toy download made with other settings (--toy-val 2 there, 3 now)")
+    code, out_text, err = glitr("prepare-data", "toy", "--out", out, *small)
+    assert code == 0 and "0 done, 6 skipped" in out_text, err
+    assert tree_bytes(tmp_path) == before

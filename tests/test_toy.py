@@ -114,7 +114,7 @@ def test_toy_download_is_deterministic_and_resumable(tmp_path):
     (b / "toy.json").write_text('{"generator": 0}')
     with pytest.raises(GlitrError, match="not a toy download of generator version"):
         read_toy_config(b)
-    with pytest.raises(GlitrError, match=r"made with other settings \(differs in num_frames\)"):
+    with pytest.raises(GlitrError, match=r"made with other settings \(--toy-frames 8 there, 9 now\)"):
         generate_toy(a, ToyConfig(seed=3, num_train=5, num_val=3, num_test=1, num_frames=9), 1, False)
     with pytest.raises(GlitrError, match="--toy-shapes"):
         ToyConfig.from_options(shapes="square,hexagon")

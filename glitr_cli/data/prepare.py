@@ -14,6 +14,7 @@ This module imports no torch, so worker processes start quickly.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -38,16 +39,17 @@ from glitr_cli.data.formats import (
     write_list,
 )
 from glitr_cli.data.parallel import default_workers, map_tasks
-from glitr_cli.data.toy import ToyConfig, generate_toy
+from glitr_cli.data.toy import TOY_FLAGS, ToyConfig, generate_toy, settings_conflict, toy_settings
 from glitr_cli.data.video import iter_video_frames, resized_size
 from glitr_cli.errors import GlitrError
-from glitr_cli.files import atomic_write_text
+from glitr_cli.files import atomic_write_json, atomic_write_text
 from glitr_cli.paths import data_root
 
 SPLIT_LISTS = {"train": "train_videofolder.txt", "val": "val_videofolder.txt", "test": "test_videofolder.txt"}
 SSV2_VIDEO_DIR = "20bn-something-something-v2"
 JESTER_FRAME_DIR = "20bn-jester-v1"
 PARTIAL_PREFIX = ".partial-"
+SETTINGS_FILE = "glitr_prepare.json"  # the settings the frames were made with, written before the first frame
 _NOT_VIDEO = {".json", ".csv", ".txt", ".md", ".tar", ".gz", ".zip"}
 
 
@@ -149,6 +151,46 @@ def _check_frame_folder(task: tuple[str, str, str]) -> tuple[str, int, str | Non
     if not (p / (template % 1)).is_file():
         return vid, 0, f"{p}: frames are not numbered from {template % 1}"
     return vid, n, None
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def _settings(name: str, short_side: int | None, quality: int | None, toy: dict[str, Any] | None = None) -> dict:
+    """What changes the prepared frames: the dataset, the short side (0: native size), the JPEG quality
+    (None where no frame is written) and a toy set's generator settings."""
+    return {"dataset": name, "short_side": short_side or 0, "quality": quality, **({"toy": toy} if toy else {})}
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to continue `out` when its recorded settings differ from `settings` (one line naming the
+    option and both values); a folder without a record (new, or prepared before records) passes."""
+    record = out / SETTINGS_FILE
+    if not record.is_file():
+        return
+    try:
+        old = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        old = None
+
+    def flat(d: Any) -> Any:  # the toy settings beside the others, as the options set them
+        toy = d.get("toy") if isinstance(d, dict) else None
+        return {**{k: v for k, v in d.items() if k != "toy"}, **(toy or {})} if isinstance(d, dict) else d
+
+    flags = {"dataset": "the dataset", "short_side": "--short-side", "quality": "--quality", **TOY_FLAGS}
+    conflict = settings_conflict(flat(old), flat(settings), flags)
+    if conflict is not None:
+        flag, there, now = conflict
+        raise GlitrError(
+            f"{out} was prepared with {flag} {there}, this run asks for {now}: rerun with {flag} {there} to "
+            f"resume it, or prepare into another --out (see {record})"
+        )
+
+
+def _record_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Check `out` against `settings`, then record them there before any frame is written."""
+    _check_settings(out, settings)
+    atomic_write_json(out / SETTINGS_FILE, settings)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -265,13 +307,15 @@ def prepare_ssv2(
     videos: Path | None = None,
     progress: bool = True,
     name: str = "ssv2",
+    toy: dict[str, Any] | None = None,
 ) -> PrepareSummary:
     """Prepare Something-Something-V2 (or anything in its layout, such as `toy`).
 
     `src` holds the label JSON files (old `something-something-v2-*.json` names or the
     newer `labels/*.json`) and the videos (`20bn-something-something-v2/<id>.*` or `<id>.*`
     in `src`, or in `videos`). Frames are resized so their short side is `short_side`
-    (None keeps the native size) and written as JPEG with `quality`."""
+    (None keeps the native size) and written as JPEG with `quality`. `toy`: the toy generator
+    settings the download was made with, recorded with the others."""
     t0 = time.perf_counter()
     workers = workers or default_workers()
     short_side = short_side or None  # 0 keeps the native size
@@ -306,6 +350,7 @@ def prepare_ssv2(
                 jobs.append((e.id, index[e.id]))
             else:
                 failed.append((e.id, f"no video file {e.id}.* in {' or '.join(str(d) for d in video_dirs)}"))
+    _record_settings(out, _settings(name, short_side, quality, toy))
     counts, decode_failed, done, skipped = _extract_all(name, out, jobs, workers, short_side, quality, progress)
     pos = {vid: i for i, vid in enumerate(seen)}
     failed = sorted(failed + decode_failed, key=lambda f: pos[f[0]])  # the order of the split files
@@ -358,6 +403,7 @@ def prepare_jester(
     if csv["test"].is_file():
         splits["test"] = parse_jester_split(csv["test"], None)
     template = "%05d.jpg"
+    _record_settings(out, _settings("jester", short_side, quality if short_side else None))
     ids = list(dict.fromkeys(e.id for entries in splits.values() for e in entries))
     counts: dict[str, int] = {}
     failed: list[tuple[str, str]] = []
@@ -415,8 +461,14 @@ def prepare_toy(
     t0 = time.perf_counter()
     workers = workers or default_workers()
     config = ToyConfig.from_options(**toy_options)
+    if short_side is not None and 0 < short_side < 8:
+        raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
+    settings = toy_settings(config)
+    _check_settings(out, _settings("toy", short_side, quality, settings))  # before the download is touched
     generate_toy(src, config, workers=workers, progress=progress)
-    summary = prepare_ssv2(src, out, workers, short_side=short_side, quality=quality, progress=progress, name="toy")
+    summary = prepare_ssv2(
+        src, out, workers, short_side=short_side, quality=quality, progress=progress, name="toy", toy=settings
+    )
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -367,27 +367,68 @@ def read_toy_config(download: Path) -> ToyConfig:
     return ToyConfig.from_options(**settings)
 
 
+# the option that sets each recorded toy setting, for messages
+TOY_FLAGS = {
+    "generator": "the toy generator version",
+    "seed": "--seed",
+    "num_train": "--toy-train",
+    "num_val": "--toy-val",
+    "num_test": "--toy-test",
+    "num_frames": "--toy-frames",
+    "size": "--toy-size",
+    "shapes": "--toy-shapes",
+    "directions": "--toy-directions",
+    "distractors": "--toy-distractors",
+}
+
+
+def toy_settings(cfg: ToyConfig) -> dict[str, Any]:
+    """What a toy download records in its toy.json (JSON types only)."""
+    settings = {"generator": GENERATOR_VERSION, **asdict(cfg)}
+    settings["shapes"], settings["directions"] = list(cfg.shapes), list(cfg.directions)
+    return settings
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def settings_conflict(old: Any, new: dict[str, Any], flags: dict[str, str]) -> tuple[str, str, str] | None:
+    """The first setting in which a recorded `old` (a settings file's content) differs from `new`:
+    (the option that sets it, its recorded value, its value now); None when they agree."""
+    if not isinstance(old, dict):
+        return ("the settings file", "unreadable", "a JSON object")
+    for key, value in new.items():
+        if old.get(key) != value:
+            recorded = _show(old[key]) if key in old else "not recorded"
+            return (flags.get(key, key), recorded, _show(value))
+    extra = sorted(set(old) - set(new))
+    return (flags.get(extra[0], extra[0]), _show(old[extra[0]]), "not set") if extra else None
+
+
 def generate_toy(download: Path, cfg: ToyConfig, workers: int = 1, progress: bool = True) -> int:
     """Write the toy download in the SSv2 layout under `download`; returns videos generated.
 
     Resumable: existing videos are kept. A `toy.json` records the settings; a folder made
     with other settings is an error rather than a silent mix."""
-    download.mkdir(parents=True, exist_ok=True)
-    settings = {"generator": GENERATOR_VERSION, **asdict(cfg)}
-    settings["shapes"], settings["directions"] = list(cfg.shapes), list(cfg.directions)
+    settings = toy_settings(cfg)
     record = download / SETTINGS_FILE
     if record.is_file():
         try:
             old = json.loads(record.read_text())
         except json.JSONDecodeError:
             old = None
-        if old != settings:
-            diff = sorted(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
+        conflict = settings_conflict(old, settings, TOY_FLAGS)
+        if conflict is not None:
+            flag, there, now = conflict
             raise GlitrError(
-                f"{download} holds a toy download made with other settings (differs in {', '.join(diff)}): "
+                f"{download} holds a toy download made with other settings ({flag} {there} there, {now} now): "
                 f"remove that folder or choose another --out"
             )
     else:
+        download.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(settings, indent=1) + "\n")
     videos = plan_videos(cfg)
     for key, data in _ssv2_json(cfg, videos).items():
