@@ -356,3 +356,22 @@ def test_bad_jester_labels(content, needle, project, glitr, unchanged):
     assert_one_error(glitr("prepare-data", "jester", "--src", src, "--out", project / "out"), needle)
     assert not (project / "out").exists()
     check()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train-glitr", "recipes/tiny.yaml", "objective.teacher={ckpt}"],
+        ["train-teacher", "recipes/tiny_teacher.yaml", "--resume", "{ckpt}"],
+        ["train-teacher", "recipes/tiny_teacher.yaml", "model.pretrained={ckpt}"],
+        ["train-teacher", "recipes/tiny_teacher.yaml", "objective.videomae={ckpt}"],
+    ],
+    ids=["teacher", "resume", "pretrained", "videomae"],
+)
+def test_no_checkpoint_read_runs_code(argv, project, glitr, unchanged):
+    path = project / "code.pt"
+    torch.save({"format": FORMAT, "model": RunsCode(project / "pwned")}, path)
+    check = unchanged()
+    assert_one_error(glitr(*(a.format(ckpt=path) for a in argv)), str(path), "not a readable PyTorch checkpoint")
+    assert not (project / "pwned").exists() and not (project / "runs").exists()
+    check()
