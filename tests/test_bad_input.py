@@ -297,6 +297,24 @@ def test_bad_bench_option(args, needles, project, glitr, unchanged):
     check()
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--frames", "0"], "--frames must be at least 1, got 0"),
+        (["--size", "0"], "--size must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--batches", "0"], "--batches must be at least 1, got 0"),
+        (["--workers", "-1"], "--workers must be at least 0, got -1"),
+        (["--eval", "--size", "64", "--resize", "32"], "--resize must be at least 64, got 32"),
+        (["--split", "nope"], "--split must be one of train, val, test, got 'nope'"),
+    ],
+)
+def test_bad_bench_loader_option(args, needle, project, glitr, unchanged):
+    check = unchanged()
+    assert_one_error(glitr("bench-loader", "toy", *args), needle)
+    check()
+
+
 def test_bad_training_device(project, glitr, unchanged):
     check = unchanged()
     assert_one_error(glitr("train-teacher", "recipes/tiny_teacher.yaml", "train.device=cuda:7"), "train.device=cuda:7")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from glitr_cli.data.dataset import VideoFolderDataset
+from glitr_cli.data.dataset import SPLITS, VideoFolderDataset
 from glitr_cli.data.formats import DATASETS
 from glitr_cli.data.transforms import eval_transform, train_transform
 from glitr_cli.errors import GlitrError
@@ -100,7 +100,15 @@ def benchmark_dataset(
     train: bool = True,
 ) -> dict[str, Any]:
     """`measure_loader` on a prepared dataset with the training (RandAugment + crop) or the
-    evaluation transform; `resize` defaults to size * 256 / 224."""
+    evaluation transform; `resize` defaults to size * 256 / 224. Values are checked first, each
+    error naming the `glitr bench-loader` option."""
+    least = {"--frames": (num_frames, 1), "--size": (size, 1), "--batch-size": (batch_size, 1)}
+    least |= {"--batches": (num_batches, 1), "--workers": (workers, 0), "--resize": (resize or size, size)}
+    for flag, (value, low) in least.items():
+        if value < low:
+            raise GlitrError(f"bench-loader {flag} must be at least {low}, got {value}")
+    if split not in SPLITS:
+        raise GlitrError(f"bench-loader --split must be one of {', '.join(SPLITS)}, got {split!r}")
     if train:
         transform = train_transform(size)
     else:
