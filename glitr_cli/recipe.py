@@ -283,58 +283,54 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-# (lowest, highest, whether the lowest is allowed itself); None: no bound. A key missing here is
-# unbounded (strings, flags) or checked where it is used (names, paths, policies).
-_PROB = (0.0, 1.0, True)
-_AT_LEAST_0 = (0, None, True)
-_AT_LEAST_1 = (1, None, True)
-_POSITIVE = (0, None, False)
-_LR = {f"{k}": _AT_LEAST_0 for k in ("base", "floor", "warmup_epochs", "warmup_start", "hold_epochs")}
-RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "data.num_frames": _AT_LEAST_1,
-    "data.img_size": _AT_LEAST_1,
-    "data.resize": _AT_LEAST_1,
-    "data.randaug_m": (0, 10, True),
-    "data.randaug_n": _AT_LEAST_0,
-    "data.randaug_mstd": _AT_LEAST_0,
-    "data.randaug_prob": _PROB,
-    "data.scale": (0.0, 1.0, False),
-    "data.ratio": _POSITIVE,
-    "data.erase_prob": _PROB,
-    "data.workers": _AT_LEAST_0,
-    "model.embed_dim": _AT_LEAST_1,
-    "model.depth": _AT_LEAST_1,
-    "model.num_heads": _AT_LEAST_1,
-    "model.patch_size": _AT_LEAST_1,
-    "model.temporal_dim": _AT_LEAST_1,
-    "model.temporal_depth": _AT_LEAST_1,
-    "model.temporal_heads": _AT_LEAST_1,
-    "model.glimpse_size": _AT_LEAST_1,
-    "model.drop_path": (0.0, 1.0, True),
-    "objective.label_smoothing": (0.0, 1.0, True),
-    "objective.mixup": _AT_LEAST_0,
-    "objective.cutmix": _AT_LEAST_0,
-    "objective.mixup_prob": _PROB,
-    "objective.mixup_switch_prob": _PROB,
-    "optim.epochs": _AT_LEAST_1,
-    "optim.batch_size": _AT_LEAST_1,
-    "optim.accum_steps": _AT_LEAST_1,
-    "optim.lr_batch": _AT_LEAST_1,
-    "optim.weight_decay": _AT_LEAST_0,
-    "optim.betas": (0.0, 1.0, True),
-    "optim.eps": _POSITIVE,
-    "optim.clip_grad": _POSITIVE,
-    **{f"optim.{group}.{k}": r for group in ("backbone", "classifier", "locator") for k, r in _LR.items()},
-    "train.seed": _AT_LEAST_0,
-    "train.threads": _AT_LEAST_0,
-    "train.checkpoint_every": _AT_LEAST_0,
-    "train.keep_last": _AT_LEAST_0,
-    "train.eval_every": _AT_LEAST_0,
-    "train.log_every": _AT_LEAST_1,
-    "eval.batch_size": _AT_LEAST_1,
-    "eval.seed": _AT_LEAST_0,
+# The range of every numeric key, as an interval: `[` and `]` include the bound, `(` and `)` exclude
+# it, `inf` is no bound; a sequence's every element must lie in it, None (where allowed) passes. A
+# key not listed is not numeric, or is checked where it is used (names, paths, policies, splits).
+_LR_RANGES = {k: "[0, inf)" for k in ("base", "floor", "warmup_epochs", "warmup_start", "hold_epochs")}
+RANGES: dict[str, str] = {
+    "data.num_frames": "[1, inf)",
+    "data.img_size": "[1, inf)",
+    "data.resize": "[1, inf)",
+    "data.randaug_m": "[0, 10]",
+    "data.randaug_n": "[0, inf)",
+    "data.randaug_mstd": "[0, inf)",
+    "data.randaug_prob": "[0, 1]",
+    "data.scale": "(0, 1]",
+    "data.ratio": "(0, inf)",
+    "data.erase_prob": "[0, 1]",
+    "data.workers": "[0, inf)",
+    "model.embed_dim": "[1, inf)",
+    "model.depth": "[1, inf)",
+    "model.num_heads": "[1, inf)",
+    "model.patch_size": "[1, inf)",
+    "model.temporal_dim": "[1, inf)",
+    "model.temporal_depth": "[1, inf)",
+    "model.temporal_heads": "[1, inf)",
+    "model.glimpse_size": "[1, inf)",
+    "model.drop_path": "[0, 1)",
+    "objective.label_smoothing": "[0, 1)",
+    "objective.mixup": "[0, inf)",
+    "objective.cutmix": "[0, inf)",
+    "objective.mixup_prob": "[0, 1]",
+    "objective.mixup_switch_prob": "[0, 1]",
+    "optim.epochs": "[1, inf)",
+    "optim.batch_size": "[1, inf)",
+    "optim.accum_steps": "[1, inf)",
+    "optim.lr_batch": "[1, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.betas": "[0, 1)",
+    "optim.eps": "(0, inf)",
+    "optim.clip_grad": "(0, inf)",
+    **{f"optim.{group}.{k}": r for group in ("backbone", "classifier", "locator") for k, r in _LR_RANGES.items()},
+    "train.seed": "[0, inf)",
+    "train.threads": "[0, inf)",
+    "train.checkpoint_every": "[0, inf)",
+    "train.keep_last": "[0, inf)",
+    "train.eval_every": "[0, inf)",
+    "train.log_every": "[1, inf)",
+    "eval.batch_size": "[1, inf)",
+    "eval.seed": "[0, inf)",
 }
-_BELOW_1 = ("model.drop_path", "objective.label_smoothing", "optim.betas")  # 1 itself is out of range
 
 
 def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
@@ -355,18 +351,20 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
             value = getattr(value, part)
         return value
 
-    for key, (low, high, low_ok) in RANGES.items():
+    for key, interval in RANGES.items():
+        low_text, high_text = interval[1:-1].split(",")
+        low, high = float(low_text), float(high_text)
         value = get(key)
         for v in value if isinstance(value, tuple) else (value,):
             if v is None:
                 continue
-            high_ok = key not in _BELOW_1
-            if (low is None or v > low or (low_ok and v == low)) and (
-                high is None or v < high or (high_ok and v == high)
-            ):
+            low_ok = v > low or (interval[0] == "[" and v == low)
+            high_ok = v < high or (interval[-1] == "]" and v == high)
+            if low_ok and high_ok:
                 continue
-            want = [f"at least {low}" if low_ok else f"above {low}"] if low is not None else []
-            want += [f"at most {high}" if high_ok else f"below {high}"] if high is not None else []
+            want = [f"{'at least' if interval[0] == '[' else 'above'} {low_text.strip()}"]
+            if high != float("inf"):
+                want.append(f"{'at most' if interval[-1] == ']' else 'below'} {high_text.strip()}")
             raise GlitrError(f"'{key}' in {where(key)} expects {' and '.join(want)}, got {value!r}")
 
     d, m = recipe.data, recipe.model
