@@ -285,7 +285,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
 
 # The range of every numeric key, as an interval: `[` and `]` include the bound, `(` and `)` exclude
 # it, `inf` is no bound; a sequence's every element must lie in it, None (where allowed) passes. A
-# key not listed is not numeric, or is checked where it is used (names, paths, policies, splits).
+# key not listed is not numeric, or is checked where it is used (names, paths, policies).
 _LR_RANGES = {k: "[0, inf)" for k in ("base", "floor", "warmup_epochs", "warmup_start", "hold_epochs")}
 RANGES: dict[str, str] = {
     "data.num_frames": "[1, inf)",
@@ -366,6 +366,10 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
             if high != float("inf"):
                 want.append(f"{'at most' if interval[-1] == ']' else 'below'} {high_text.strip()}")
             raise GlitrError(f"'{key}' in {where(key)} expects {' and '.join(want)}, got {value!r}")
+
+    for key in ("data.train_split", "data.val_split", "eval.split"):  # the lists a prepared dataset has
+        if get(key) not in ("train", "val", "test"):
+            raise GlitrError(f"'{key}' in {where(key)} expects train, val or test, got {get(key)!r}")
 
     d, m = recipe.data, recipe.model
     pairs = [("data.scale", d.scale), ("data.ratio", d.ratio)]

@@ -107,6 +107,7 @@ OVERRIDES = {
     "crop scale reversed": ("data.scale=[0.9, 0.5]", ["'data.scale'", "low <= high"]),
     "log every 0": ("train.log_every=0", ["'train.log_every'", "at least 1"]),
     "eval batch zero": ("eval.batch_size=0", ["'eval.batch_size'", "at least 1"]),
+    "unknown split": ("eval.split=nope", ["'eval.split'", "expects train, val or test, got 'nope'"]),
     "negative workers": ("data.workers=-1", ["'data.workers'", "at least 0"]),
     "glimpse larger than the frame": (
         "model.glimpse_size=5",
