@@ -7,6 +7,7 @@ each command, so `glitr --help` and a mistyped option answer without loading PyT
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from glitr_cli import __version__
-from glitr_cli.errors import GlitrError
+from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError, Preempted
 from glitr_cli.paths import packaged_recipe, recipe_names
 
 app = typer.Typer(
@@ -290,3 +291,7 @@ def main() -> None:
     except GlitrError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            err_console.print(f"[bold yellow]preempted:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
