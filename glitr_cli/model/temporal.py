@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import named_apply
+from timm.models.vision_transformer import init_weights_vit_timm
 
 
 class KVCache:
@@ -144,7 +146,7 @@ class TemporalTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim, bias=head_bias)
         trunc_normal_(self.temporal_embed, std=0.02)
-        self.apply(init_vit_weights)
+        named_apply(init_weights_vit_timm, self)  # trunc-normal(0.02) linears, zero biases, unit LayerNorms
 
     @property
     def depth(self) -> int:
@@ -190,14 +192,3 @@ class Locator(TemporalTransformer):
         self.init_loc = nn.Parameter(torch.zeros(1, 1, 2))
         with torch.no_grad():
             self.head.weight.mul_(0.1)
-
-
-def init_vit_weights(m: nn.Module) -> None:
-    """The ViT init for one module: trunc-normal(0.02) linear weights, zero biases, unit LayerNorms."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
