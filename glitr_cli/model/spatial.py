@@ -53,6 +53,10 @@ class SpatialEncoder(nn.Module):
     def glimpse_pixels(self) -> int:
         return self.glimpse_size * self.patch_size
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that an optimiser excluding embeddings from weight decay leaves undecayed (timm's API)."""
+        return {"cls_token", "pos_embed"}
+
     def set_fused_attn(self, enabled: bool) -> None:
         for block in self.blocks:
             block.attn.fused_attn = enabled

@@ -152,6 +152,10 @@ class TemporalTransformer(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that an optimiser excluding embeddings from weight decay leaves undecayed (timm's API)."""
+        return {"temporal_embed"}
+
     def set_fused_attn(self, enabled: bool) -> None:
         for block in self.blocks:
             block.attn.fused_attn = enabled
@@ -192,3 +196,6 @@ class Locator(TemporalTransformer):
         self.init_loc = nn.Parameter(torch.zeros(1, 1, 2))
         with torch.no_grad():
             self.head.weight.mul_(0.1)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"init_loc"}
