@@ -45,8 +45,7 @@ class TrainStep:
         self.model = objective.model
         self.augment = augment
         objective.loss.to(runtime.device)
-        if runtime.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+        self.model.set_grad_checkpointing(runtime.grad_checkpointing)
         module: nn.Module = objective.loss
         self.ddp: DistributedDataParallel | None = None
         if runtime.distributed:

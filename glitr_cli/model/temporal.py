@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import named_apply
+from timm.models import checkpoint_seq, named_apply
 from timm.models.vision_transformer import init_weights_vit_timm
 
 
@@ -145,6 +145,7 @@ class TemporalTransformer(nn.Module):
         self.blocks = nn.ModuleList(CausalBlock(dim, num_heads, mlp_ratio, r, fused_attn) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim, bias=head_bias)
+        self.grad_checkpointing = False
         trunc_normal_(self.temporal_embed, std=0.02)
         named_apply(init_weights_vit_timm, self)  # trunc-normal(0.02) linears, zero biases, unit LayerNorms
 
@@ -160,6 +161,11 @@ class TemporalTransformer(nn.Module):
         for block in self.blocks:
             block.attn.fused_attn = enabled
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks' activations in the backward pass of `forward` (only where the weights get
+        gradients). `step` keeps them: a recompute would append to its cache a second time."""
+        self.grad_checkpointing = enable
+
     def new_cache(self) -> KVCache:
         return KVCache(self.depth)
 
@@ -170,8 +176,11 @@ class TemporalTransformer(nn.Module):
         """One causal pass: (B, T, in_dim) -> (B, T, out_dim); output t depends on inputs 0..t only."""
         t = x.shape[1]
         x = self.input_proj(x) + self.temporal_embed[:, :t]
-        for block in self.blocks:
-            x = block(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and self.temporal_embed.requires_grad:  # see spatial.py
+            x = checkpoint_seq(self.blocks, x, use_reentrant=False)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.head(self.norm(x))
 
     def step(self, x: torch.Tensor, cache: KVCache | StaticKVCache) -> torch.Tensor:

@@ -162,7 +162,7 @@ class VideoMAE(nn.Module):
             blk.attn.fused_attn = enable
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of keeping them (only where grad flows)."""
+        """Recompute each block's activations in the backward pass instead of keeping them (only when training)."""
         self.grad_checkpointing = enable
 
     def freeze(self) -> VideoMAE:
@@ -177,7 +177,7 @@ class VideoMAE(nn.Module):
         """(B, C, T, H, W) -> tokens (B, N, D), N = (T / tubelet) * (H / patch) * (W / patch)."""
         x = self.patch_embed(x)  # (B, N, D)
         x = x + self.pos_embed.to(dtype=x.dtype)  # (1, N, D) broadcast
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled() and self.patch_embed.proj.weight.requires_grad:
             x = checkpoint_seq(self.blocks, x, use_reentrant=False)
         else:
             for blk in self.blocks:
