@@ -32,9 +32,16 @@ def tiny_model():
     )  # fmt: skip
 
 
+def test_param_groups_decay_every_parameter_as_the_original():
+    model = tiny_model()
+    groups = param_groups(model, weight_decay=0.05, exclude_from_decay=False)
+    assert [(g["module"], g["weight_decay"]) for g in groups] == [(m, 0.05) for m in MODULES]  # one group a module
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())
+
+
 def test_param_groups_one_schedule_per_module_and_no_decay_exclusions():
     model = tiny_model()
-    groups = param_groups(model, weight_decay=0.05)
+    groups = param_groups(model, weight_decay=0.05, exclude_from_decay=True)
     assert {g["module"] for g in groups} == {"backbone", "classifier", "locator"}
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for _ in model.parameters())  # each param exactly once
@@ -66,7 +73,8 @@ def test_schedule_scales_warms_up_and_decays_per_iteration():
     assert first["backbone"] == pytest.approx(1e-5 * 64 / 128) and first["classifier"] == pytest.approx(5e-5)
     assert first["locator"] == pytest.approx(1e-6)  # warm-up starts low (not scaled)
     assert sched.lrs(10)["locator"] == pytest.approx(1e-6 + (5e-5 - 1e-6) * 10 / 20)
-    assert sched.lrs(20)["locator"] == pytest.approx(5e-5)  # warm-up done: the scaled base
+    assert sched.lrs(19)["locator"] == pytest.approx(1e-6 + (5e-5 - 1e-6) * 19 / 20)
+    assert sched.lrs(20)["locator"] == sched.lrs(20)["classifier"]  # warm-up done: on the whole run's cosine
     assert last["backbone"] == pytest.approx(1e-7, rel=0.01) and last["locator"] == pytest.approx(1e-6, rel=0.02)
     lrs = [sched.lrs(i)["backbone"] for i in range(50)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # cosine decays every iteration
@@ -90,15 +98,15 @@ def test_a_held_module_starts_its_schedule_late():
     )
     lrs = [sched.lrs(i)["locator"] for i in range(21)]
     assert lrs[:8] == [0.0] * 8  # held for 2 epochs
-    assert lrs[8:13] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])  # warm-up over 1 epoch
-    plain = GroupSchedule(base=2.0, floor=0.1, warmup=0, warmup_start=0.0, total=8)
-    assert lrs[12:] == pytest.approx([plain(i) for i in range(9)])  # cosine over the last 2 epochs
+    assert lrs[8:12] == pytest.approx([0.0, 0.5, 1.0, 1.5])  # warm-up over 1 epoch
+    plain = GroupSchedule(base=2.0, floor=0.1, warmup=0, warmup_start=0.0, total=12)
+    assert lrs[12:] == pytest.approx([plain(i) for i in range(4, 13)])  # then the cosine of the last 3 epochs
     assert sched.lrs(0)["backbone"] == 1.0  # the other modules are not held
 
 
 def test_schedule_sets_every_group_of_the_optimizer():
     model = tiny_model()
-    opt = build_optimizer(model, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
+    opt = build_optimizer(model, weight_decay=0.05, exclude_from_decay=True, betas=(0.9, 0.999), eps=1e-8)
     sched = build_schedule(
         {m: GroupLR(base=base, floor=0.0, warmup_start=0.0) for m, base in zip(MODULES, (1.0, 2.0, 3.0), strict=True)},
         global_batch=128,

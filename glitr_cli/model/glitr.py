@@ -70,6 +70,12 @@ class GliTr(nn.Module):
         for module in (self.backbone, self.classifier, self.locator):
             module.set_fused_attn(enabled)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute T_f's, T_c's and T_l's block activations in backward instead of keeping them: less memory,
+        about one more forward pass of compute. Passes without gradients (no_grad, evaluation) are unaffected."""
+        for module in (self.backbone, self.classifier, self.locator):
+            module.set_grad_checkpointing(enable)
+
     def compile(self, **kwargs) -> None:
         """`torch.compile` T_f, T_c and T_l in place, each on its own: the calls that have fixed
         shapes (T_f on one frame or glimpse batch, a full causal pass of T_c or T_l) become fused
