@@ -305,6 +305,18 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, toy_data):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k
 
+    # stopped at step 3 of 4 (the periodic checkpoint) and resumed with accumulation (the README's
+    # advice for out-of-memory): the same global batch, so the same clips at the same steps
+    switched = [f"output_dir={tmp_path / 'switched'}", *common]
+    Trainer(tiny_recipe(tmp_path, toy_data, "teacher", *switched)).fit(max_steps=3)
+    resumed = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", *switched, "optim.accum_steps=2"))
+    resumed.fit()
+    assert resumed.step == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "switched") if r["split"] == "train"] == [1, 2, 3, 4]
+    c = model_weights(tmp_path / "switched/checkpoints/last.pt")
+    for k in a:
+        assert torch.allclose(a[k], c[k], atol=2e-5), k
+
 
 def test_batch_not_divisible_is_a_clear_error(tmp_path, toy_data):
     trainer = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", "optim.batch_size=6", "optim.accum_steps=4"))
