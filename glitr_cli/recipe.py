@@ -46,6 +46,7 @@ class DataConfig:
     erase_prob: float = 0.0  # random erasing probability
     workers: int = 4  # data-loading processes per training process
     augment_on: Literal["loader", "device"] = "loader"  # device: the training transform runs on the GPU
+    max_bad_fraction: float = 0.01  # stop training when more of an epoch's clips had unreadable frames
 
 
 @dataclass

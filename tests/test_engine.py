@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -403,3 +405,36 @@ def test_device_augment_is_seeded_per_clip_and_leaves_the_global_generator_alone
     assert a.shape == (3, 3, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
     c = augment(clips, seeds + 1)
     assert not torch.equal(a, c)
+
+
+def test_bad_training_data_is_counted_listed_and_bounded(tmp_path, toy_data):
+    data = tmp_path / "data"
+    shutil.copytree(toy_data, data)
+    root = data / "toy"
+    ids = [line.split()[0] for line in (root / "train_videofolder.txt").read_text().splitlines()]
+    corrupt, missing = ids[0], ids[1]
+    frames = sorted((root / "frames" / corrupt).iterdir())
+    for f in frames[1:]:  # all frames but the first are corrupt JPEG data
+        f.write_bytes(f.read_bytes()[:50])
+    shutil.rmtree(root / "frames" / missing)
+    (root / "frames" / missing).mkdir()  # no frame of this clip can be read
+
+    overrides = ["train.eval_every=0", f"output_dir={tmp_path / 'run'}"]
+    Trainer(tiny_recipe(tmp_path, data, "teacher", *overrides, "data.max_bad_fraction=0.2")).fit()
+    per_epoch = [r for r in read_metrics(tmp_path / "run") if r["split"] == "data"]
+    assert [r["epoch"] for r in per_epoch] == [1, 2]
+    for r in per_epoch:  # every clip is read once per epoch (16 clips, 4 steps of 4)
+        assert r["bad_clips"] == 2 and r["unreadable_clips"] == 1
+        assert r["replaced_frames"] >= 3 + 4  # the corrupt clip's sampled frames but its first, all of the other's
+    listed = [json.loads(line) for line in (tmp_path / "run" / "bad_clips.jsonl").read_text().splitlines()]
+    assert [(c["epoch"], c["id"], c["unreadable"]) for c in listed] == [
+        (1, missing, True), (1, corrupt, False), (2, missing, True), (2, corrupt, False)
+    ]  # fmt: skip
+
+    strict = Trainer(tiny_recipe(tmp_path, data, "teacher", *overrides, "output_dir=" + str(tmp_path / "strict")))
+    with pytest.raises(GlitrError) as e:  # the default 1 %: two bad clips of 16 stop the run
+        strict.fit()
+    message = str(e.value)  # at the first log step that sees a bad clip: 1 > 1 % of 16
+    assert "training clips of epoch 1 had unreadable frames, more than data.max_bad_fraction=0.01" in message
+    assert f"{missing} (unreadable)" in message or f"{corrupt} (" in message and "frames replaced" in message
+    assert "strict/bad_clips.jsonl" in message and (tmp_path / "strict/bad_clips.jsonl").read_text()

@@ -23,6 +23,7 @@ which the CLI turns into one line and exit code 75 (`errors.PREEMPTED_EXIT_CODE`
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -49,14 +50,16 @@ from glitr_cli.engine.distributed import (
     seed_everything,
 )
 from glitr_cli.engine.evaluation import evaluate_policies
-from glitr_cli.engine.metrics import MetricsLogger, make_progress, topk_correct
+from glitr_cli.engine.metrics import MetricsLogger, make_progress, read_records, topk_correct
 from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError, Preempted, warn
+from glitr_cli.files import atomic_write_text
 from glitr_cli.model.weights import load_state_dict_checked
 from glitr_cli.recipe import COMMANDS, Recipe, recipe_to_dict, resolve_recipe, save_recipe
 from glitr_cli.runtime import Runtime
 
 RECIPE_FILE = "recipe.yaml"
+BAD_CLIPS_FILE = "bad_clips.jsonl"  # per epoch, every training clip with unreadable frames
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # recipe keys that may change between a run and its resumption without a warning
@@ -169,8 +172,16 @@ class Trainer:
             config=recipe_to_dict(r),
         )
         self.metrics.truncate_after(self.step)
+        self._forget_bad_clips_after(self.epoch)
         barrier()
         self._ready = True
+
+    def _forget_bad_clips_after(self, epoch: int) -> None:
+        """A resumed run lists the bad clips of the epochs it trains again afresh."""
+        path = self.run_dir / BAD_CLIPS_FILE
+        if self.runtime.is_main and path.is_file():
+            kept = [c for c in read_records(path) if c["epoch"] <= epoch]
+            atomic_write_text(path, "".join(json.dumps(c) + "\n" for c in kept))
 
     @property
     def step(self) -> int:
@@ -184,6 +195,7 @@ class Trainer:
         r = self.recipe
         clips_per_rank = r.optim.batch_size // self.runtime.world_size  # per optimiser step
         self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * clips_per_rank)
+        self._damage_at_start = self.train_set.damage.clone()
         self.objective.loss.train()
         batches = iter(self.loader)
         keys = ("loss", *self.objective.scalars)
@@ -219,6 +231,7 @@ class Trainer:
                     raise self.preempted()
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0 and not last_in_epoch:
                     self.save()
+        self._end_epoch_data()
         self.epoch += 1
         self.step_in_epoch = 0
         return True
@@ -236,9 +249,11 @@ class Trainer:
     def _log_train(self, window: dict[str, Any], keys: tuple[str, ...], lrs: dict[str, float]) -> str:
         """Reduce the window over ranks, write one metrics record; returns the progress-bar text."""
         counts = torch.tensor([window["micro"], window["clips"]], dtype=torch.float64, device=self.runtime.device)
-        sums = all_reduce_sum(torch.cat([window["sums"].double(), window["correct"].double(), counts]))
+        damage = self._damage_counts()
+        sums = all_reduce_sum(torch.cat([window["sums"].double(), window["correct"].double(), counts, damage]))
         n_keys = len(keys)
-        micro, clips = sums[-2].item(), sums[-1].item()
+        micro, clips = sums[-5].item(), sums[-4].item()
+        bad = self._check_bad_data(sums[-3:])
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         record: dict[str, Any] = {
             "split": "train",
@@ -247,12 +262,70 @@ class Trainer:
         }
         record.update({k: sums[i].item() / micro for i, k in enumerate(keys)})
         record["lr"] = lrs
-        record["top1"] = (sums[n_keys:-2] / clips).tolist()
+        record["top1"] = (sums[n_keys:-5] / clips).tolist()
         record["clips_per_s"] = clips / elapsed
         if "grad_norm" in window:
             record["grad_norm"] = window["grad_norm"]
         self.metrics.log(record)
-        return f"loss {record['loss']:.4f} · top1@T {record['top1'][-1]:.3f} · {record['clips_per_s']:.1f} clips/s"
+        info = f"loss {record['loss']:.4f} · top1@T {record['top1'][-1]:.3f} · {record['clips_per_s']:.1f} clips/s"
+        return info + (f" · {bad} bad clips" if bad else "")
+
+    # ----------------------------------------------------------------------------------------- bad data
+
+    def _epoch_damage(self) -> torch.Tensor:
+        """Per clip of this rank's training set: [frames replaced, times unreadable] in this epoch."""
+        return self.train_set.damage - self._damage_at_start
+
+    def _damage_counts(self) -> torch.Tensor:
+        """[clips with unreadable frames, frames replaced, unreadable clips] in this epoch, on this rank."""
+        d = self._epoch_damage()
+        counts = [(d.sum(1) > 0).sum(), d[:, 0].sum(), (d[:, 1] > 0).sum()]
+        return torch.tensor([int(c) for c in counts], dtype=torch.float64, device=self.runtime.device)
+
+    def _damaged_clips(self) -> list[dict[str, Any]]:
+        """Every rank's damaged clips of this epoch, worst first (collective)."""
+        d = self._epoch_damage()
+        mine = [
+            {"id": self.train_set.records[i].id, "replaced_frames": int(d[i, 0]), "unreadable": bool(d[i, 1])}
+            for i in d.sum(1).nonzero().flatten().tolist()
+        ]
+        clips = [c for rank in all_gather_objects(mine) for c in rank]
+        return sorted(clips, key=lambda c: (not c["unreadable"], -c["replaced_frames"], c["id"]))
+
+    def _check_bad_data(self, totals: torch.Tensor) -> int:
+        """Stop the run when more clips had unreadable frames than `data.max_bad_fraction` of an epoch
+        allows (`totals`: the all-reduced `_damage_counts`); returns the number of such clips."""
+        bad = int(totals[0].item())
+        r = self.recipe
+        epoch_clips = self.steps_per_epoch * r.optim.batch_size
+        if bad > r.data.max_bad_fraction * epoch_clips:
+            worst = self._damaged_clips()
+            self._write_bad_clips(worst)
+            shown = ", ".join(
+                f"{c['id']} ({'unreadable' if c['unreadable'] else str(c['replaced_frames']) + ' frames replaced'})"
+                for c in worst[:5]
+            )
+            raise GlitrError(
+                f"{bad} training clips of epoch {self.epoch + 1} had unreadable frames, more than "
+                f"data.max_bad_fraction={r.data.max_bad_fraction} of {epoch_clips} allows; worst: {shown} "
+                f"(all in {self.run_dir / BAD_CLIPS_FILE}; check the frames under {r.data.root})"
+            )
+        return bad
+
+    def _end_epoch_data(self) -> None:
+        """Count the epoch's bad data in metrics.jsonl and list its clips in bad_clips.jsonl (collective)."""
+        totals = all_reduce_sum(self._damage_counts())
+        bad = self._check_bad_data(totals)
+        record = dict(zip(("bad_clips", "replaced_frames", "unreadable_clips"), map(int, totals.tolist()), strict=True))
+        self.metrics.log({"split": "data", "epoch": self.epoch + 1, "step": self.step, **record})
+        if bad:
+            self._write_bad_clips(self._damaged_clips())
+            self.say(f"epoch {self.epoch + 1}: {bad} clips had unreadable frames (listed in {BAD_CLIPS_FILE})")
+
+    def _write_bad_clips(self, clips: list[dict[str, Any]]) -> None:
+        if self.runtime.is_main:
+            with open(self.run_dir / BAD_CLIPS_FILE, "a") as f:
+                f.writelines(json.dumps({"epoch": self.epoch + 1, **c}) + "\n" for c in clips)
 
     # ----------------------------------------------------------------------------------------- evaluation
 
