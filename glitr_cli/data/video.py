@@ -124,8 +124,9 @@ class VideoWriter:
     """Encode RGB frames one at a time (long videos need no memory) with one of `CODECS`.
 
     The first frame fixes the size; for the encoders that need even sides (H.264, MPEG-4) an odd
-    side is padded with one black row or column; VP8/VP9 keep it. `options` update the codec's defaults; `bitexact` keeps random ids and dates out of the
-    header and `threads` fixes the encoder's threads, so the same frames give the same bytes.
+    side is padded with one black row or column; VP8/VP9 keep it. `options` update the codec's
+    defaults; `bitexact` keeps random ids and dates out of the header and `threads` fixes the
+    encoder's threads, so the same frames give the same bytes.
     The container format is explicit, so the file name's extension does not matter.
     """
 

@@ -242,11 +242,14 @@ class StudentObjective(nn.Module):
         self.teacher.eval()
         return self
 
+    def student_forward(self, frames: torch.Tensor) -> StudentOutput:
+        return self.student.forward_student(frames)
+
     def forward(self, frames: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             teacher_feat = self.teacher.encode_frames(frames)
             teacher_logits = self.teacher.classifier(teacher_feat)
-        out = self.student.forward_student(frames)
+        out = self.student_forward(frames)
         cls = step_cross_entropy(out.logits, labels, self.label_smoothing)
         spatial = F.mse_loss(out.feat, teacher_feat)
         temporal = kl_divergence(out.logits, teacher_logits)
