@@ -212,6 +212,32 @@ def visualize(
     )
 
 
+@app.command("predict")
+def predict(
+    checkpoint: Path = typer.Argument(
+        ..., help="A GliTr (student) checkpoint, e.g. runs/finetune/checkpoints/last.pt."
+    ),
+    inputs: list[str] = typer.Argument(
+        ...,
+        help="Video files, folders of videos (searched recursively) or prepared splits DIR:split.",
+        show_default=False,
+    ),
+    out: Path = typer.Option(
+        Path("predictions.jsonl"), "--out", "-o", help="Output: .jsonl, or .csv (a row per step)."
+    ),
+    top_k: int = typer.Option(5, "--top-k", help="Classes (with probabilities) reported after every step."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Clips per batch (default: the recipe's eval)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Decoding processes (default: the recipe's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """A trained GliTr's classes after every step and its glimpse locations, for your clips."""
+    from glitr_cli.engine.predict import predict as run
+
+    summary = run(checkpoint, inputs, out=out, top_k=top_k, batch_size=batch_size, workers=workers, device=device)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
 @app.command("bench")
 def bench(
     recipe: Path = typer.Argument(..., help="Recipe whose models and shapes to measure, e.g. ssv2."),

@@ -93,6 +93,22 @@ def _scandir(path: Path) -> list[os.DirEntry]:
         raise GlitrError(f"{path}: cannot list the folder ({e.strerror})") from None
 
 
+def find_clips(folder: Path) -> list[Path]:
+    """Every clip under `folder`, recursively, sorted: its video files, and each folder holding
+    images as one clip (a frame folder, not searched further). Hidden entries and files with a
+    non-video suffix are left out."""
+    entries = _scandir(folder)
+    if any(e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES for e in entries):
+        return [folder]
+    clips: list[Path] = []
+    for e in entries:
+        if e.is_dir():
+            clips += find_clips(Path(e.path))
+        elif e.is_file() and Path(e.name).suffix.lower() not in _NOT_VIDEO:
+            clips.append(Path(e.path))
+    return clips
+
+
 def _class_clips(class_dir: Path, src: Path, split: str | None) -> list[Clip]:
     """The clips of one class folder: its video files and frame folders."""
     clips = []
