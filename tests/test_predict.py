@@ -82,7 +82,7 @@ def test_videos_frame_folders_and_unreadable_inputs(in_project, toy_data, tmp_pa
     frames = toy_data / "toy" / "frames" / val
 
     out = tmp_path / "out" / "preds.jsonl"
-    code, out_text, err = glitr("predict", checkpoint, clips, frames, f"{toy_data / 'toy'}:val", "-o", out)
+    code, out_text, err = glitr("predict", checkpoint, clips, frames, f"{toy_data / 'toy'}:val", "-o", out, "-j", "2")
     assert code == 1, out_text + err  # two inputs failed
     assert "predicted, 2 failed" in err.replace("\n", " ")
     failed = dict(line.split("\t", 1) for line in (tmp_path / "out" / "failed.txt").read_text().splitlines())
