@@ -12,7 +12,7 @@ from data_helpers import encode_video, make_frames, truncate, write_jpeg
 from PIL import Image
 
 from glitr_cli.data.dataset import VideoFolderDataset
-from glitr_cli.data.folder import assign_splits, clip_id, prepare_folder, scan_class_folders
+from glitr_cli.data.folder import Clip, assign_splits, clip_id, prepare_folder, scan_class_folders
 from glitr_cli.errors import GlitrError
 
 
@@ -98,7 +98,7 @@ def test_validation_draw_is_seeded_stratified_and_stable(clips):
         v = val(seed, 0.2)
         assert sum(r.startswith("cat/") for r in v) == 1 and sum(r.startswith("dog/") for r in v) == 1
     # a new class leaves the other classes' draw alone
-    more = [*found, *[type(found[0])(Path("x"), f"eel/{i}.mp4", "eel", None, "eel") for i in range(3)]]
+    more = [*found, *[Clip(Path("x"), f"eel/{i}.mp4", "eel", None) for i in range(3)]]
     assert [r for r in val(3, clips=more) if not r.startswith("eel/")] == val(3)
 
 
@@ -219,3 +219,13 @@ def test_options_of_other_datasets_are_refused(tmp_path, glitr):
     assert code == 2 and "--csv does not apply to `glitr prepare-data toy`" in err
     code, _, err = glitr("prepare-data", "folder", "--src", tmp_path, "--val-fraction", "1")
     assert code == 2 and "--val-fraction must lie strictly between 0 and 1" in err
+
+
+def test_clip_ids_are_unique_stable_and_need_no_quoting():
+    assert clip_id("walk/clip1.mp4") == "walk__clip1.mp4"
+    assert clip_id("train/walk/clip1.mp4") == "train__walk__clip1.mp4"
+    paths = ["a/b.mp4", "a__b.mp4", "a b.mp4", "a_b.mp4", ".a/b.mp4", "_a/b.mp4", "é/b.mp4", "e/b.mp4"]
+    ids = [clip_id(p) for p in paths]
+    assert len(set(ids)) == len(ids)
+    assert all(not i.startswith(".") and all(ch.isascii() and not ch.isspace() and ch != "/" for ch in i) for i in ids)
+    assert ids == [clip_id(p) for p in paths]  # a function of the path alone

@@ -55,14 +55,12 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 @dataclass(frozen=True)
 class Clip:
-    """One clip of the user's folder: where it is, its class name and split (None: not given),
-    and where it was listed (a CSV line or the class folder), for error messages."""
+    """One clip of the user's folder: where it is, its class name and split (None: not given)."""
 
     path: Path
     rel: str  # the path relative to src, with `/`
     label: str
     split: str | None
-    where: str
     line: int = 0  # the CSV line, 0 for the folder layout
 
     @property
@@ -125,7 +123,7 @@ def _class_clips(class_dir: Path, src: Path, split: str | None) -> list[Clip]:
                 continue
         elif not e.is_dir():
             continue
-        clips.append(Clip(p, p.relative_to(src).as_posix(), class_dir.name, split, str(class_dir)))
+        clips.append(Clip(p, p.relative_to(src).as_posix(), class_dir.name, split))
     if not clips:
         raise GlitrError(f"{class_dir}: class {class_dir.name!r} has no videos (video files or folders of frames)")
     return clips
@@ -197,7 +195,7 @@ def read_clip_csv(path: Path, src: Path) -> list[Clip]:
         if key in seen:
             raise GlitrError(f"{path}:{line}: {fields[0]} is already listed on line {seen[key]}")
         seen[key] = line
-        clips.append(Clip(clip_path, rel, fields[1], split, f"{path}:{line}", line))
+        clips.append(Clip(clip_path, rel, fields[1], split, line))
     if not clips:
         raise GlitrError(f"{path}: lists no clips; expected path,label[,split] lines")
     return clips
@@ -276,11 +274,7 @@ def prepare_folder(
             )
 
     ordered = [c for s in SPLIT_NAMES for c in splits[s]]
-    ids: dict[str, Clip] = {}
-    for c in ordered:
-        if c.id in ids:  # only reachable through two CSV paths naming the same file differently
-            raise GlitrError(f"{c.where}: {c.rel} is the same video as {ids[c.id].rel} ({ids[c.id].where})")
-        ids[c.id] = c
+    assert len({c.id for c in ordered}) == len(ordered), "distinct paths have distinct ids (clip_id)"
     atomic_write_text(out / SOURCES_FILE, "".join(f"{c.id}\t{s}\t{c.rel}\n" for s in SPLIT_NAMES for c in splits[s]))
     jobs = [(c.id, c.path) for c in ordered]
     counts, failed, done, skipped = _extract_all("folder", out, jobs, workers, short_side, quality, progress)
