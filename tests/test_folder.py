@@ -162,19 +162,29 @@ def make_csv_clips(src: Path) -> None:
 def test_csv_with_splits_and_integer_labels(tmp_path, glitr):
     src, out = tmp_path / "clips", tmp_path / "out"
     make_csv_clips(src)
+    for i, frame in enumerate(make_frames(5, 32, 40, seed=7), start=1):
+        write_jpeg(src / "frames" / "five" / f"{i:04d}.jpg", frame)
+    encode_video(src / "videos" / "six.webm", make_frames(24, 32, 40, seed=8), "vp9")
+    truncate(src / "videos" / "six.webm", 0.5)
+    (src / "videos" / "seven.avi").write_bytes(b"RIFF, but not a video\n" * 40)
     listing = tmp_path / "labels.csv"
     listing.write_text(
         "path,label,split\nvideos/one.mp4,1,train\nvideos/two.webm,0,train\n\nmore/four.webm,1,val\n"
-        "videos/three.avi,0,test\n"
+        "videos/three.avi,0,test\nframes/five,1,train\nvideos/six.webm,0,val\nvideos/seven.avi,1,train\n"
     )
-    code, out_text, err = glitr("prepare-data", "folder", "--src", src, "--csv", listing, "--out", out)
-    assert code == 0, out_text + err
+    code, out_text, err = glitr("prepare-data", "folder", "--src", src, "--csv", listing, "--out", out, "-j", "2")
+    assert code == 1, out_text + err
+    assert "5 done, 0 skipped (already prepared), 2 failed" in out_text
     assert (out / "category.txt").read_text() == "0\n1\n"  # integer labels are the class indices
     assert _lists(out) == {
-        "train": "videos__one.mp4 5 1\nvideos__two.webm 6 0\n",  # the CSV's order
+        "train": "videos__one.mp4 5 1\nvideos__two.webm 6 0\nframes__five 5 1\n",  # the CSV's order
         "val": "more__four.webm 3 1\n",
         "test": "videos__three.avi 4 0\n",
     }
+    failed = dict(line.split("\t", 1) for line in (out / "failed.txt").read_text().splitlines())
+    assert list(failed) == ["videos__seven.avi", "videos__six.webm"]  # train, then val
+    assert "cannot open as a video" in failed["videos__seven.avi"]
+    assert "truncated" in failed["videos__six.webm"]
 
 
 def test_csv_without_splits_and_named_classes(tmp_path, glitr):
