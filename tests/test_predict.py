@@ -32,8 +32,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_predictions_on_a_split_are_evals_clip_by_clip(in_project, toy_data, tmp_path, glitr):
     checkpoint = in_project / "runs/tiny/checkpoints/last.pt"
     split = f"{toy_data / 'toy'}:val"
-    code, _, err = glitr("predict", checkpoint, split, "--out", tmp_path / "preds.jsonl", "--batch-size", "3")
-    assert code == 0, err
+    code, _, summary = glitr("predict", checkpoint, split, "--out", tmp_path / "preds.jsonl", "--batch-size", "3")
+    assert code == 0, summary
     records = read_jsonl(tmp_path / "preds.jsonl")
 
     # eval's per-clip predictions, through eval's own dataset, loader and batched pass
@@ -66,6 +66,7 @@ def test_predictions_on_a_split_are_evals_clip_by_clip(in_project, toy_data, tmp
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     correct = sum(r["top"][0][0] == r["label"] for r in records)
     assert result["policies"]["learned"]["top1"][-1] == pytest.approx(correct / len(records))
+    assert f"top-1 at the last step on the 8 labelled clips: {correct / 8:.2%}" in summary.replace("\n", " ")
 
 
 def test_videos_frame_folders_and_unreadable_inputs(in_project, toy_data, tmp_path, glitr):

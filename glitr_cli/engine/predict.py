@@ -183,19 +183,30 @@ def format_csv(records: list[dict], k: int) -> str:
 
 @dataclass
 class PredictSummary:
+    """What one `predict` did: clips predicted, (clip, reason) failures, and on the labelled clips
+    (those of prepared splits) how many the last step got right."""
+
     out: Path
     predicted: int
     failed: list[tuple[str, str]]
+    labelled: int = 0
+    correct: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.labelled, 1)
 
     def describe(self, max_failures: int = 5) -> str:
         failed = f"{len(self.failed)} failed"
         if self.failed:
             failed += f" (listed in {self.out.parent / FAILED_FILE})"
         lines = [f"wrote {self.out}: {self.predicted} clips predicted, {failed}"]
+        if self.labelled:
+            lines[0] += f"; top-1 at the last step on the {self.labelled} labelled clips: {self.accuracy:.2%}"
         lines += [f"  failed {name}: {reason}" for name, reason in self.failed[:max_failures]]
         if len(self.failed) > max_failures:
             lines.append(f"  ... and {len(self.failed) - max_failures} more")
@@ -270,6 +281,8 @@ def predict(
     named = [(refs[i].name, reason) for i, reason in sorted(failed)]
     if named:  # an older failed.txt is left alone: it may belong to a dataset prepared in the same folder
         atomic_write_text(out.parent / FAILED_FILE, "".join(f"{name}\t{reason}\n" for name, reason in named))
-    summary = PredictSummary(out, len(done), named)
+    labelled = [r for r in done if "label" in r]
+    correct = sum(r["top"][0][0] == r["label"] for r in labelled)
+    summary = PredictSummary(out, len(done), named, len(labelled), correct)
     console.print(summary.describe(), highlight=False, soft_wrap=True, markup=False)
     return summary
