@@ -96,3 +96,19 @@ def test_the_teacher_starts_from_a_glitr_teacher_or_an_imagenet_vit(project, tra
     )
     shipped = load_recipe("finetune_teacher")
     assert shipped.model.pretrained == "deit_small_patch16_224.fb_in1k" and shipped.model.init_from is None
+
+
+def test_the_shipped_imagenet_start_has_the_layout_of_the_teacher(tmp_path):
+    """The default `model.pretrained` names timm's DeiT-S: its weights (here random, as the download
+    is not reachable from the tests; the layout is what matters) load into the recipe's T_f as they
+    are, and it was trained on the normalisation glitr feeds."""
+    shipped = load_recipe("finetune_teacher")
+    vit = timm.create_model(shipped.model.pretrained, pretrained=False, num_classes=0)
+    assert vit.pretrained_cfg["mean"] == (0.485, 0.456, 0.406) and vit.pretrained_cfg["std"] == (0.229, 0.224, 0.225)
+    torch.save(vit.state_dict(), tmp_path / "deit.pth")
+    recipe = resolve_recipe(
+        load_recipe("finetune_teacher", [f"model.pretrained={tmp_path / 'deit.pth'}", f"data.root={tmp_path}"])
+    )
+    model = build_objective(recipe, CLASSES, console=None).model
+    for key, value in vit.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
