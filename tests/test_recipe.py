@@ -23,7 +23,7 @@ from glitr_cli.recipe import (
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "glitr_cli" / "recipes"  # shipped in the package
-SHIPPED = ["ssv2_teacher", "ssv2", "jester_teacher", "jester", "toy_teacher", "toy"]
+SHIPPED = ["ssv2_teacher", "ssv2", "jester_teacher", "jester", "toy_teacher", "toy", "finetune_teacher", "finetune"]
 
 
 def test_the_shipped_recipes_are_the_packaged_ones():

@@ -112,6 +112,29 @@ def _check_complete(
         raise GlitrError(f"{path}: truncated: {n} decoded frames cover {covered:.2f} s of the {total:.2f} s announced")
 
 
+def iter_folder_frames(folder: Path | str, short_side: int | None = None) -> Iterator[np.ndarray]:
+    """The images of a frame folder (`image_files` order) as RGB uint8 arrays (H, W, 3), resized
+    (bicubic) so the shorter side has `short_side` pixels. An unreadable image raises `GlitrError`."""
+    for path in image_files(Path(folder)):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                size = resized_size(im.width, im.height, short_side)
+                if size != (im.width, im.height):
+                    im = im.resize(size, Image.Resampling.BICUBIC)
+                arr = np.array(im)
+        except (OSError, ValueError) as e:
+            raise GlitrError(f"{path}: cannot read as an image ({' '.join(str(e).split())})") from None
+        yield arr
+
+
+def iter_clip_frames(path: Path | str, short_side: int | None = None) -> Iterator[np.ndarray]:
+    """The frames of a clip: a video file (`iter_video_frames`) or a folder of images (`iter_folder_frames`)."""
+    if Path(path).is_dir():
+        return iter_folder_frames(path, short_side)
+    return iter_video_frames(path, short_side)
+
+
 def decode_video(path: Path | str, short_side: int | None = None) -> list[np.ndarray]:
     """All frames of a video as uint8 RGB arrays (H, W, 3); see `iter_video_frames`."""
     return list(iter_video_frames(path, short_side))
