@@ -7,6 +7,7 @@ each command, so `glitr --help` and a mistyped option answer without loading PyT
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from glitr_cli import __version__
-from glitr_cli.errors import GlitrError
+from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError, Preempted
 from glitr_cli.paths import packaged_recipe, recipe_names
 
 app = typer.Typer(
@@ -95,22 +96,37 @@ _DATA_ROOT_HELP = "Moves the whole data tree (default: $GLITR_DATA, else ./data)
 
 @app.command("prepare-data")
 def prepare_data(
-    dataset: str = typer.Argument(..., help="ssv2, jester or toy.", show_default=False),
+    dataset: str = typer.Argument(..., help="ssv2, jester, toy, or folder (your own clips).", show_default=False),
     src: Path | None = typer.Option(
-        None, "--src", help="The official download (default: <data root>/<dataset>/download; toy: <out>/download)."
+        None,
+        "--src",
+        help="The official download (default: <data root>/<dataset>/download; toy: <out>/download); "
+        "folder: your clips, DIR/<class>/<video> or DIR/{train,val,test}/<class>/<video>.",
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Where the prepared dataset goes (default: <data root>/<dataset>)."
+        None,
+        "--out",
+        help="Where the prepared dataset goes (default: <data root>/<dataset>; folder: <data root>/<name of --src>).",
     ),
     data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
     workers: int = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8."),
     short_side: int | None = typer.Option(
-        None, "--short-side", help="Resize frames to this short side, 0 keeps them (ssv2: 256; toy, jester: keep)."
+        None,
+        "--short-side",
+        help="Resize frames to this short side, 0 keeps them (ssv2, folder: 256; else keep).",
     ),
     quality: int | None = typer.Option(None, "--quality", help="JPEG quality of the written frames (default 95)."),
     videos: Path | None = typer.Option(None, "--videos", help="ssv2: the folder of <id>.webm files, if elsewhere."),
     frames: Path | None = typer.Option(None, "--frames", help="jester: the 20bn-jester-v1 frame folder, if elsewhere."),
-    seed: int | None = typer.Option(None, "--seed", help="toy: random seed (default 0)."),
+    csv: Path | None = typer.Option(
+        None,
+        "--csv",
+        help="folder: a CSV of path,label[,split] lines, paths relative to --src (instead of class folders).",
+    ),
+    val_fraction: float | None = typer.Option(
+        None, "--val-fraction", help="folder without val clips: the training clips set aside per class (default 0.2)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="toy: random seed; folder: validation draw (default 0)."),
     toy_train: int | None = typer.Option(None, "--toy-train", help="toy: training videos (default 400)."),
     toy_val: int | None = typer.Option(None, "--toy-val", help="toy: validation videos (default 100)."),
     toy_test: int | None = typer.Option(None, "--toy-test", help="toy: unlabelled test videos (default 20)."),
@@ -122,14 +138,19 @@ def prepare_data(
     ),
     toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="toy: grey distractors (default 4)."),
 ) -> None:
-    """Turn the SSv2 or Jester download, or a generated toy set, into frame folders and TSM list files."""
+    """Turn the SSv2 or Jester download, a generated toy set or your own clips into frame folders and TSM lists."""
+    from glitr_cli.data.folder import prepare_folder_dataset
     from glitr_cli.data.prepare import prepare_dataset
 
-    summary = prepare_dataset(
-        dataset, src, out, workers, root=data_root, short_side=short_side, quality=quality, videos=videos,
-        frames=frames, seed=seed, num_train=toy_train, num_val=toy_val, num_test=toy_test, num_frames=toy_frames,
-        size=toy_size, shapes=toy_shapes, directions=toy_directions, distractors=toy_distractors,
+    options = dict(
+        short_side=short_side, quality=quality, videos=videos, frames=frames, seed=seed, num_train=toy_train,
+        num_val=toy_val, num_test=toy_test, num_frames=toy_frames, size=toy_size, shapes=toy_shapes,
+        directions=toy_directions, distractors=toy_distractors, csv=csv, val_fraction=val_fraction,
     )  # fmt: skip
+    if dataset == "folder":
+        summary = prepare_folder_dataset(src, out, workers, root=data_root, **options)
+    else:
+        summary = prepare_dataset(dataset, src, out, workers, root=data_root, **options)
     typer.echo(summary.describe())
     if not summary.ok:
         raise typer.Exit(1)
@@ -189,6 +210,32 @@ def visualize(
         size=size,
         device=device,
     )
+
+
+@app.command("predict")
+def predict(
+    checkpoint: Path = typer.Argument(
+        ..., help="A GliTr (student) checkpoint, e.g. runs/finetune/checkpoints/last.pt."
+    ),
+    inputs: list[str] = typer.Argument(
+        ...,
+        help="Video files, folders of videos (searched recursively) or prepared splits DIR:split.",
+        show_default=False,
+    ),
+    out: Path = typer.Option(
+        Path("predictions.jsonl"), "--out", "-o", help="Output: .jsonl, or .csv (a row per step)."
+    ),
+    top_k: int = typer.Option(5, "--top-k", help="Classes (with probabilities) reported after every step."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Clips per batch (default: the recipe's eval)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Decoding processes (default: the recipe's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """A trained GliTr's classes after every step and its glimpse locations, for your clips."""
+    from glitr_cli.engine.predict import predict as run
+
+    summary = run(checkpoint, inputs, out=out, top_k=top_k, batch_size=batch_size, workers=workers, device=device)
+    if not summary.ok:
+        raise typer.Exit(1)
 
 
 @app.command("bench")
@@ -290,3 +337,7 @@ def main() -> None:
     except GlitrError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            err_console.print(f"[bold yellow]preempted:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(PREEMPTED_EXIT_CODE)

@@ -173,10 +173,9 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
 
 def _evaluate_quietly(recipe_path: str, overrides: list[str], out: Path) -> dict[str, Any]:
     """`glitr eval` into `out`, leaving the printing of its table to the final report."""
-    try:
-        return run_eval(load_recipe(recipe_path, overrides), out_dir=out, console=Console(file=io.StringIO()))
-    finally:
-        cleanup_distributed()
+    result = run_eval(load_recipe(recipe_path, overrides), out_dir=out, console=Console(file=io.StringIO()))
+    cleanup_distributed()
+    return result
 
 
 def run_demo(

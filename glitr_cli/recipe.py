@@ -47,6 +47,7 @@ class DataConfig:
     erase_prob: float = 0.0  # random erasing probability
     workers: int = 4  # data-loading processes per training process
     augment_on: Literal["loader", "device"] = "loader"  # device: the training transform runs on the GPU
+    max_bad_fraction: float = 0.01  # stop training when more of an epoch's clips had unreadable frames
 
 
 @dataclass
@@ -85,14 +86,14 @@ class ObjectiveConfig:
 
 @dataclass
 class GroupLR:
-    """Learning rate of one module: held at 0 for `hold_epochs`, warm-up from `warmup_start`, then
-    per-iteration cosine to `floor`."""
+    """Learning rate of one module: held at 0 for `hold_epochs`, then a per-iteration cosine from
+    `base` to `floor` whose first `warmup_epochs` are a linear warm-up from `warmup_start`."""
 
     base: float = 1e-5  # scaled by global batch / optim.lr_batch
     floor: float = 1e-7  # not scaled
     warmup_epochs: float = 0.0
     warmup_start: float = 1e-6  # not scaled
-    hold_epochs: float = 0.0  # learning rate 0 for this many epochs first; warm-up and decay then share the rest
+    hold_epochs: float = 0.0  # learning rate 0 for this many epochs first; the warm-up + cosine runs over the rest
 
 
 @dataclass
@@ -103,7 +104,8 @@ class OptimConfig:
     batch_size: int = 64  # global: all processes and accumulation steps together
     accum_steps: int = 1  # gradient accumulation; per-process batch = batch_size / (world * accum_steps)
     lr_batch: int = 128  # lr = base * batch_size / lr_batch
-    weight_decay: float = 0.05  # not applied to norms, biases and embeddings
+    weight_decay: float = 0.05
+    exclude_from_decay: bool = True  # no decay on norms, biases, embeddings; False decays all (the original)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: float | None = None  # max global gradient norm, None = no clipping

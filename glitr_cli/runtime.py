@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +145,10 @@ class Runtime:
         seed: int = 0,
     ) -> DataLoader:
         """A DataLoader with the runtime's workers (persistent), pinned memory on CUDA, and its own
-        generator, so creating an iterator never draws from the global one (bit-exact resume)."""
+        generator, so creating an iterator never draws from the global one (bit-exact resume).
+
+        Workers ignore SIGTERM/SIGUSR1: a scheduler that signals every process of a job must not
+        kill them while the trainer finishes its step and writes the preemption checkpoint."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -155,4 +159,10 @@ class Runtime:
             drop_last=drop_last,
             persistent_workers=self.workers > 0,
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=_ignore_preemption_signals if self.workers > 0 else None,
         )
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)

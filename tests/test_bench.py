@@ -158,3 +158,16 @@ def test_bench_times_the_training_step_and_its_plain_path_makes_the_same_update(
     bench.step(kind, bench.runtime, plain=True)()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, fast[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_grad_checkpointing_lowers_the_activation_memory_bench_reports(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    settings = BenchSettings(batch_size=2, num_classes=4, warmup=0, repeats=1, baseline=False)
+    saved = {}
+    for checkpointing in ("false", "true"):
+        bench = Bench(load_recipe(recipe, [f"train.grad_checkpointing={checkpointing}"]), settings)
+        bench.training()
+        saved[checkpointing] = bench.activations
+    for kind in ("student", "teacher"):
+        assert saved["true"][f"{kind}_train_step"] < saved["false"][f"{kind}_train_step"], saved

@@ -28,7 +28,7 @@ def state(step: int) -> dict:
         "model": {"w": torch.full((3,), float(step))},
         "recipe": {"name": "x"},
         "class_names": ["a", "b"],
-        "progress": {"epoch": 0, "batch_in_epoch": step, "step": step},
+        "progress": {"epoch": 0, "step": step},
         "rng": [rng_state()],
     }
 

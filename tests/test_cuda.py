@@ -95,8 +95,10 @@ def test_bf16_training_with_fused_adamw_on_cuda(tmp_path, toy_data):
         assert (run / "checkpoints/last.pt").exists()
 
 
-def test_graphed_step_equals_the_eager_step():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_graphed_step_equals_the_eager_step(checkpointing):
     student, teacher = tiny_glitr(0).cuda(), tiny_glitr(1).cuda()
+    student.set_grad_checkpointing(checkpointing)  # the recompute in backward is captured too
     objective = StudentObjective(student, teacher).train()
 
     def forward_backward(frames, target):

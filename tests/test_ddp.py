@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ from conftest import REPO, assert_same_weights, model_weights, read_metrics, tin
 
 from glitr_cli.engine.trainer import Trainer
 
-# Each rank trains, then saves the weights it holds, so the test can compare them.
+# Each rank trains, then saves the weights it holds, so the test can compare them. With
+# FAIL_AT_STEP set, rank 1 raises when it reaches that optimiser step (a crash in one process).
 SCRIPT = textwrap.dedent(
     """
+    import os
     import sys
     import torch
     from glitr_cli.engine.distributed import cleanup_distributed
@@ -23,6 +26,23 @@ SCRIPT = textwrap.dedent(
     from glitr_cli.recipe import load_recipe
 
     trainer = Trainer(load_recipe(sys.argv[1], sys.argv[3:]))
+    fail_at = int(os.environ.get("FAIL_AT_STEP", 0))
+
+    class FailingStep:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, *args, **kwargs):
+            if trainer.runtime.rank == 1 and self.inner.step == fail_at:
+                raise RuntimeError(f"rank 1 crashed at step {fail_at}")
+            return self.inner(*args, **kwargs)
+
+    if fail_at:
+        trainer.setup()
+        trainer.train_step = FailingStep(trainer.train_step)
     trainer.fit()
     torch.save(trainer.model.state_dict(), f"{sys.argv[2]}/rank{trainer.runtime.rank}.pt")
     cleanup_distributed()
@@ -34,26 +54,31 @@ SCRIPT = textwrap.dedent(
 SAME_AS_ONE_PROCESS = ["objective.mixup=0", "objective.cutmix=0", "model.drop_path=0"]
 
 
-@pytest.mark.slow
-def test_two_process_torchrun_trains_identical_ranks(tmp_path, toy_data):
+def torchrun(tmp_path, toy_data, run: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The tiny teacher recipe trained by two gloo processes into tmp_path/run."""
     recipe_file = tmp_path / "tiny_teacher.yaml"
     tiny_recipe(tmp_path, toy_data, "teacher")  # writes recipe_file
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    overrides = [f"data.root={toy_data / 'toy'}", f"output_dir={tmp_path / 'ddp'}", *SAME_AS_ONE_PROCESS]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    overrides = [f"data.root={toy_data / 'toy'}", f"output_dir={tmp_path / run}", *SAME_AS_ONE_PROCESS]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(script), str(recipe_file), str(tmp_path), *overrides,
     ]  # fmt: skip
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_trains_identical_ranks(tmp_path, toy_data):
+    out = torchrun(tmp_path, toy_data, "ddp")
     assert out.returncode == 0, out.stderr[-3000:]
 
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert_same_weights(rank0, rank1)
     assert_same_weights(rank0, model_weights(tmp_path / "ddp/checkpoints/last.pt"))
     ckpt = torch.load(tmp_path / "ddp/checkpoints/last.pt", weights_only=True)
-    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["micro_batch"] == 2
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     records = read_metrics(tmp_path / "ddp")
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 9))
     assert sum(1 for r in records if r["split"] == "val" and r["clips"] == 8) == 2  # all val clips, once each
@@ -65,3 +90,27 @@ def test_two_process_torchrun_trains_identical_ranks(tmp_path, toy_data):
     one = model_weights(tmp_path / "one/checkpoints/last.pt")
     for k in one:
         assert torch.allclose(one[k], rank0[k], atol=5e-5), k
+
+    # one process stopped at step 3 of 8 (its periodic checkpoint), continued by two: the same
+    # remaining updates on the same clips
+    switch = Trainer(
+        tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'switch'}", *SAME_AS_ONE_PROCESS)
+    )
+    switch.fit(max_steps=3)
+    out = torchrun(tmp_path, toy_data, "switch")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stderr and "step 3)" in out.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "switch") if r["split"] == "train"] == list(range(1, 9))
+    switched = model_weights(tmp_path / "switch/checkpoints/last.pt")
+    for k in one:
+        assert torch.allclose(one[k], switched[k], atol=5e-5), k
+
+
+@pytest.mark.slow
+def test_a_crashing_rank_ends_the_whole_job_quickly(tmp_path, toy_data):
+    start = time.monotonic()
+    out = torchrun(tmp_path, toy_data, "crash", env={"FAIL_AT_STEP": "3"})
+    assert out.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "rank 1 crashed at step 3" in out.stderr
+    assert not (tmp_path / "rank0.pt").exists() and not (tmp_path / "rank1.pt").exists()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -32,9 +34,16 @@ def tiny_model():
     )  # fmt: skip
 
 
+def test_param_groups_decay_every_parameter_as_the_original():
+    model = tiny_model()
+    groups = param_groups(model, weight_decay=0.05, exclude_from_decay=False)
+    assert [(g["module"], g["weight_decay"]) for g in groups] == [(m, 0.05) for m in MODULES]  # one group a module
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())
+
+
 def test_param_groups_one_schedule_per_module_and_no_decay_exclusions():
     model = tiny_model()
-    groups = param_groups(model, weight_decay=0.05)
+    groups = param_groups(model, weight_decay=0.05, exclude_from_decay=True)
     assert {g["module"] for g in groups} == {"backbone", "classifier", "locator"}
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for _ in model.parameters())  # each param exactly once
@@ -66,7 +75,8 @@ def test_schedule_scales_warms_up_and_decays_per_iteration():
     assert first["backbone"] == pytest.approx(1e-5 * 64 / 128) and first["classifier"] == pytest.approx(5e-5)
     assert first["locator"] == pytest.approx(1e-6)  # warm-up starts low (not scaled)
     assert sched.lrs(10)["locator"] == pytest.approx(1e-6 + (5e-5 - 1e-6) * 10 / 20)
-    assert sched.lrs(20)["locator"] == pytest.approx(5e-5)  # warm-up done: the scaled base
+    assert sched.lrs(19)["locator"] == pytest.approx(1e-6 + (5e-5 - 1e-6) * 19 / 20)
+    assert sched.lrs(20)["locator"] == sched.lrs(20)["classifier"]  # warm-up done: on the whole run's cosine
     assert last["backbone"] == pytest.approx(1e-7, rel=0.01) and last["locator"] == pytest.approx(1e-6, rel=0.02)
     lrs = [sched.lrs(i)["backbone"] for i in range(50)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # cosine decays every iteration
@@ -90,15 +100,15 @@ def test_a_held_module_starts_its_schedule_late():
     )
     lrs = [sched.lrs(i)["locator"] for i in range(21)]
     assert lrs[:8] == [0.0] * 8  # held for 2 epochs
-    assert lrs[8:13] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])  # warm-up over 1 epoch
-    plain = GroupSchedule(base=2.0, floor=0.1, warmup=0, warmup_start=0.0, total=8)
-    assert lrs[12:] == pytest.approx([plain(i) for i in range(9)])  # cosine over the last 2 epochs
+    assert lrs[8:12] == pytest.approx([0.0, 0.5, 1.0, 1.5])  # warm-up over 1 epoch
+    plain = GroupSchedule(base=2.0, floor=0.1, warmup=0, warmup_start=0.0, total=12)
+    assert lrs[12:] == pytest.approx([plain(i) for i in range(4, 13)])  # then the cosine of the last 3 epochs
     assert sched.lrs(0)["backbone"] == 1.0  # the other modules are not held
 
 
 def test_schedule_sets_every_group_of_the_optimizer():
     model = tiny_model()
-    opt = build_optimizer(model, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
+    opt = build_optimizer(model, weight_decay=0.05, exclude_from_decay=True, betas=(0.9, 0.999), eps=1e-8)
     sched = build_schedule(
         {m: GroupLR(base=base, floor=0.0, warmup_start=0.0) for m, base in zip(MODULES, (1.0, 2.0, 3.0), strict=True)},
         global_batch=128,
@@ -297,6 +307,18 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, toy_data):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k
 
+    # stopped at step 3 of 4 (the periodic checkpoint) and resumed with accumulation (the README's
+    # advice for out-of-memory): the same global batch, so the same clips at the same steps
+    switched = [f"output_dir={tmp_path / 'switched'}", *common]
+    Trainer(tiny_recipe(tmp_path, toy_data, "teacher", *switched)).fit(max_steps=3)
+    resumed = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", *switched, "optim.accum_steps=2"))
+    resumed.fit()
+    assert resumed.step == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "switched") if r["split"] == "train"] == [1, 2, 3, 4]
+    c = model_weights(tmp_path / "switched/checkpoints/last.pt")
+    for k in a:
+        assert torch.allclose(a[k], c[k], atol=2e-5), k
+
 
 def test_batch_not_divisible_is_a_clear_error(tmp_path, toy_data):
     trainer = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", "optim.batch_size=6", "optim.accum_steps=4"))
@@ -383,3 +405,36 @@ def test_device_augment_is_seeded_per_clip_and_leaves_the_global_generator_alone
     assert a.shape == (3, 3, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
     c = augment(clips, seeds + 1)
     assert not torch.equal(a, c)
+
+
+def test_bad_training_data_is_counted_listed_and_bounded(tmp_path, toy_data):
+    data = tmp_path / "data"
+    shutil.copytree(toy_data, data)
+    root = data / "toy"
+    ids = [line.split()[0] for line in (root / "train_videofolder.txt").read_text().splitlines()]
+    corrupt, missing = ids[0], ids[1]
+    frames = sorted((root / "frames" / corrupt).iterdir())
+    for f in frames[1:]:  # all frames but the first are corrupt JPEG data
+        f.write_bytes(f.read_bytes()[:50])
+    shutil.rmtree(root / "frames" / missing)
+    (root / "frames" / missing).mkdir()  # no frame of this clip can be read
+
+    overrides = ["train.eval_every=0", f"output_dir={tmp_path / 'run'}"]
+    Trainer(tiny_recipe(tmp_path, data, "teacher", *overrides, "data.max_bad_fraction=0.2")).fit()
+    per_epoch = [r for r in read_metrics(tmp_path / "run") if r["split"] == "data"]
+    assert [r["epoch"] for r in per_epoch] == [1, 2]
+    for r in per_epoch:  # every clip is read once per epoch (16 clips, 4 steps of 4)
+        assert r["bad_clips"] == 2 and r["unreadable_clips"] == 1
+        assert r["replaced_frames"] >= 3 + 4  # the corrupt clip's sampled frames but its first, all of the other's
+    listed = [json.loads(line) for line in (tmp_path / "run" / "bad_clips.jsonl").read_text().splitlines()]
+    assert [(c["epoch"], c["id"], c["unreadable"]) for c in listed] == [
+        (1, missing, True), (1, corrupt, False), (2, missing, True), (2, corrupt, False)
+    ]  # fmt: skip
+
+    strict = Trainer(tiny_recipe(tmp_path, data, "teacher", *overrides, "output_dir=" + str(tmp_path / "strict")))
+    with pytest.raises(GlitrError) as e:  # the default 1 %: two bad clips of 16 stop the run
+        strict.fit()
+    message = str(e.value)  # at the first log step that sees a bad clip: 1 > 1 % of 16
+    assert "training clips of epoch 1 had unreadable frames, more than data.max_bad_fraction=0.01" in message
+    assert f"{missing} (unreadable)" in message or f"{corrupt} (" in message and "frames replaced" in message
+    assert "strict/bad_clips.jsonl" in message and (tmp_path / "strict/bad_clips.jsonl").read_text()

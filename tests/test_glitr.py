@@ -149,3 +149,46 @@ def test_fused_and_manual_attention_give_the_same_model():
         manual = model.forward_teacher(x)
     for a, b in zip(fused, manual, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _count_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_grad_checkpointing_gives_the_same_losses_and_gradients(kind, monkeypatch):
+    """Recomputing activations in backward changes no loss and no gradient, drop-path on (the teacher's frozen
+    glimpse pass on detached weights is not checkpointed: a recompute would run on the live weights)."""
+    calls = _count_checkpoints(monkeypatch)
+    x, y = clips(), torch.tensor([1, 3])
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_glitr(0, drop_path=0.2)
+        model.set_grad_checkpointing(checkpointing)
+        objective = StudentObjective(model, tiny_glitr(1)) if kind == "student" else TeacherObjective(model)
+        torch.manual_seed(5)
+        losses = objective.train()(x, y)
+        losses["loss"].backward()
+        results.append(({k: v.detach() for k, v in losses.items()}, _grads(model)))
+        assert bool(calls) == checkpointing
+    (plain_losses, plain_grads), (losses, grads) = results
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads, plain_grads, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_checkpointing_leaves_passes_without_gradients_alone(monkeypatch):
+    calls = _count_checkpoints(monkeypatch)
+    model = tiny_glitr()
+    model.set_grad_checkpointing(True)
+    with torch.no_grad():
+        model.forward_teacher(clips())
+        model.forward_student(clips())
+    assert not calls

@@ -23,7 +23,7 @@ from glitr_cli.recipe import (
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "glitr_cli" / "recipes"  # shipped in the package
-SHIPPED = ["ssv2_teacher", "ssv2", "jester_teacher", "jester", "toy_teacher", "toy"]
+SHIPPED = ["ssv2_teacher", "ssv2", "jester_teacher", "jester", "toy_teacher", "toy", "finetune_teacher", "finetune"]
 
 
 def test_the_shipped_recipes_are_the_packaged_ones():
@@ -224,7 +224,7 @@ def test_paper_glitr_recipes_build_from_their_teacher(name, tmp_path, monkeypatc
         "model": teacher.model.state_dict(),
         "recipe": recipe_to_dict(load_recipe(RECIPES / f"{name}_teacher.yaml")),
         "class_names": [f"class {i}" for i in range(PAPER[name])],
-        "progress": {"epoch": 0, "batch_in_epoch": 0, "step": 0},
+        "progress": {"epoch": 0, "step": 0},
     }
     save_checkpoint(state, tmp_path / f"runs/{name}_teacher/checkpoints", step=0, keep_last=1)
     student, _ = _build(name)

@@ -10,7 +10,9 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, assert_same_weights, model_weights, run_glitr
+from conftest import REPO, assert_same_weights, model_weights
+
+from glitr_cli.errors import PREEMPTED_EXIT_CODE
 
 
 @pytest.fixture()
@@ -55,29 +57,56 @@ def test_teacher_then_glitr_then_eval_typed_bare(project, glitr):
     assert code == 0 and "already trained" in err
 
 
-@pytest.mark.slow
-def test_sigkilled_run_restarted_ends_with_the_same_weights(project):
-    longer = ["optim.epochs=4", "train.checkpoint_every=1", "train.eval_every=0"]
-    out = run_glitr("train-teacher", "recipes/tiny_teacher.yaml", *longer, "output_dir=runs/reference", cwd=project)
-    assert out.returncode == 0, out.stderr
-
-    cmd = [sys.executable, "-m", "glitr_cli", "train-teacher", "recipes/tiny_teacher.yaml", *longer]
+def start_training(project, overrides: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "glitr_cli", "train-teacher", "recipes/tiny_teacher.yaml", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = project / "runs/tiny_teacher/checkpoints"
+    return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
     deadline = time.time() + 120
-    while not list(ckpts.glob("step_0000000[5-9].pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up: maybe mid-step, maybe mid-save
+    while not condition() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before {what}"
+
+
+@pytest.mark.slow
+def test_killed_or_preempted_runs_restarted_end_with_the_same_weights(project, glitr):
+    longer = ["optim.epochs=8", "train.eval_every=0"]  # 32 optimiser steps
+    code, _, err = glitr("train-teacher", "recipes/tiny_teacher.yaml", *longer, "output_dir=runs/reference")
+    assert code == 0, err
+    reference = model_weights(project / "runs/reference/checkpoints/last.pt")
+
+    # SIGKILL: no chance to clean up (maybe mid-step, maybe mid-save); continues from a periodic checkpoint
+    killed = [*longer, "train.checkpoint_every=1", "output_dir=runs/killed"]
+    ckpts = project / "runs/killed/checkpoints"
+    proc = start_training(project, killed)
+    wait_for(lambda: list(ckpts.glob("step_0000000[5-9].pt")), proc, "it could be killed")
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps = sorted(int(p.stem.removeprefix("step_")) for p in ckpts.glob("step_*.pt"))
-    assert 1 <= len(steps) <= 2 and steps[-1] < 16  # killed mid-run (16 steps in all), keep_last=2 kept
+    # killed mid-run; keep_last=2, plus one when the kill fell between writing a checkpoint and pruning
+    assert 1 <= len(steps) <= 3 and steps[-1] < 32
+    code, _, err = glitr("train-teacher", "recipes/tiny_teacher.yaml", *killed)
+    assert code == 0 and "resumed from" in err, err
+    assert_same_weights(model_weights(ckpts / "last.pt"), reference)
 
-    out = run_glitr("train-teacher", "recipes/tiny_teacher.yaml", *longer, cwd=project)
-    assert out.returncode == 0, out.stderr
-    assert "resumed from" in out.stderr
-    assert_same_weights(model_weights(ckpts / "last.pt"), model_weights(project / "runs/reference/checkpoints/last.pt"))
+    # SIGTERM (a scheduler's preemption): no periodic checkpoints, yet no step is lost
+    preempted = [*longer, "train.checkpoint_every=0", "output_dir=runs/preempted"]
+    metrics = project / "runs/preempted/metrics.jsonl"
+    proc = start_training(project, preempted)
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc, "it could be stopped")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    (saved,) = (project / "runs/preempted/checkpoints").glob("step_*.pt")
+    step = int(saved.stem.removeprefix("step_"))
+    assert 3 <= step < 32
+    assert f"stopped by SIGTERM at step {step}" in err and "rerun the same command to continue" in err
+    assert "Traceback" not in err
+    code, _, err = glitr("train-teacher", "recipes/tiny_teacher.yaml", *preempted)
+    assert code == 0 and f"step {step})" in err, err
+    assert_same_weights(model_weights(project / "runs/preempted/checkpoints/last.pt"), reference)
 
 
 def test_recipe_typo_exits_2_with_key_and_suggestion(project, glitr):

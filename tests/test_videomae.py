@@ -236,6 +236,18 @@ def test_freeze() -> None:
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
+def test_grad_checkpointing_gives_the_same_logits_and_gradients() -> None:
+    x = _clip().requires_grad_()
+    results = []
+    for checkpointing in (False, True):
+        model = _tiny()
+        model.set_grad_checkpointing(checkpointing)
+        logits = model(x)
+        grads = torch.autograd.grad(logits.square().sum(), [x, *model.parameters()])
+        results.append((logits.detach(), grads))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------------- loader and errors
 
 

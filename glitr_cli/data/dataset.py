@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from glitr_cli.data.formats import DATASETS, DatasetInfo, VideoRecord, read_categories, read_dataset_info, read_list
 from glitr_cli.data.transforms import clip_train_transform, eval_transform
@@ -29,7 +29,6 @@ from glitr_cli.recipe import DataConfig
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-_SLOTS = 64  # per-worker counter rows, so workers never race on one cell
 
 try:
     from torchvision.io import ImageReadMode
@@ -94,9 +93,11 @@ class VideoFolderDataset(Dataset):
     the unlabelled test split). T = `num_frames`, sampled TSN-style (`train` picks one
     random frame per segment, otherwise the centre one).
 
-    Missing or corrupt frames are replaced by the nearest readable frame of the same video
-    and counted in `replaced_frames` (summed over DataLoader workers); a video with no
-    readable frame at all gives a black clip and counts in `unreadable_videos`."""
+    Missing or corrupt frames are replaced by the nearest readable frame of the same video; a
+    video with no readable frame at all gives a black clip. Both are counted per clip in
+    `damage` (clip index -> [frames replaced, times unreadable]), in shared memory so that the
+    counts of DataLoader workers reach the training process (each clip is read by one worker at
+    a time: a sampler yields an index once per epoch)."""
 
     def __init__(
         self,
@@ -138,7 +139,7 @@ class VideoFolderDataset(Dataset):
             raise GlitrError(
                 f"{root}: frame folder {self.frames_dir} is missing: run `{_prepare_hint(root, self.info.name)}`"
             )
-        self._counts = torch.zeros(_SLOTS, 2, dtype=torch.int64).share_memory_()  # (slot, [replaced, unreadable])
+        self.damage = torch.zeros(len(self.records), 2, dtype=torch.int32).share_memory_()
         self._fallback_hw = (256, 256)
         self._logged = 0
 
@@ -148,12 +149,12 @@ class VideoFolderDataset(Dataset):
     @property
     def replaced_frames(self) -> int:
         """Frames replaced by a readable neighbour so far, over all worker processes."""
-        return int(self._counts[:, 0].sum())
+        return int(self.damage[:, 0].sum())
 
     @property
     def unreadable_videos(self) -> int:
         """Clips returned black because no frame of the video could be read."""
-        return int(self._counts[:, 1].sum())
+        return int(self.damage[:, 1].sum())
 
     def frame_path(self, record: VideoRecord, index: int) -> Path:
         """Path of 0-based frame `index` of a video."""
@@ -170,8 +171,9 @@ class VideoFolderDataset(Dataset):
                 )
             return None
 
-    def load_frames(self, record: VideoRecord, indices: list[int]) -> torch.Tensor:
-        """Decode the frames at 0-based `indices`: uint8 (T, 3, H, W)."""
+    def load_frames(self, clip: int, indices: list[int]) -> torch.Tensor:
+        """Decode the frames at 0-based `indices` of clip `clip`: uint8 (T, 3, H, W); damage is counted."""
+        record = self.records[clip]
         cache: dict[int, torch.Tensor | None] = {}
 
         def get(i: int) -> torch.Tensor | None:
@@ -179,10 +181,6 @@ class VideoFolderDataset(Dataset):
                 cache[i] = self._read(self.frame_path(record, i))
             return cache[i]
 
-        slot = 0
-        wi = get_worker_info()
-        if wi is not None:
-            slot = (wi.id + 1) % _SLOTS
         out: list[torch.Tensor | None] = []
         for i in indices:
             img = get(i)
@@ -193,11 +191,11 @@ class VideoFolderDataset(Dataset):
                             break
                     if img is not None:
                         break
-                self._counts[slot, 0] += 1
+                self.damage[clip, 0] += 1
             out.append(img)
         found = [x for x in out if x is not None]
         if not found:
-            self._counts[slot, 1] += 1
+            self.damage[clip, 1] += 1
             h, w = self._fallback_hw
             return torch.zeros(len(indices), 3, h, w, dtype=torch.uint8)
         self._fallback_hw = tuple(found[0].shape[-2:])
@@ -206,7 +204,7 @@ class VideoFolderDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         record = self.records[i]
         indices = sample_indices(record.num_frames, self.num_frames, self.train)
-        clip = self.load_frames(record, indices)  # (T, 3, H, W) uint8
+        clip = self.load_frames(i, indices)  # (T, 3, H, W) uint8
         if self.transform is not None:
             clip = self.transform(clip)
         return clip, (-1 if record.label is None else record.label)

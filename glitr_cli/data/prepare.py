@@ -40,7 +40,7 @@ from glitr_cli.data.formats import (
 )
 from glitr_cli.data.parallel import default_workers, map_tasks
 from glitr_cli.data.toy import TOY_FLAGS, ToyConfig, generate_toy, settings_conflict, toy_settings
-from glitr_cli.data.video import iter_video_frames, resized_size
+from glitr_cli.data.video import iter_clip_frames, resized_size
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json, atomic_write_text
 from glitr_cli.paths import data_root
@@ -95,8 +95,8 @@ def _count_jpegs(folder: Path) -> int:
 
 
 def _extract_video(task: tuple[str, str, str, int | None, int]) -> tuple[str, int, str | None]:
-    """Worker: decode one video into `<frames_root>/<id>/%06d.jpg` via a partial folder.
-    Returns (id, frames written, failure reason or None)."""
+    """Worker: decode one video (a file, or a folder of images) into `<frames_root>/<id>/%06d.jpg`
+    via a partial folder. Returns (id, frames written, failure reason or None)."""
     vid, src, frames_root, short_side, quality = task
     root = Path(frames_root)
     tmp = root / f"{PARTIAL_PREFIX}{vid}"
@@ -105,7 +105,7 @@ def _extract_video(task: tuple[str, str, str, int | None, int]) -> tuple[str, in
     tmp.mkdir(parents=True)
     n = 0
     try:
-        for n, arr in enumerate(iter_video_frames(src, short_side), start=1):
+        for n, arr in enumerate(iter_clip_frames(src, short_side), start=1):
             Image.fromarray(arr).save(tmp / f"{n:06d}.jpg", quality=quality)
     except Exception as e:  # any bad video is reported, never allowed to stop the others
         shutil.rmtree(tmp, ignore_errors=True)

@@ -112,6 +112,29 @@ def _check_complete(
         raise GlitrError(f"{path}: truncated: {n} decoded frames cover {covered:.2f} s of the {total:.2f} s announced")
 
 
+def iter_folder_frames(folder: Path | str, short_side: int | None = None) -> Iterator[np.ndarray]:
+    """The images of a frame folder (`image_files` order) as RGB uint8 arrays (H, W, 3), resized
+    (bicubic) so the shorter side has `short_side` pixels. An unreadable image raises `GlitrError`."""
+    for path in image_files(Path(folder)):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                size = resized_size(im.width, im.height, short_side)
+                if size != (im.width, im.height):
+                    im = im.resize(size, Image.Resampling.BICUBIC)
+                arr = np.array(im)
+        except (OSError, ValueError) as e:
+            raise GlitrError(f"{path}: cannot read as an image ({' '.join(str(e).split())})") from None
+        yield arr
+
+
+def iter_clip_frames(path: Path | str, short_side: int | None = None) -> Iterator[np.ndarray]:
+    """The frames of a clip: a video file (`iter_video_frames`) or a folder of images (`iter_folder_frames`)."""
+    if Path(path).is_dir():
+        return iter_folder_frames(path, short_side)
+    return iter_video_frames(path, short_side)
+
+
 def decode_video(path: Path | str, short_side: int | None = None) -> list[np.ndarray]:
     """All frames of a video as uint8 RGB arrays (H, W, 3); see `iter_video_frames`."""
     return list(iter_video_frames(path, short_side))
@@ -123,9 +146,10 @@ def decode_video(path: Path | str, short_side: int | None = None) -> list[np.nda
 class VideoWriter:
     """Encode RGB frames one at a time (long videos need no memory) with one of `CODECS`.
 
-    The first frame fixes the size; odd sides are padded with black to even ones (yuv420p needs
-    them). `options` update the codec's defaults; `bitexact` keeps random ids and dates out of the
-    header and `threads` fixes the encoder's threads, so the same frames give the same bytes.
+    The first frame fixes the size; for the encoders that need even sides (H.264, MPEG-4) an odd
+    side is padded with one black row or column; VP8/VP9 keep it. `options` update the codec's
+    defaults; `bitexact` keeps random ids and dates out of the header and `threads` fixes the
+    encoder's threads, so the same frames give the same bytes.
     The container format is explicit, so the file name's extension does not matter.
     """
 
@@ -144,21 +168,23 @@ class VideoWriter:
         self._rate = Fraction(fps).limit_denominator(1000)
         self.container = av.open(str(path), "w", format=fmt, options={"fflags": "+bitexact"} if bitexact else {})
         self.stream: Any = None
+        self._even = self._encoder not in ("libvpx", "libvpx-vp9")
 
     def write(self, frame: np.ndarray) -> None:
         """Append one uint8 frame (H, W, 3)."""
         h, w = frame.shape[:2]
+        pad_h, pad_w = (h % 2, w % 2) if self._even else (0, 0)
         if self.stream is None:
             self.stream = self.container.add_stream(self._encoder, rate=self._rate)
-            self.stream.width, self.stream.height = w + w % 2, h + h % 2
+            self.stream.width, self.stream.height = w + pad_w, h + pad_h
             self.stream.pix_fmt = "yuv420p"
             self.stream.options = dict(self._options)
             if self._threads:
                 self.stream.codec_context.thread_count = self._threads
-        if (w + w % 2, h + h % 2) != (self.stream.width, self.stream.height):
+        if (w + pad_w, h + pad_h) != (self.stream.width, self.stream.height):
             raise ValueError(f"frame of {w}x{h} in a video of {self.stream.width}x{self.stream.height}")
-        if w % 2 or h % 2:
-            frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)))
+        if pad_h or pad_w:
+            frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)))
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         for packet in self.stream.encode(video_frame):
             self.container.mux(packet)

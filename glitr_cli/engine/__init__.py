@@ -32,10 +32,8 @@ def train(
             f"{recipe_path} is a {recipe.kind} recipe (kind: {recipe.kind}); "
             f"run it with: glitr {COMMANDS[recipe.kind]} {recipe_path}"
         )
-    try:
-        Trainer(recipe, resume=resume).fit()
-    finally:
-        cleanup_distributed()
+    Trainer(recipe, resume=resume).fit()
+    cleanup_distributed()  # only after success: see cleanup_distributed
 
 
 def evaluate(
@@ -47,7 +45,6 @@ def evaluate(
 ) -> dict[str, Any]:
     """`glitr eval`: per-step accuracy of a checkpoint for each glimpse policy (and the teacher)."""
     recipe = load_recipe(recipe_path, overrides)
-    try:
-        return run_eval(recipe, checkpoint=checkpoint, out_dir=out_dir)
-    finally:
-        cleanup_distributed()
+    result = run_eval(recipe, checkpoint=checkpoint, out_dir=out_dir)
+    cleanup_distributed()
+    return result

@@ -40,6 +40,11 @@ def init_distributed(runtime: Runtime) -> None:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group after a command succeeded on every rank.
+
+    Not for the error path: a rank that failed must not wait in a barrier for ranks that are
+    waiting in another collective; it exits, and its peers' next collective fails at once.
+    """
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -61,6 +66,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a no-op in one process); returns the same tensor."""
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks (a no-op in one process); returns the same tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

@@ -24,6 +24,7 @@ from rich.progress import (
 )
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -91,7 +92,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [record for record in read_records(self.path) if record.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -1,8 +1,10 @@
 """AdamW with one learning rate per module and a per-iteration warm-up + cosine schedule.
 
 GliTr trains T_f (`backbone`), T_c (`classifier`) and T_l (`locator`) with their own base and
-floor learning rates (DESIGN §4). Each module gets two parameter groups, with and without
-weight decay; both follow that module's schedule. Norms, biases and embeddings get no decay.
+floor learning rates (DESIGN §4). The original decays every parameter: one group per module.
+With `exclude_from_decay` each module gets two groups instead, the second without weight decay
+for norms and biases (1-D) and the names the module's `no_weight_decay()` lists (embeddings,
+tokens); both follow that module's schedule.
 """
 
 from __future__ import annotations
@@ -17,24 +19,20 @@ from glitr_cli.recipe import GroupLR
 
 MODULES = ("backbone", "classifier", "locator")
 
-# learned tokens and embeddings: decaying them towards zero only hurts
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "temporal_embed", "init_loc", "reg_token", "dist_token")
 
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases and norm weights (1-D) and named embeddings are excluded from weight decay."""
-    return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups per module of `MODULES` (decay / no decay), each tagged with `module`."""
+def param_groups(model: nn.Module, weight_decay: float, exclude_from_decay: bool) -> list[dict]:
+    """AdamW groups for each module of `MODULES`, tagged with `module`: one with `weight_decay`
+    for every parameter, or with `exclude_from_decay` two (decay / no decay)."""
     groups = []
     covered = 0
     for module_name in MODULES:
+        module = getattr(model, module_name)
+        skip = module.no_weight_decay() if exclude_from_decay else set()
         decay, no_decay = [], []
-        for name, p in getattr(model, module_name).named_parameters():
+        for name, p in module.named_parameters():
             if p.requires_grad:
-                (no_decay if no_weight_decay(name, p) else decay).append(p)
+                excluded = exclude_from_decay and (p.ndim <= 1 or name in skip)
+                (no_decay if excluded else decay).append(p)
         covered += len(decay) + len(no_decay)
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if params:
@@ -48,8 +46,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class GroupSchedule:
     """Learning rate of one module at optimiser step `it` (0-based) of `total`.
 
-    Zero for the first `hold` steps, then linear warm-up from `warmup_start` to `base` over
-    `warmup` steps, then half-cosine from `base` down to `floor` over the remaining steps.
+    Zero for the first `hold` steps; the schedule then runs over the remaining steps: a half-cosine
+    from `base` down to `floor` over all of them, with a linear warm-up from `warmup_start` to
+    `base` replacing its first `warmup` steps. The cosine does not restart after the warm-up, so
+    the rate drops from `base` to the cosine's value at that step (timm's `CosineLRScheduler`,
+    the original's schedule).
     """
 
     base: float
@@ -65,8 +66,7 @@ class GroupSchedule:
         it -= self.hold
         if it < self.warmup:
             return self.warmup_start + (self.base - self.warmup_start) * it / self.warmup
-        span = max(1, self.total - self.hold - self.warmup)
-        progress = min(1.0, (it - self.warmup) / span)
+        progress = min(1.0, it / max(1, self.total - self.hold))
         return self.floor + 0.5 * (self.base - self.floor) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -118,11 +118,18 @@ def build_schedule(
 
 
 def build_optimizer(
-    model: nn.Module, *, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool = False
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    exclude_from_decay: bool,
+    betas: tuple[float, float],
+    eps: float,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups(model)`; learning rates are set by `LRSchedule.apply` each step.
 
     `fused` takes the single-kernel implementation when the parameters are on a CUDA device.
     """
     fused = fused and next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=betas, eps=eps, fused=fused or None)
+    groups = param_groups(model, weight_decay, exclude_from_decay)
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused or None)

@@ -45,8 +45,7 @@ class TrainStep:
         self.model = objective.model
         self.augment = augment
         objective.loss.to(runtime.device)
-        if runtime.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+        self.model.set_grad_checkpointing(runtime.grad_checkpointing)
         module: nn.Module = objective.loss
         self.ddp: DistributedDataParallel | None = None
         if runtime.distributed:
@@ -57,7 +56,12 @@ class TrainStep:
             self.model.compile()
         self.graphed = GraphedStep(self._forward_backward, self.model) if runtime.train_graphs else None
         self.optimizer = build_optimizer(
-            self.model, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps, fused=optim.fused
+            self.model,
+            weight_decay=optim.weight_decay,
+            exclude_from_decay=optim.exclude_from_decay,
+            betas=optim.betas,
+            eps=optim.eps,
+            fused=optim.fused,
         )
         self.schedule = build_schedule(
             {m: getattr(optim, m) for m in MODULES},

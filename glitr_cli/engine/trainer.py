@@ -9,10 +9,23 @@ clip's augmentation is seeded by (seed, epoch, position) (`ResumableSampler`); t
 generators (mixup, drop-path) are saved per rank in every checkpoint; the CPU thread count is
 recorded in the run and reused on resume. A run stopped at any moment and restarted from `last.pt`
 replays the same steps and ends with the same weights.
+
+Progress is kept in units that do not depend on the layout: epochs, optimiser steps, and steps
+within the epoch, each of `optim.batch_size` clips (len(train set) // batch_size per epoch). Rank r
+reads positions r, r + W, ... of the epoch's permutation, so optimiser step s always trains on the
+clips at positions [s·B, (s+1)·B) whatever the number of processes W and accumulation steps; a run
+resumed on another layout trains the same clips at the same steps.
+
+Preemption: SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before they kill a job) lets the
+step in progress finish, writes a checkpoint at that step on every rank, and raises `Preempted`,
+which the CLI turns into one line and exit code 75 (`errors.PREEMPTED_EXIT_CODE`).
 """
 
 from __future__ import annotations
 
+import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,20 +43,24 @@ from glitr_cli.engine.distributed import (
     SeededDataset,
     ShardSampler,
     all_gather_objects,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     init_distributed,
     seed_everything,
 )
 from glitr_cli.engine.evaluation import evaluate_policies
-from glitr_cli.engine.metrics import MetricsLogger, make_progress, topk_correct
+from glitr_cli.engine.metrics import MetricsLogger, make_progress, read_records, topk_correct
 from glitr_cli.engine.step import TrainStep
-from glitr_cli.errors import GlitrError, warn
+from glitr_cli.errors import GlitrError, Preempted, warn
+from glitr_cli.files import atomic_write_text
 from glitr_cli.model.weights import load_state_dict_checked
 from glitr_cli.recipe import COMMANDS, Recipe, recipe_to_dict, resolve_recipe, save_recipe
 from glitr_cli.runtime import Runtime
 
 RECIPE_FILE = "recipe.yaml"
+BAD_CLIPS_FILE = "bad_clips.jsonl"  # per epoch, every training clip with unreadable frames
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # recipe keys that may change between a run and its resumption without a warning
 _RESUME_FREE_KEYS = ("log.", "train.device", "train.compile", "train.cuda_graphs", "data.workers", "eval.")
@@ -68,7 +85,8 @@ class Trainer:
         self.resume_from = Path(resume) if resume is not None else None
         self.console = console or Console(stderr=True)
         self.epoch = 0  # epochs completed
-        self.batch_in_epoch = 0  # micro-batches of the current epoch already trained
+        self.step_in_epoch = 0  # optimiser steps of the current epoch already taken
+        self._stop_signal = 0  # the preemption signal received, 0 if none
         self._ready = False
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -123,7 +141,7 @@ class Trainer:
         if self.val_set is not None:
             shard = ShardSampler(len(self.val_set), rank=runtime.rank, world_size=runtime.world_size)
             self.val_loader = runtime.loader(self.val_set, batch_size=r.eval.batch_size, sampler=shard)
-        self.steps_per_epoch = (self.sampler.num_samples // self.micro_batch) // opt.accum_steps
+        self.steps_per_epoch = len(self.train_set) // opt.batch_size  # the same on every layout
         if self.steps_per_epoch == 0:
             raise GlitrError(
                 f"{r.data.root} split '{r.data.train_split}' has {len(self.train_set)} clips, too few for one "
@@ -154,8 +172,16 @@ class Trainer:
             config=recipe_to_dict(r),
         )
         self.metrics.truncate_after(self.step)
+        self._forget_bad_clips_after(self.epoch)
         barrier()
         self._ready = True
+
+    def _forget_bad_clips_after(self, epoch: int) -> None:
+        """A resumed run lists the bad clips of the epochs it trains again afresh."""
+        path = self.run_dir / BAD_CLIPS_FILE
+        if self.runtime.is_main and path.is_file():
+            kept = [c for c in read_records(path) if c["epoch"] <= epoch]
+            atomic_write_text(path, "".join(json.dumps(c) + "\n" for c in kept))
 
     @property
     def step(self) -> int:
@@ -167,11 +193,11 @@ class Trainer:
     def train_epoch(self, max_steps: int | None = None) -> bool:
         """Train the rest of epoch `self.epoch`; False when stopped early by `max_steps`."""
         r = self.recipe
-        accum = r.optim.accum_steps
-        self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.micro_batch)
+        clips_per_rank = r.optim.batch_size // self.runtime.world_size  # per optimiser step
+        self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * clips_per_rank)
+        self._damage_at_start = self.train_set.damage.clone()
         self.objective.loss.train()
         batches = iter(self.loader)
-        first_step = self.batch_in_epoch // accum
         keys = ("loss", *self.objective.scalars)
         window = self._new_window(len(keys))
 
@@ -180,27 +206,34 @@ class Trainer:
             window["correct"] += topk_correct(out["logits"].detach(), labels, ks=(1,))[0]
             window["clips"] += labels.shape[0]
             window["micro"] += 1
-            self.batch_in_epoch += 1
 
         with make_progress(self.console, self.runtime.is_main and r.log.progress) as progress:
             task = progress.add_task(
-                f"epoch {self.epoch + 1}/{r.optim.epochs}", total=self.steps_per_epoch, completed=first_step, info=""
+                f"epoch {self.epoch + 1}/{r.optim.epochs}",
+                total=self.steps_per_epoch,
+                completed=self.step_in_epoch,
+                info="",
             )
-            for _ in range(first_step, self.steps_per_epoch):
+            while self.step_in_epoch < self.steps_per_epoch:
                 if max_steps is not None and self.step >= max_steps:
                     return False
                 result = self.train_step(batches, observe)
+                self.step_in_epoch += 1
                 if result["grad_norm"] is not None:
                     window["grad_norm"] = result["grad_norm"]
                 if self.step % r.train.log_every == 0:
                     progress.update(task, info=self._log_train(window, keys, result["lr"]))
                     window = self._new_window(len(keys))
                 progress.advance(task)
-                last_in_epoch = self.batch_in_epoch >= self.steps_per_epoch * accum
+                last_in_epoch = self.step_in_epoch == self.steps_per_epoch
+                if self.stop_requested():
+                    self.save()
+                    raise self.preempted()
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0 and not last_in_epoch:
                     self.save()
+        self._end_epoch_data()
         self.epoch += 1
-        self.batch_in_epoch = 0
+        self.step_in_epoch = 0
         return True
 
     def _new_window(self, n_keys: int) -> dict[str, Any]:
@@ -216,23 +249,83 @@ class Trainer:
     def _log_train(self, window: dict[str, Any], keys: tuple[str, ...], lrs: dict[str, float]) -> str:
         """Reduce the window over ranks, write one metrics record; returns the progress-bar text."""
         counts = torch.tensor([window["micro"], window["clips"]], dtype=torch.float64, device=self.runtime.device)
-        sums = all_reduce_sum(torch.cat([window["sums"].double(), window["correct"].double(), counts]))
+        damage = self._damage_counts()
+        sums = all_reduce_sum(torch.cat([window["sums"].double(), window["correct"].double(), counts, damage]))
         n_keys = len(keys)
-        micro, clips = sums[-2].item(), sums[-1].item()
+        micro, clips = sums[-5].item(), sums[-4].item()
+        bad = self._check_bad_data(sums[-3:])
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         record: dict[str, Any] = {
             "split": "train",
-            "epoch": self.epoch + self.batch_in_epoch / (self.steps_per_epoch * self.recipe.optim.accum_steps),
+            "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
             "step": self.step,
         }
         record.update({k: sums[i].item() / micro for i, k in enumerate(keys)})
         record["lr"] = lrs
-        record["top1"] = (sums[n_keys:-2] / clips).tolist()
+        record["top1"] = (sums[n_keys:-5] / clips).tolist()
         record["clips_per_s"] = clips / elapsed
         if "grad_norm" in window:
             record["grad_norm"] = window["grad_norm"]
         self.metrics.log(record)
-        return f"loss {record['loss']:.4f} · top1@T {record['top1'][-1]:.3f} · {record['clips_per_s']:.1f} clips/s"
+        info = f"loss {record['loss']:.4f} · top1@T {record['top1'][-1]:.3f} · {record['clips_per_s']:.1f} clips/s"
+        return info + (f" · {bad} bad clips" if bad else "")
+
+    # ----------------------------------------------------------------------------------------- bad data
+
+    def _epoch_damage(self) -> torch.Tensor:
+        """Per clip of this rank's training set: [frames replaced, times unreadable] in this epoch."""
+        return self.train_set.damage - self._damage_at_start
+
+    def _damage_counts(self) -> torch.Tensor:
+        """[clips with unreadable frames, frames replaced, unreadable clips] in this epoch, on this rank."""
+        d = self._epoch_damage()
+        counts = [(d.sum(1) > 0).sum(), d[:, 0].sum(), (d[:, 1] > 0).sum()]
+        return torch.tensor([int(c) for c in counts], dtype=torch.float64, device=self.runtime.device)
+
+    def _damaged_clips(self) -> list[dict[str, Any]]:
+        """Every rank's damaged clips of this epoch, worst first (collective)."""
+        d = self._epoch_damage()
+        mine = [
+            {"id": self.train_set.records[i].id, "replaced_frames": int(d[i, 0]), "unreadable": bool(d[i, 1])}
+            for i in d.sum(1).nonzero().flatten().tolist()
+        ]
+        clips = [c for rank in all_gather_objects(mine) for c in rank]
+        return sorted(clips, key=lambda c: (not c["unreadable"], -c["replaced_frames"], c["id"]))
+
+    def _check_bad_data(self, totals: torch.Tensor) -> int:
+        """Stop the run when more clips had unreadable frames than `data.max_bad_fraction` of an epoch
+        allows (`totals`: the all-reduced `_damage_counts`); returns the number of such clips."""
+        bad = int(totals[0].item())
+        r = self.recipe
+        epoch_clips = self.steps_per_epoch * r.optim.batch_size
+        if bad > r.data.max_bad_fraction * epoch_clips:
+            worst = self._damaged_clips()
+            self._write_bad_clips(worst)
+            shown = ", ".join(
+                f"{c['id']} ({'unreadable' if c['unreadable'] else str(c['replaced_frames']) + ' frames replaced'})"
+                for c in worst[:5]
+            )
+            raise GlitrError(
+                f"{bad} training clips of epoch {self.epoch + 1} had unreadable frames, more than "
+                f"data.max_bad_fraction={r.data.max_bad_fraction} of {epoch_clips} allows; worst: {shown} "
+                f"(all in {self.run_dir / BAD_CLIPS_FILE}; check the frames under {r.data.root})"
+            )
+        return bad
+
+    def _end_epoch_data(self) -> None:
+        """Count the epoch's bad data in metrics.jsonl and list its clips in bad_clips.jsonl (collective)."""
+        totals = all_reduce_sum(self._damage_counts())
+        bad = self._check_bad_data(totals)
+        record = dict(zip(("bad_clips", "replaced_frames", "unreadable_clips"), map(int, totals.tolist()), strict=True))
+        self.metrics.log({"split": "data", "epoch": self.epoch + 1, "step": self.step, **record})
+        if bad:
+            self._write_bad_clips(self._damaged_clips())
+            self.say(f"epoch {self.epoch + 1}: {bad} clips had unreadable frames (listed in {BAD_CLIPS_FILE})")
+
+    def _write_bad_clips(self, clips: list[dict[str, Any]]) -> None:
+        if self.runtime.is_main:
+            with open(self.run_dir / BAD_CLIPS_FILE, "a") as f:
+                f.writelines(json.dumps({"epoch": self.epoch + 1, **c}) + "\n" for c in clips)
 
     # ----------------------------------------------------------------------------------------- evaluation
 
@@ -264,10 +357,9 @@ class Trainer:
             "optimizer": step["optimizer"],
             "scaler": step["scaler"],
             "schedule": {"step": self.step, "steps_per_epoch": self.steps_per_epoch},
-            "progress": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step},
+            "progress": {"epoch": self.epoch, "step": self.step},
             "rng": rngs,
             "world_size": self.runtime.world_size,
-            "micro_batch": self.micro_batch,
             "class_names": self.class_names,
             "recipe": recipe_to_dict(self.recipe),
         }
@@ -296,13 +388,24 @@ class Trainer:
         self.train_step.load_state_dict(
             {"optimizer": ckpt["optimizer"], "scaler": ckpt.get("scaler"), "step": progress["step"]}
         )
-        self.epoch, self.batch_in_epoch = progress["epoch"], progress["batch_in_epoch"]
-        same_layout = ckpt.get("world_size") == self.runtime.world_size and ckpt.get("micro_batch") == self.micro_batch
-        if same_layout:
+        if ckpt["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
+            raise GlitrError(
+                f"cannot resume from {path}: it was trained with {ckpt['schedule']['steps_per_epoch']} steps per "
+                f"epoch, the training split and optim.batch_size now give {self.steps_per_epoch}"
+            )
+        self.epoch = progress["epoch"]
+        self.step_in_epoch = progress["step"] - self.epoch * self.steps_per_epoch
+        layout = (self.runtime.world_size, r.optim.accum_steps)
+        saved_layout = (ckpt["world_size"], ckpt["recipe"]["optim"]["accum_steps"])
+        if layout == saved_layout:
             set_rng_state(ckpt["rng"][self.runtime.rank])
         elif self.runtime.is_main:
-            warn(self.console, f"{path} was written by another process/batch layout; the data order will differ")
-            self.batch_in_epoch -= self.batch_in_epoch % self.recipe.optim.accum_steps
+            warn(
+                self.console,
+                f"{path} was written by {saved_layout[0]} process(es) x {saved_layout[1]} accumulation step(s), "
+                f"this run has {layout[0]} x {layout[1]}: every step trains the same clips, but mixup and "
+                "drop-path draw afresh",
+            )
         self.say(f"resumed from {path} (epoch {self.epoch + 1}, step {self.step})")
 
     # --------------------------------------------------------------------------------------------- fit
@@ -317,6 +420,7 @@ class Trainer:
             self.setup()
         r = self.recipe
         result = None
+        handlers = self._catch_preemption()
         if self.epoch >= r.optim.epochs:
             self.say(f"{r.name}: already trained for {r.optim.epochs} epochs ({self.ckpt_dir / LAST})")
             self.metrics.close()
@@ -339,7 +443,36 @@ class Trainer:
                         f"at t={len(result['top1'])} {result['top1'][-1]:.3f}"
                     )
                 self.save()
+                if self.stop_requested():
+                    raise self.preempted()
         finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             self.metrics.close()
         self.say(f"{r.name}: done; weights in {self.ckpt_dir / LAST}")
         return result
+
+    # --------------------------------------------------------------------------------------- preemption
+
+    def _catch_preemption(self) -> dict[int, Any]:
+        """Note SIGTERM/SIGUSR1 instead of dying; returns the handlers to put back (none off the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def note(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+
+        return {signum: signal.signal(signum, note) for signum in PREEMPT_SIGNALS}
+
+    def stop_requested(self) -> bool:
+        """Whether any rank was asked to stop (collective: every rank calls it after every step)."""
+        flag = torch.tensor([self._stop_signal], dtype=torch.float64, device=self.runtime.device)
+        self._stop_signal = int(all_reduce_max(flag).item())
+        return self._stop_signal != 0
+
+    def preempted(self) -> Preempted:
+        name = signal.Signals(self._stop_signal).name
+        return Preempted(
+            f"stopped by {name} at step {self.step} (epoch {self.epoch + 1}); checkpoint {self.ckpt_dir / LAST}; "
+            "rerun the same command to continue"
+        )

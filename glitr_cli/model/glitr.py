@@ -70,6 +70,12 @@ class GliTr(nn.Module):
         for module in (self.backbone, self.classifier, self.locator):
             module.set_fused_attn(enabled)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute T_f's, T_c's and T_l's block activations in backward instead of keeping them: less memory,
+        about one more forward pass of compute. Passes without gradients (no_grad, evaluation) are unaffected."""
+        for module in (self.backbone, self.classifier, self.locator):
+            module.set_grad_checkpointing(enable)
+
     def compile(self, **kwargs) -> None:
         """`torch.compile` T_f, T_c and T_l in place, each on its own: the calls that have fixed
         shapes (T_f on one frame or glimpse batch, a full causal pass of T_c or T_l) become fused
@@ -236,11 +242,14 @@ class StudentObjective(nn.Module):
         self.teacher.eval()
         return self
 
+    def student_forward(self, frames: torch.Tensor) -> StudentOutput:
+        return self.student.forward_student(frames)
+
     def forward(self, frames: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             teacher_feat = self.teacher.encode_frames(frames)
             teacher_logits = self.teacher.classifier(teacher_feat)
-        out = self.student.forward_student(frames)
+        out = self.student_forward(frames)
         cls = step_cross_entropy(out.logits, labels, self.label_smoothing)
         spatial = F.mse_loss(out.feat, teacher_feat)
         temporal = kl_divergence(out.logits, teacher_logits)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glitr_cli.model.glitr import GliTr, StudentOutput, kl_divergence, step_cross_entropy
+from glitr_cli.model.glitr import GliTr, StudentObjective, StudentOutput, kl_divergence, step_cross_entropy
 
 
 def plain_student_forward(student: GliTr, frames: torch.Tensor) -> StudentOutput:
@@ -33,29 +33,11 @@ def plain_student_forward(student: GliTr, frames: torch.Tensor) -> StudentOutput
     return StudentOutput(torch.stack(feats, 1), torch.stack(logits, 1), torch.stack(locs, 1))
 
 
-class PlainStudentObjective(nn.Module):
-    """The student loss of the original: L_cls + MSE to the teacher's features + KL to its predictions."""
+class PlainStudentObjective(StudentObjective):
+    """The student loss of the original: the same losses, the student run by `plain_student_forward`."""
 
-    def __init__(self, student: GliTr, teacher: GliTr, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.student, self.teacher, self.label_smoothing = student, teacher, label_smoothing
-        teacher.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> PlainStudentObjective:
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def forward(self, frames: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            teacher_feat = self.teacher.encode_frames(frames)
-            teacher_logits = self.teacher.classifier(teacher_feat)
-        out = plain_student_forward(self.student, frames)
-        cls = step_cross_entropy(out.logits, labels, self.label_smoothing)
-        spatial = F.mse_loss(out.feat, teacher_feat)
-        temporal = kl_divergence(out.logits, teacher_logits)
-        loss = cls + spatial + temporal
-        return {"loss": loss, "cls": cls, "spatial": spatial, "temporal": temporal, "logits": out.logits}
+    def student_forward(self, frames: torch.Tensor) -> StudentOutput:
+        return plain_student_forward(self.student, frames)
 
 
 class PlainTeacherObjective(nn.Module):

@@ -11,6 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from glitr_cli.errors import GlitrError
@@ -43,6 +44,7 @@ class SpatialEncoder(nn.Module):
         self.patch_size: int = self.patch_embed.patch_size[0]
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)  # (n_h, n_w)
         self.glimpse_size = glimpse_size
+        self.grad_checkpointing = False
 
     @property
     def glimpse_scale(self) -> tuple[float, float]:
@@ -53,9 +55,18 @@ class SpatialEncoder(nn.Module):
     def glimpse_pixels(self) -> int:
         return self.glimpse_size * self.patch_size
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that an optimiser excluding embeddings from weight decay leaves undecayed (timm's API)."""
+        return {"cls_token", "pos_embed"}
+
     def set_fused_attn(self, enabled: bool) -> None:
         for block in self.blocks:
             block.attn.fused_attn = enabled
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (only where the weights
+        get gradients)."""
+        self.grad_checkpointing = enable
 
     def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(images)  # (N, D, h, w)
@@ -66,7 +77,12 @@ class SpatialEncoder(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)  # (N, 1, D)
         x = torch.cat([cls, tokens], dim=1)
         x = self.norm_pre(self.pos_drop(x))
-        x = self.blocks(x)
+        # Only where the weights train: the teacher's frozen glimpse pass runs on detached weights swapped in by
+        # functional_call, which a recompute in backward would no longer see.
+        if self.grad_checkpointing and torch.is_grad_enabled() and self.cls_token.requires_grad:
+            x = checkpoint_seq(self.blocks, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
         return self.norm(x)[:, 0]  # (N, D)
 
     def forward(self, images: torch.Tensor, loc: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import checkpoint_seq, named_apply
+from timm.models.vision_transformer import init_weights_vit_timm
 
 
 class KVCache:
@@ -143,16 +145,26 @@ class TemporalTransformer(nn.Module):
         self.blocks = nn.ModuleList(CausalBlock(dim, num_heads, mlp_ratio, r, fused_attn) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim, bias=head_bias)
+        self.grad_checkpointing = False
         trunc_normal_(self.temporal_embed, std=0.02)
-        self.apply(init_vit_weights)
+        named_apply(init_weights_vit_timm, self)  # trunc-normal(0.02) linears, zero biases, unit LayerNorms
 
     @property
     def depth(self) -> int:
         return len(self.blocks)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that an optimiser excluding embeddings from weight decay leaves undecayed (timm's API)."""
+        return {"temporal_embed"}
+
     def set_fused_attn(self, enabled: bool) -> None:
         for block in self.blocks:
             block.attn.fused_attn = enabled
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks' activations in the backward pass of `forward` (only where the weights get
+        gradients). `step` keeps them: a recompute would append to its cache a second time."""
+        self.grad_checkpointing = enable
 
     def new_cache(self) -> KVCache:
         return KVCache(self.depth)
@@ -164,8 +176,11 @@ class TemporalTransformer(nn.Module):
         """One causal pass: (B, T, in_dim) -> (B, T, out_dim); output t depends on inputs 0..t only."""
         t = x.shape[1]
         x = self.input_proj(x) + self.temporal_embed[:, :t]
-        for block in self.blocks:
-            x = block(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and self.temporal_embed.requires_grad:  # see spatial.py
+            x = checkpoint_seq(self.blocks, x, use_reentrant=False)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.head(self.norm(x))
 
     def step(self, x: torch.Tensor, cache: KVCache | StaticKVCache) -> torch.Tensor:
@@ -191,13 +206,5 @@ class Locator(TemporalTransformer):
         with torch.no_grad():
             self.head.weight.mul_(0.1)
 
-
-def init_vit_weights(m: nn.Module) -> None:
-    """The ViT init for one module: trunc-normal(0.02) linear weights, zero biases, unit LayerNorms."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"init_loc"}

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.models import checkpoint_seq, named_apply
+from timm.models.beit import Block
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from glitr_cli.errors import GlitrError
-from glitr_cli.model.temporal import init_vit_weights
 from glitr_cli.model.weights import key_summary, load_state_dict_checked, read_checkpoint
 
 __all__ = ["VideoMAE", "build_videomae", "checkpoint_filter_fn", "load_videomae", "sinusoid_table"]
@@ -91,54 +91,6 @@ class TubeletEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, T'*H'*W', D), tokens in (t', h', w') row-major order
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with learned q and v biases; k gets a zero bias, as in VideoMAE/BEiT."""
-
-    def __init__(self, dim: int, num_heads: int = 12, fused_attn: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise GlitrError(f"VideoMAE: embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.fused_attn = fused_attn
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        # The k bias is a constant zero, not a parameter: keys carry no bias (softmax is shift-invariant per query).
-        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B, N, 3C)
-        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:
-            q = q * self.scale  # scale q before q k^T, as the original does
-            attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
-            x = attn @ v  # (B, heads, N, hd)
-        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.proj(x)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block without layer scale: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, fused_attn: bool = True) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads=num_heads, fused_attn=fused_attn)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)  # exact (erf) GELU
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 # ----------------------------------------------------------------------------------------------------------- model
 
 
@@ -165,41 +117,53 @@ class VideoMAE(nn.Module):
         head_init_scale: float = 0.001,
     ) -> None:
         super().__init__()
+        if embed_dim % num_heads:
+            raise GlitrError(f"VideoMAE: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.patch_embed = TubeletEmbed(img_size, patch_size, num_frames, tubelet_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         # Fixed, not learned, and not in the state dict; a buffer so that .to()/.double() move and cast it.
         self.register_buffer("pos_embed", sinusoid_table(num_patches, embed_dim)[None], persistent=False)  # (1, N, D)
+        # timm's BEiT block is VideoMAE's: pre-norm, q and v biases with a constant zero k bias, exact GELU, no
+        # layer scale (init_values None), LayerNorm eps 1e-6, the same parameter names.
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, fused_attn=fused_attn) for _ in range(depth)]
+            [Block(embed_dim, num_heads, qkv_bias=True, mlp_ratio=mlp_ratio) for _ in range(depth)]
         )
+        self.grad_checkpointing = False
         self.norm = nn.Identity()  # the original's final norm is an Identity when mean pooling is on
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights(head_init_scale)
+        self.set_fused_attn(fused_attn)
 
     # -- init -----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def init_weights(self, head_init_scale: float = 0.001) -> None:
         """Fine-tuning init of the original: trunc-normal(0.02) linears, zero biases, unit LayerNorms, small head."""
-        for m in self.modules():
-            init_vit_weights(m)
+        named_apply(init_weights_vit_timm, self)
         if isinstance(self.head, nn.Linear):
             self.head.weight.mul_(head_init_scale)
             self.head.bias.mul_(head_init_scale)
 
     @torch.no_grad()
-    def reset_pos_embed(self) -> None:
-        """Refill the fixed positional table (after ``to_empty``, e.g. when the model was built on the meta device)."""
+    def init_non_persistent_buffers(self) -> None:
+        """Refill the buffers a state dict does not hold, the positional table and the blocks' zero k biases (after
+        ``to_empty``, e.g. when the model was built on the meta device)."""
         table = sinusoid_table(self.pos_embed.shape[1], self.embed_dim)[None]  # (1, N, D)
         self.pos_embed.copy_(table.to(self.pos_embed.device))
+        for blk in self.blocks:
+            blk.attn.init_non_persistent_buffers()
 
     def set_fused_attn(self, enable: bool) -> None:
         """Switch every block between fused scaled-dot-product attention and the explicit softmax path."""
         for blk in self.blocks:
             blk.attn.fused_attn = enable
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (only when training)."""
+        self.grad_checkpointing = enable
 
     def freeze(self) -> VideoMAE:
         """Teacher mode: eval (no dropout anywhere anyway) and ``requires_grad=False`` on every parameter."""
@@ -213,8 +177,11 @@ class VideoMAE(nn.Module):
         """(B, C, T, H, W) -> tokens (B, N, D), N = (T / tubelet) * (H / patch) * (W / patch)."""
         x = self.patch_embed(x)  # (B, N, D)
         x = x + self.pos_embed.to(dtype=x.dtype)  # (1, N, D) broadcast
-        for blk in self.blocks:
-            x = blk(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and self.patch_embed.proj.weight.requires_grad:
+            x = checkpoint_seq(self.blocks, x, use_reentrant=False)
+        else:
+            for blk in self.blocks:
+                x = blk(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -300,5 +267,5 @@ def load_videomae(path: Path, num_classes: int | None = None, **kw: Any) -> Vide
     model.to_empty(device="cpu")
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     load_state_dict_checked(model, state_dict, f"{path} (VideoMAE)", assign=True)
-    model.reset_pos_embed()
+    model.init_non_persistent_buffers()
     return model
