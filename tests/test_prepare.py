@@ -344,3 +344,20 @@ def test_a_toy_folder_records_its_generator_settings(tmp_path, glitr):
     code, out_text, err = glitr("prepare-data", "toy", "--out", out, *small)
     assert code == 0 and "0 done, 6 skipped" in out_text, err
     assert tree_bytes(tmp_path) == before
+
+
+def test_a_folder_of_own_clips_is_not_continued_at_another_size(tmp_path, glitr):
+    src = tmp_path / "mine"
+    for i, label in enumerate(["cat", "cat", "dog", "dog"]):
+        encode_video(src / label / f"{i}.mp4", make_frames(4, 32, 48, seed=i), "h264")
+    out = tmp_path / "out"
+    code, _, err = glitr("prepare-data", "folder", "--src", src, "--out", out, "--short-side", "24", "-j", "1")
+    assert code == 0, err
+    record = json.loads((out / "glitr_prepare.json").read_text())
+    assert record == {"dataset": "folder", "short_side": 24, "quality": 95}
+    before = tree_bytes(out)
+    code, _, err = glitr("prepare-data", "folder", "--src", src, "--out", out, "--short-side", "16")
+    _one_error_line(code, err, "was prepared with --short-side 24, this run asks for 16")
+    assert tree_bytes(out) == before
+    code, out_text, err = glitr("prepare-data", "folder", "--src", src, "--out", out, "--short-side", "24")
+    assert code == 0 and "0 done, 4 skipped" in out_text, err

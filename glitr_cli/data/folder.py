@@ -42,7 +42,7 @@ from typing import Any
 
 from glitr_cli.data.formats import DatasetInfo, SplitEntry
 from glitr_cli.data.parallel import default_workers
-from glitr_cli.data.prepare import _NOT_VIDEO, PrepareSummary, _extract_all, _write_outputs
+from glitr_cli.data.prepare import _NOT_VIDEO, PrepareSummary, _extract_all, _record_settings, _settings, _write_outputs
 from glitr_cli.data.video import IMAGE_SUFFIXES
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
@@ -275,6 +275,7 @@ def prepare_folder(
 
     ordered = [c for s in SPLIT_NAMES for c in splits[s]]
     assert len({c.id for c in ordered}) == len(ordered), "distinct paths have distinct ids (clip_id)"
+    _record_settings(out, _settings("folder", short_side, quality))
     atomic_write_text(out / SOURCES_FILE, "".join(f"{c.id}\t{s}\t{c.rel}\n" for s in SPLIT_NAMES for c in splits[s]))
     jobs = [(c.id, c.path) for c in ordered]
     counts, failed, done, skipped = _extract_all("folder", out, jobs, workers, short_side, quality, progress)
