@@ -209,11 +209,22 @@ def test_bad_checkpoint_for_visualize(kind, in_trained, glitr, unchanged):
     check()
 
 
+@pytest.mark.parametrize("kind", [*CHECKPOINTS, "folder"])
+def test_bad_checkpoint_for_predict(kind, in_trained, glitr, unchanged):
+    video = encode_video(in_trained / "clip.mp4", make_frames(6, 48, 64), "h264")
+    path, needles = _bad_checkpoint(kind, in_trained)
+    check = unchanged()
+    assert_one_error(glitr("predict", path, video), *needles)  # default --out predictions.jsonl
+    assert not (in_trained / "pwned").exists()
+    check()
+
+
 def test_teacher_where_a_student_is_needed(in_trained, glitr, unchanged):
     video = encode_video(in_trained / "clip.mp4", make_frames(6, 48, 64), "h264")
     teacher = "runs/tiny_teacher/checkpoints/last.pt"
     check = unchanged()
     assert_one_error(glitr("visualize", video, "--checkpoint", teacher), teacher, "is a teacher checkpoint")
+    assert_one_error(glitr("predict", teacher, video), teacher, "is a teacher checkpoint")
     assert_one_error(
         glitr("eval", "recipes/tiny.yaml", "--checkpoint", teacher), teacher, "is a teacher checkpoint", "tiny"
     )
@@ -280,6 +291,24 @@ def test_bad_visualize_option(args, needles, in_trained, glitr, unchanged):
     video = encode_video(in_trained / "clip.mp4", make_frames(6, 48, 64), "h264")
     check = unchanged()
     assert_one_error(glitr("visualize", video, "--checkpoint", "runs/tiny/checkpoints/last.pt", *args), *needles)
+    check()
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--top-k", "0"], ["--top-k", "got 0"]),
+        (["--out", "p.txt"], ["--out p.txt", ".jsonl or .csv"]),
+        (["--batch-size", "0"], ["--batch-size", "got 0"]),
+        (["--workers", "-1"], ["--workers", "got -1"]),
+        (["--device", "nonsense"], ["--device='nonsense'", "expected auto, cpu, cuda or cuda:N"]),
+        (["--device", "cuda:7"], ["--device=cuda:7"]),
+    ],
+)
+def test_bad_predict_option(args, needles, in_trained, glitr, unchanged):
+    video = encode_video(in_trained / "clip.mp4", make_frames(6, 48, 64), "h264")
+    check = unchanged()
+    assert_one_error(glitr("predict", "runs/tiny/checkpoints/last.pt", video, *args), *needles)
     check()
 
 
