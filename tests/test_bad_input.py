@@ -360,6 +360,28 @@ def test_unknown_dataset(project, glitr, unchanged):
     check()
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["toy", "--quality", "0"], "--quality must lie in 1..100, got 0"),
+        (["toy", "--short-side", "4"], "--short-side must be at least 8 pixels, got 4"),
+        (["toy", "--workers", "-1"], "--workers must be 0 (automatic) or more, got -1"),
+        (["toy", "--toy-size", "3"], "--toy-size: expected an even frame side of at least 64 pixels, got 3"),
+        (["toy", "--toy-frames", "2"], "--toy-frames: expected at least 4 frames, got 2"),
+        (["toy", "--toy-shapes", "square,hexagon"], "--toy-shapes"),
+        (["ssv2", "--seed", "3"], "--seed does not apply to `glitr prepare-data ssv2`"),
+        (["folder", "--src", "clips", "--val-fraction", "1"], "--val-fraction must lie strictly between 0 and 1"),
+    ],
+)
+def test_bad_prepare_option(args, needle, project, glitr, unchanged):
+    (project / "clips" / "cat").mkdir(parents=True)
+    encode_video(project / "clips" / "cat" / "a.mp4", make_frames(4, 32, 32), "h264")
+    check = unchanged()
+    assert_one_error(glitr("prepare-data", *args, "--out", project / "out"), needle)
+    assert not (project / "out").exists()
+    check()
+
+
 def _ssv2(src: Path) -> None:
     make_ssv2_download(src, [("1", "train", 0, "vp9", (32, 32), 4), ("2", "validation", 1, "vp9", (32, 32), 4)])
 
