@@ -107,6 +107,10 @@ OVERRIDES = {
     "crop scale reversed": ("data.scale=[0.9, 0.5]", ["'data.scale'", "low <= high"]),
     "log every 0": ("train.log_every=0", ["'train.log_every'", "at least 1"]),
     "eval batch zero": ("eval.batch_size=0", ["'eval.batch_size'", "at least 1"]),
+    "batch not divisible by accumulation": (
+        "optim.accum_steps=3",
+        ["optim.batch_size=4 is not divisible by 1 process(es) x optim.accum_steps=3"],
+    ),
     "unknown split": ("eval.split=nope", ["'eval.split'", "expects train, val or test, got 'nope'"]),
     "negative workers": ("data.workers=-1", ["'data.workers'", "at least 0"]),
     "glimpse larger than the frame": (
@@ -116,13 +120,15 @@ OVERRIDES = {
     "eval resize below the crop": ("data.resize=32", ["'data.resize'", "(32)", "data.img_size (64)"]),
 }
 
+CHECKED_AT_RUN_TIME = {"batch not divisible by accumulation"}  # needs the world size: the trainer's check
+
 
 @pytest.mark.parametrize("case", list(OVERRIDES))
 def test_bad_override(case, project, glitr, unchanged):
     override, needles = OVERRIDES[case]
     check = unchanged()
     flat = assert_one_error(glitr("train-teacher", "recipes/tiny_teacher.yaml", override), *needles)
-    if "=" in override and not override.startswith("="):
+    if "=" in override and not override.startswith("=") and case not in CHECKED_AT_RUN_TIME:
         assert f"override '{override}'" in flat  # where the value came from
     check()
 
