@@ -302,6 +302,9 @@ def test_a_folder_prepared_with_other_settings_is_refused(tmp_path, glitr):
     code, out_text, err = glitr(*args, "--short-side", "32", "--quality", "90")
     assert code == 0 and "1 done, 3 skipped" in out_text, err
     assert tree_bytes(out) == before
+    (out / "glitr_prepare.json").write_text("[1, 2]\n")  # not a record: nothing is assumed
+    code, _, err = glitr(*args, "--short-side", "32", "--quality", "90")
+    _one_error_line(code, err, f"{out / 'glitr_prepare.json'} is not a settings record")
 
 
 def test_a_native_jester_folder_is_not_continued_resized(tmp_path, glitr):

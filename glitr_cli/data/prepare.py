@@ -156,7 +156,9 @@ def _check_frame_folder(task: tuple[str, str, str]) -> tuple[str, int, str | Non
 # ----------------------------------------------------------------------------- settings
 
 
-def _settings(name: str, short_side: int | None, quality: int | None, toy: dict[str, Any] | None = None) -> dict:
+def _settings(
+    name: str, short_side: int | None, quality: int | None, toy: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What changes the prepared frames: the dataset, the short side (0: native size), the JPEG quality
     (None where no frame is written) and a toy set's generator settings."""
     return {"dataset": name, "short_side": short_side or 0, "quality": quality, **({"toy": toy} if toy else {})}
@@ -172,10 +174,12 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         old = json.loads(record.read_text())
     except (OSError, json.JSONDecodeError):
         old = None
+    if not isinstance(old, dict):
+        raise GlitrError(f"{record} is not a settings record: prepare into another --out, or remove {out}")
 
-    def flat(d: Any) -> Any:  # the toy settings beside the others, as the options set them
-        toy = d.get("toy") if isinstance(d, dict) else None
-        return {**{k: v for k, v in d.items() if k != "toy"}, **(toy or {})} if isinstance(d, dict) else d
+    def flat(d: dict[str, Any]) -> dict[str, Any]:  # the toy settings beside the others, as the options set them
+        toy = d.get("toy") if isinstance(d.get("toy"), dict) else {}
+        return {**{k: v for k, v in d.items() if k != "toy"}, **toy}
 
     flags = {"dataset": "the dataset", "short_side": "--short-side", "quality": "--quality", **TOY_FLAGS}
     conflict = settings_conflict(flat(old), flat(settings), flags)

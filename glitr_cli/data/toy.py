@@ -395,11 +395,9 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def settings_conflict(old: Any, new: dict[str, Any], flags: dict[str, str]) -> tuple[str, str, str] | None:
-    """The first setting in which a recorded `old` (a settings file's content) differs from `new`:
-    (the option that sets it, its recorded value, its value now); None when they agree."""
-    if not isinstance(old, dict):
-        return ("the settings file", "unreadable", "a JSON object")
+def settings_conflict(old: dict[str, Any], new: dict[str, Any], flags: dict[str, str]) -> tuple[str, str, str] | None:
+    """The first setting in which recorded settings `old` differ from `new`: (the option that sets
+    it, its recorded value, its value now); None when they agree."""
     for key, value in new.items():
         if old.get(key) != value:
             recorded = _show(old[key]) if key in old else "not recorded"
@@ -420,6 +418,8 @@ def generate_toy(download: Path, cfg: ToyConfig, workers: int = 1, progress: boo
             old = json.loads(record.read_text())
         except json.JSONDecodeError:
             old = None
+        if not isinstance(old, dict):
+            raise GlitrError(f"{record} is not a toy settings record: remove {download} or choose another --out")
         conflict = settings_conflict(old, settings, TOY_FLAGS)
         if conflict is not None:
             flag, there, now = conflict
