@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 
-from glitr_cli.data.dataset import sample_indices
+from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import denormalize, eval_transform
 from glitr_cli.data.video import FrameSource, VideoWriter
 from glitr_cli.engine.evaluation import online_predictor
@@ -122,10 +122,11 @@ def to_display(x: float, y: float, src: tuple[int, int], dst: tuple[int, int]) -
 # ------------------------------------------------------------------------------------------- frames
 
 
-def step_frames(source: FrameSource, num_frames: int, every: int | None) -> Iterator[tuple[int, np.ndarray]]:
-    """Evaluation's T frames (`every` None), or every `every`-th frame of the whole video."""
+def step_frames(source: FrameSource, sampler: FrameSampler, every: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    """Evaluation's T frames as `sampler` picks them (`every` None), or every `every`-th frame of the
+    whole video."""
     if every is None:
-        return source.select(sample_indices(source.count(), num_frames, train=False))
+        return source.select(sampler.indices(source.count(), train=False))
     return ((i, f) for i, f in source.frames() if i % every == 0)
 
 
@@ -343,7 +344,7 @@ def visualize(
     record: list[dict[str, Any]] = []
     trail: list[tuple[float, float]] = []
     try:
-        for frame, step in run_steps(student, step_frames(source, student.num_frames, every), runtime, side_by_side):
+        for frame, step in run_steps(student, step_frames(source, student.sampler, every), runtime, side_by_side):
             if step.step == 1:
                 trail = []
             image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)
