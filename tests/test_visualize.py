@@ -133,7 +133,7 @@ def test_boxes_follow_eval_preprocessing(w, h):
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     ramp = torch.stack([xs, ys, xs * 0], 0)[None]  # (1, 3, H, W) holding source coordinates
     out = eval_transform(IMG, RESIZE)(ramp)
-    coords = out * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    coords = (out * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) * 255
     geo = CropGeometry.of(w, h, RESIZE, IMG)
     for u, v in [(4, 4), (16, 9), (27, 20)]:
         x, y = geo.to_source(u, v)
