@@ -41,13 +41,6 @@ def _grey(clip: torch.Tensor) -> torch.Tensor:
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(-3)
 
 
-def _histograms(clip: torch.Tensor) -> torch.Tensor:
-    """Per-frame, per-channel histograms: (T, 3, H, W) uint8 -> (T, 3, 256) int64."""
-    t, c = clip.shape[:2]
-    values = clip.reshape(t * c, -1).long() + 256 * torch.arange(t * c, device=clip.device).unsqueeze(1)
-    return torch.bincount(values.flatten(), minlength=t * c * 256).view(t, c, 256)
-
-
 def _apply_luts(clip: torch.Tensor, luts: torch.Tensor) -> torch.Tensor:
     """Look each frame's channels up in their own table: luts (T, 3, 256) uint8."""
     t, c = clip.shape[:2]
@@ -68,14 +61,17 @@ def auto_contrast(clip: torch.Tensor, _: None) -> torch.Tensor:
 
 def equalize(clip: torch.Tensor, _: None) -> torch.Tensor:
     """Equalise each frame's channel histograms (Pillow's `ImageOps.equalize`)."""
-    hist = _histograms(clip)  # (T, 3, 256)
+    t, c = clip.shape[:2]
+    values = clip.reshape(t * c, -1).long()  # one row per frame and channel
+    hist = torch.zeros(t * c, 256, dtype=torch.int64, device=clip.device)
+    hist.scatter_add_(1, values, torch.ones(1, dtype=torch.int64, device=clip.device).expand_as(values))
     levels = torch.arange(256, device=clip.device)
-    last = torch.where(hist > 0, levels, -1).amax(2, keepdim=True)  # the brightest value present
-    step = (hist.sum(2, keepdim=True) - hist.gather(2, last)) // 255
-    below = torch.cumsum(hist, 2) - hist  # pixels darker than each value
+    last = torch.where(hist > 0, levels, -1).amax(1, keepdim=True)  # the brightest value present
+    step = (hist.sum(1, keepdim=True) - hist.gather(1, last)) // 255
+    below = torch.cumsum(hist, 1) - hist  # pixels darker than each value
     luts = ((step // 2 + below) // step.clamp(min=1)).clamp(max=255)
     luts = torch.where(step > 0, luts, levels)  # one value, or too few pixels: unchanged
-    return _apply_luts(clip, luts.to(torch.uint8))
+    return torch.gather(luts.to(torch.uint8), 1, values).view_as(clip)
 
 
 def invert(clip: torch.Tensor, _: None) -> torch.Tensor:
@@ -122,10 +118,10 @@ def sharpness(clip: torch.Tensor, factor: float) -> torch.Tensor:
     x = clip.short()  # exact sums, at most 13 * 255
     rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]  # (T, 3, H-2, W): 3x1 sums
     ring = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]  # (T, 3, H-2, W-2): 3x3 sums
-    smooth = (ring + 4 * x[..., 1:-1, 1:-1]).float() / 13
-    degenerate = clip.clone()
-    degenerate[..., 1:-1, 1:-1] = (smooth + 0.5).to(torch.uint8)  # Pillow rounds
-    return _blend(degenerate, clip, factor)
+    smooth = ((ring + 4 * x[..., 1:-1, 1:-1]).float() / 13 + 0.5).floor_()  # Pillow rounds the filter
+    out = clip.clone()  # the border blends with itself: unchanged
+    out[..., 1:-1, 1:-1] = _blend(smooth, clip[..., 1:-1, 1:-1], factor)
+    return out
 
 
 # ---------------------------------------------------------------------------------- geometric ops
