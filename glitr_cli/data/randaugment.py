@@ -139,8 +139,8 @@ def _affine(clip: torch.Tensor, matrix: Sequence[float]) -> torch.Tensor:
     y_in = d * xs + e * ys + fy
     outside = (x_in < 0) | (x_in >= w) | (y_in < 0) | (y_in >= h)
     grid = torch.stack([2 * x_in / w - 1, 2 * y_in / h - 1], -1).float().unsqueeze(0)  # (1, H, W, 2)
-    # one grid for every frame and channel; channels-last keeps a pixel's 48 channels together
-    frames = clip.reshape(1, t * c, h, w).float().contiguous(memory_format=torch.channels_last)
+    # one grid for every frame and channel; channels-last keeps a pixel's T x 3 values together
+    frames = clip.reshape(1, t * c, h, w).float().contiguous(memory_format=torch.channels_last)  # (1, T*3, H, W)
     out = F.grid_sample(frames, grid, mode="bicubic", padding_mode="border", align_corners=False)
     out = out.round_().clamp_(0, 255).to(torch.uint8).masked_fill_(outside, FILL)
     return out.contiguous().view(t, c, h, w)
