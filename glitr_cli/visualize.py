@@ -8,9 +8,9 @@ normalisation), feed them one at a time to the online predictor, and draw every 
 earlier glimpse centres, and the current top-3 classes. The result is a GIF, or an MP4 when
 the output name ends in `.mp4`, with one output frame per model step.
 
-Which frames: by default the T frames evaluation uses (the centre frame of each of T equal
-segments, T = the checkpoint's `data.num_frames`; a video shorter than T repeats its last
-frame). With `every=N` every Nth frame is fed online, as a camera would. The model was
+Which frames: by default the T frames evaluation uses (one in each of T segments, placed as the
+checkpoint's `data.sampling` says, T = its `data.num_frames`; a video shorter than T repeats
+frames). With `every=N` every Nth frame is fed online, as a camera would. The model was
 trained on at most T steps, so after T steps the stream *restarts*: the predictor is reset
 (the next glimpse is taken at the learned initial location, the trail is cleared, the class
 evidence starts again) and the output frame says "restart". Steps are numbered k/T within
