@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from glitr_cli.data.dataset import VideoFolderDataset, sample_indices
+from glitr_cli.data.dataset import VideoFolderDataset
 from glitr_cli.data.formats import read_categories, read_list
 from glitr_cli.data.prepare import SPLIT_LISTS, prepare_dataset
 from glitr_cli.data.toy import (
@@ -146,9 +146,16 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
     student = load_student(checkpoint)
     model = student.model
     transform = eval_transform(student.img_size, student.resize)
-    dataset = VideoFolderDataset(data, "val", num_frames=student.num_frames, transform=transform, train=False)
+    dataset = VideoFolderDataset(
+        data,
+        "val",
+        num_frames=student.num_frames,
+        transform=transform,
+        train=False,
+        sampling=student.recipe.data.sampling,
+    )
     videos = {v.id: v for v in plan_videos(cfg)}
-    indices = sample_indices(cfg.num_frames, student.num_frames, train=False)
+    indices = student.sampler.indices(cfg.num_frames, train=False)
     hits: dict[str, list[bool]] = {d: [] for d in cfg.directions}
     records = iter(dataset.records)
     with torch.no_grad():

@@ -36,6 +36,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     num_frames: int = 16  # T: one frame per equal segment (TSN sampling)
+    sampling: Literal["original", "whole_clip"] = "original"  # segments as the release cut them, or over every frame
+    min_train_frames: int = 3  # training lists drop shorter clips (evaluation keeps them)
     img_size: int = 224  # training crop and evaluation centre crop
     resize: int = 256  # evaluation: short side before the centre crop
     randaug_m: float = 7  # RandAugment magnitude on the 0-10 scale, the same ops for every frame
@@ -44,6 +46,7 @@ class DataConfig:
     randaug_prob: float = 0.5  # each drawn op is applied with this probability (timm's rand-m7-n4)
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized crop area range
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    crop_resize: Literal["original", "antialiased"] = "original"  # normalised bilinear, or uint8 bicubic antialiased
     erase_prob: float = 0.0  # random erasing probability
     workers: int = 4  # data-loading processes per training process
     augment_on: Literal["loader", "device"] = "loader"  # device: the training transform runs on the GPU

@@ -8,9 +8,9 @@ normalisation), feed them one at a time to the online predictor, and draw every 
 earlier glimpse centres, and the current top-3 classes. The result is a GIF, or an MP4 when
 the output name ends in `.mp4`, with one output frame per model step.
 
-Which frames: by default the T frames evaluation uses (the centre frame of each of T equal
-segments, T = the checkpoint's `data.num_frames`; a video shorter than T repeats its last
-frame). With `every=N` every Nth frame is fed online, as a camera would. The model was
+Which frames: by default the T frames evaluation uses (one in each of T segments, placed as the
+checkpoint's `data.sampling` says, T = its `data.num_frames`; a video shorter than T repeats
+frames). With `every=N` every Nth frame is fed online, as a camera would. The model was
 trained on at most T steps, so after T steps the stream *restarts*: the predictor is reset
 (the next glimpse is taken at the learned initial location, the trail is cleared, the class
 evidence starts again) and the output frame says "restart". Steps are numbered k/T within
@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 
-from glitr_cli.data.dataset import sample_indices
+from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import denormalize, eval_transform
 from glitr_cli.data.video import FrameSource, VideoWriter
 from glitr_cli.engine.evaluation import online_predictor
@@ -122,10 +122,11 @@ def to_display(x: float, y: float, src: tuple[int, int], dst: tuple[int, int]) -
 # ------------------------------------------------------------------------------------------- frames
 
 
-def step_frames(source: FrameSource, num_frames: int, every: int | None) -> Iterator[tuple[int, np.ndarray]]:
-    """Evaluation's T frames (`every` None), or every `every`-th frame of the whole video."""
+def step_frames(source: FrameSource, sampler: FrameSampler, every: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    """Evaluation's T frames as `sampler` picks them (`every` None), or every `every`-th frame of the
+    whole video."""
     if every is None:
-        return source.select(sample_indices(source.count(), num_frames, train=False))
+        return source.select(sampler.indices(source.count(), train=False))
     return ((i, f) for i, f in source.frames() if i % every == 0)
 
 
@@ -343,7 +344,7 @@ def visualize(
     record: list[dict[str, Any]] = []
     trail: list[tuple[float, float]] = []
     try:
-        for frame, step in run_steps(student, step_frames(source, student.num_frames, every), runtime, side_by_side):
+        for frame, step in run_steps(student, step_frames(source, student.sampler, every), runtime, side_by_side):
             if step.step == 1:
                 trail = []
             image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)

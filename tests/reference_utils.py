@@ -1,4 +1,5 @@
-"""Shared by the reference-fixture tests: folder discovery, seeded weights, tolerance checks."""
+"""Shared by the reference-fixture tests: folder discovery, the paper recipes, seeded weights,
+tolerance checks."""
 
 from __future__ import annotations
 
@@ -10,13 +11,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glitr_cli.recipe import Recipe, load_recipe
+
 FIXTURES = Path(__file__).parent / "fixtures"
+PAPER_RECIPES = ("ssv2_teacher", "ssv2", "jester_teacher", "jester")  # the settings of the paper's runs
 
 
 def fixture_folders(default: str, env_var: str) -> list[Path]:
     """The shipped folder plus every folder listed in `env_var` (os.pathsep-separated)."""
     extra = [Path(p) for p in os.environ.get(env_var, "").split(os.pathsep) if p.strip()]
     return [FIXTURES / default, *extra]
+
+
+def paper_recipe(name: str) -> Recipe:
+    """One of `PAPER_RECIPES` as shipped, read by glitr's recipe loader."""
+    if name not in PAPER_RECIPES:
+        raise ValueError(f"{name!r} is not a paper recipe: {', '.join(PAPER_RECIPES)}")
+    return load_recipe(name)
 
 
 def load_json(folder: Path, name: str) -> dict:

@@ -10,7 +10,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from glitr_cli.data.bench import measure_loader, resolve_dataset
-from glitr_cli.data.dataset import VideoFolderDataset, decode_jpeg_bytes, sample_indices
+from glitr_cli.data.dataset import VideoFolderDataset, decode_jpeg_bytes
+from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import eval_transform
 from glitr_cli.errors import GlitrError
 
@@ -29,18 +30,41 @@ def _jpeg(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
 
 
-def test_tsn_sampling():
-    assert sample_indices(16, 4, train=False) == [2, 6, 10, 14]  # centre of each segment
-    assert sample_indices(10, 4, train=False) == [1, 3, 6, 8]  # segments [0,2) [2,5) [5,7) [7,10)
-    assert sample_indices(4, 4, train=True) == [0, 1, 2, 3]
-    assert sample_indices(3, 5, train=False) == sample_indices(3, 5, train=True) == [0, 1, 2, 2, 2]  # repeat the last
+def test_whole_clip_sampling_covers_every_frame():
+    whole = FrameSampler(4, "whole_clip")
+    assert whole.indices(16, train=False) == [2, 6, 10, 14]  # centre of each segment
+    assert whole.support(10) == [(0, 1), (2, 4), (5, 6), (7, 9)]
+    assert whole.indices(10, train=False) == [1, 3, 6, 8]
+    assert whole.indices(4, train=True) == [0, 1, 2, 3]
     g = torch.Generator().manual_seed(0)
     seen = [set() for _ in range(4)]
     for _ in range(300):
-        idx = sample_indices(10, 4, train=True, generator=g)
-        for k, i in enumerate(idx):
+        for k, i in enumerate(whole.indices(10, train=True, generator=g)):
             seen[k].add(i)
-    assert seen == [{0, 1}, {2, 3, 4}, {5, 6}, {7, 8, 9}]  # one random frame per segment, all reachable
+    assert seen == [{0, 1}, {2, 3, 4}, {5, 6}, {7, 9, 8}]  # one random frame per segment, all reachable
+
+
+def test_original_sampling_never_trains_on_the_last_frames():
+    original = FrameSampler(4)
+    assert original.support(10) == [(0, 1), (2, 3), (4, 5), (6, 7)]  # frames 8 and 9 are left out
+    assert original.indices(10, train=False) == [1, 3, 6, 8]  # int(1.25 + 2.5 k)
+    g = torch.Generator().manual_seed(0)
+    drawn = {tuple(original.indices(10, train=True, generator=g)) for _ in range(200)}
+    assert all(lo <= i <= hi for idx in drawn for i, (lo, hi) in zip(idx, original.support(10), strict=True))
+    assert len(drawn) == 16  # every combination is reachable
+    for sampler in (FrameSampler(5), FrameSampler(5, "whole_clip")):  # short clips: every frame, the last repeated
+        assert sampler.indices(3, train=True) == [0, 1, 2, 2, 2]
+    assert FrameSampler(5).indices(3, train=False) == [0, 0, 1, 2, 2]  # evaluation keeps the tick formula
+
+
+def test_training_lists_drop_clips_too_short_for_the_original_sampling(tmp_path):
+    root = _make_dataset(tmp_path / "ds", {"one": (1, 0), "two": (2, 1), "three": (3, 2), "nine": (9, 0)})
+    train = VideoFolderDataset(root, "train", num_frames=4, train=True, min_frames=3)
+    assert [r.id for r in train.records] == ["three", "nine"] and train.dropped_clips == 2
+    evaluation = VideoFolderDataset(root, "train", num_frames=4)
+    assert len(evaluation) == 4 and evaluation.dropped_clips == 0
+    with pytest.raises(GlitrError, match="no videos with at least 10 frames"):
+        VideoFolderDataset(root, "train", num_frames=4, min_frames=10)
 
 
 def test_dataset_returns_normalised_clips_of_the_sampled_frames(tmp_path):

@@ -14,7 +14,7 @@ from data_helpers import encode_video
 from model_helpers import TINY, tiny_glitr
 from PIL import Image
 
-from glitr_cli.data.dataset import sample_indices
+from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from glitr_cli.data.video import decode_video
 from glitr_cli.engine.checkpoint import save_checkpoint
@@ -45,7 +45,7 @@ def write_run(run_dir: Path, kind: str = "glitr", seed: int = 0) -> Path:
     recipe = Recipe(
         name=run_dir.name,
         kind=kind,
-        data=DataConfig(num_frames=T, img_size=IMG, resize=RESIZE),
+        data=DataConfig(num_frames=T, img_size=IMG, resize=RESIZE, sampling="whole_clip"),
         model=ModelConfig(**{k: v for k, v in TINY.items() if k not in ("num_classes", "num_frames", "img_size")}),
     )
     model = tiny_glitr(seed)
@@ -133,7 +133,7 @@ def test_boxes_follow_eval_preprocessing(w, h):
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     ramp = torch.stack([xs, ys, xs * 0], 0)[None]  # (1, 3, H, W) holding source coordinates
     out = eval_transform(IMG, RESIZE)(ramp)
-    coords = out * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    coords = (out * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) * 255
     geo = CropGeometry.of(w, h, RESIZE, IMG)
     for u, v in [(4, 4), (16, 9), (27, 20)]:
         x, y = geo.to_source(u, v)
@@ -162,7 +162,8 @@ def test_h264_default_frames_and_drawing(assets, tmp_path):
     result = visualize(assets["mp4"], checkpoint=assets["ckpt"], out=out, json_path=js, size=0)
     assert json.loads(js.read_text()) == result
     steps = result["frames"]
-    assert [s["index"] for s in steps] == sample_indices(23, T, train=False)
+    whole_clip = FrameSampler(T, "whole_clip").indices(23, train=False)  # the checkpoint recipe's sampling
+    assert [s["index"] for s in steps] == whole_clip != FrameSampler(T).indices(23, train=False)
     assert all(set(s) == {"index", "location", "box", "top"} for s in steps)
     assert all(len(s["top"]) == 3 and s["top"][0][0] in CLASSES for s in steps)
     assert all(s["top"][0][1] >= s["top"][1][1] >= s["top"][2][1] for s in steps)
@@ -224,7 +225,7 @@ def test_mp4_output_and_jpeg_folder(assets, tmp_path):
         Image.fromarray(f).save(folder / f"{i + 1:06d}.jpg", quality=95)
     out = tmp_path / "g.mp4"
     result = visualize(folder, checkpoint=assets["ckpt"], out=out)
-    assert [s["index"] for s in result["frames"]] == sample_indices(len(video), T, train=False)
+    assert [s["index"] for s in result["frames"]] == FrameSampler(T, "whole_clip").indices(len(video), train=False)
     with av.open(str(out)) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264"

@@ -1,6 +1,6 @@
 """Frame-folder video dataset (the TSM layout) with TSN sampling and robust JPEG decoding.
 
-Stages per item: the list-file record -> TSN frame indices -> JPEG decode (a missing or
+Stages per item: the list-file record -> frame indices (`glitr_cli.data.sampling`) -> JPEG decode (a missing or
 corrupt frame is replaced by its nearest readable neighbour and counted) -> uint8 clip
 (T, 3, H, W) -> transform (normalised float32 (T, 3, H', W')).
 
@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from glitr_cli.data.formats import DATASETS, DatasetInfo, VideoRecord, read_categories, read_dataset_info, read_list
+from glitr_cli.data.sampling import FrameSampler, Sampling
 from glitr_cli.data.transforms import clip_train_transform, eval_transform
 from glitr_cli.errors import GlitrError
 from glitr_cli.recipe import DataConfig
@@ -56,26 +57,6 @@ def decode_jpeg_bytes(data: bytes, backend: str = "auto") -> torch.Tensor:
         return _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-def sample_indices(
-    num_frames: int, num_segments: int, train: bool, generator: torch.Generator | None = None
-) -> list[int]:
-    """TSN sampling of 0-based frame indices.
-
-    The video is cut into `num_segments` equal segments; training takes one random frame
-    in each, evaluation the centre frame of each. A video shorter than `num_segments`
-    frames gives all its frames, then repeats its last frame."""
-    if num_frames < 1 or num_segments < 1:
-        raise ValueError(f"need at least one frame and one segment, got {num_frames} and {num_segments}")
-    if num_frames < num_segments:
-        return [min(k, num_frames - 1) for k in range(num_segments)]
-    starts = [k * num_frames // num_segments for k in range(num_segments + 1)]
-    if train:
-        return [
-            s + int(torch.randint(e - s, (), generator=generator)) for s, e in zip(starts[:-1], starts[1:], strict=True)
-        ]
-    return [s + (e - s) // 2 for s, e in zip(starts[:-1], starts[1:], strict=True)]
-
-
 def _prepare_hint(root: Path, name: str | None) -> str:
     if name not in DATASETS:
         name = root.name if root.name in DATASETS else "{" + ",".join(DATASETS) + "}"
@@ -90,8 +71,9 @@ class VideoFolderDataset(Dataset):
     `__getitem__(i)` returns `(clip, label)`: `clip` is `transform(uint8 (T, 3, H, W))`
     (the uint8 clip itself when `transform` is None; a normalised float32 (T, 3, H', W')
     with the transforms of `glitr_cli.data.transforms`), `label` the class index (-1 for
-    the unlabelled test split). T = `num_frames`, sampled TSN-style (`train` picks one
-    random frame per segment, otherwise the centre one).
+    the unlabelled test split). T = `num_frames`, picked by `sampler` (a `FrameSampler` of the
+    `sampling` mode: one random frame per segment when `train`, otherwise fixed frames). Clips with
+    fewer than `min_frames` frames are left out of `records` and counted in `dropped_clips`.
 
     Missing or corrupt frames are replaced by the nearest readable frame of the same video; a
     video with no readable frame at all gives a black clip. Both are counted per clip in
@@ -107,6 +89,8 @@ class VideoFolderDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         train: bool = False,
         decoder: str = "auto",
+        sampling: Sampling = "original",
+        min_frames: int = 1,
     ) -> None:
         root = Path(root)
         if split not in SPLITS:
@@ -123,6 +107,7 @@ class VideoFolderDataset(Dataset):
         self.root = root
         self.split = split
         self.num_frames = num_frames
+        self.sampler = FrameSampler(num_frames, sampling)
         self.transform = transform
         self.train = train
         self.decoder = decoder
@@ -132,9 +117,11 @@ class VideoFolderDataset(Dataset):
         self.template = self.info.template
         self.class_names: list[str] = read_categories(cat_path)
         self.num_classes = len(self.class_names)
-        self.records: list[VideoRecord] = read_list(list_path, self.num_classes)
+        listed = read_list(list_path, self.num_classes)
+        self.records: list[VideoRecord] = [r for r in listed if r.num_frames >= min_frames]
+        self.dropped_clips = len(listed) - len(self.records)
         if not self.records:
-            raise GlitrError(f"{list_path}: lists no videos")
+            raise GlitrError(f"{list_path}: lists no videos with at least {min_frames} frames")
         if not self.frames_dir.is_dir():
             raise GlitrError(
                 f"{root}: frame folder {self.frames_dir} is missing: run `{_prepare_hint(root, self.info.name)}`"
@@ -203,7 +190,7 @@ class VideoFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         record = self.records[i]
-        indices = sample_indices(record.num_frames, self.num_frames, self.train)
+        indices = self.sampler.indices(record.num_frames, self.train)
         clip = self.load_frames(i, indices)  # (T, 3, H, W) uint8
         if self.transform is not None:
             clip = self.transform(clip)
@@ -211,12 +198,22 @@ class VideoFolderDataset(Dataset):
 
 
 def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> VideoFolderDataset:
-    """The clips of `split` under `cfg.root` (resolve the recipe first) with the recipe's training or
-    evaluation transform. Training clips stay uint8 when `cfg.augment_on` is "device" (the training
-    step transforms them). A missing or unprepared dataset names `glitr prepare-data`."""
+    """The clips of `split` under `cfg.root` (resolve the recipe first) with the recipe's frame sampling
+    and its training or evaluation transform; training leaves out clips shorter than
+    `cfg.min_train_frames` (counted in `dropped_clips`). Training clips stay uint8 when `cfg.augment_on` is
+    "device" (the training step transforms them). A missing or unprepared dataset names
+    `glitr prepare-data`."""
     assert cfg.root is not None, "resolve the recipe first"
     if train:
         transform = None if cfg.augment_on == "device" else clip_train_transform(cfg)
     else:
         transform = eval_transform(cfg.img_size, cfg.resize)
-    return VideoFolderDataset(cfg.root, split, num_frames=cfg.num_frames, transform=transform, train=train)
+    return VideoFolderDataset(
+        cfg.root,
+        split,
+        num_frames=cfg.num_frames,
+        transform=transform,
+        train=train,
+        sampling=cfg.sampling,
+        min_frames=cfg.min_train_frames if train else 1,
+    )

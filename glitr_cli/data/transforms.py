@@ -1,94 +1,89 @@
-"""Clip transforms (torchvision.transforms.v2) that give every frame of a clip the same
-parameters: a clip is one tensor (T, 3, H, W), and v2 transforms draw their random
-parameters once per call and apply them to all leading dimensions.
+"""Clip transforms: a clip is one tensor (T, 3, H, W), and every random parameter is drawn once
+per clip, so all its frames get the same augmentation.
 
-Training (the released GliTr/VideoMAE recipe): RandAugment m7 n4 with magnitude noise
-(mstd 0.5), random-resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic), no horizontal flip
-(left/right changes the label in SSv2 and Jester), optional random erasing, ImageNet
-normalisation. Evaluation: resize the short side, centre crop, normalise.
+Training (the released GliTr/VideoMAE recipe): RandAugment `rand-m7-n4-mstd0.5-inc1` on the
+uint8 frames (`glitr_cli.data.randaugment`), then a random-resized crop (scale 0.08-1, ratio
+3/4-4/3) and ImageNet normalisation, optional random erasing, no horizontal flip (left/right
+changes the label in SSv2 and Jester). `data.crop_resize` chooses the crop: `original` (the
+release's) normalises the frames and resizes the box bilinearly without antialiasing;
+`antialiased` resizes the uint8 box bicubically with antialiasing, then normalises. Evaluation:
+resize the short side (bicubic, antialiased), centre crop, normalise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torchvision import transforms as tv
 from torchvision.transforms import v2
 
+from glitr_cli.data.randaugment import RandAugment
 from glitr_cli.errors import GlitrError
 from glitr_cli.recipe import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_FILL = [round(255 * m) for m in IMAGENET_MEAN]  # geometric ops fill with the mean colour
 
 
-class ClipRandAugment(v2.RandAugment):
-    """RandAugment for a whole clip, with per-clip magnitude noise.
+def normalize(clip: torch.Tensor) -> torch.Tensor:
+    """Grey levels 0..255 (uint8, or float from resampling them) (..., 3, H, W) -> float32 scaled to
+    [0, 1] and ImageNet-normalised, as one multiply and one subtraction per value."""
+    std = torch.tensor(IMAGENET_STD, device=clip.device).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=clip.device).view(3, 1, 1)
+    return clip.mul(1 / (255 * std)).sub_(mean / std)
 
-    Magnitudes use the 0-10 scale of the RandAugment paper and timm (`m7` = 70 % of each
-    op's maximum, e.g. rotate 21 of 30 degrees). For each of the `num_ops` ops drawn, a
-    magnitude ~ N(`magnitude`, `magnitude_std`) clipped to [0, 10] is sampled once per call
-    (so once per clip, shared by all frames) and the op is applied with probability
-    `prob` (0.5 in timm's `rand-m7-n4-mstd0.5` policy the released scripts use). The op
-    set and each op's range are torchvision's. Input: uint8 (..., 3, H, W)."""
 
-    MAX_LEVEL = 10.0
-    _BINS = 1001  # magnitudes are read off torchvision's ranges at 0.1 % resolution
+class ClipTrainTransform:
+    """Training transform: uint8 clip (T, 3, H, W) -> normalised float32 (T, 3, size, size).
+
+    `randaugment` (None: off), then `crop` (a box of area `scale` and aspect `ratio` resized the
+    `crop_resize` way), then random erasing with `erase_prob` (random normal values, as timm's
+    'pixel' mode)."""
 
     def __init__(
         self,
-        num_ops: int = 4,
-        magnitude: float = 7.0,
-        magnitude_std: float = 0.5,
-        prob: float = 0.5,
-        interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
-        fill: Any = _FILL,
+        size: int,
+        randaugment: RandAugment | None,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        crop_resize: Literal["original", "antialiased"],
+        erase_prob: float,
     ) -> None:
-        super().__init__(
-            num_ops=num_ops, magnitude=0, num_magnitude_bins=self._BINS, interpolation=interpolation, fill=fill
-        )
-        if not 0 <= magnitude <= self.MAX_LEVEL:
-            raise GlitrError(f"RandAugment magnitude must lie in [0, {self.MAX_LEVEL:g}], got {magnitude}")
-        self.level = float(magnitude)
-        self.level_std = float(magnitude_std)
-        self.prob = float(prob)
+        if crop_resize not in ("original", "antialiased"):
+            raise GlitrError(f"unknown crop_resize {crop_resize!r}: original or antialiased")
+        self.size = size
+        self.randaugment = randaugment
+        self.scale = scale
+        self.ratio = ratio
+        self.crop_resize = crop_resize
+        self.erase = v2.RandomErasing(p=erase_prob, value="random") if erase_prob > 0 else None
 
-    def sample_level(self) -> float:
-        """One magnitude on the 0-10 scale: N(magnitude, magnitude_std) clipped to [0, 10]."""
-        level = self.level
-        if self.level_std > 0:
-            level += self.level_std * float(torch.randn(()))
-        return min(self.MAX_LEVEL, max(0.0, level))
-
-    def op_magnitude(self, op: str, level: float, height: int, width: int) -> float:
-        """The unsigned magnitude of `op` at `level` (0-10) on a height x width frame: the
-        point `level / 10` along torchvision's range for that op (0 for ops without one)."""
-        magnitudes = self._AUGMENTATION_SPACE[op][0](self._BINS, height, width)
-        if magnitudes is None:
-            return 0.0
-        return float(magnitudes[round(level / self.MAX_LEVEL * (self._BINS - 1))])
-
-    def forward(self, *inputs: Any) -> Any:
-        flat_inputs_with_spec, clip = self._flatten_and_extract_image_or_video(inputs)
-        height, width = clip.shape[-2:]
-        for _ in range(self.num_ops):
-            op, (_, signed) = self._get_random_item(self._AUGMENTATION_SPACE)
-            level = self.sample_level()  # once per clip: every frame gets this magnitude
-            if float(torch.rand(())) >= self.prob:
-                continue
-            magnitude = self.op_magnitude(op, level, height, width)
-            if signed and float(torch.rand(())) <= 0.5:
-                magnitude = -magnitude
-            clip = self._apply_image_or_video_transform(
-                clip, op, magnitude, interpolation=self.interpolation, fill=self._fill
+    def crop(self, clip: torch.Tensor, box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """Cut box (top, left, height, width) out of every frame (a random one when None) and resize
+        it to size x size: uint8 (T, 3, H, W) -> normalised float32 (T, 3, size, size)."""
+        if box is None:
+            box = tv.RandomResizedCrop.get_params(clip, list(self.scale), list(self.ratio))
+        top, left, height, width = box
+        if self.crop_resize == "antialiased":
+            out = v2.functional.resized_crop(
+                clip, top, left, height, width, [self.size, self.size], v2.InterpolationMode.BICUBIC, antialias=True
             )
-        return self._unflatten_and_insert_image_or_video(flat_inputs_with_spec, clip)
+            return normalize(out)
+        # the release resized the normalised frames; bilinear weights sum to 1, so resizing first and
+        # normalising the small output is the same map (to float rounding) at a fraction of the cost
+        t, c = clip.shape[:2]
+        pixels = clip[..., top : top + height, left : left + width].float().reshape(t * c, 1, height, width)
+        out = F.interpolate(pixels, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return normalize(out.view(t, c, self.size, self.size))
 
-
-def _normalize() -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    def __call__(self, clip: torch.Tensor) -> torch.Tensor:
+        if self.randaugment is not None:
+            clip = self.randaugment(clip)
+        out = self.crop(clip)
+        return self.erase(out) if self.erase is not None else out
 
 
 def train_transform(
@@ -100,36 +95,26 @@ def train_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     erase_prob: float = 0.0,
     randaug_prob: float = 0.5,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Training transform: uint8 clip (T, 3, H, W) -> normalised float32 (T, 3, size, size).
-
-    RandAugment (`randaug_n` ops at magnitude `randaug_m` +- `randaug_mstd` on the 0-10
-    scale, each applied with `randaug_prob`; `randaug_n=0` disables it), random-resized
-    crop (bicubic), ImageNet normalisation, then random erasing with `erase_prob` (random
-    normal values, as timm's 'pixel' mode). Every random parameter is drawn once per clip.
-    No flip: left/right changes the label."""
-    ops: list[v2.Transform] = []
-    if randaug_n > 0:
-        ops.append(ClipRandAugment(randaug_n, randaug_m, randaug_mstd, randaug_prob))
-    ops.append(
-        v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    )
-    ops += _normalize()
-    if erase_prob > 0:
-        ops.append(v2.RandomErasing(p=erase_prob, value="random"))
-    return v2.Compose(ops)
+    crop_resize: Literal["original", "antialiased"] = "original",
+) -> ClipTrainTransform:
+    """The training transform: RandAugment (`randaug_n` ops at magnitude `randaug_m` +-
+    `randaug_mstd` on the 0-10 scale, each applied with `randaug_prob`; `randaug_n=0` disables it),
+    the random-resized crop, random erasing with `erase_prob`."""
+    randaugment = RandAugment(randaug_n, randaug_m, randaug_mstd, randaug_prob) if randaug_n > 0 else None
+    return ClipTrainTransform(size, randaugment, scale, ratio, crop_resize, erase_prob)
 
 
 def eval_transform(size: int, resize: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Evaluation transform: uint8 clip (T, 3, H, W) -> normalised float32 (T, 3, size, size):
-    resize so the short side is `resize` (bilinear), centre crop `size`, normalise."""
+    resize so the short side is `resize` (bicubic, antialiased, back to uint8), centre crop `size`,
+    normalise."""
     if resize < size:
         raise GlitrError(f"eval resize ({resize}) must be at least the crop size ({size})")
     return v2.Compose(
         [
-            v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(size),
-            *_normalize(),
+            normalize,
         ]
     )
 
@@ -143,7 +128,7 @@ def denormalize(
     return (x * s + m).clamp(0.0, 1.0)
 
 
-def clip_train_transform(cfg: DataConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+def clip_train_transform(cfg: DataConfig) -> ClipTrainTransform:
     """The training transform a recipe's `data` section describes."""
     return train_transform(
         cfg.img_size,
@@ -154,4 +139,5 @@ def clip_train_transform(cfg: DataConfig) -> Callable[[torch.Tensor], torch.Tens
         ratio=cfg.ratio,
         erase_prob=cfg.erase_prob,
         randaug_prob=cfg.randaug_prob,
+        crop_resize=cfg.crop_resize,
     )

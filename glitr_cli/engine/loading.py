@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.engine.checkpoint import load_checkpoint
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import GliTr, build_glitr
@@ -101,6 +102,11 @@ class Student:
     @property
     def resize(self) -> int:
         return self.recipe.data.resize
+
+    @property
+    def sampler(self) -> FrameSampler:
+        """Evaluation's frames of a clip, picked the way the recipe trained with."""
+        return FrameSampler(self.num_frames, self.recipe.data.sampling)
 
 
 def load_student(path: str | Path) -> Student:

@@ -4,8 +4,8 @@ Inputs: a video file (anything PyAV decodes), a folder (searched recursively: ev
 and every folder of images as one clip), or a prepared split written `DIR:split` (`data/toy:val`).
 
 Every clip is preprocessed as evaluation does it: a prepared split through `glitr eval`'s own
-dataset (`build_dataset(..., train=False)`), a video through the same frame choice (the centre
-frame of each of T equal segments, `sample_indices`) and the same transform (`eval_transform`:
+dataset (`build_dataset(..., train=False)`), a video through the same frame choice (the recipe's
+`data.sampling`, `Student.sampler`) and the same transform (`eval_transform`:
 short side `data.resize`, centre crop `data.img_size`). The student's batched glimpse pass
 (`predict_clips`) runs under the checkpoint recipe's runtime, so a prepared split gets exactly
 the numbers `glitr eval` computes.
@@ -43,8 +43,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import Dataset
 
-from glitr_cli.data.dataset import SPLITS, VideoFolderDataset, build_dataset, sample_indices
+from glitr_cli.data.dataset import SPLITS, VideoFolderDataset, build_dataset
 from glitr_cli.data.folder import find_clips
+from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import eval_transform
 from glitr_cli.data.video import FrameSource
 from glitr_cli.engine.evaluation import predict_clips
@@ -107,10 +108,10 @@ def resolve_inputs(specs: list[str], data: DataConfig) -> tuple[list[ClipRef], l
     return refs, splits
 
 
-def read_clip(path: Path, num_frames: int) -> torch.Tensor:
-    """Evaluation's T frames of a video file or frame folder: uint8 (T, 3, H, W)."""
+def read_clip(path: Path, sampler: FrameSampler) -> torch.Tensor:
+    """Evaluation's T frames of a video file or frame folder, as `sampler` picks them: uint8 (T, 3, H, W)."""
     source = FrameSource(path)
-    frames = [f for _, f in source.select(sample_indices(source.count(), num_frames, train=False))]
+    frames = [f for _, f in source.select(sampler.indices(source.count(), train=False))]
     if len({f.shape for f in frames}) > 1:
         raise GlitrError(f"{path}: frames of different sizes")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
@@ -121,10 +122,10 @@ class PredictionInputs(Dataset):
     evaluation's transform. A prepared split's clip comes from its dataset (which replaces a corrupt
     frame by its nearest readable neighbour); a video that cannot be read gives its reason."""
 
-    def __init__(self, refs: list[ClipRef], splits: list[VideoFolderDataset], num_frames: int, transform: Any):
+    def __init__(self, refs: list[ClipRef], splits: list[VideoFolderDataset], sampler: FrameSampler, transform: Any):
         self.refs = refs
         self.splits = splits
-        self.num_frames = num_frames
+        self.sampler = sampler
         self.transform = transform
 
     def __len__(self) -> int:
@@ -135,7 +136,7 @@ class PredictionInputs(Dataset):
         if ref.path is None:
             return i, self.splits[ref.split][ref.index][0], None
         try:
-            return i, self.transform(read_clip(ref.path, self.num_frames)), None
+            return i, self.transform(read_clip(ref.path, self.sampler)), None
         except Exception as e:  # any unreadable clip is reported, never allowed to stop the others
             reason = str(e) if isinstance(e, GlitrError) else f"{ref.path}: {type(e).__name__}: {e}"
             return i, None, " ".join(reason.split())
@@ -251,7 +252,7 @@ def predict(
     model = student.model.to(runtime.device).eval()
     k = min(top_k, len(student.class_names))
 
-    dataset = PredictionInputs(refs, splits, data.num_frames, eval_transform(data.img_size, data.resize))
+    dataset = PredictionInputs(refs, splits, student.sampler, eval_transform(data.img_size, data.resize))
     loader = runtime.loader(dataset, batch_size=batch_size or student.recipe.eval.batch_size, collate_fn=collate)
     records: list[dict | None] = [None] * len(refs)
     failed: list[tuple[int, str]] = []

@@ -121,6 +121,11 @@ class Trainer:
 
         seed_everything(r.train.seed)  # identical initial weights on every rank
         self.train_set = build_dataset(r.data, r.data.train_split, train=True)
+        if self.train_set.dropped_clips:
+            self.say(
+                f"{r.data.root} split '{r.data.train_split}': left out {self.train_set.dropped_clips} clips with "
+                f"fewer than {r.data.min_train_frames} frames (data.min_train_frames)"
+            )
         self.val_set = build_dataset(r.data, r.data.val_split, train=False) if r.train.eval_every > 0 else None
         self.class_names = list(self.train_set.class_names)
         self.objective = build_objective(r, self.class_names, main_console)
