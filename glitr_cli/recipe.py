@@ -294,6 +294,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
 _LR_RANGES = {k: "[0, inf)" for k in ("base", "floor", "warmup_epochs", "warmup_start", "hold_epochs")}
 RANGES: dict[str, str] = {
     "data.num_frames": "[1, inf)",
+    "data.min_train_frames": "[0, inf)",
     "data.img_size": "[1, inf)",
     "data.resize": "[1, inf)",
     "data.randaug_m": "[0, 10]",

@@ -96,6 +96,7 @@ OVERRIDES = {
     "batch size zero": ("optim.batch_size=0", ["'optim.batch_size'", "at least 1", "got 0"]),
     "accumulation zero": ("optim.accum_steps=0", ["'optim.accum_steps'", "at least 1"]),
     "no frames": ("data.num_frames=0", ["'data.num_frames'", "at least 1"]),
+    "no minimum clip length": ("data.min_train_frames=-1", ["'data.min_train_frames'", "at least 0"]),
     "negative learning rate": ("optim.backbone.base=-1e-3", ["'optim.backbone.base'", "at least 0", "-0.001"]),
     "negative floor": ("optim.locator.floor=-1e-7", ["'optim.locator.floor'", "at least 0"]),
     "negative warm-up start": ("optim.classifier.warmup_start=-1", ["'optim.classifier.warmup_start'", "at least 0"]),
