@@ -155,8 +155,17 @@ class Bench:
             settings.batch_size if settings.batch_size is not None else max(1, opt.batch_size // opt.accum_steps)
         )
         self.teacher_batch = settings.teacher_batch_size if settings.teacher_batch_size is not None else self.batch
-        if min(self.batch, self.teacher_batch, settings.online_batch, settings.repeats) < 1 or settings.warmup < 0:
-            raise GlitrError("bench: batch sizes and --repeats must be at least 1, --warmup at least 0")
+        minimum = {
+            "--batch-size": (self.batch, 1),
+            "--teacher-batch-size": (self.teacher_batch, 1),
+            "--online-batch": (settings.online_batch, 1),
+            "--repeats": (settings.repeats, 1),
+            "--num-classes": (settings.num_classes, 1),
+            "--warmup": (settings.warmup, 0),
+        }
+        for option, (value, least) in minimum.items():
+            if value < least:
+                raise GlitrError(f"bench: {option} must be at least {least}, got {value}")
         t, size = recipe.data.num_frames, recipe.data.img_size
         torch.manual_seed(0)
         geometry = dict(num_classes=settings.num_classes, num_frames=t, img_size=size)

@@ -322,8 +322,10 @@ def test_bad_predict_option(args, needles, in_trained, glitr, unchanged):
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["--batch-size", "0"], ["batch sizes", "at least 1"]),
-        (["--repeats", "0"], ["--repeats", "at least 1"]),
+        (["--batch-size", "0"], ["--batch-size must be at least 1, got 0"]),
+        (["--repeats", "0"], ["--repeats must be at least 1, got 0"]),
+        (["--num-classes", "0"], ["--num-classes must be at least 1, got 0"]),
+        (["--warmup", "-1"], ["--warmup must be at least 0, got -1"]),
         (["train.device=nonsense"], ["train.device='nonsense'", "expected auto, cpu, cuda or cuda:N"]),
         (["train.device=cuda:7"], ["train.device=cuda:7"]),
     ],

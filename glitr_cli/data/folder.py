@@ -42,7 +42,14 @@ from typing import Any
 
 from glitr_cli.data.formats import DatasetInfo, SplitEntry
 from glitr_cli.data.parallel import default_workers
-from glitr_cli.data.prepare import _NOT_VIDEO, PrepareSummary, _extract_all, _record_settings, _settings, _write_outputs
+from glitr_cli.data.prepare import (
+    NOT_VIDEO_SUFFIXES,
+    PrepareSummary,
+    extract_all,
+    prepare_settings,
+    record_settings,
+    write_outputs,
+)
 from glitr_cli.data.video import IMAGE_SUFFIXES
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
@@ -102,7 +109,7 @@ def find_clips(folder: Path) -> list[Path]:
     for e in entries:
         if e.is_dir():
             clips += find_clips(Path(e.path))
-        elif e.is_file() and Path(e.name).suffix.lower() not in _NOT_VIDEO:
+        elif e.is_file() and Path(e.name).suffix.lower() not in NOT_VIDEO_SUFFIXES:
             clips.append(Path(e.path))
     return clips
 
@@ -119,7 +126,7 @@ def _class_clips(class_dir: Path, src: Path, split: str | None) -> list[Clip]:
                     f"{p}: an image directly in the class folder {class_dir}; put each clip's frames "
                     f"in a folder of its own ({class_dir}/<clip>/000001.jpg ...)"
                 )
-            if suffix in _NOT_VIDEO:
+            if suffix in NOT_VIDEO_SUFFIXES:
                 continue
         elif not e.is_dir():
             continue
@@ -135,7 +142,7 @@ def _class_folders(folder: Path, src: Path, split: str | None) -> list[Clip]:
         p = Path(e.path)
         if e.is_dir():
             clips += _class_clips(p, src, split)
-        elif p.suffix.lower() not in _NOT_VIDEO:
+        elif p.suffix.lower() not in NOT_VIDEO_SUFFIXES:
             raise GlitrError(f"{p}: a clip outside a class folder; put it in {folder}/<class>/")
     return clips
 
@@ -151,7 +158,7 @@ def scan_class_folders(src: Path) -> list[Clip]:
             raise GlitrError(f"--src {src}: no class folders; expected {src}/<class>/<video>, or pass --csv FILE")
         return clips
     for e in _scandir(src):  # split layout: nothing but split folders
-        if e.name not in SPLIT_NAMES and (e.is_dir() or Path(e.name).suffix.lower() not in _NOT_VIDEO):
+        if e.name not in SPLIT_NAMES and (e.is_dir() or Path(e.name).suffix.lower() not in NOT_VIDEO_SUFFIXES):
             raise GlitrError(
                 f"{e.path}: unknown split name {e.name!r}; with split folders, {src} holds only train/, val/ and test/"
             )
@@ -275,14 +282,14 @@ def prepare_folder(
 
     ordered = [c for s in SPLIT_NAMES for c in splits[s]]
     assert len({c.id for c in ordered}) == len(ordered), "distinct paths have distinct ids (clip_id)"
-    _record_settings(out, _settings("folder", short_side, quality))
+    record_settings(out, prepare_settings("folder", short_side, quality))
     atomic_write_text(out / SOURCES_FILE, "".join(f"{c.id}\t{s}\t{c.rel}\n" for s in SPLIT_NAMES for c in splits[s]))
     jobs = [(c.id, c.path) for c in ordered]
-    counts, failed, done, skipped = _extract_all("folder", out, jobs, workers, short_side, quality, progress)
+    counts, failed, done, skipped = extract_all("folder", out, jobs, workers, short_side, quality, progress)
     pos = {c.id: i for i, c in enumerate(ordered)}
     failed.sort(key=lambda f: pos[f[0]])  # clip order, whatever order the workers finished in
     entries = {s: [SplitEntry(c.id, index[c.label], c.line) for c in splits[s]] for s in SPLIT_NAMES}
-    listed = _write_outputs(out, class_names, entries, counts, failed, DatasetInfo("folder"))
+    listed = write_outputs(out, class_names, entries, counts, failed, DatasetInfo("folder"))
     return PrepareSummary("folder", out, done, skipped, failed, listed, time.perf_counter() - t0)
 
 

@@ -50,7 +50,7 @@ SSV2_VIDEO_DIR = "20bn-something-something-v2"
 JESTER_FRAME_DIR = "20bn-jester-v1"
 PARTIAL_PREFIX = ".partial-"
 SETTINGS_FILE = "glitr_prepare.json"  # the settings the frames were made with, written before the first frame
-_NOT_VIDEO = {".json", ".csv", ".txt", ".md", ".tar", ".gz", ".zip"}
+NOT_VIDEO_SUFFIXES = {".json", ".csv", ".txt", ".md", ".tar", ".gz", ".zip"}
 
 
 @dataclass
@@ -156,7 +156,7 @@ def _check_frame_folder(task: tuple[str, str, str]) -> tuple[str, int, str | Non
 # ----------------------------------------------------------------------------- settings
 
 
-def _settings(
+def prepare_settings(
     name: str, short_side: int | None, quality: int | None, toy: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """What changes the prepared frames: the dataset, the short side (0: native size), the JPEG quality
@@ -191,7 +191,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         )
 
 
-def _record_settings(out: Path, settings: dict[str, Any]) -> None:
+def record_settings(out: Path, settings: dict[str, Any]) -> None:
     """Check `out` against `settings`, then record them there before any frame is written."""
     _check_settings(out, settings)
     atomic_write_json(out / SETTINGS_FILE, settings)
@@ -200,7 +200,7 @@ def _record_settings(out: Path, settings: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _write_outputs(
+def write_outputs(
     out: Path,
     class_names: list[str],
     splits: dict[str, list[SplitEntry]],
@@ -232,7 +232,7 @@ def _frames_info_dir(frames: Path, out: Path) -> str:
         return str(frames.resolve())
 
 
-def _extract_all(
+def extract_all(
     name: str,
     out: Path,
     jobs: list[tuple[str, Path]],
@@ -294,7 +294,7 @@ def _index_videos(dirs: Iterable[Path]) -> dict[str, Path]:
             if not e.is_file() or e.name.startswith("."):
                 continue
             p = Path(e.path)
-            if p.suffix.lower() in _NOT_VIDEO:
+            if p.suffix.lower() in NOT_VIDEO_SUFFIXES:
                 continue
             vid = e.name.split(".", 1)[0]
             if vid not in found or (p.suffix.lower() == ".webm" and found[vid].suffix.lower() != ".webm"):
@@ -354,11 +354,11 @@ def prepare_ssv2(
                 jobs.append((e.id, index[e.id]))
             else:
                 failed.append((e.id, f"no video file {e.id}.* in {' or '.join(str(d) for d in video_dirs)}"))
-    _record_settings(out, _settings(name, short_side, quality, toy))
-    counts, decode_failed, done, skipped = _extract_all(name, out, jobs, workers, short_side, quality, progress)
+    record_settings(out, prepare_settings(name, short_side, quality, toy))
+    counts, decode_failed, done, skipped = extract_all(name, out, jobs, workers, short_side, quality, progress)
     pos = {vid: i for i, vid in enumerate(seen)}
     failed = sorted(failed + decode_failed, key=lambda f: pos[f[0]])  # the order of the split files
-    listed = _write_outputs(out, class_names, splits, counts, failed, DatasetInfo(name))
+    listed = write_outputs(out, class_names, splits, counts, failed, DatasetInfo(name))
     return PrepareSummary(name, out, done, skipped, failed, listed, time.perf_counter() - t0)
 
 
@@ -407,7 +407,7 @@ def prepare_jester(
     if csv["test"].is_file():
         splits["test"] = parse_jester_split(csv["test"], None)
     template = "%05d.jpg"
-    _record_settings(out, _settings("jester", short_side, quality if short_side else None))
+    record_settings(out, prepare_settings("jester", short_side, quality if short_side else None))
     ids = list(dict.fromkeys(e.id for entries in splits.values() for e in entries))
     counts: dict[str, int] = {}
     failed: list[tuple[str, str]] = []
@@ -442,7 +442,7 @@ def prepare_jester(
         info = DatasetInfo("jester")
     pos = {vid: i for i, vid in enumerate(ids)}
     failed.sort(key=lambda f: pos[f[0]])  # the CSV order, whatever order the workers finished in
-    listed = _write_outputs(out, class_names, splits, counts, failed, info)
+    listed = write_outputs(out, class_names, splits, counts, failed, info)
     return PrepareSummary("jester", out, done, skipped, failed, listed, time.perf_counter() - t0)
 
 
@@ -468,7 +468,7 @@ def prepare_toy(
     if short_side is not None and 0 < short_side < 8:
         raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
     settings = toy_settings(config)
-    _check_settings(out, _settings("toy", short_side, quality, settings))  # before the download is touched
+    _check_settings(out, prepare_settings("toy", short_side, quality, settings))  # before the download is touched
     generate_toy(src, config, workers=workers, progress=progress)
     summary = prepare_ssv2(
         src, out, workers, short_side=short_side, quality=quality, progress=progress, name="toy", toy=settings
