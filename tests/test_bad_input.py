@@ -184,7 +184,7 @@ def _bad_checkpoint(kind: str, project: Path) -> tuple[Path, list[str]]:
         return path, [str(path), "not a glitr training checkpoint"]
     if kind == "torch code":
         torch.save({"format": FORMAT, "kind": "glitr", "payload": RunsCode(project / "pwned")}, path)
-        return path, [str(path), "not a readable PyTorch checkpoint"]
+        return path, [str(path), "not a readable PyTorch checkpoint", "unsupported GLOBAL"]
     if kind == "pickle code":
         with open(path, "wb") as f:
             pickle.dump(RunsCode(project / "pwned"), f)

@@ -50,7 +50,8 @@ def read_checkpoint(path: str | Path) -> object:
 def _first_line(e: Exception) -> str:
     """The gist of torch.load's (often multi-paragraph, ANSI-coloured) error message."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split("WeightsUnpickler error:")[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Check the documentation")  # torch's advice around the reason
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
     reason = lines[0].split(". Please use")[0][:160] if lines else ""
     return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
 
