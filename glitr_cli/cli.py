@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.exceptions import TyperException
 
 from glitr_cli import __version__
 from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError, Preempted
@@ -333,7 +334,7 @@ def recipes_cp(
 def main() -> None:
     """Entry point of the `glitr` console script."""
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come here too, to be printed as one line
     except GlitrError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -341,3 +342,14 @@ def main() -> None:
         if os.environ.get("RANK", "0") == "0":
             err_console.print(f"[bold yellow]preempted:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except typer.Abort:  # Ctrl-C
+        err_console.print("aborted", highlight=False)
+        sys.exit(130)
+    except TyperException as e:  # the command line itself: unknown option, missing or malformed argument
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "glitr"
+        if e.format_message():  # empty after `glitr` alone, which has printed the help
+            message = f"[bold red]error:[/] {escape(e.format_message())} (see {where} --help)"
+            err_console.print(message, highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -454,3 +454,18 @@ def test_no_checkpoint_read_runs_code(argv, project, glitr, unchanged):
     assert_one_error(glitr(*(a.format(ckpt=path) for a in argv)), str(path), "not a readable PyTorch checkpoint")
     assert not (project / "pwned").exists() and not (project / "runs").exists()
     check()
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["eval", "recipes/tiny.yaml", "--nope"], ["No such option: --nope", "glitr eval --help"]),
+        (["visualize"], ["Missing argument 'video'", "glitr visualize --help"]),
+        (["visualize", "clip.mp4", "--every", "abc"], ["'--every'", "integer"]),
+        (["trian-teacher"], ["No such command 'trian-teacher'"]),
+    ],
+)
+def test_a_mistyped_command_line_is_one_line(argv, needles, project, glitr, unchanged):
+    check = unchanged()
+    assert_one_error(glitr(*argv), *needles)
+    check()
