@@ -48,3 +48,54 @@ def test_streams_are_independent_and_bounded():
         predictor.step(x[:1, 0])
     predictor.reset(2)
     assert predictor.step(x[:, 0]).probs.shape == (2, 4)
+
+
+def test_unknown_context_is_a_user_error():
+    with pytest.raises(GlitrError, match="unknown context 'forever'"):
+        OnlinePredictor(tiny_glitr(), context="forever")
+
+
+@pytest.mark.parametrize("context", ["sliding", "restart"])
+def test_context_modes_equal_the_bounded_predictor_for_t_steps(context):
+    model = tiny_glitr().double()
+    x = clips(batch=2).double()
+    locs, logits, _ = _stream(model, x)
+    predictor = OnlinePredictor(model, batch_size=2, context=context)
+    outs = [predictor.step(x[:, t]) for t in range(x.shape[1])]
+    torch.testing.assert_close(torch.stack([o.location for o in outs], 1), locs, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack([o.logits for o in outs], 1), logits, rtol=0, atol=0)
+
+
+def test_restart_equals_a_reset_after_t_steps():
+    model = tiny_glitr()
+    t = model.num_frames
+    x = clips(batch=2, frames=2 * t + 2)
+    predictor = OnlinePredictor(model, batch_size=2, context="restart")
+    outs = [predictor.step(x[:, i]) for i in range(x.shape[1])]
+    reference = OnlinePredictor(model, batch_size=2)
+    for i, out in enumerate(outs):
+        if i % t == 0:
+            reference.reset(2)
+        ref = reference.step(x[:, i])
+        torch.testing.assert_close(out.location, ref.location, rtol=0, atol=0)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    assert (predictor.frames, predictor.steps) == (2 * t + 2, 2)
+
+
+def test_sliding_runs_the_heads_over_the_last_t_features():
+    """After T steps each frame's glimpse feature joins the last T-1 ones, and T_c and T_l run over
+    those T at positions 1..T: checked against T_f, T_c and T_l called directly, float64."""
+    model = tiny_glitr().double()
+    t = model.num_frames
+    x = clips(batch=2, frames=3 * t).double()
+    predictor = OnlinePredictor(model, batch_size=2, context="sliding")
+    outs = [predictor.step(x[:, i]) for i in range(x.shape[1])]
+    assert (predictor.frames, predictor.steps) == (3 * t, t)
+    with torch.no_grad():
+        feats = torch.stack([model.backbone(x[:, i], out.location) for i, out in enumerate(outs)], 1)  # (B, 3T, D)
+        for i in range(t, 3 * t):
+            window = feats[:, i - t + 1 : i + 1]  # (B, T, D)
+            torch.testing.assert_close(outs[i].logits, model.classifier(window)[:, -1], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(outs[i].next_location, model.locator(window)[:, -1], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(outs[i].location, outs[i - 1].next_location, rtol=0, atol=0)
+    assert all(torch.isfinite(o.probs).all() for o in outs)

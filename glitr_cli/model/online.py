@@ -8,6 +8,12 @@ On a CUDA device each of the T steps is captured once as a CUDA graph (the cache
 storage, so step t always has the same shapes) and replayed for every later stream: a frame
 then costs a handful of launches instead of a few hundred, which is what batch-1 latency is
 made of. The graphs compute the same numbers as the eager steps.
+
+The model was trained on T steps. `context` says what happens after them: None (the default)
+refuses a step T + 1; "restart" resets the streams and starts a new window of T steps;
+"sliding" keeps the last T glimpse features and, for every later frame, re-runs T_c and T_l
+over them at positions 1..T (T_f still runs once per frame). Both modes equal the bounded
+predictor for the first T steps.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch
 
 from glitr_cli.errors import GlitrError
 from glitr_cli.model.glitr import GliTr
+
+CONTEXTS = ("sliding", "restart")
 
 
 class StepOutput(NamedTuple):
@@ -32,13 +40,24 @@ class OnlinePredictor:
     """Feed frames (B, 3, H, W) one at a time with `step`; `reset` starts new streams.
 
     `amp_dtype` (CUDA only) runs each step under autocast to that dtype; `cuda_graphs` captures
-    the steps as CUDA graphs when the model is on a CUDA device (ignored elsewhere).
+    the steps as CUDA graphs when the model is on a CUDA device (ignored elsewhere). `context`
+    (None, "sliding" or "restart") says what follows the T-th step (see the module docstring).
+    `frames` counts the frames fed since `reset`, `steps` the ones in the current context
+    (at most T).
     """
 
     def __init__(
-        self, model: GliTr, batch_size: int = 1, amp_dtype: torch.dtype | None = None, cuda_graphs: bool = True
+        self,
+        model: GliTr,
+        batch_size: int = 1,
+        amp_dtype: torch.dtype | None = None,
+        cuda_graphs: bool = True,
+        context: str | None = None,
     ) -> None:
+        if context is not None and context not in CONTEXTS:
+            raise GlitrError(f"unknown context {context!r}; expected one of {', '.join(CONTEXTS)}")
         self.model = model.eval()
+        self.context = context
         self.amp_dtype = amp_dtype
         self.cuda_graphs = cuda_graphs
         self._graphs: list[tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = []
@@ -49,37 +68,64 @@ class OnlinePredictor:
 
     def reset(self, batch_size: int = 1) -> None:
         self.batch_size = batch_size
+        self.frames = 0
+        self._new_window()
+
+    def _new_window(self) -> None:
         self.steps = 0
+        self._feats: list[torch.Tensor] = []  # sliding: the last T glimpse features, each (B, D)
         self._cls_cache.length = self._loc_cache.length = 0  # storage stays: captured graphs point at it
         with torch.no_grad():
-            self._next = self.model.initial_location(batch_size).clone()
+            self._next = self.model.initial_location(self.batch_size).clone()
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None or device.type != "cuda":
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
 
-    def _compute(self, frame: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, frame: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
         with self._autocast(frame.device):
             feat = model.backbone(frame, loc)  # (B, D)
             logits = model.classifier.step(feat, self._cls_cache)
             nxt = model.locator.step(feat, self._loc_cache)
-        return logits, nxt
+        return logits, nxt, feat
+
+    def _slide(self, frame: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step after the T-th: T_f on the new frame, then T_c and T_l over the last T features."""
+        model = self.model
+        with self._autocast(frame.device):
+            feat = model.backbone(frame, loc)  # (B, D)
+            seq = torch.stack([*self._feats[1:], feat], dim=1)  # (B, T, D), positions 1..T
+            logits = model.classifier(seq)[:, -1]
+            nxt = model.locator(seq)[:, -1]
+        return logits, nxt, feat
 
     @torch.no_grad()
     def step(self, frame: torch.Tensor) -> StepOutput:
         model = self.model
-        if self.steps >= model.num_frames:
-            raise GlitrError(f"this model was trained for {model.num_frames} steps; call reset() to start again")
         if frame.shape[0] != self.batch_size:
             raise GlitrError(f"expected a batch of {self.batch_size} frames, got {frame.shape[0]}")
-        if self.cuda_graphs and frame.device.type == "cuda":
+        if self.steps >= model.num_frames:
+            if self.context is None:
+                raise GlitrError(f"this model was trained for {model.num_frames} steps; call reset() to start again")
+            if self.context == "restart":
+                self._new_window()
+        if self.steps < model.num_frames and self.cuda_graphs and frame.device.type == "cuda":
             return self._replay(frame)
         loc = self._next.to(device=frame.device, dtype=frame.dtype)
-        logits, self._next = self._compute(frame, loc)
-        self.steps += 1
+        if self.steps < model.num_frames:
+            logits, self._next, feat = self._compute(frame, loc)
+            self.steps += 1
+        else:
+            logits, self._next, feat = self._slide(frame, loc)
+        self._keep(feat)
         return StepOutput(loc, logits, logits.softmax(dim=-1), self._next)
+
+    def _keep(self, feat: torch.Tensor) -> None:
+        self.frames += 1
+        if self.context == "sliding":
+            self._feats = [*self._feats, feat][-self.model.num_frames :]
 
     def _replay(self, frame: torch.Tensor) -> StepOutput:
         key = (tuple(frame.shape), frame.dtype, frame.device)
@@ -89,16 +135,18 @@ class OnlinePredictor:
         if self.steps == 0:
             self._static_loc.copy_(self._next)  # the initial location of the new streams
         self._static_frame.copy_(frame)
-        graph, (loc, logits, nxt) = self._graphs[self.steps]
+        graph, (loc, logits, nxt, feat) = self._graphs[self.steps]
         graph.replay()
         self.steps += 1
+        self._cls_cache.length = self._loc_cache.length = self.steps  # for eager steps that follow
         self._next = nxt.clone()
         logits = logits.clone()
+        self._keep(feat.clone())
         return StepOutput(loc.clone(), logits, logits.softmax(dim=-1), self._next)
 
     def _capture(self, frame: torch.Tensor) -> None:
         """Record one graph per step t (0..T-1) on placeholder streams; the caches keep fixed storage."""
-        t_max = self.model.num_frames
+        t_max, frames = self.model.num_frames, self.frames
         self._static_frame = frame.clone()
         self._static_loc = self.model.initial_location(frame.shape[0]).to(frame).clone()
         side = torch.cuda.Stream(frame.device)
@@ -114,8 +162,9 @@ class OnlinePredictor:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 loc = self._static_loc.clone()
-                logits, nxt = self._compute(self._static_frame, self._static_loc)
+                logits, nxt, feat = self._compute(self._static_frame, self._static_loc)
                 self._static_loc.copy_(nxt)
             pool = graph.pool()
-            self._graphs.append((graph, (loc, logits, nxt)))
+            self._graphs.append((graph, (loc, logits, nxt, feat)))
         self.reset(self.batch_size)
+        self.frames = frames  # a capture at the start of a later window keeps the count
