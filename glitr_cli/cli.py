@@ -188,7 +188,12 @@ def visualize(
     every: int | None = typer.Option(
         None,
         "--every",
-        help="Feed every Nth frame online instead of the T evaluation frames; the stream restarts after each T steps.",
+        help="Feed every Nth frame online instead of the T evaluation frames, as a camera would.",
+    ),
+    context: str = typer.Option(
+        "sliding",
+        "--context",
+        help="After T steps: sliding (predict from the last T frames) or restart (a new stream every T steps).",
     ),
     side_by_side: bool = typer.Option(False, "--side-by-side", help="Add the glimpse crop as the model sees it."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write every step's location, box and top-3 here."),
@@ -209,6 +214,7 @@ def visualize(
         fps=fps,
         size=size,
         device=device,
+        context=context,
     )
 
 
