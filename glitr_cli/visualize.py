@@ -354,8 +354,9 @@ def visualize(
     writer = VideoWriter(tmp, fps, "h264") if mp4 else None
     record: list[dict[str, Any]] = []
     trail: list[tuple[float, float]] = []
+    frames = step_frames(source, student.sampler, every)
     try:
-        for frame, step in run_steps(student, step_frames(source, student.sampler, every), runtime, side_by_side, context):
+        for frame, step in run_steps(student, frames, runtime, side_by_side, context):
             if step.step == 1:
                 trail = []
             image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)
