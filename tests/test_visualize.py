@@ -225,6 +225,30 @@ def test_every_slides_past_t_by_default(assets, tmp_path):
         visualize(assets["webm"], checkpoint=assets["ckpt"], out=tmp_path / "h.gif", context="forever")
 
 
+def test_cli_context(assets, tmp_path, glitr):
+    """`--context restart` starts again at the initial location after T steps; an unknown mode is one line."""
+    js = tmp_path / "g.json"
+    ck = ["--checkpoint", assets["ckpt"]]
+    code, _, err = glitr(
+        "visualize",
+        assets["webm"],
+        *ck,
+        "--out",
+        tmp_path / "g.gif",
+        "--every",
+        2,
+        "--context",
+        "restart",
+        "--json",
+        js,
+    )
+    assert code == 0 and "restarted every 5 steps (2 windows)" in err, err
+    steps = json.loads(js.read_text())["frames"]
+    assert steps[T]["location"] == pytest.approx(steps[0]["location"], abs=1e-6)
+    code, _, err = glitr("visualize", assets["webm"], *ck, "--out", tmp_path / "h.gif", "--context", "forever")
+    assert code == 2 and "--context must be one of sliding, restart" in err and len(err.strip().splitlines()) == 1
+
+
 def test_one_frame_video(assets, tmp_path):
     result = visualize(assets["one"], checkpoint=assets["ckpt"], out=tmp_path / "a.gif")
     assert [s["index"] for s in result["frames"]] == [0] * T  # evaluation repeats the last frame
