@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.model.glimpse import extract_glimpse_from_box, glimpse_read_box
 from glitr_cli.model.glitr import GliTr
 
 CONTEXTS = ("sliding", "restart")
@@ -83,27 +84,61 @@ class OnlinePredictor:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
 
-    def _compute(self, frame: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next_box(self) -> torch.Tensor:
+        """The pixels the next step reads: (B, 4) int64 boxes (x0, y0, x1, y1), end exclusive, in the
+        S x S model input (evaluation's resized and centre-cropped frame; integers are pixel centres).
+
+        Every box has the same size and may reach outside the model input; `step(crop=...)` takes
+        these pixels alone, zeros where the box leaves the model input."""
+        s = self.model.img_size
+        return glimpse_read_box(self._next.detach(), (s, s), self.model.backbone.glimpse_scale)
+
+    def _feature(self, image: torch.Tensor, loc: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
+        """T_f on a whole frame (`box` None) or on the crop `box` of one -> (B, D)."""
+        backbone = self.model.backbone
+        if box is None:
+            return backbone(image, loc)
+        s, side = self.model.img_size, backbone.glimpse_pixels
+        glimpses = extract_glimpse_from_box(image, box, loc, (s, s), (side, side), backbone.glimpse_scale)
+        return backbone.encode_glimpses(glimpses, loc)
+
+    def _compute(
+        self, frame: torch.Tensor, loc: torch.Tensor, box: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
         with self._autocast(frame.device):
-            feat = model.backbone(frame, loc)  # (B, D)
+            feat = self._feature(frame, loc, box)  # (B, D)
             logits = model.classifier.step(feat, self._cls_cache)
             nxt = model.locator.step(feat, self._loc_cache)
         return logits, nxt, feat
 
-    def _slide(self, frame: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _slide(
+        self, frame: torch.Tensor, loc: torch.Tensor, box: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A step after the T-th: T_f on the new frame, then T_c and T_l over the last T features."""
         model = self.model
         with self._autocast(frame.device):
-            feat = model.backbone(frame, loc)  # (B, D)
+            feat = self._feature(frame, loc, box)  # (B, D)
             seq = torch.stack([*self._feats[1:], feat], dim=1)  # (B, T, D), positions 1..T
             logits = model.classifier(seq)[:, -1]
             nxt = model.locator(seq)[:, -1]
         return logits, nxt, feat
 
     @torch.no_grad()
-    def step(self, frame: torch.Tensor) -> StepOutput:
+    def step(self, frame: torch.Tensor | None = None, *, crop: torch.Tensor | None = None) -> StepOutput:
+        """One frame of every stream: the whole model input `frame` (B, 3, S, S), or only the pixels
+        of `next_box()` as `crop` (B, 3, y1 - y0, x1 - x0), the same numbers up to float rounding.
+        The crop path runs eagerly (no CUDA graphs)."""
         model = self.model
+        if (frame is None) == (crop is None):
+            raise GlitrError("pass either a frame or the crop of next_box()")
+        box = None
+        if crop is not None:
+            box = self.next_box().to(crop.device)
+            want = (self.batch_size, 3, int(box[0, 3] - box[0, 1]), int(box[0, 2] - box[0, 0]))
+            if tuple(crop.shape) != want:
+                raise GlitrError(f"expected the crops of next_box(), shape {want}, got {tuple(crop.shape)}")
+            frame = crop
         if frame.shape[0] != self.batch_size:
             raise GlitrError(f"expected a batch of {self.batch_size} frames, got {frame.shape[0]}")
         if self.steps >= model.num_frames:
@@ -111,14 +146,14 @@ class OnlinePredictor:
                 raise GlitrError(f"this model was trained for {model.num_frames} steps; call reset() to start again")
             if self.context == "restart":
                 self._new_window()
-        if self.steps < model.num_frames and self.cuda_graphs and frame.device.type == "cuda":
+        if box is None and self.steps < model.num_frames and self.cuda_graphs and frame.device.type == "cuda":
             return self._replay(frame)
         loc = self._next.to(device=frame.device, dtype=frame.dtype)
         if self.steps < model.num_frames:
-            logits, self._next, feat = self._compute(frame, loc)
+            logits, self._next, feat = self._compute(frame, loc, box)
             self.steps += 1
         else:
-            logits, self._next, feat = self._slide(frame, loc)
+            logits, self._next, feat = self._slide(frame, loc, box)
         self._keep(feat)
         return StepOutput(loc, logits, logits.softmax(dim=-1), self._next)
 
@@ -126,6 +161,8 @@ class OnlinePredictor:
         self.frames += 1
         if self.context == "sliding":
             self._feats = [*self._feats, feat][-self.model.num_frames :]
+        if self.context == "restart" and self.steps == self.model.num_frames:  # the next frame opens a new window
+            self._next = self.model.initial_location(self.batch_size).to(self._next).clone()
 
     def _replay(self, frame: torch.Tensor) -> StepOutput:
         key = (tuple(frame.shape), frame.dtype, frame.device)
