@@ -353,3 +353,16 @@ def test_the_readme_python_example_runs(trained_tiny, monkeypatch, capsys):
     assert len(lines) == student.num_frames
     for line in lines:
         assert any(line.startswith(f"{name} ") for name in student.class_names) and "next glimpse at" in line
+
+
+def test_the_readme_glimpse_only_example_runs(trained_tiny, monkeypatch, capsys):
+    """The README's glimpse-only block (after the first one, which it reuses), run as written."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Using a trained model from Python", 1)[1]
+    first, rest = section.split("```python\n", 2)[1:]
+    code = first.split("```", 1)[0] + rest.split("```", 1)[0]
+    monkeypatch.chdir(trained_tiny)
+    exec(code.replace("runs/demo/glitr/checkpoints/last.pt", "runs/tiny/checkpoints/last.pt"), {})
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    student = load_student("runs/tiny/checkpoints/last.pt")
+    assert last.endswith(f"after {3 * student.num_frames} frames")
