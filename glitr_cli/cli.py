@@ -218,6 +218,22 @@ def visualize(
     )
 
 
+@app.command("export")
+def export(
+    checkpoint: Path = typer.Argument(
+        ..., help="A GliTr (student) checkpoint, e.g. runs/demo/glitr/checkpoints/last.pt."
+    ),
+    out: Path = typer.Option(Path("model.onnx"), "--out", "-o", help="The ONNX file to write."),
+    crop: bool = typer.Option(False, "--crop", help="Take the pixels of next_box instead of the whole model input."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Streams per call (fixed in the graph)."),
+) -> None:
+    """The online step (frame and state in; probabilities, next location and state out) as ONNX."""
+    from glitr_cli.export import export_onnx
+
+    meta = export_onnx(checkpoint, out, crop=crop, batch_size=batch_size)
+    typer.echo(f"wrote {out}: {meta['input']} input, T={meta['num_frames']}, S={meta['img_size']}")
+
+
 @app.command("predict")
 def predict(
     checkpoint: Path = typer.Argument(

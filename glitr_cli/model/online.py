@@ -205,3 +205,55 @@ class OnlinePredictor:
             self._graphs.append((graph, (loc, logits, nxt, feat)))
         self.reset(self.batch_size)
         self.frames = frames  # a capture at the start of a later window keeps the count
+
+
+class StepGraph(torch.nn.Module):
+    """The sliding predictor's step as one fixed-shape function, for export (ONNX): no caches, no Python
+    state. The state is the last T glimpse features, the number of frames seen and the next location:
+
+        (frame (B, 3, S, S) or crop (B, 3, h, w), features (B, T, D), count (1,) int64, location (B, 2))
+        -> (probs (B, C), glimpse_location (B, 2), next_location (B, 2), next_box (B, 4) int64,
+            next_features (B, T, D), next_count (1,) int64)
+
+    A new stream starts from zeros: with `count` 0 the glimpse is taken at the learned first location
+    whatever `location` holds. With `crop` the image is the box of `glimpse_read_box` at that location
+    (`next_box` of the step before; for a new stream `first_box()`), as `OnlinePredictor.step(crop=...)`
+    takes it. T_c and T_l run over all T feature slots at every step; causal attention makes the output at
+    slot min(count, T - 1) depend on the slots before it only, so this computes what
+    `OnlinePredictor(context="sliding")` computes.
+    """
+
+    def __init__(self, model: GliTr, crop: bool = False) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.crop = crop
+
+    def first_box(self, batch_size: int = 1) -> torch.Tensor:
+        """(B, 4) int64: the box a new stream's first glimpse reads."""
+        s = self.model.img_size
+        return glimpse_read_box(
+            self.model.initial_location(batch_size).detach(), (s, s), self.model.backbone.glimpse_scale
+        )
+
+    def forward(
+        self, image: torch.Tensor, features: torch.Tensor, count: torch.Tensor, location: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        t, s = model.num_frames, model.img_size
+        loc = torch.where(count == 0, model.initial_location(image.shape[0]), location)  # (B, 2)
+        if self.crop:
+            backbone, side = model.backbone, model.backbone.glimpse_pixels
+            box = glimpse_read_box(loc, (s, s), backbone.glimpse_scale)
+            glimpses = extract_glimpse_from_box(image, box, loc, (s, s), (side, side), backbone.glimpse_scale)
+            feat = backbone.encode_glimpses(glimpses, loc)[:, None]  # (B, 1, D)
+        else:
+            feat = model.backbone(image, loc)[:, None]  # (B, 1, D)
+        slots = torch.arange(t, device=image.device)[None, :, None]  # (1, T, 1)
+        written = torch.where(slots == count, feat, features)  # fewer than T seen: fill slot `count`
+        shifted = torch.cat([features[:, 1:], feat], dim=1)  # T seen: drop the oldest
+        features = torch.where(count >= t, shifted, written)  # (B, T, D)
+        last = torch.clamp(count, max=t - 1)  # (1,)
+        logits = model.classifier(features).index_select(1, last)[:, 0]  # (B, C)
+        nxt = model.locator(features).index_select(1, last)[:, 0]  # (B, 2)
+        box = glimpse_read_box(nxt, (s, s), model.backbone.glimpse_scale)
+        return logits.softmax(dim=-1), loc, nxt, box, features, count + 1
