@@ -9,6 +9,10 @@ storage, so step t always has the same shapes) and replayed for every later stre
 then costs a handful of launches instead of a few hundred, which is what batch-1 latency is
 made of. The graphs compute the same numbers as the eager steps.
 
+Glimpse-only input: `next_box()` names the pixels of the model input that the next glimpse reads,
+and `step(crop=...)` takes those alone. `StepGraph` is the sliding step as one stateless
+fixed-shape function, what `glitr export` writes as ONNX.
+
 The model was trained on T steps. `context` says what happens after them: None (the default)
 refuses a step T + 1; "restart" resets the streams and starts a new window of T steps;
 "sliding" keeps the last T glimpse features and, for every later frame, re-runs T_c and T_l
@@ -169,8 +173,7 @@ class OnlinePredictor:
         if key != self._graph_key:
             self._capture(frame)
             self._graph_key = key
-        if self.steps == 0:
-            self._static_loc.copy_(self._next)  # the initial location of the new streams
+        self._static_loc.copy_(self._next)  # the graphs carry it from step to step; an eager step may come between
         self._static_frame.copy_(frame)
         graph, (loc, logits, nxt, feat) = self._graphs[self.steps]
         graph.replay()
