@@ -5,10 +5,11 @@
 A toy-trained GliTr (T frames per clip) watches a stream of three toy clips back to back: the
 last T - phase frames of a clip of action A, then two clips of action B (a different class,
 each rendered and encoded like the toy dataset), for every phase 0..T-1, so the switch falls
-at every position of the restart predictor's window. For each stream and context the delay is
-the number of B frames seen (1 = the first) until the top-1 is B and stays B to the end of the
-stream; a stream whose top-1 never settles on B counts as not followed. Prints the mean and
-median delay of each context and the share of streams followed within T frames.
+at every position of the restart predictor's window. For each stream and context: the delay,
+the number of B frames seen (1 = the first) until the top-1 is B for the first time, and
+whether the top-1 is B at each of the 2T frames after the switch. Prints the mean and median
+delay, the streams where the top-1 never became B, the share of B frames classified B, and that
+share at each position after the switch.
 """
 
 from __future__ import annotations
@@ -38,13 +39,9 @@ def toy_clip(cfg: ToyConfig, seed: int, shape: str, direction: str, folder: Path
 
 
 def delay(top1: list[int], start: int, label: int) -> int | None:
-    """B frames seen (1-based) until `top1` is `label` from there to the end; None if it never settles."""
-    settled = None
-    for i in range(len(top1) - 1, start - 1, -1):
-        if top1[i] != label:
-            break
-        settled = i
-    return None if settled is None else settled - start + 1
+    """B frames seen (1-based) until `top1` first is `label`; None if it never is."""
+    hits = [i for i in range(start, len(top1)) if top1[i] == label]
+    return hits[0] - start + 1 if hits else None
 
 
 def main() -> None:
@@ -66,6 +63,7 @@ def main() -> None:
     transform = eval_transform(student.img_size, student.resize)
     rng = np.random.default_rng(args.seed)
     delays: dict[str, list[int | None]] = {"sliding": [], "restart": []}
+    correct: dict[str, list[list[bool]]] = {"sliding": [], "restart": []}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for pair in range(args.pairs):
             a, b = rng.choice(len(classes), 2, replace=False)
@@ -76,18 +74,21 @@ def main() -> None:
                 stream = np.concatenate([clip_a[phase:], *clip_b])  # (N, H, W, 3)
                 x = transform(torch.from_numpy(stream).permute(0, 3, 1, 2))  # (N, 3, S, S)
                 start = t - phase  # the first frame of B
+                label = names[classes[b]]
                 for context in delays:
                     predictor = OnlinePredictor(student.model, context=context)
                     top1 = [int(predictor.step(frame[None]).probs[0].argmax()) for frame in x]
-                    delays[context].append(delay(top1, start, names[classes[b]]))
+                    delays[context].append(delay(top1, start, label))
+                    correct[context].append([c == label for c in top1[start:]])
     for context, ds in delays.items():
-        followed = [d for d in ds if d is not None]
-        within = sum(d <= t for d in followed) / len(ds)
+        hit = [d for d in ds if d is not None]
+        per_position = np.mean(correct[context], axis=0)  # (2T,)
         print(
-            f"{context}: {len(ds)} streams, delay mean {statistics.mean(followed):.2f} median "
-            f"{statistics.median(followed):.1f} frames (of those followed, {len(followed)}); "
-            f"followed within T={t} frames: {100 * within:.0f} %"
+            f"{context}: {len(ds)} streams; first top-1 = B after mean {statistics.mean(hit):.2f}, median "
+            f"{statistics.median(hit):.1f} B frames; never: {len(ds) - len(hit)}; B frames classified B: "
+            f"{100 * per_position.mean():.1f} %"
         )
+        print("  share classified B at B frame 1..2T:", " ".join(f"{100 * v:.0f}" for v in per_position))
 
 
 if __name__ == "__main__":
