@@ -84,6 +84,8 @@ def test_restart_equals_a_reset_after_t_steps():
         torch.testing.assert_close(out.location, ref.location, rtol=0, atol=0)
         torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
     assert (predictor.frames, predictor.steps) == (2 * t + 2, 2)
+    first = model.initial_location(2)
+    torch.testing.assert_close(outs[t - 1].next_location, first, rtol=0, atol=0)  # says where the new window looks
 
 
 def test_sliding_runs_the_heads_over_the_last_t_features():
