@@ -189,7 +189,12 @@ def visualize(
     every: int | None = typer.Option(
         None,
         "--every",
-        help="Feed every Nth frame online instead of the T evaluation frames; the stream restarts after each T steps.",
+        help="Feed every Nth frame online instead of the T evaluation frames, as a camera would.",
+    ),
+    context: str = typer.Option(
+        "sliding",
+        "--context",
+        help="After T steps: sliding (predict from the last T frames) or restart (a new stream every T steps).",
     ),
     side_by_side: bool = typer.Option(False, "--side-by-side", help="Add the glimpse crop as the model sees it."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write every step's location, box and top-3 here."),
@@ -210,7 +215,24 @@ def visualize(
         fps=fps,
         size=size,
         device=device,
+        context=context,
     )
+
+
+@app.command("export")
+def export(
+    checkpoint: Path = typer.Argument(
+        ..., help="A GliTr (student) checkpoint, e.g. runs/demo/glitr/checkpoints/last.pt."
+    ),
+    out: Path = typer.Option(Path("model.onnx"), "--out", "-o", help="The ONNX file to write."),
+    crop: bool = typer.Option(False, "--crop", help="Take the pixels of next_box instead of the whole model input."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Streams per call (fixed in the graph)."),
+) -> None:
+    """The online step (frame and state in; probabilities, next location and state out) as ONNX."""
+    from glitr_cli.export import export_onnx
+
+    meta = export_onnx(checkpoint, out, crop=crop, batch_size=batch_size)
+    typer.echo(f"wrote {out}: {meta['input']} input, T={meta['num_frames']}, S={meta['img_size']}")
 
 
 @app.command("predict")

@@ -11,9 +11,11 @@ the output name ends in `.mp4`, with one output frame per model step.
 Which frames: by default the T frames evaluation uses (one in each of T segments, placed as the
 checkpoint's `data.sampling` says, T = its `data.num_frames`; a video shorter than T repeats
 frames). With `every=N` every Nth frame is fed online, as a camera would. The model was
-trained on at most T steps, so after T steps the stream *restarts*: the predictor is reset
-(the next glimpse is taken at the learned initial location, the trail is cleared, the class
-evidence starts again) and the output frame says "restart". Steps are numbered k/T within
+trained on T steps; what follows the T-th is the predictor's `context`. "sliding" (the
+default) keeps the last T glimpse features and predicts from them, so the trail shows the last
+T glimpses and steps after T read "step k · last T". "restart" resets the predictor after each
+T steps (the next glimpse is taken at the learned initial location, the trail is cleared, the
+class evidence starts again) and the output frame says "restart"; steps are numbered k/T within
 their window.
 
 Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the
@@ -46,6 +48,7 @@ from glitr_cli.engine.loading import Student, find_checkpoint, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json
 from glitr_cli.model import extract_glimpse
+from glitr_cli.model.online import CONTEXTS
 from glitr_cli.runtime import Runtime
 
 OUTPUT_SUFFIXES = (".gif", ".mp4")
@@ -226,7 +229,8 @@ def render_step(
 
     draw = ImageDraw.Draw(canvas)
     y = dh + 3
-    head = f"step {step.step}/{num_frames} · frame {step.index}"
+    count = f"{step.step}/{num_frames}" if step.step <= num_frames else f"{step.step} · last {num_frames}"
+    head = f"step {count} · frame {step.index}"
     draw.text((4, y), head, fill=ink[TEXT], font=font)
     if step.window > 1 and step.step == 1:
         restart = f"restart (window {step.window})"
@@ -253,28 +257,31 @@ def write_gif(images: list[Image.Image], path: Path, fps: float) -> None:
 
 
 def run_steps(
-    student: Student, frames: Iterator[tuple[int, np.ndarray]], runtime: Runtime, side_by_side: bool = False
+    student: Student,
+    frames: Iterator[tuple[int, np.ndarray]],
+    runtime: Runtime,
+    side_by_side: bool = False,
+    context: str = "sliding",
 ) -> Iterator[tuple[np.ndarray, Step]]:
     """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
 
     Each frame is preprocessed like evaluation and the predictor runs under `runtime` like
-    evaluation. After T steps the predictor is reset and a new window starts (step 1 again). With
-    `side_by_side` each Step carries the glimpse as the model saw it (denormalised, uint8)."""
+    evaluation. After T steps the predictor's `context` decides: "restart" starts a new window
+    (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
+    each Step carries the glimpse as the model saw it (denormalised, uint8)."""
     model = student.model.to(runtime.device)
     transform = eval_transform(student.img_size, student.resize)
     scale = model.backbone.glimpse_scale
     side = model.backbone.glimpse_pixels
     k = min(3, len(student.class_names))
-    predictor = online_predictor(model, runtime)
+    predictor = online_predictor(model, runtime, context=context)
     window = 0
     for index, frame in frames:
-        if window == 0 or predictor.steps == student.num_frames:  # the model holds T steps: a new window
-            predictor.reset()
-            window += 1
         h, w = frame.shape[:2]
         pixels = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
         x = transform(pixels).to(runtime.device)  # (1, 3, S, S)
         out = predictor.step(x)
+        window += predictor.steps == 1  # the first step, or the first after a restart
         loc = out.location[0].float()
         probs, classes = out.probs[0].float().topk(k)
         glimpse = None
@@ -287,7 +294,7 @@ def run_steps(
             frame,
             Step(
                 index=index,
-                step=predictor.steps,
+                step=predictor.frames if context == "sliding" else predictor.steps,
                 window=window,
                 location=location,
                 box=glimpse_box(location, geometry, scale),
@@ -310,12 +317,14 @@ def visualize(
     device: str = "auto",
     runs: str | Path | None = None,
     console: Console | None = None,
+    context: str = "sliding",
 ) -> dict[str, Any]:
     """Run a GliTr student online over `video` and write the glimpse animation to `out`.
 
     `checkpoint` defaults to the newest GliTr checkpoint under `runs` (runs/). `every` None
-    feeds the T evaluation frames, else every `every`-th frame, restarting the stream after
-    each T steps (see the module docstring). `size` is the longer side of the drawn frame
+    feeds the T evaluation frames, else every `every`-th frame; after T steps `context`
+    "sliding" predicts from the last T frames, "restart" starts the stream again (see the
+    module docstring). `size` is the longer side of the drawn frame
     (0 = the source size). Returns the `--json` record {"frames": [...]}.
     """
     console = console or Console(stderr=True)
@@ -328,6 +337,8 @@ def visualize(
         raise GlitrError(f"--fps must be positive, got {fps}")
     if size < 0:
         raise GlitrError(f"--size must be 0 (source size) or more, got {size}")
+    if context not in CONTEXTS:
+        raise GlitrError(f"--context must be one of {', '.join(CONTEXTS)}, got {context!r}")
     source = FrameSource(video)  # checks the video exists before any model is loaded
     if checkpoint is None:
         checkpoint = find_checkpoint(runs)
@@ -343,8 +354,9 @@ def visualize(
     writer = VideoWriter(tmp, fps, "h264") if mp4 else None
     record: list[dict[str, Any]] = []
     trail: list[tuple[float, float]] = []
+    frames = step_frames(source, student.sampler, every)
     try:
-        for frame, step in run_steps(student, step_frames(source, student.sampler, every), runtime, side_by_side):
+        for frame, step in run_steps(student, frames, runtime, side_by_side, context):
             if step.step == 1:
                 trail = []
             image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)
@@ -353,6 +365,7 @@ def visualize(
             else:
                 images.append(image)
             trail.append(((step.box[0] + step.box[2]) / 2, (step.box[1] + step.box[3]) / 2))
+            del trail[: max(0, len(trail) - (student.num_frames - 1))]  # the glimpses the model still holds
             record.append(
                 {
                     "index": step.index,
@@ -378,7 +391,13 @@ def visualize(
     if json_path is not None:
         atomic_write_json(json_path, result)
     windows = -(-len(record) // student.num_frames)
-    restarts = f", restarted every {student.num_frames} steps ({windows} windows)" if windows > 1 else ""
+    restarts = ""
+    if windows > 1:
+        restarts = (
+            f", restarted every {student.num_frames} steps ({windows} windows)"
+            if context == "restart"
+            else f", each prediction from the last {student.num_frames} steps"
+        )
     console.print(
         f"wrote {out}: {len(record)} steps of {student.path}{restarts}"
         + (f"; glimpses in {json_path}" if json_path is not None else ""),

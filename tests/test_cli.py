@@ -32,7 +32,17 @@ def test_help_explains_overrides(command, monkeypatch, capsys):
 def test_help_of_every_command(monkeypatch, capsys):
     code, out, _ = run_cli(["--help"], monkeypatch, capsys)
     assert code == 0
-    commands = ["prepare-data", "train-teacher", "train-glitr", "eval", "visualize", "demo", "bench", "recipes"]
+    commands = [
+        "prepare-data",
+        "train-teacher",
+        "train-glitr",
+        "eval",
+        "visualize",
+        "demo",
+        "bench",
+        "recipes",
+        "export",
+    ]
     for command in commands:
         assert command in out
         code, text, _ = run_cli([command, "--help"], monkeypatch, capsys)

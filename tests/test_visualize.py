@@ -85,14 +85,15 @@ def assets(tmp_path_factory):
     }
 
 
-def reference(ckpt: Path, frames: list[np.ndarray]) -> list[tuple[float, float]]:
-    """Where the online predictor looks when fed these frames with evaluation preprocessing."""
+def reference(ckpt: Path, frames: list[np.ndarray], context: str = "restart") -> list[tuple[float, float]]:
+    """Where the online predictor looks when fed these frames with evaluation preprocessing
+    (`context` restart: a fresh predictor every T frames; sliding: the sliding predictor)."""
     student = load_student(ckpt)
-    predictor = OnlinePredictor(student.model)
+    predictor = OnlinePredictor(student.model, context=None if context == "restart" else context)
     transform = eval_transform(IMG, RESIZE)
     locs = []
     for i, f in enumerate(frames):
-        if i and i % T == 0:
+        if context == "restart" and i and i % T == 0:
             predictor.reset()
         x = transform(torch.from_numpy(f).permute(2, 0, 1)[None])
         locs.append(tuple(predictor.step(x).location[0].tolist()))
@@ -190,7 +191,9 @@ def test_h264_default_frames_and_drawing(assets, tmp_path):
 
 def test_vp9_odd_size_every_restarts_after_t(assets, tmp_path):
     out = tmp_path / "g.gif"
-    result = visualize(assets["webm"], checkpoint=assets["ckpt"], out=out, every=2, side_by_side=True)
+    result = visualize(
+        assets["webm"], checkpoint=assets["ckpt"], out=out, every=2, side_by_side=True, context="restart"
+    )
     steps = result["frames"]
     assert [s["index"] for s in steps] == list(range(0, 13, 2))  # 7 steps: a window of T=5, then a restart
     video = decode_video(assets["webm"])
@@ -206,6 +209,44 @@ def test_vp9_odd_size_every_restarts_after_t(assets, tmp_path):
     assert gif[0].shape[1] == dw + 4 + dh  # frame, gap, glimpse crop as wide as the frame is high
     for s, frame in zip(steps, gif, strict=True):
         assert_outline(frame, s["box"], (97, 131), (dw, dh))
+
+
+def test_every_slides_past_t_by_default(assets, tmp_path):
+    result = visualize(assets["webm"], checkpoint=assets["ckpt"], out=tmp_path / "g.gif", every=2)
+    steps = result["frames"]
+    assert len(steps) == 7 > T
+    video = decode_video(assets["webm"])
+    locs = reference(assets["ckpt"], [video[i] for i in range(0, 13, 2)], context="sliding")
+    for s, loc in zip(steps, locs, strict=True):
+        assert s["location"] == pytest.approx(loc, abs=1e-5)
+    init = tuple(load_student(assets["ckpt"]).model.initial_location(1)[0].tolist())
+    assert steps[T]["location"] != pytest.approx(init, abs=1e-3)  # no restart
+    with pytest.raises(GlitrError, match="--context must be one of sliding, restart"):
+        visualize(assets["webm"], checkpoint=assets["ckpt"], out=tmp_path / "h.gif", context="forever")
+
+
+def test_cli_context(assets, tmp_path, glitr):
+    """`--context restart` starts again at the initial location after T steps; an unknown mode is one line."""
+    js = tmp_path / "g.json"
+    ck = ["--checkpoint", assets["ckpt"]]
+    code, _, err = glitr(
+        "visualize",
+        assets["webm"],
+        *ck,
+        "--out",
+        tmp_path / "g.gif",
+        "--every",
+        2,
+        "--context",
+        "restart",
+        "--json",
+        js,
+    )
+    assert code == 0 and "restarted every 5 steps (2 windows)" in err, err
+    steps = json.loads(js.read_text())["frames"]
+    assert steps[T]["location"] == pytest.approx(steps[0]["location"], abs=1e-6)
+    code, _, err = glitr("visualize", assets["webm"], *ck, "--out", tmp_path / "h.gif", "--context", "forever")
+    assert code == 2 and "--context must be one of sliding, restart" in err and len(err.strip().splitlines()) == 1
 
 
 def test_one_frame_video(assets, tmp_path):
@@ -312,3 +353,16 @@ def test_the_readme_python_example_runs(trained_tiny, monkeypatch, capsys):
     assert len(lines) == student.num_frames
     for line in lines:
         assert any(line.startswith(f"{name} ") for name in student.class_names) and "next glimpse at" in line
+
+
+def test_the_readme_glimpse_only_example_runs(trained_tiny, monkeypatch, capsys):
+    """The README's glimpse-only block (after the first one, which it reuses), run as written."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Using a trained model from Python", 1)[1]
+    first, rest = section.split("```python\n", 2)[1:]
+    code = first.split("```", 1)[0] + rest.split("```", 1)[0]
+    monkeypatch.chdir(trained_tiny)
+    exec(code.replace("runs/demo/glitr/checkpoints/last.pt", "runs/tiny/checkpoints/last.pt"), {})
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    student = load_student("runs/tiny/checkpoints/last.pt")
+    assert last.endswith(f"after {3 * student.num_frames} frames")

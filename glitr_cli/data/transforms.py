@@ -13,6 +13,7 @@ resize the short side (bicubic, antialiased), centre crop, normalise.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -117,6 +118,50 @@ def eval_transform(size: int, resize: int) -> Callable[[torch.Tensor], torch.Ten
             normalize,
         ]
     )
+
+
+@dataclass(frozen=True)
+class CentreCrop:
+    """Evaluation preprocessing of W x H frames whose short side already is `resize`: the resize keeps
+    them as they are, so it is a centre crop of `size` (offset round((W - size) / 2), as torchvision's
+    `CenterCrop`) and normalisation. A box of model-input pixels (`OnlinePredictor.next_box`) is then a
+    box of source pixels, shifted: the caller reads only those (`source_box`) and `model_pixels`
+    turns them into the crop `OnlinePredictor.step(crop=...)` takes."""
+
+    width: int
+    height: int
+    size: int
+    left: int
+    top: int
+
+    @classmethod
+    def of(cls, width: int, height: int, size: int, resize: int) -> CentreCrop:
+        if min(width, height) != resize:
+            raise GlitrError(
+                f"glimpse-only input reads the frames as they are: their short side must be the evaluation "
+                f"resize ({resize} px), not {min(width, height)}; resize the frames first"
+            )
+        return cls(width, height, size, int(round((width - size) / 2.0)), int(round((height - size) / 2.0)))
+
+    def source_box(self, box: Sequence[int]) -> tuple[int, int, int, int]:
+        """Model-input box (x0, y0, x1, y1), end exclusive -> the source pixels it needs, the part of it
+        inside the model input, shifted by the crop offset (may be empty: x0 == x1)."""
+        x0, y0, x1, y1 = (int(v) for v in box)
+        cx0, cx1 = min(max(x0, 0), self.size), min(max(x1, 0), self.size)
+        cy0, cy1 = min(max(y0, 0), self.size), min(max(y1, 0), self.size)
+        return cx0 + self.left, cy0 + self.top, cx1 + self.left, cy1 + self.top
+
+    def model_pixels(self, pixels: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
+        """The source pixels of `source_box(box)`, uint8 (3, h, w) -> the normalised model-input box
+        (3, y1 - y0, x1 - x0), zeros where it leaves the model input (what a glimpse reads there)."""
+        x0, y0, x1, y1 = (int(v) for v in box)
+        sx0, sy0, sx1, sy1 = self.source_box(box)
+        if tuple(pixels.shape) != (3, sy1 - sy0, sx1 - sx0):
+            raise GlitrError(f"expected the source pixels of {self.source_box(box)}, got shape {tuple(pixels.shape)}")
+        out = torch.zeros(3, y1 - y0, x1 - x0, device=pixels.device)
+        u0, v0 = sx0 - self.left - x0, sy0 - self.top - y0  # where the source pixels sit in the box
+        out[:, v0 : v0 + pixels.shape[1], u0 : u0 + pixels.shape[2]] = normalize(pixels)
+        return out
 
 
 def denormalize(

@@ -64,9 +64,14 @@ def predict_clips(
         return model.forward_student(clips.to(runtime.device), policy, generator=generator)
 
 
-def online_predictor(model: GliTr, runtime: Runtime, batch_size: int = 1) -> OnlinePredictor:
-    """The frame-by-frame predictor with the runtime's precision and CUDA graphs (what `visualize` runs)."""
-    return OnlinePredictor(model, batch_size, amp_dtype=runtime.amp_dtype, cuda_graphs=runtime.eval_graphs)
+def online_predictor(
+    model: GliTr, runtime: Runtime, batch_size: int = 1, context: str | None = None
+) -> OnlinePredictor:
+    """The frame-by-frame predictor with the runtime's precision and CUDA graphs (what `visualize` runs);
+    `context` is the predictor's (what follows the T-th step)."""
+    return OnlinePredictor(
+        model, batch_size, amp_dtype=runtime.amp_dtype, cuda_graphs=runtime.eval_graphs, context=context
+    )
 
 
 @torch.no_grad()

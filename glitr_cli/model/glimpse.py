@@ -5,9 +5,14 @@ A location l = (x, y) lives in the normalised coordinates of `F.affine_grid` wit
 along columns, (0, 0) is the frame centre. A glimpse of g patches of p pixels covers the
 fraction s = g / n of each axis, where n = frame_size / p is the patch grid. Locations are
 never clamped; a glimpse that leaves the frame reads zeros there.
+
+`glimpse_read_box` gives the pixels a glimpse's bilinear samples read, so a caller can hand
+over just those (`extract_glimpse_from_box`) instead of the whole frame.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,53 @@ def extract_glimpse(
     theta = glimpse_theta(loc.to(frames.dtype), scale)
     grid = F.affine_grid(theta, [frames.shape[0], frames.shape[1], size[0], size[1]], align_corners=True)
     return F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+READ_MARGIN = 1e-3  # pixels: covers the float rounding of the sample positions in grid_sample
+
+
+def read_box_size(frame_size: int, scale: float) -> int:
+    """Side in pixels of every `glimpse_read_box` along an axis of `frame_size` pixels for a glimpse of
+    `scale`: the samples span s * (frame_size - 1) pixels, and bilinear reads one more on either side."""
+    return math.ceil(scale * (frame_size - 1) + 2 * READ_MARGIN) + 2
+
+
+def glimpse_read_box(loc: torch.Tensor, frame_size: tuple[int, int], scale: tuple[float, float]) -> torch.Tensor:
+    """The pixels that glimpses at `loc` (N, 2) read from frames of `frame_size` (H, W): boxes (N, 4) int64
+    (x0, y0, x1, y1), end exclusive, in frame pixels (integers are pixel centres).
+
+    Every box has the same size (`read_box_size` per axis), so the crops of a batch stack. A box may
+    reach outside the frame: those pixels must be zeros, which is what `extract_glimpse` reads there.
+    """
+    boxes = []
+    for axis, (n, s) in enumerate(zip((frame_size[1], frame_size[0]), scale, strict=True)):
+        first = (loc[:, axis].double() - s + 1) / 2 * (n - 1)  # the first sample, in pixels
+        start = torch.floor(first - READ_MARGIN).long()
+        boxes.append((start, start + read_box_size(n, s)))
+    (x0, x1), (y0, y1) = boxes
+    return torch.stack([x0, y0, x1, y1], dim=1)
+
+
+def extract_glimpse_from_box(
+    crops: torch.Tensor,
+    box: torch.Tensor,
+    loc: torch.Tensor,
+    frame_size: tuple[int, int],
+    size: tuple[int, int],
+    scale: tuple[float, float],
+) -> torch.Tensor:
+    """`extract_glimpse` from the pixels of `glimpse_read_box` alone: `crops` (N, C, h, w) are the
+    boxes `box` (N, 4) of frames of `frame_size` (H, W), zeros outside the frame. Same samples, same
+    bilinear weights, up to the rounding of the sample positions. Returns (N, C, size[0], size[1])."""
+    theta = glimpse_theta(loc.to(crops.dtype), scale)
+    grid = F.affine_grid(theta, [crops.shape[0], crops.shape[1], size[0], size[1]], align_corners=True)
+    h, w = crops.shape[-2:]
+    # the frame's sample grid moved into the crop's coordinates, in float64 to add no rounding of its own
+    exact = grid.double()
+    frame_wh = exact.new_tensor([frame_size[1] - 1, frame_size[0] - 1])
+    pixels = (exact + 1) / 2 * frame_wh - box[:, None, None, :2].to(exact)  # (N, h, w, 2) in crop pixels
+    grid = (pixels / exact.new_tensor([w - 1, h - 1]) * 2 - 1).to(grid.dtype)
+    return F.grid_sample(crops, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def glimpse_mask(

@@ -8,6 +8,16 @@ On a CUDA device each of the T steps is captured once as a CUDA graph (the cache
 storage, so step t always has the same shapes) and replayed for every later stream: a frame
 then costs a handful of launches instead of a few hundred, which is what batch-1 latency is
 made of. The graphs compute the same numbers as the eager steps.
+
+Glimpse-only input: `next_box()` names the pixels of the model input that the next glimpse reads,
+and `step(crop=...)` takes those alone. `StepGraph` is the sliding step as one stateless
+fixed-shape function, what `glitr export` writes as ONNX.
+
+The model was trained on T steps. `context` says what happens after them: None (the default)
+refuses a step T + 1; "restart" resets the streams and starts a new window of T steps;
+"sliding" keeps the last T glimpse features and, for every later frame, re-runs T_c and T_l
+over them at positions 1..T (T_f still runs once per frame). Both modes equal the bounded
+predictor for the first T steps.
 """
 
 from __future__ import annotations
@@ -18,7 +28,10 @@ from typing import NamedTuple
 import torch
 
 from glitr_cli.errors import GlitrError
+from glitr_cli.model.glimpse import extract_glimpse_from_box, glimpse_read_box
 from glitr_cli.model.glitr import GliTr
+
+CONTEXTS = ("sliding", "restart")
 
 
 class StepOutput(NamedTuple):
@@ -32,13 +45,24 @@ class OnlinePredictor:
     """Feed frames (B, 3, H, W) one at a time with `step`; `reset` starts new streams.
 
     `amp_dtype` (CUDA only) runs each step under autocast to that dtype; `cuda_graphs` captures
-    the steps as CUDA graphs when the model is on a CUDA device (ignored elsewhere).
+    the steps as CUDA graphs when the model is on a CUDA device (ignored elsewhere). `context`
+    (None, "sliding" or "restart") says what follows the T-th step (see the module docstring).
+    `frames` counts the frames fed since `reset`, `steps` the ones in the current context
+    (at most T).
     """
 
     def __init__(
-        self, model: GliTr, batch_size: int = 1, amp_dtype: torch.dtype | None = None, cuda_graphs: bool = True
+        self,
+        model: GliTr,
+        batch_size: int = 1,
+        amp_dtype: torch.dtype | None = None,
+        cuda_graphs: bool = True,
+        context: str | None = None,
     ) -> None:
+        if context is not None and context not in CONTEXTS:
+            raise GlitrError(f"unknown context {context!r}; expected one of {', '.join(CONTEXTS)}")
         self.model = model.eval()
+        self.context = context
         self.amp_dtype = amp_dtype
         self.cuda_graphs = cuda_graphs
         self._graphs: list[tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = []
@@ -49,56 +73,120 @@ class OnlinePredictor:
 
     def reset(self, batch_size: int = 1) -> None:
         self.batch_size = batch_size
+        self.frames = 0
+        self._new_window()
+
+    def _new_window(self) -> None:
         self.steps = 0
+        self._feats: list[torch.Tensor] = []  # sliding: the last T glimpse features, each (B, D)
         self._cls_cache.length = self._loc_cache.length = 0  # storage stays: captured graphs point at it
         with torch.no_grad():
-            self._next = self.model.initial_location(batch_size).clone()
+            self._next = self.model.initial_location(self.batch_size).clone()
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None or device.type != "cuda":
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
 
-    def _compute(self, frame: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_box(self) -> torch.Tensor:
+        """The pixels the next step reads: (B, 4) int64 boxes (x0, y0, x1, y1), end exclusive, in the
+        S x S model input (evaluation's resized and centre-cropped frame; integers are pixel centres).
+
+        Every box has the same size and may reach outside the model input; `step(crop=...)` takes
+        these pixels alone, zeros where the box leaves the model input."""
+        s = self.model.img_size
+        return glimpse_read_box(self._next.detach(), (s, s), self.model.backbone.glimpse_scale)
+
+    def _feature(self, image: torch.Tensor, loc: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
+        """T_f on a whole frame (`box` None) or on the crop `box` of one -> (B, D)."""
+        backbone = self.model.backbone
+        if box is None:
+            return backbone(image, loc)
+        s, side = self.model.img_size, backbone.glimpse_pixels
+        glimpses = extract_glimpse_from_box(image, box, loc, (s, s), (side, side), backbone.glimpse_scale)
+        return backbone.encode_glimpses(glimpses, loc)
+
+    def _compute(
+        self, frame: torch.Tensor, loc: torch.Tensor, box: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
         with self._autocast(frame.device):
-            feat = model.backbone(frame, loc)  # (B, D)
+            feat = self._feature(frame, loc, box)  # (B, D)
             logits = model.classifier.step(feat, self._cls_cache)
             nxt = model.locator.step(feat, self._loc_cache)
-        return logits, nxt
+        return logits, nxt, feat
+
+    def _slide(
+        self, frame: torch.Tensor, loc: torch.Tensor, box: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step after the T-th: T_f on the new frame, then T_c and T_l over the last T features."""
+        model = self.model
+        with self._autocast(frame.device):
+            feat = self._feature(frame, loc, box)  # (B, D)
+            seq = torch.stack([*self._feats[1:], feat], dim=1)  # (B, T, D), positions 1..T
+            logits = model.classifier(seq)[:, -1]
+            nxt = model.locator(seq)[:, -1]
+        return logits, nxt, feat
 
     @torch.no_grad()
-    def step(self, frame: torch.Tensor) -> StepOutput:
+    def step(self, frame: torch.Tensor | None = None, *, crop: torch.Tensor | None = None) -> StepOutput:
+        """One frame of every stream: the whole model input `frame` (B, 3, S, S), or only the pixels
+        of `next_box()` as `crop` (B, 3, y1 - y0, x1 - x0), the same numbers up to float rounding.
+        The crop path runs eagerly (no CUDA graphs)."""
         model = self.model
-        if self.steps >= model.num_frames:
-            raise GlitrError(f"this model was trained for {model.num_frames} steps; call reset() to start again")
+        if (frame is None) == (crop is None):
+            raise GlitrError("pass either a frame or the crop of next_box()")
+        box = None
+        if crop is not None:
+            box = self.next_box().to(crop.device)
+            want = (self.batch_size, 3, int(box[0, 3] - box[0, 1]), int(box[0, 2] - box[0, 0]))
+            if tuple(crop.shape) != want:
+                raise GlitrError(f"expected the crops of next_box(), shape {want}, got {tuple(crop.shape)}")
+            frame = crop
         if frame.shape[0] != self.batch_size:
             raise GlitrError(f"expected a batch of {self.batch_size} frames, got {frame.shape[0]}")
-        if self.cuda_graphs and frame.device.type == "cuda":
+        if self.steps >= model.num_frames:
+            if self.context is None:
+                raise GlitrError(f"this model was trained for {model.num_frames} steps; call reset() to start again")
+            if self.context == "restart":
+                self._new_window()
+        if box is None and self.steps < model.num_frames and self.cuda_graphs and frame.device.type == "cuda":
             return self._replay(frame)
         loc = self._next.to(device=frame.device, dtype=frame.dtype)
-        logits, self._next = self._compute(frame, loc)
-        self.steps += 1
+        if self.steps < model.num_frames:
+            logits, self._next, feat = self._compute(frame, loc, box)
+            self.steps += 1
+        else:
+            logits, self._next, feat = self._slide(frame, loc, box)
+        self._keep(feat)
         return StepOutput(loc, logits, logits.softmax(dim=-1), self._next)
+
+    def _keep(self, feat: torch.Tensor) -> None:
+        self.frames += 1
+        if self.context == "sliding":
+            self._feats = [*self._feats, feat][-self.model.num_frames :]
+        if self.context == "restart" and self.steps == self.model.num_frames:  # the next frame opens a new window
+            self._next = self.model.initial_location(self.batch_size).to(self._next).clone()
 
     def _replay(self, frame: torch.Tensor) -> StepOutput:
         key = (tuple(frame.shape), frame.dtype, frame.device)
         if key != self._graph_key:
             self._capture(frame)
             self._graph_key = key
-        if self.steps == 0:
-            self._static_loc.copy_(self._next)  # the initial location of the new streams
+        self._static_loc.copy_(self._next)  # the graphs carry it from step to step; an eager step may come between
         self._static_frame.copy_(frame)
-        graph, (loc, logits, nxt) = self._graphs[self.steps]
+        graph, (loc, logits, nxt, feat) = self._graphs[self.steps]
         graph.replay()
         self.steps += 1
+        self._cls_cache.length = self._loc_cache.length = self.steps  # for eager steps that follow
         self._next = nxt.clone()
         logits = logits.clone()
+        self._keep(feat.clone())
         return StepOutput(loc.clone(), logits, logits.softmax(dim=-1), self._next)
 
     def _capture(self, frame: torch.Tensor) -> None:
         """Record one graph per step t (0..T-1) on placeholder streams; the caches keep fixed storage."""
-        t_max = self.model.num_frames
+        t_max, frames = self.model.num_frames, self.frames
         self._static_frame = frame.clone()
         self._static_loc = self.model.initial_location(frame.shape[0]).to(frame).clone()
         side = torch.cuda.Stream(frame.device)
@@ -114,8 +202,61 @@ class OnlinePredictor:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 loc = self._static_loc.clone()
-                logits, nxt = self._compute(self._static_frame, self._static_loc)
+                logits, nxt, feat = self._compute(self._static_frame, self._static_loc)
                 self._static_loc.copy_(nxt)
             pool = graph.pool()
-            self._graphs.append((graph, (loc, logits, nxt)))
+            self._graphs.append((graph, (loc, logits, nxt, feat)))
         self.reset(self.batch_size)
+        self.frames = frames  # a capture at the start of a later window keeps the count
+
+
+class StepGraph(torch.nn.Module):
+    """The sliding predictor's step as one fixed-shape function, for export (ONNX): no caches, no Python
+    state. The state is the last T glimpse features, the number of frames seen and the next location:
+
+        (frame (B, 3, S, S) or crop (B, 3, h, w), features (B, T, D), count (1,) int64, location (B, 2))
+        -> (probs (B, C), glimpse_location (B, 2), next_location (B, 2), next_box (B, 4) int64,
+            next_features (B, T, D), next_count (1,) int64)
+
+    A new stream starts from zeros: with `count` 0 the glimpse is taken at the learned first location
+    whatever `location` holds. With `crop` the image is the box of `glimpse_read_box` at that location
+    (`next_box` of the step before; for a new stream `first_box()`), as `OnlinePredictor.step(crop=...)`
+    takes it. T_c and T_l run over all T feature slots at every step; causal attention makes the output at
+    slot min(count, T - 1) depend on the slots before it only, so this computes what
+    `OnlinePredictor(context="sliding")` computes.
+    """
+
+    def __init__(self, model: GliTr, crop: bool = False) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.crop = crop
+
+    def first_box(self, batch_size: int = 1) -> torch.Tensor:
+        """(B, 4) int64: the box a new stream's first glimpse reads."""
+        s = self.model.img_size
+        return glimpse_read_box(
+            self.model.initial_location(batch_size).detach(), (s, s), self.model.backbone.glimpse_scale
+        )
+
+    def forward(
+        self, image: torch.Tensor, features: torch.Tensor, count: torch.Tensor, location: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        t, s = model.num_frames, model.img_size
+        loc = torch.where(count == 0, model.initial_location(image.shape[0]), location)  # (B, 2)
+        if self.crop:
+            backbone, side = model.backbone, model.backbone.glimpse_pixels
+            box = glimpse_read_box(loc, (s, s), backbone.glimpse_scale)
+            glimpses = extract_glimpse_from_box(image, box, loc, (s, s), (side, side), backbone.glimpse_scale)
+            feat = backbone.encode_glimpses(glimpses, loc)[:, None]  # (B, 1, D)
+        else:
+            feat = model.backbone(image, loc)[:, None]  # (B, 1, D)
+        slots = torch.arange(t, device=image.device)[None, :, None]  # (1, T, 1)
+        written = torch.where(slots == count, feat, features)  # fewer than T seen: fill slot `count`
+        shifted = torch.cat([features[:, 1:], feat], dim=1)  # T seen: drop the oldest
+        features = torch.where(count >= t, shifted, written)  # (B, T, D)
+        last = torch.clamp(count, max=t - 1)  # (1,)
+        logits = model.classifier(features).index_select(1, last)[:, 0]  # (B, C)
+        nxt = model.locator(features).index_select(1, last)[:, 0]  # (B, 2)
+        box = glimpse_read_box(nxt, (s, s), model.backbone.glimpse_scale)
+        return logits.softmax(dim=-1), loc, nxt, box, features, count + 1

@@ -89,9 +89,11 @@ class SpatialEncoder(nn.Module):
         """Encode full frames (`loc` None) or glimpses at `loc` (N, 2) of `images` (N, 3, H, W) -> (N, D)."""
         if loc is None:
             return self._encode(self._patch_tokens(images) + self.pos_embed[:, 1:])
-        scale = self.glimpse_scale
         side = self.glimpse_pixels
-        glimpses = extract_glimpse(images, loc, (side, side), scale)  # (N, 3, g*p, g*p)
+        return self.encode_glimpses(extract_glimpse(images, loc, (side, side), self.glimpse_scale), loc)
+
+    def encode_glimpses(self, glimpses: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        """Encode glimpses (N, 3, g*p, g*p) already cut at `loc` (N, 2) -> (N, D)."""
         return self._encode(self._patch_tokens(glimpses) + self.glimpse_pos_embed(loc))
 
     def glimpse_pos_embed(self, loc: torch.Tensor) -> torch.Tensor:
