@@ -242,6 +242,13 @@ def render_step(
     return canvas
 
 
+def next_trail(trail: list[tuple[float, float]], step: Step, num_frames: int) -> list[tuple[float, float]]:
+    """The trail drawn after `step`: the glimpse centres the model still holds (at most T - 1), `step`'s
+    own the last. Callers start a new trail when a step is the first of its window (`step.step` 1)."""
+    centre = ((step.box[0] + step.box[2]) / 2, (step.box[1] + step.box[3]) / 2)
+    return [*trail, centre][-(num_frames - 1) :] if num_frames > 1 else []
+
+
 # ------------------------------------------------------------------------------------------- output
 
 
@@ -262,18 +269,19 @@ def run_steps(
     runtime: Runtime,
     side_by_side: bool = False,
     context: str = "sliding",
+    top_k: int = 3,
 ) -> Iterator[tuple[np.ndarray, Step]]:
     """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
 
     Each frame is preprocessed like evaluation and the predictor runs under `runtime` like
     evaluation. After T steps the predictor's `context` decides: "restart" starts a new window
     (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
-    each Step carries the glimpse as the model saw it (denormalised, uint8)."""
+    each Step carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each."""
     model = student.model.to(runtime.device)
     transform = eval_transform(student.img_size, student.resize)
     scale = model.backbone.glimpse_scale
     side = model.backbone.glimpse_pixels
-    k = min(3, len(student.class_names))
+    k = min(top_k, len(student.class_names))
     predictor = online_predictor(model, runtime, context=context)
     window = 0
     for index, frame in frames:
@@ -364,8 +372,7 @@ def visualize(
                 writer.write(np.asarray(image.convert("RGB")))
             else:
                 images.append(image)
-            trail.append(((step.box[0] + step.box[2]) / 2, (step.box[1] + step.box[3]) / 2))
-            del trail[: max(0, len(trail) - (student.num_frames - 1))]  # the glimpses the model still holds
+            trail = next_trail(trail, step, student.num_frames)
             record.append(
                 {
                     "index": step.index,
