@@ -219,6 +219,49 @@ def visualize(
     )
 
 
+@app.command("stream")
+def stream(
+    source: str = typer.Argument(
+        ...,
+        help="A video file, a URL (http, https, rtsp, rtmp, udp) or a camera: /dev/video0, avfoundation:0, "
+        "dshow:video=NAME.",
+        show_default=False,
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c", help="GliTr checkpoint (default: the newest under runs/)."
+    ),
+    jsonl: str = typer.Option("-", "--jsonl", help="One JSON line per processed frame, then the summary; - : stdout."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also draw the processed frames into this .mp4."),
+    every: int | None = typer.Option(
+        None, "--every", help="Feed every Nth frame (default: spaced as the training clips, from the frame rate)."
+    ),
+    context: str = typer.Option(
+        "sliding", "--context", help="After T steps: sliding (the last T frames) or restart (a new window)."
+    ),
+    as_fast_as_possible: bool = typer.Option(
+        False, "--as-fast-as-possible", help="Do not pace a file on its frame rate; process every chosen frame."
+    ),
+    top_k: int = typer.Option(3, "--top-k", help="Classes (with probabilities) per line."),
+    size: int = typer.Option(384, "--size", help="--out: longer side of the drawn frame (0: the source size)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Predict online as the frames of a file, stream or camera arrive; Ctrl-C stops with a summary."""
+    from glitr_cli.stream import stream as run
+
+    run(
+        source,
+        checkpoint=checkpoint,
+        jsonl=jsonl,
+        out=out,
+        every=every,
+        context=context,
+        as_fast_as_possible=as_fast_as_possible,
+        top_k=top_k,
+        size=size,
+        device=device,
+    )
+
+
 @app.command("export")
 def export(
     checkpoint: Path = typer.Argument(

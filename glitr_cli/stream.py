@@ -1,0 +1,355 @@
+"""`glitr stream`: predict an action online from a video file, a URL or a camera, as the frames come.
+
+Stages: open the source with PyAV (a file; a URL PyAV opens: http, https, rtsp, rtmp, udp; a
+capture device: `/dev/videoN` through v4l2, `avfoundation:0` on macOS, `dshow:video=NAME` on
+Windows), decode it in a reader thread, feed every `every`-th frame to the online predictor in the
+main thread, and write one JSON line per processed frame, then a summary line.
+
+Pacing and drops. In real time (the default) the reader releases each frame at its own time
+stamp on the wall clock (a camera or a live stream does that by itself) and keeps only the newest
+frame it has not handed over: a frame that arrives while the model is still busy with an earlier
+one replaces it, and the replaced one is counted as dropped. Nothing queues, so the latency stays
+that of one step. With `as_fast_as_possible` the reader does not wait for the clock and waits for
+the model instead: every chosen frame is processed, none dropped (for files and URLs; a camera
+keeps its own pace).
+
+The stride. The model was trained on T frames spread over a whole clip, so consecutive steps
+should be as far apart in time as they were in training: `every` = round(fps * D / T), at least 1,
+where D is the typical clip duration of the recipe's dataset (`CLIP_SECONDS`: Something-Something
+V2 about 4 s, Jester 3 s, the toy set 16 frames at 12 fps) and 3 s for any other dataset (the
+length of a typical short action clip). `every` overrides it.
+
+Latency is measured from the moment a frame is decoded (its arrival) to the moment its prediction
+is known, so it includes the wait for the model when it was busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import av
+import numpy as np
+from rich.console import Console
+
+from glitr_cli.data.video import VideoWriter
+from glitr_cli.engine.loading import Student, find_checkpoint, load_student
+from glitr_cli.errors import GlitrError
+from glitr_cli.model.online import CONTEXTS
+from glitr_cli.runtime import Runtime
+from glitr_cli.visualize import next_trail, render_step, run_steps
+
+NETWORK_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "rtmp://", "rtmps://", "udp://", "tcp://", "srt://")
+DEVICE_PREFIXES = ("avfoundation:", "dshow:")  # `FORMAT:DEVICE`, the device string PyAV's format expects
+CLIP_SECONDS = {"ssv2": 4.0, "jester": 3.0, "toy": 16 / 12}  # typical training clip duration per dataset
+DEFAULT_CLIP_SECONDS = 3.0
+OPEN_TIMEOUT_S = 10.0  # a network source that does not answer
+
+
+# ------------------------------------------------------------------------------------------------ source
+
+
+def source_format(source: str) -> tuple[str, str | None]:
+    """(what to pass to `av.open`, its `format=`) for a SOURCE as the command line names it."""
+    if source.startswith("/dev/video"):
+        return source, "v4l2"
+    for prefix in DEVICE_PREFIXES:
+        if source.startswith(prefix):
+            return source[len(prefix) :], prefix[:-1]
+    return source, None
+
+
+def open_source(source: str) -> Any:
+    """The PyAV container of `source` with a video stream; anything else is one GlitrError naming it."""
+    url, fmt = source_format(source)
+    if fmt is not None and fmt not in av.formats_available:
+        raise GlitrError(f"{source}: this PyAV build cannot read {fmt} devices")
+    if fmt is None and not source.startswith(NETWORK_SCHEMES) and not Path(source).is_file():
+        raise GlitrError(f"{source}: no such video file (or a URL: http, https, rtsp, rtmp, udp)")
+    try:
+        container = av.open(url, format=fmt, timeout=OPEN_TIMEOUT_S)
+    except (av.FFmpegError, OSError) as e:
+        reason = " ".join(str(getattr(e, "strerror", None) or e or type(e).__name__).split())
+        raise GlitrError(f"{source}: cannot open as a video source ({reason})") from None
+    if not container.streams.video:
+        container.close()
+        raise GlitrError(f"{source}: has no video stream")
+    return container
+
+
+def frame_rate(container: Any) -> float | None:
+    """The video stream's frame rate, None when the source does not say."""
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else None
+
+
+def default_every(fps: float, num_frames: int, dataset: str) -> int:
+    """The stride that spaces the T steps as training spaced them (see the module docstring)."""
+    seconds = CLIP_SECONDS.get(dataset, DEFAULT_CLIP_SECONDS)
+    return max(1, round(fps * seconds / num_frames))
+
+
+@dataclass
+class Arrival:
+    """A decoded frame, as the reader hands it over."""
+
+    index: int  # in the source, from 0
+    time: float  # its time stamp in the source, seconds from the first frame
+    arrived: float  # time.perf_counter() when decoding it finished
+    frame: np.ndarray  # (H, W, 3) uint8 RGB
+
+
+@dataclass
+class Reader:
+    """Decodes `container` in a thread and hands every `every`-th frame over through a slot of one.
+
+    `paced`: release frames at their time stamps and let a newer frame replace one not yet taken
+    (counted in `dropped`); otherwise wait until the slot is free (nothing dropped)."""
+
+    container: Any
+    name: str  # the source, for messages
+    every: int
+    paced: bool
+    read: int = 0
+    dropped: int = 0
+    error: str | None = None
+    _slot: Arrival | None = None
+    _done: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="glitr-stream-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        stream = self.container.streams.video[0]
+        start = first = None
+        try:
+            for frame in self.container.decode(stream):
+                if self._stop.is_set():
+                    break
+                index = self.read
+                self.read += 1
+                if index % self.every:
+                    continue
+                t = frame.time
+                if first is None:
+                    first, start = t, time.perf_counter()
+                stamp = (t - first) if t is not None and first is not None else 0.0
+                if self.paced:  # the frame's moment on the wall clock (no wait when decoding is late)
+                    delay = start + stamp - time.perf_counter()
+                    if delay > 0 and self._stop.wait(delay):
+                        break
+                pixels = frame.to_ndarray(format="rgb24")
+                self._put(Arrival(index, stamp, time.perf_counter(), pixels))
+        except av.FFmpegError as e:
+            self.error = f"decoding failed after {self.read} frames ({' '.join(str(e).split())})"
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _put(self, arrival: Arrival) -> None:
+        with self._cond:
+            if not self.paced:
+                self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
+            if self._slot is not None:
+                self.dropped += 1  # the model is still busy: the newer frame replaces it
+            self._slot = arrival
+            self._cond.notify_all()
+
+    def frames(self) -> Iterator[Arrival]:
+        """The frames handed over, until the source ends."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._slot is not None or self._done)
+                arrival, self._slot = self._slot, None
+                self._cond.notify_all()
+            if arrival is None:
+                return
+            yield arrival
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+        self.container.close()
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def summarize(latencies: list[float], read: int, dropped: int, elapsed: float, interrupted: bool) -> dict[str, Any]:
+    """The summary record: frames read, processed and dropped, latency p50/p95/max (ms), frames/s."""
+    ms = np.asarray(latencies, dtype=np.float64)
+    stat = (lambda f: round(float(f(ms)), 2)) if len(ms) else (lambda f: None)
+    return {
+        "frames_read": read,
+        "frames_processed": len(latencies),
+        "frames_dropped": dropped,
+        "latency_ms_p50": stat(lambda a: np.percentile(a, 50)),
+        "latency_ms_p95": stat(lambda a: np.percentile(a, 95)),
+        "latency_ms_max": stat(np.max),
+        "processed_fps": round(len(latencies) / elapsed, 2) if elapsed > 0 else None,
+        "interrupted": interrupted,
+    }
+
+
+def describe(summary: dict[str, Any]) -> str:
+    s = summary
+    latency = (
+        f"latency p50 {s['latency_ms_p50']} ms, p95 {s['latency_ms_p95']} ms, max {s['latency_ms_max']} ms"
+        if s["frames_processed"]
+        else "no latency"
+    )
+    return (
+        f"{'stopped' if s['interrupted'] else 'done'}: {s['frames_read']} frames read, "
+        f"{s['frames_processed']} processed, {s['frames_dropped']} dropped; {latency}; "
+        f"{s['processed_fps']} processed frames/s"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def _lines(path: str | Path) -> Iterator[IO[str]]:
+    if str(path) == "-":
+        yield sys.stdout
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yield f
+
+
+def stream(
+    source: str,
+    *,
+    checkpoint: str | Path | None = None,
+    jsonl: str | Path = "-",
+    out: str | Path | None = None,
+    every: int | None = None,
+    context: str = "sliding",
+    as_fast_as_possible: bool = False,
+    top_k: int = 3,
+    size: int = 384,
+    device: str = "auto",
+    runs: str | Path | None = None,
+    step_delay: float = 0.0,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run a GliTr student online over `source` as its frames arrive; returns the summary record.
+
+    Writes one JSON line per processed frame to `jsonl` ("-": stdout) and the summary last, and with
+    `out` (.mp4) the processed frames drawn as `glitr visualize` draws them. `step_delay` (seconds)
+    is slept after every step: a slower model, to see how the stream copes (drops, latency). Ctrl-C
+    stops the stream and still writes the summary.
+    """
+    console = console or Console(stderr=True)
+    if every is not None and every < 1:
+        raise GlitrError(f"--every must be 1 or more, got {every}")
+    if context not in CONTEXTS:
+        raise GlitrError(f"--context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+    if top_k < 1:
+        raise GlitrError(f"--top-k must be 1 or more, got {top_k}")
+    if out is not None and Path(out).suffix.lower() != ".mp4":
+        raise GlitrError(f"--out {out}: the output must end in .mp4")
+    container = open_source(source)  # before the model: a wrong source answers at once
+    try:
+        if checkpoint is None:
+            checkpoint = find_checkpoint(runs)
+            console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
+        student = load_student(checkpoint)
+        runtime = Runtime.from_recipe(student.recipe, device=device)
+        runtime.apply()
+        fps = frame_rate(container)
+        if every is None:
+            every = default_every(fps or 25.0, student.num_frames, student.recipe.data.dataset)
+    except BaseException:
+        container.close()
+        raise
+    console.print(
+        f"streaming {source} ({f'{fps:g} fps' if fps else 'frame rate unknown'}): 1 frame in {every}, "
+        f"{context} context of {student.num_frames}, {'as fast as possible' if as_fast_as_possible else 'real time'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    reader = Reader(container, source, every, paced=not as_fast_as_possible)
+    with _lines(jsonl) as lines:
+        summary = _run(student, runtime, reader, lines, out, every, fps, context, top_k, size, step_delay)
+        lines.write(json.dumps({"summary": summary}) + "\n")
+        lines.flush()
+    console.print(describe(summary), highlight=False, soft_wrap=True)
+    return summary
+
+
+def _run(
+    student: Student,
+    runtime: Runtime,
+    reader: Reader,
+    lines: IO[str],
+    out: str | Path | None,
+    every: int,
+    fps: float | None,
+    context: str,
+    top_k: int,
+    size: int,
+    step_delay: float,
+) -> dict[str, Any]:
+    current: list[Arrival] = []  # the frame run_steps is working on (it pulls one at a time)
+
+    def frames() -> Iterator[tuple[int, np.ndarray]]:
+        for arrival in reader.frames():
+            current[:] = [arrival]
+            yield arrival.index, arrival.frame
+
+    writer = VideoWriter(out, (fps or 25.0) / every, "h264") if out is not None else None
+    latencies: list[float] = []
+    trail: list[tuple[float, float]] = []
+    interrupted = False
+    started = time.perf_counter()
+    t = student.num_frames
+    reader.start()
+    try:
+        for frame, step in run_steps(student, frames(), runtime, context=context, top_k=top_k):
+            if step_delay > 0:
+                time.sleep(step_delay)
+            arrival = current[0]
+            latency = (time.perf_counter() - arrival.arrived) * 1000
+            latencies.append(latency)
+            record = {
+                "frame": arrival.index,
+                "time": round(arrival.time, 4),
+                "top": [[name, round(p, 6)] for name, p in step.top],
+                "box": [round(v, 2) for v in step.box],
+                "step": min(step.step, t),  # position in the context: the last of T once sliding
+                "window": step.window,
+                "latency_ms": round(latency, 2),
+            }
+            lines.write(json.dumps(record) + "\n")
+            lines.flush()
+            if writer is not None:
+                if step.step == 1:
+                    trail = []
+                writer.write(np.asarray(render_step(frame, step, trail, t, size).convert("RGB")))
+                trail = next_trail(trail, step, t)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        reader.stop()
+        if writer is not None:
+            writer.close()
+    if reader.error is not None and not interrupted:
+        raise GlitrError(f"{reader.name}: {reader.error}")
+    elapsed = time.perf_counter() - started
+    return summarize(latencies, reader.read, reader.dropped, elapsed, interrupted)
