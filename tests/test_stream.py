@@ -1,0 +1,187 @@
+"""`glitr stream` on real encoded clips, from a file and from a local HTTP server: pacing, drops, the
+JSON lines and the summary, the drawn video, and sources that cannot be opened."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import av
+import pytest
+from conftest import REPO
+from data_helpers import make_frames
+
+from glitr_cli.data.video import encode_video
+from glitr_cli.stream import default_every, stream
+
+FPS = 25
+
+
+def checkpoint(project: Path) -> Path:
+    return project / "runs" / "tiny" / "checkpoints" / "last.pt"
+
+
+def clip(tmp_path: Path, seconds: float, name: str = "clip.mp4") -> Path:
+    """A real H.264 clip of `seconds` at 25 fps, 64x48."""
+    frames = make_frames(round(seconds * FPS), 48, 64)
+    return encode_video(tmp_path / name, frames, "h264", fps=FPS, options={"preset": "ultrafast"})
+
+
+def read_lines(path: Path) -> tuple[list[dict], dict]:
+    """(per-frame records, summary) of a --jsonl file whose last line is the summary."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert "summary" in records[-1] and all("summary" not in r for r in records[:-1])
+    return records[:-1], records[-1]["summary"]
+
+
+@pytest.fixture()
+def server(tmp_path: Path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www; yields its base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+
+def test_default_stride_spaces_steps_like_training():
+    assert default_every(12, 8, "toy") == 2  # 16 frames at 12 fps over T = 8: every 2nd
+    assert default_every(25, 4, "toy") == 8
+    assert default_every(12, 16, "ssv2") == 3  # 4 s at 12 fps over 16 steps
+    assert default_every(30, 8, "my_clips") == 11  # unknown dataset: 3 s
+    assert default_every(2, 16, "ssv2") == 1  # never below 1
+
+
+def test_real_time_file_paces_writes_one_line_per_frame_and_a_summary(trained_tiny, tmp_path, glitr, monkeypatch):
+    monkeypatch.chdir(trained_tiny)
+    video = clip(tmp_path, 2.0)
+    out, live = tmp_path / "lines.jsonl", tmp_path / "live.mp4"
+    start = time.perf_counter()
+    code, _, err = glitr("stream", video, "--jsonl", out, "--every", 2, "--out", live)
+    elapsed = time.perf_counter() - start
+    assert code == 0, err
+    assert "using the newest GliTr checkpoint" in err and "done: 50 frames read" in err
+    assert elapsed >= 0.8 * 2.0  # paced on the clip's own frame rate
+    records, summary = read_lines(out)
+    frames = [r["frame"] for r in records]
+    assert frames == sorted(frames) and len(set(frames)) == len(frames) and all(f % 2 == 0 for f in frames)
+    assert summary["frames_read"] == 50 and summary["frames_processed"] == len(records) > 0
+    assert summary["frames_processed"] + summary["frames_dropped"] == 25
+    assert summary["latency_ms_p50"] <= summary["latency_ms_p95"] <= summary["latency_ms_max"]
+    assert summary["processed_fps"] > 0 and summary["interrupted"] is False
+    first = records[0]
+    assert set(first) == {"frame", "time", "top", "box", "step", "window", "latency_ms"}
+    assert first["time"] == pytest.approx(first["frame"] / FPS, abs=1e-3)
+    assert len(first["top"]) == 3 and abs(sum(p for _, p in first["top"])) <= 1 + 1e-6
+    assert [r["step"] for r in records[:5]] == [1, 2, 3, 4, 4][: len(records[:5])]  # T = 4, then sliding
+    with av.open(str(live)) as container:  # one drawn frame per processed frame
+        assert sum(1 for _ in container.decode(video=0)) == len(records)
+
+
+def test_as_fast_as_possible_is_not_paced_and_drops_nothing(trained_tiny, tmp_path):
+    video = clip(tmp_path, 8.0)
+    start = time.perf_counter()
+    summary = stream(
+        str(video), checkpoint=checkpoint(trained_tiny), jsonl=tmp_path / "l.jsonl", as_fast_as_possible=True
+    )
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5 * 8.0
+    assert summary["frames_read"] == 200 and summary["frames_dropped"] == 0
+    assert summary["frames_processed"] == -(-200 // default_every(FPS, 4, "toy"))  # every 8th: 25 frames
+
+
+def test_a_model_slower_than_the_source_drops_frames_without_queueing(trained_tiny, tmp_path):
+    video = clip(tmp_path, 2.0)
+    out = tmp_path / "slow.jsonl"
+    summary = stream(str(video), checkpoint=checkpoint(trained_tiny), jsonl=out, every=1, step_delay=0.2)
+    records, written = read_lines(out)
+    assert written == summary
+    assert summary["frames_read"] == 50
+    assert summary["frames_dropped"] > 20  # a step takes 5 frame periods
+    assert summary["frames_processed"] + summary["frames_dropped"] == 50
+    frames = [r["frame"] for r in records]
+    assert frames == sorted(frames) and len(set(frames)) == len(frames)
+    # the newest frame only: a frame waits for at most one step, never for a queue (50 x 0.2 s)
+    assert summary["latency_ms_max"] < 3000
+
+
+def test_http_stream_gives_the_file_s_predictions(trained_tiny, tmp_path, glitr, server):
+    url, root = server
+    video = clip(root, 1.2, "served.mp4")
+    ckpt = checkpoint(trained_tiny)
+    results = []
+    for source, name in ((video, "file.jsonl"), (f"{url}/served.mp4", "http.jsonl")):
+        args = ("--every", 3, "--context", "restart", "--as-fast-as-possible", "--jsonl", tmp_path / name)
+        code, _, err = glitr("stream", source, "-c", ckpt, *args)
+        assert code == 0, err
+        results.append(read_lines(tmp_path / name))
+    (file_records, file_summary), (http_records, http_summary) = results
+    assert file_summary["frames_dropped"] == http_summary["frames_dropped"] == 0
+    assert file_summary["frames_processed"] == http_summary["frames_processed"] == 10
+    drop = ("latency_ms",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in http_records] == [
+        {k: v for k, v in r.items() if k not in drop} for r in file_records
+    ]
+    assert [r["step"] for r in file_records] == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]  # restart after T = 4
+    assert [r["window"] for r in file_records] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_sources_that_cannot_be_opened_exit_2_with_one_line(trained_tiny, tmp_path, glitr, server):
+    url, root = server
+    (root / "notes.mp4").write_text("not a video")
+    ckpt = checkpoint(trained_tiny)
+    for source, says in (
+        (tmp_path / "missing.mp4", "no such video file"),
+        (root / "notes.mp4", "cannot open as a video source"),
+        (f"{url}/missing.mp4", "cannot open as a video source"),
+        (f"{url}/notes.mp4", "cannot open as a video source"),
+    ):
+        code, out, err = glitr("stream", source, "-c", ckpt, "--jsonl", tmp_path / "x.jsonl")
+        assert code == 2, (source, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+        assert str(source) in err and says in err, err
+        assert out == ""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_the_summary(trained_tiny, tmp_path):
+    video = clip(tmp_path, 30.0)
+    out = tmp_path / "lines.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "glitr_cli", "stream", str(video), "-c", str(checkpoint(trained_tiny))]
+    proc = subprocess.Popen([*cmd, "--every", "5", "--jsonl", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    records, summary = read_lines(out)
+    assert summary["interrupted"] is True and "stopped:" in err
+    assert summary["frames_processed"] == len(records) >= 2
+    assert summary["frames_read"] < 30 * FPS
