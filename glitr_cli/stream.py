@@ -118,6 +118,7 @@ class Reader:
     name: str  # the source, for messages
     every: int
     paced: bool
+    fps: float | None = None  # for frames without a time stamp
     read: int = 0
     dropped: int = 0
     error: str | None = None
@@ -132,7 +133,8 @@ class Reader:
 
     def _run(self) -> None:
         stream = self.container.streams.video[0]
-        start = first = None
+        first: float | None = None  # the first chosen frame's time stamp and arrival
+        start = 0.0
         try:
             for frame in self.container.decode(stream):
                 if self._stop.is_set():
@@ -141,10 +143,10 @@ class Reader:
                 self.read += 1
                 if index % self.every:
                     continue
-                t = frame.time
+                t = frame.time if frame.time is not None else index / (self.fps or 25.0)  # no time stamp: count
                 if first is None:
                     first, start = t, time.perf_counter()
-                stamp = (t - first) if t is not None and first is not None else 0.0
+                stamp = t - first
                 if self.paced:  # the frame's moment on the wall clock (no wait when decoding is late)
                     delay = start + stamp - time.perf_counter()
                     if delay > 0 and self._stop.wait(delay):
@@ -284,7 +286,7 @@ def stream(
         highlight=False,
         soft_wrap=True,
     )
-    reader = Reader(container, source, every, paced=not as_fast_as_possible)
+    reader = Reader(container, source, every, paced=not as_fast_as_possible, fps=fps)
     with _lines(jsonl) as lines:
         summary = _run(student, runtime, reader, lines, out, every, fps, context, top_k, size, step_delay)
         lines.write(json.dumps({"summary": summary}) + "\n")

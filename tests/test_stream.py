@@ -185,3 +185,10 @@ def test_ctrl_c_stops_with_the_summary(trained_tiny, tmp_path):
     assert summary["interrupted"] is True and "stopped:" in err
     assert summary["frames_processed"] == len(records) >= 2
     assert summary["frames_read"] < 30 * FPS
+
+
+def test_stream_is_in_the_help(glitr):
+    code, out, _ = glitr("--help")
+    assert code == 0 and "stream" in out
+    code, out, _ = glitr("stream", "--help")
+    assert code == 0 and "--as-fast-as-possible" in out and "--jsonl" in out
