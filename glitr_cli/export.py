@@ -20,6 +20,9 @@ The graph is `model.online.StepGraph`, the sliding predictor's step with its sta
 
 The model's metadata (`metadata_props`) holds the class names, T, S, the recipe's resize, the input
 kind and `first_box`, the box a new stream's first glimpse reads (what a --crop caller cuts first).
+
+`OnnxPredictor` runs the step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
+--backend onnx`, `glitr bench`).
 """
 
 from __future__ import annotations
@@ -28,42 +31,42 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from glitr_cli.engine.loading import load_student
 from glitr_cli.errors import GlitrError
-from glitr_cli.model.online import StepGraph
+from glitr_cli.model import GliTr
+from glitr_cli.model.online import CONTEXTS, StepGraph, StepOutput
 
 INPUTS = ("frame", "features", "count", "location")
 OUTPUTS = ("probs", "glimpse_location", "next_location", "next_box", "next_features", "next_count")
 OPSET = 20  # affine_grid and grid_sample as ONNX ops
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, *, crop: bool = False, batch_size: int = 1) -> dict[str, Any]:
-    """Write `checkpoint`'s online step to `out` (ONNX); returns the metadata written with it."""
+def require_onnx() -> None:
+    """The exporter needs onnx and onnxscript; neither is a core dependency."""
     try:
-        import onnx  # noqa: F401  (the exporter needs it and onnxscript; neither is a core dependency)
+        import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
         raise GlitrError("glitr export needs onnx and onnxscript: pip install 'glitr[export]'") from None
-    out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise GlitrError(f"--out {out}: the output must end in .onnx")
-    if batch_size < 1:
-        raise GlitrError(f"--batch-size must be 1 or more, got {batch_size}")
-    student = load_student(checkpoint)
-    model = student.model.float()
-    model.set_fused_attn(False)  # the explicit softmax path: plain ONNX ops
+
+
+def step_program(model: GliTr, *, crop: bool = False, batch_size: int = 1) -> Any:
+    """`model`'s sliding step (`StepGraph`) as an ONNX ModelProto; `model` is turned to float32 with
+    the explicit attention path (plain ONNX ops)."""
+    require_onnx()
+    model = model.float()
+    model.set_fused_attn(False)
     graph = StepGraph(model, crop=crop).eval()
     s, t, d = model.img_size, model.num_frames, model.backbone.embed_dim
-    first_box = graph.first_box(batch_size)
     if crop:
-        x0, y0, x1, y1 = first_box[0].tolist()
+        x0, y0, x1, y1 = graph.first_box(batch_size)[0].tolist()
         image = torch.zeros(batch_size, 3, y1 - y0, x1 - x0)
     else:
         image = torch.zeros(batch_size, 3, s, s)
     args = (image, torch.zeros(batch_size, t, d), torch.zeros(1, dtype=torch.long), torch.zeros(batch_size, 2))
-    out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
             graph,
@@ -74,20 +77,81 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, crop: bool = False, 
             dynamo=True,
             verbose=False,
         )
+    return program.model_proto
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, *, crop: bool = False, batch_size: int = 1) -> dict[str, Any]:
+    """Write `checkpoint`'s online step to `out` (ONNX); returns the metadata written with it."""
+    require_onnx()
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise GlitrError(f"--out {out}: the output must end in .onnx")
+    if batch_size < 1:
+        raise GlitrError(f"--batch-size must be 1 or more, got {batch_size}")
+    student = load_student(checkpoint)
+    proto = step_program(student.model, crop=crop, batch_size=batch_size)
+    model = student.model
     metadata = {
         "class_names": json.dumps(student.class_names),
-        "num_frames": str(t),
-        "img_size": str(s),
+        "num_frames": str(model.num_frames),
+        "img_size": str(model.img_size),
         "resize": str(student.resize),
         "input": "crop" if crop else "frame",
-        "first_box": json.dumps(first_box[0].tolist()),
+        "first_box": json.dumps(StepGraph(model).first_box(batch_size)[0].tolist()),
         "checkpoint": str(student.path),
     }
-    proto = program.model_proto
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_bytes(proto.SerializeToString())
     tmp.replace(out)
     return metadata
+
+
+# ------------------------------------------------------------------------------------- running it
+
+
+class OnnxPredictor:
+    """The exported sliding step run by ONNX Runtime, with `OnlinePredictor`'s interface for one stream
+    of whole model inputs: `step(frame (1, 3, S, S))` -> `StepOutput`, `steps` (in the current context,
+    at most T), `frames` (since the start). `context` "restart" starts from a new state after T steps,
+    which is what `OnlinePredictor(context="restart")` computes; "sliding" is the graph itself.
+    `threads` sets ONNX Runtime's intra-op threads (0: its default)."""
+
+    def __init__(self, model: GliTr, context: str = "sliding", threads: int = 0) -> None:
+        try:
+            import onnxruntime as ort  # optional, like the exporter
+        except ImportError:
+            raise GlitrError("the ONNX backend needs onnxruntime: pip install 'glitr[export]'") from None
+        if context not in CONTEXTS:
+            raise GlitrError(f"unknown context {context!r}; expected one of {', '.join(CONTEXTS)}")
+        self.context = context
+        self.num_frames, self._dim = model.num_frames, model.backbone.embed_dim
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        proto = step_program(model, batch_size=1)
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.frames = 0
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.steps = 0
+        self._state = {
+            "features": np.zeros((1, self.num_frames, self._dim), np.float32),
+            "count": np.zeros(1, np.int64),
+            "location": np.zeros((1, 2), np.float32),
+        }
+
+    def step(self, frame: torch.Tensor) -> StepOutput:
+        if self.context == "restart" and self.steps == self.num_frames:
+            self._new_window()
+        image = frame.detach().float().cpu().numpy()
+        probs, loc, nxt, _, features, count = self.session.run(None, {"frame": image, **self._state})
+        self._state = {"features": features, "count": count, "location": nxt}
+        self.steps = min(self.steps + 1, self.num_frames)
+        self.frames += 1
+        p = torch.from_numpy(probs)
+        return StepOutput(torch.from_numpy(loc), p.log(), p, torch.from_numpy(nxt))

@@ -270,19 +270,23 @@ def run_steps(
     side_by_side: bool = False,
     context: str = "sliding",
     top_k: int = 3,
+    predictor: Any = None,
 ) -> Iterator[tuple[np.ndarray, Step]]:
     """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
 
     Each frame is preprocessed like evaluation and the predictor runs under `runtime` like
     evaluation. After T steps the predictor's `context` decides: "restart" starts a new window
     (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
-    each Step carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each."""
+    each Step carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each.
+    `predictor` replaces evaluation's online predictor: one with its `step`, `steps` and `frames`, such
+    as `export.OnnxPredictor`."""
     model = student.model.to(runtime.device)
     transform = eval_transform(student.img_size, student.resize)
     scale = model.backbone.glimpse_scale
     side = model.backbone.glimpse_pixels
     k = min(top_k, len(student.class_names))
-    predictor = online_predictor(model, runtime, context=context)
+    if predictor is None:
+        predictor = online_predictor(model, runtime, context=context)
     window = 0
     for index, frame in frames:
         h, w = frame.shape[:2]
