@@ -244,6 +244,9 @@ def stream(
     top_k: int = typer.Option(3, "--top-k", help="Classes (with probabilities) per line."),
     size: int = typer.Option(384, "--size", help="--out: longer side of the drawn frame (0: the source size)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    backend: str = typer.Option(
+        "pytorch", "--backend", help="pytorch, or onnx: the exported step in ONNX Runtime (CPU; needs glitr[export])."
+    ),
 ) -> None:
     """Predict online as the frames of a file, stream or camera arrive; Ctrl-C stops with a summary."""
     from glitr_cli.stream import stream as run
@@ -259,6 +262,7 @@ def stream(
         top_k=top_k,
         size=size,
         device=device,
+        backend=backend,
     )
 
 

@@ -42,6 +42,7 @@ from rich.console import Console
 from glitr_cli.data.video import VideoWriter
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
 from glitr_cli.errors import GlitrError
+from glitr_cli.export import OnnxPredictor
 from glitr_cli.model.online import CONTEXTS
 from glitr_cli.runtime import Runtime
 from glitr_cli.visualize import next_trail, render_step, run_steps
@@ -51,6 +52,7 @@ DEVICE_PREFIXES = ("avfoundation:", "dshow:")  # `FORMAT:DEVICE`, the device str
 CLIP_SECONDS = {"ssv2": 4.0, "jester": 3.0, "toy": 16 / 12}  # typical training clip duration per dataset
 DEFAULT_CLIP_SECONDS = 3.0
 OPEN_TIMEOUT_S = 10.0  # a network source that does not answer
+BACKENDS = ("pytorch", "onnx")
 
 
 # ------------------------------------------------------------------------------------------------ source
@@ -246,6 +248,7 @@ def stream(
     top_k: int = 3,
     size: int = 384,
     device: str = "auto",
+    backend: str = "pytorch",
     runs: str | Path | None = None,
     step_delay: float = 0.0,
     console: Console | None = None,
@@ -255,7 +258,8 @@ def stream(
     Writes one JSON line per processed frame to `jsonl` ("-": stdout) and the summary last, and with
     `out` (.mp4) the processed frames drawn as `glitr visualize` draws them. `step_delay` (seconds)
     is slept after every step: a slower model, to see how the stream copes (drops, latency). Ctrl-C
-    stops the stream and still writes the summary.
+    stops the stream and still writes the summary. `backend` "onnx" runs the step `glitr export` writes
+    with ONNX Runtime on the CPU instead of PyTorch (the same numbers up to float rounding).
     """
     console = console or Console(stderr=True)
     if every is not None and every < 1:
@@ -266,14 +270,19 @@ def stream(
         raise GlitrError(f"--top-k must be 1 or more, got {top_k}")
     if out is not None and Path(out).suffix.lower() != ".mp4":
         raise GlitrError(f"--out {out}: the output must end in .mp4")
+    if backend not in BACKENDS:
+        raise GlitrError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnx" and device not in ("auto", "cpu"):
+        raise GlitrError(f"--backend onnx runs on the CPU; drop --device {device}")
     container = open_source(source)  # before the model: a wrong source answers at once
     try:
         if checkpoint is None:
             checkpoint = find_checkpoint(runs)
             console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
         student = load_student(checkpoint)
-        runtime = Runtime.from_recipe(student.recipe, device=device)
+        runtime = Runtime.from_recipe(student.recipe, device="cpu" if backend == "onnx" else device)
         runtime.apply()
+        predictor = OnnxPredictor(student.model, context, runtime.threads) if backend == "onnx" else None
         fps = frame_rate(container)
         if every is None:
             every = default_every(fps or 25.0, student.num_frames, student.recipe.data.dataset)
@@ -282,13 +291,14 @@ def stream(
         raise
     console.print(
         f"streaming {source} ({f'{fps:g} fps' if fps else 'frame rate unknown'}): 1 frame in {every}, "
-        f"{context} context of {student.num_frames}, {'as fast as possible' if as_fast_as_possible else 'real time'}",
+        f"{context} context of {student.num_frames}, {'as fast as possible' if as_fast_as_possible else 'real time'}, "
+        f"{backend} on {runtime.device}",
         highlight=False,
         soft_wrap=True,
     )
     reader = Reader(container, source, every, paced=not as_fast_as_possible, fps=fps)
     with _lines(jsonl) as lines:
-        summary = _run(student, runtime, reader, lines, out, every, fps, context, top_k, size, step_delay)
+        summary = _run(student, runtime, predictor, reader, lines, out, every, fps, context, top_k, size, step_delay)
         lines.write(json.dumps({"summary": summary}) + "\n")
         lines.flush()
     console.print(describe(summary), highlight=False, soft_wrap=True)
@@ -298,6 +308,7 @@ def stream(
 def _run(
     student: Student,
     runtime: Runtime,
+    predictor: OnnxPredictor | None,
     reader: Reader,
     lines: IO[str],
     out: str | Path | None,
@@ -323,7 +334,7 @@ def _run(
     t = student.num_frames
     reader.start()
     try:
-        for frame, step in run_steps(student, frames(), runtime, context=context, top_k=top_k):
+        for frame, step in run_steps(student, frames(), runtime, context=context, top_k=top_k, predictor=predictor):
             if step_delay > 0:
                 time.sleep(step_delay)
             arrival = current[0]

@@ -192,3 +192,36 @@ def test_stream_is_in_the_help(glitr):
     assert code == 0 and "stream" in out
     code, out, _ = glitr("stream", "--help")
     assert code == 0 and "--as-fast-as-possible" in out and "--jsonl" in out
+
+
+@pytest.mark.parametrize("context", ["sliding", "restart"])
+def test_onnx_backend_gives_the_pytorch_predictions(trained_tiny, tmp_path, glitr, context):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    video = clip(tmp_path, 1.6)
+    results = []
+    for backend in ("pytorch", "onnx"):
+        out = tmp_path / f"{backend}.jsonl"
+        args = ("--every", 3, "--context", context, "--top-k", 8, "--as-fast-as-possible", "--jsonl", out)
+        code, _, err = glitr("stream", video, "-c", checkpoint(trained_tiny), "--backend", backend, *args)
+        assert code == 0, err
+        assert f"{backend} on cpu" in err
+        results.append(read_lines(out)[0])
+    torch_records, onnx_records = results
+    assert len(torch_records) == len(onnx_records) == 14  # 40 frames, every 3rd
+    for a, b in zip(torch_records, onnx_records, strict=True):
+        assert (a["frame"], a["time"], a["step"], a["window"]) == (b["frame"], b["time"], b["step"], b["window"])
+        assert b["box"] == pytest.approx(a["box"], abs=0.02)
+        pa, pb = dict(a["top"]), dict(b["top"])  # every class: no order ties at the cut
+        assert pa.keys() == pb.keys() and all(abs(pa[k] - pb[k]) < 1e-4 for k in pa)
+    steps = [r["step"] for r in onnx_records]
+    assert steps[:6] == ([1, 2, 3, 4, 1, 2] if context == "restart" else [1, 2, 3, 4, 4, 4])
+
+
+def test_onnx_backend_runs_on_the_cpu_only(trained_tiny, tmp_path, glitr):
+    code, _, err = glitr("stream", clip(tmp_path, 0.4), "-c", checkpoint(trained_tiny), "--backend", "tpu")
+    assert code == 2 and "--backend must be one of pytorch, onnx" in err
+    code, _, err = glitr(
+        "stream", clip(tmp_path, 0.4), "-c", checkpoint(trained_tiny), "--backend", "onnx", "--device", "cuda"
+    )
+    assert code == 2 and "runs on the CPU" in err
