@@ -5,6 +5,8 @@ CUDA graphs or compile, loss scaling, AdamW) on synthetic clips of the recipe's 
 evaluation's own batched pass and online predictor, all under the recipe's `Runtime`. The yardstick
 is the same `TrainStep` over the plain reference path of `model/reference.py` (the original's
 algorithm: float32, unfused attention, O(T^2) student loop, deep copies in the teacher step).
+On the CPU, when onnx, onnxscript and onnxruntime are installed, the online step exported as
+`glitr export` writes it is timed in ONNX Runtime beside PyTorch (`online_ms_per_frame_b1_onnx`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from glitr_cli.engine.loading import build_model
 from glitr_cli.engine.objectives import Objective, reference_objective, student_objective, teacher_objective
 from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError
+from glitr_cli.export import OnnxPredictor, onnx_runtime_available
 from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
 from glitr_cli.runtime import Runtime
@@ -268,6 +271,16 @@ class Bench:
                     predictor.step(frame)
 
             self.measure(name, online, t * batch, unit)
+        if self.device.type == "cpu" and onnx_runtime_available():  # the exported step in ONNX Runtime
+            onnx = OnnxPredictor(copy.deepcopy(student), threads=self.runtime.threads)
+            frames = torch.randn(t, 1, 3, size, size)
+
+            def onnx_online() -> None:
+                onnx.reset()
+                for frame in frames:
+                    onnx.step(frame)
+
+            self.measure("online_ms_per_frame_b1_onnx", onnx_online, t, "ms/frame")
         one, centre = self.frames[:1, 0], self.frames.new_zeros(1, 2)
         with torch.no_grad():
             self.flops["backbone_per_glimpse"] = count_flops(lambda: student.backbone(one, centre))

@@ -27,6 +27,7 @@ kind and `first_box`, the box a new stream's first glimpse reads (what a --crop 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ from glitr_cli.model.online import CONTEXTS, StepGraph, StepOutput
 INPUTS = ("frame", "features", "count", "location")
 OUTPUTS = ("probs", "glimpse_location", "next_location", "next_box", "next_features", "next_count")
 OPSET = 20  # affine_grid and grid_sample as ONNX ops
+
+
+def onnx_runtime_available() -> bool:
+    """Whether this environment can export the step and run it (onnx, onnxscript, onnxruntime)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
 
 
 def require_onnx() -> None:
@@ -134,6 +140,10 @@ class OnnxPredictor:
         options.inter_op_num_threads = 1
         proto = step_program(model, batch_size=1)
         self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream."""
         self.frames = 0
         self._new_window()
 

@@ -9,6 +9,7 @@ from conftest import run_cli
 from model_helpers import clips, tiny_glitr
 
 from glitr_cli.bench import Bench, BenchSettings, run_bench
+from glitr_cli.export import onnx_runtime_available
 from glitr_cli.model import StudentObjective, TeacherObjective
 from glitr_cli.model.reference import PlainStudentObjective, PlainTeacherObjective, plain_student_forward
 from glitr_cli.recipe import load_recipe
@@ -94,6 +95,8 @@ def test_bench_command_prints_and_writes_figures(tmp_path, monkeypatch, capsys):
     for fig in result["results"].values():
         assert fig["min"] <= fig["median"] <= fig["max"] and fig["min"] > 0
     assert 0 < result["flops"]["backbone_per_glimpse"] < result["flops"]["backbone_per_full_frame"]
+    # the exported step in ONNX Runtime, when the export packages are installed (they are in dev)
+    assert ("online_ms_per_frame_b1_onnx" in result["results"]) == onnx_runtime_available()
 
 
 @pytest.mark.slow
