@@ -130,7 +130,9 @@ class Reader:
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="glitr-stream-reader", daemon=True)
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._run, name="glitr-stream-reader", daemon=True
+        )
         self._thread.start()
 
     def _run(self) -> None:
@@ -158,6 +160,7 @@ class Reader:
         except av.FFmpegError as e:
             self.error = f"decoding failed after {self.read} frames ({' '.join(str(e).split())})"
         finally:
+            self.container.close()  # here, in the thread that decodes: never under a running decode
             with self._cond:
                 self._done = True
                 self._cond.notify_all()
@@ -183,11 +186,15 @@ class Reader:
             yield arrival
 
     def stop(self) -> None:
+        """Ask the thread to end and wait a little; a source stuck in a read (a silent network stream)
+        is left to the daemon thread, which closes it when the read returns."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        if getattr(self, "_thread", None) is None:
+            self.container.close()
+            return
         self._thread.join(timeout=5.0)
-        self.container.close()
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -326,14 +333,17 @@ def _run(
             current[:] = [arrival]
             yield arrival.index, arrival.frame
 
-    writer = VideoWriter(out, (fps or 25.0) / every, "h264") if out is not None else None
+    writer: VideoWriter | None = None
     latencies: list[float] = []
     trail: list[tuple[float, float]] = []
     interrupted = False
     started = time.perf_counter()
     t = student.num_frames
-    reader.start()
     try:
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            writer = VideoWriter(out, (fps or 25.0) / every, "h264")
+        reader.start()
         for frame, step in run_steps(student, frames(), runtime, context=context, top_k=top_k, predictor=predictor):
             if step_delay > 0:
                 time.sleep(step_delay)
