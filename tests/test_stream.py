@@ -20,7 +20,7 @@ from conftest import REPO
 from data_helpers import make_frames
 
 from glitr_cli.data.video import encode_video
-from glitr_cli.stream import default_every, stream
+from glitr_cli.stream import default_every, source_format, stream
 
 FPS = 25
 
@@ -225,3 +225,13 @@ def test_onnx_backend_runs_on_the_cpu_only(trained_tiny, tmp_path, glitr):
         "stream", clip(tmp_path, 0.4), "-c", checkpoint(trained_tiny), "--backend", "onnx", "--device", "cuda"
     )
     assert code == 2 and "runs on the CPU" in err
+
+
+def test_capture_devices_open_through_their_pyav_format(trained_tiny, tmp_path, glitr):
+    assert source_format("/dev/video0") == ("/dev/video0", "v4l2")
+    assert source_format("avfoundation:0") == ("0", "avfoundation")
+    assert source_format("dshow:video=Integrated Camera") == ("video=Integrated Camera", "dshow")
+    assert source_format("rtsp://127.0.0.1/cam") == ("rtsp://127.0.0.1/cam", None)
+    missing = "/dev/video99"  # no such camera here, or no v4l2 in this PyAV: one line either way
+    code, out, err = glitr("stream", missing, "-c", checkpoint(trained_tiny))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and missing in err, err
