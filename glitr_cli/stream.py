@@ -17,7 +17,8 @@ The stride. The model was trained on T frames spread over a whole clip, so conse
 should be as far apart in time as they were in training: `every` = round(fps * D / T), at least 1,
 where D is the typical clip duration of the recipe's dataset (`CLIP_SECONDS`: Something-Something
 V2 about 4 s, Jester 3 s, the toy set 16 frames at 12 fps) and 3 s for any other dataset (the
-length of a typical short action clip). `every` overrides it.
+length of a typical short action clip); a source that states no frame rate counts as 25 fps.
+`every` overrides it.
 
 Latency is measured from the moment a frame is decoded (its arrival) to the moment its prediction
 is known, so it includes the wait for the model when it was busy.
