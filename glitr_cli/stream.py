@@ -39,6 +39,8 @@ from typing import IO, Any
 import av
 import numpy as np
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from glitr_cli.data.video import VideoWriter
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
@@ -234,6 +236,16 @@ def describe(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------- main
 
 
+def panel(record: dict[str, Any]) -> Table:
+    """The live view of one processed frame: its top-3 classes and the latency."""
+    table = Table(title=f"frame {record['frame']} · {record['time']:.2f} s · {record['latency_ms']:.0f} ms")
+    table.add_column("class")
+    table.add_column("p", justify="right")
+    for name, p in record["top"][:3]:
+        table.add_row(name, f"{p:.2f}")
+    return table
+
+
 @contextlib.contextmanager
 def _lines(path: str | Path) -> Iterator[IO[str]]:
     if str(path) == "-":
@@ -305,8 +317,13 @@ def stream(
         soft_wrap=True,
     )
     reader = Reader(container, source, every, paced=not as_fast_as_possible, fps=fps)
-    with _lines(jsonl) as lines:
-        summary = _run(student, runtime, predictor, reader, lines, out, every, fps, context, top_k, size, step_delay)
+    # a live panel of the current top-3 and latency when a person watches (not when JSON goes there)
+    show = console.is_terminal and not (str(jsonl) == "-" and console.file is sys.stdout)
+    watched = Live(console=console, auto_refresh=False, transient=True) if show else contextlib.nullcontext()
+    with _lines(jsonl) as lines, watched as live:
+        summary = _run(
+            student, runtime, predictor, reader, lines, out, every, fps, context, top_k, size, step_delay, live
+        )
         lines.write(json.dumps({"summary": summary}) + "\n")
         lines.flush()
     console.print(describe(summary), highlight=False, soft_wrap=True)
@@ -326,6 +343,7 @@ def _run(
     top_k: int,
     size: int,
     step_delay: float,
+    live: Live | None,
 ) -> dict[str, Any]:
     current: list[Arrival] = []  # the frame run_steps is working on (it pulls one at a time)
 
@@ -362,6 +380,8 @@ def _run(
             }
             lines.write(json.dumps(record) + "\n")
             lines.flush()
+            if live is not None:
+                live.update(panel(record), refresh=True)
             if writer is not None:
                 if step.step == 1:
                     trail = []
