@@ -247,6 +247,9 @@ def stream(
     backend: str = typer.Option(
         "pytorch", "--backend", help="pytorch, or onnx: the exported step in ONNX Runtime (CPU; needs glitr[export])."
     ),
+    glimpse_only: bool = typer.Option(
+        False, "--glimpse-only", help="Read only the window each glimpse needs; report its pixels against the frame's."
+    ),
 ) -> None:
     """Predict online as the frames of a file, stream or camera arrive; Ctrl-C stops with a summary."""
     from glitr_cli.stream import stream as run
@@ -263,6 +266,7 @@ def stream(
         size=size,
         device=device,
         backend=backend,
+        glimpse_only=glimpse_only,
     )
 
 

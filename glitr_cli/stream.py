@@ -230,6 +230,12 @@ def describe(summary: dict[str, Any]) -> str:
         f"{'stopped' if s['interrupted'] else 'done'}: {s['frames_read']} frames read, "
         f"{s['frames_processed']} processed, {s['frames_dropped']} dropped; {latency}; "
         f"{s['processed_fps']} processed frames/s"
+        + (
+            f"; read {s['pixels_read_per_frame']:.0f} pixels per frame of the {s['model_input_pixels']} a whole "
+            "model input has"
+            if "pixels_read_per_frame" in s
+            else ""
+        )
     )
 
 
@@ -271,6 +277,7 @@ def stream(
     backend: str = "pytorch",
     runs: str | Path | None = None,
     step_delay: float = 0.0,
+    glimpse_only: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run a GliTr student online over `source` as its frames arrive; returns the summary record.
@@ -292,6 +299,8 @@ def stream(
         raise GlitrError(f"--out {out}: the output must end in .mp4")
     if backend not in BACKENDS:
         raise GlitrError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnx" and glimpse_only:
+        raise GlitrError("--glimpse-only runs on the PyTorch backend; drop --backend onnx")
     if backend == "onnx" and device not in ("auto", "cpu"):
         raise GlitrError(f"--backend onnx runs on the CPU; drop --device {device}")
     container = open_source(source)  # before the model: a wrong source answers at once
@@ -322,7 +331,20 @@ def stream(
     watched = Live(console=console, auto_refresh=False, transient=True) if show else contextlib.nullcontext()
     with _lines(jsonl) as lines, watched as live:
         summary = _run(
-            student, runtime, predictor, reader, lines, out, every, fps, context, top_k, size, step_delay, live
+            student,
+            runtime,
+            predictor,
+            reader,
+            lines,
+            out,
+            every,
+            fps,
+            context,
+            top_k,
+            size,
+            step_delay,
+            live,
+            glimpse_only,
         )
         lines.write(json.dumps({"summary": summary}) + "\n")
         lines.flush()
@@ -344,6 +366,7 @@ def _run(
     size: int,
     step_delay: float,
     live: Live | None,
+    glimpse_only: bool,
 ) -> dict[str, Any]:
     current: list[Arrival] = []  # the frame run_steps is working on (it pulls one at a time)
 
@@ -354,6 +377,7 @@ def _run(
 
     writer: VideoWriter | None = None
     latencies: list[float] = []
+    pixels_read: list[int] = []
     trail: list[tuple[float, float]] = []
     interrupted = False
     started = time.perf_counter()
@@ -363,7 +387,10 @@ def _run(
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             writer = VideoWriter(out, (fps or 25.0) / every, "h264")
         reader.start()
-        for frame, step in run_steps(student, frames(), runtime, context=context, top_k=top_k, predictor=predictor):
+        steps = run_steps(
+            student, frames(), runtime, context=context, top_k=top_k, predictor=predictor, glimpse_only=glimpse_only
+        )
+        for frame, step in steps:
             if step_delay > 0:
                 time.sleep(step_delay)
             arrival = current[0]
@@ -378,6 +405,9 @@ def _run(
                 "window": step.window,
                 "latency_ms": round(latency, 2),
             }
+            if step.pixels_read is not None:
+                record["pixels_read"] = step.pixels_read
+                pixels_read.append(step.pixels_read)
             lines.write(json.dumps(record) + "\n")
             lines.flush()
             if live is not None:
@@ -396,4 +426,8 @@ def _run(
     if reader.error is not None and not interrupted:
         raise GlitrError(f"{reader.name}: {reader.error}")
     elapsed = time.perf_counter() - started
-    return summarize(latencies, reader.read, reader.dropped, elapsed, interrupted)
+    summary = summarize(latencies, reader.read, reader.dropped, elapsed, interrupted)
+    if pixels_read:  # what a source delivering only the glimpse's window would send, against whole frames
+        summary["pixels_read_per_frame"] = round(float(np.mean(pixels_read)), 1)
+        summary["model_input_pixels"] = student.img_size**2
+    return summary

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 
 from glitr_cli.data.sampling import FrameSampler
-from glitr_cli.data.transforms import denormalize, eval_transform
+from glitr_cli.data.transforms import CentreCrop, denormalize, eval_transform
 from glitr_cli.data.video import FrameSource, VideoWriter
 from glitr_cli.engine.evaluation import online_predictor
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
@@ -147,6 +147,7 @@ class Step:
     box: tuple[float, float, float, float]  # source pixels
     top: list[tuple[str, float]]
     glimpse: np.ndarray | None  # (g, g, 3) uint8, what the model saw (side by side)
+    pixels_read: int | None = None  # glimpse-only: the source pixels this step read
 
 
 def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -271,6 +272,7 @@ def run_steps(
     context: str = "sliding",
     top_k: int = 3,
     predictor: Any = None,
+    glimpse_only: bool = False,
 ) -> Iterator[tuple[np.ndarray, Step]]:
     """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
 
@@ -279,7 +281,11 @@ def run_steps(
     (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
     each Step carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each.
     `predictor` replaces evaluation's online predictor: one with its `step`, `steps` and `frames`, such
-    as `export.OnnxPredictor`."""
+    as `export.OnnxPredictor`. With `glimpse_only` each frame is brought to evaluation's size (its
+    resize) and the predictor reads only the pixels of its `next_box()` (`Step.pixels_read`), as a
+    source that delivers just that window would; the numbers equal the whole-frame path's."""
+    if glimpse_only and side_by_side:
+        raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
     model = student.model.to(runtime.device)
     transform = eval_transform(student.img_size, student.resize)
     scale = model.backbone.glimpse_scale
@@ -291,8 +297,18 @@ def run_steps(
     for index, frame in frames:
         h, w = frame.shape[:2]
         pixels = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
-        x = transform(pixels).to(runtime.device)  # (1, 3, S, S)
-        out = predictor.step(x)
+        read = None
+        if glimpse_only:
+            sized = transform.transforms[0](pixels)[0]  # evaluation's resize: (3, H', W') uint8
+            centre = CentreCrop.of(sized.shape[2], sized.shape[1], student.img_size, student.resize)
+            box = predictor.next_box()[0].tolist()
+            sx0, sy0, sx1, sy1 = centre.source_box(box)
+            window_pixels = sized[:, sy0:sy1, sx0:sx1]
+            read = window_pixels.shape[1] * window_pixels.shape[2]
+            out = predictor.step(crop=centre.model_pixels(window_pixels, box)[None].to(runtime.device))
+        else:
+            x = transform(pixels).to(runtime.device)  # (1, 3, S, S)
+            out = predictor.step(x)
         window += predictor.steps == 1  # the first step, or the first after a restart
         loc = out.location[0].float()
         probs, classes = out.probs[0].float().topk(k)
@@ -312,6 +328,7 @@ def run_steps(
                 box=glimpse_box(location, geometry, scale),
                 top=[(student.class_names[c], float(p)) for p, c in zip(probs.tolist(), classes.tolist(), strict=True)],
                 glimpse=glimpse,
+                pixels_read=read,
             ),
         )
 

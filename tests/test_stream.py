@@ -254,3 +254,25 @@ def test_a_terminal_gets_a_live_panel_of_the_top_classes_and_latency(trained_tin
     plain = Console(file=io.StringIO(), force_terminal=False)  # a log file, not a person: no panel
     stream(str(video), checkpoint=checkpoint(trained_tiny), jsonl=tmp_path / "m.jsonl", console=plain)
     assert not re.search(r"frame \d+ · ", plain.file.getvalue())
+
+
+def test_glimpse_only_reads_the_window_and_predicts_as_the_whole_frame(trained_tiny, tmp_path, glitr):
+    video = clip(tmp_path, 1.2)
+    ckpt = checkpoint(trained_tiny)
+    results = []
+    for name, extra in (("whole.jsonl", ()), ("window.jsonl", ("--glimpse-only",))):
+        args = ("--every", 2, "--as-fast-as-possible", "--jsonl", tmp_path / name, *extra)
+        code, _, err = glitr("stream", video, "-c", ckpt, *args)
+        assert code == 0, err
+        results.append(read_lines(tmp_path / name))
+    (whole, _), (window, summary) = results
+    assert len(whole) == len(window) == 15  # beyond T = 4: sliding context
+    for a, b in zip(whole, window, strict=True):
+        assert a["frame"] == b["frame"] and a["box"] == pytest.approx(b["box"], abs=0.02)
+        assert [n for n, _ in a["top"]] == [n for n, _ in b["top"]]
+        assert [p for _, p in a["top"]] == pytest.approx([p for _, p in b["top"]], abs=1e-4)
+    # a 2x2-patch glimpse of 16-px patches reads 32 px plus a one-pixel margin of the 64x64 input
+    assert all(r["pixels_read"] <= 34 * 34 for r in window) and summary["model_input_pixels"] == 64 * 64
+    assert summary["pixels_read_per_frame"] <= 34 * 34
+    code, _, err = glitr("stream", video, "-c", ckpt, "--glimpse-only", "--backend", "onnx")
+    assert code == 2 and "--glimpse-only runs on the PyTorch backend" in err
