@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import timm
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
@@ -153,8 +154,6 @@ def load_backbone(model: GliTr, source: str | Path) -> None:
         if not isinstance(sd, Mapping):
             raise GlitrError(f"{source}: expected a ViT state dict, found {type(sd).__name__}")
     else:
-        import timm
-
         try:
             sd = timm.create_model(str(source), pretrained=True, num_classes=0).state_dict()
         except Exception as e:
