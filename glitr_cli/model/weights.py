@@ -11,8 +11,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 import timm
+import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
