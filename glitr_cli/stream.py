@@ -257,8 +257,12 @@ def _lines(path: str | Path) -> Iterator[IO[str]]:
     if str(path) == "-":
         yield sys.stdout
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "w")  # closed by the with below, after the stream
+    except OSError as e:
+        raise GlitrError(f"--jsonl {path}: cannot write there ({e.strerror})") from None
+    with f:
         yield f
 
 
@@ -299,6 +303,8 @@ def stream(
         raise GlitrError(f"--out {out}: the output must end in .mp4")
     if backend not in BACKENDS:
         raise GlitrError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if str(jsonl) != "-" and Path(jsonl).is_dir():
+        raise GlitrError(f"--jsonl {jsonl}: cannot write there (a folder; name a file)")
     if backend == "onnx" and glimpse_only:
         raise GlitrError("--glimpse-only runs on the PyTorch backend; drop --backend onnx")
     if backend == "onnx" and device not in ("auto", "cpu"):

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 
 from glitr_cli.data.sampling import FrameSampler
-from glitr_cli.data.transforms import CentreCrop, denormalize, eval_transform
+from glitr_cli.data.transforms import CentreCrop, denormalize, eval_resize, eval_transform
 from glitr_cli.data.video import FrameSource, VideoWriter
 from glitr_cli.engine.evaluation import online_predictor
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
@@ -288,6 +288,7 @@ def run_steps(
         raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
     model = student.model.to(runtime.device)
     transform = eval_transform(student.img_size, student.resize)
+    resize = eval_resize(student.resize)  # glimpse-only: the frame at evaluation's size, not cropped
     scale = model.backbone.glimpse_scale
     side = model.backbone.glimpse_pixels
     k = min(top_k, len(student.class_names))
@@ -299,7 +300,7 @@ def run_steps(
         pixels = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
         read = None
         if glimpse_only:
-            sized = transform.transforms[0](pixels)[0]  # evaluation's resize: (3, H', W') uint8
+            sized = resize(pixels)[0]  # (3, H', W') uint8, short side student.resize
             centre = CentreCrop.of(sized.shape[2], sized.shape[1], student.img_size, student.resize)
             box = predictor.next_box()[0].tolist()
             sx0, sy0, sx1, sy1 = centre.source_box(box)

@@ -164,6 +164,9 @@ def test_sources_that_cannot_be_opened_exit_2_with_one_line(trained_tiny, tmp_pa
         assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
         assert str(source) in err and says in err, err
         assert out == ""
+    video = clip(tmp_path, 0.4)
+    code, _, err = glitr("stream", video, "-c", ckpt, "--jsonl", tmp_path)  # a folder, not a file
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"--jsonl {tmp_path}: cannot write there" in err
 
 
 @pytest.mark.slow

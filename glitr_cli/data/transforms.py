@@ -105,6 +105,11 @@ def train_transform(
     return ClipTrainTransform(size, randaugment, scale, ratio, crop_resize, erase_prob)
 
 
+def eval_resize(resize: int) -> v2.Resize:
+    """Evaluation's first stage: the short side to `resize` pixels, bicubic, antialiased, uint8 kept."""
+    return v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
 def eval_transform(size: int, resize: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Evaluation transform: uint8 clip (T, 3, H, W) -> normalised float32 (T, 3, size, size):
     resize so the short side is `resize` (bicubic, antialiased, back to uint8), centre crop `size`,
@@ -113,7 +118,7 @@ def eval_transform(size: int, resize: int) -> Callable[[torch.Tensor], torch.Ten
         raise GlitrError(f"eval resize ({resize}) must be at least the crop size ({size})")
     return v2.Compose(
         [
-            v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            eval_resize(resize),
             v2.CenterCrop(size),
             normalize,
         ]

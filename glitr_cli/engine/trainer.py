@@ -470,7 +470,11 @@ class Trainer:
         return {signum: signal.signal(signum, note) for signum in PREEMPT_SIGNALS}
 
     def stop_requested(self) -> bool:
-        """Whether any rank was asked to stop (collective: every rank calls it after every step)."""
+        """Whether any rank was asked to stop (collective: every rank calls it after every step).
+
+        One process reads its own flag: no tensor, so no device synchronisation in the step loop."""
+        if not self.runtime.distributed:
+            return self._stop_signal != 0
         flag = torch.tensor([self._stop_signal], dtype=torch.float64, device=self.runtime.device)
         self._stop_signal = int(all_reduce_max(flag).item())
         return self._stop_signal != 0
