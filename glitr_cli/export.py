@@ -37,6 +37,7 @@ import torch
 
 from glitr_cli.engine.loading import load_student
 from glitr_cli.errors import GlitrError
+from glitr_cli.files import atomic_write
 from glitr_cli.model import GliTr
 from glitr_cli.model.online import CONTEXTS, StepGraph, StepOutput
 
@@ -109,10 +110,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, crop: bool = False, 
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_bytes(proto.SerializeToString())
-    tmp.replace(out)
+    atomic_write(out, lambda f: f.write(proto.SerializeToString()))
     return metadata
 
 
