@@ -6,7 +6,10 @@ evaluation's own batched pass and online predictor, all under the recipe's `Runt
 is the same `TrainStep` over the plain reference path of `model/reference.py` (the original's
 algorithm: float32, unfused attention, O(T^2) student loop, deep copies in the teacher step).
 On the CPU, when onnx, onnxscript and onnxruntime are installed, the online step exported as
-`glitr export` writes it is timed in ONNX Runtime beside PyTorch (`online_ms_per_frame_b1_onnx`).
+`glitr export` writes it (float32, and int8 as `--int8` writes it) is timed in ONNX Runtime beside
+PyTorch (`online_ms_per_frame_b1_onnx`, `..._onnx_int8`, and `online_b1_speedup_*`: the eager PyTorch
+step's median time over each). The ONNX step is the sliding one (T_c and T_l over all T slots at every
+frame, the steady state of a stream); the PyTorch figure is a stream's first T frames (one cached step).
 """
 
 from __future__ import annotations
@@ -272,15 +275,16 @@ class Bench:
 
             self.measure(name, online, t * batch, unit)
         if self.device.type == "cpu" and onnx_runtime_available():  # the exported step in ONNX Runtime
-            onnx = OnnxPredictor(copy.deepcopy(student), threads=self.runtime.threads)
             frames = torch.randn(t, 1, 3, size, size)
+            for int8, name in ((False, "online_ms_per_frame_b1_onnx"), (True, "online_ms_per_frame_b1_onnx_int8")):
+                onnx = OnnxPredictor(copy.deepcopy(student), threads=self.runtime.threads, int8=int8)
 
-            def onnx_online() -> None:
-                onnx.reset()
-                for frame in frames:
-                    onnx.step(frame)
+                def onnx_online(onnx: OnnxPredictor = onnx) -> None:
+                    onnx.reset()
+                    for frame in frames:
+                        onnx.step(frame)
 
-            self.measure("online_ms_per_frame_b1_onnx", onnx_online, t, "ms/frame")
+                self.measure(name, onnx_online, t, "ms/frame")
         one, centre = self.frames[:1, 0], self.frames.new_zeros(1, 2)
         with torch.no_grad():
             self.flops["backbone_per_glimpse"] = count_flops(lambda: student.backbone(one, centre))
@@ -317,6 +321,12 @@ class Bench:
             "saved_for_backward_mib": self.activations,
             "failures": self.failures,
         }
+        if "online_ms_per_frame_b1" in self.results:  # the eager PyTorch step against the ONNX Runtime ones
+            eager = statistics.median(self.results["online_ms_per_frame_b1"].values)
+            for suffix in ("onnx", "onnx_int8"):
+                if f"online_ms_per_frame_b1_{suffix}" in self.results:
+                    ms = self.results[f"online_ms_per_frame_b1_{suffix}"].values
+                    out["results"][f"online_b1_speedup_{suffix}"] = Figure([eager / m for m in ms], "x").as_dict()
         peak = gpu_peak(self.device)
         for kind, batch in (("student", self.batch), ("teacher", self.teacher_batch)):
             if f"{kind}_train_clips_per_s" not in self.results or f"{kind}_train_step" not in self.flops:

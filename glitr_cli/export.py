@@ -19,7 +19,13 @@ The graph is `model.online.StepGraph`, the sliding predictor's step with its sta
              next_features, next_count            the state for the next call
 
 The model's metadata (`metadata_props`) holds the class names, T, S, the recipe's resize, the input
-kind and `first_box`, the box a new stream's first glimpse reads (what a --crop caller cuts first).
+kind, the precision and `first_box`, the box a new stream's first glimpse reads (what a --crop caller
+cuts first).
+
+`--int8` (`quantize_int8`) is ONNX Runtime's dynamic quantization of the graph: the weights of every
+linear layer (MatMul, Gemm) stored as int8, one scale per output channel, and their inputs quantized
+per tensor at run time; convolutions, attention products, norms and the glimpse sampler stay float32.
+It is an approximation of the float model (README, "Speed"), for CPUs where the float step is too slow.
 
 `OnnxPredictor` runs the step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
 --backend onnx`, `glitr bench`).
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +94,30 @@ def step_program(model: GliTr, *, crop: bool = False, batch_size: int = 1) -> An
     return program.model_proto
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, *, crop: bool = False, batch_size: int = 1) -> dict[str, Any]:
-    """Write `checkpoint`'s online step to `out` (ONNX); returns the metadata written with it."""
+def quantize_int8(proto: Any) -> Any:
+    """`proto` with int8 linear layers (ONNX Runtime's dynamic quantization, per-channel weights), after
+    the pre-processing ONNX Runtime asks for (shape inference, graph optimisation)."""
+    import onnx
+
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise GlitrError("int8 quantization needs onnxruntime: pip install 'glitr[export]'") from None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, ready, out = Path(tmp, "float.onnx"), Path(tmp, "ready.onnx"), Path(tmp, "int8.onnx")
+        onnx.save(proto, raw)
+        quant_pre_process(raw, ready, skip_symbolic_shape=True)
+        quantize_dynamic(ready, out, ["MatMul", "Gemm"], per_channel=True, weight_type=QuantType.QInt8)
+        return onnx.load(out)
+
+
+def export_onnx(
+    checkpoint: str | Path, out: str | Path, *, crop: bool = False, batch_size: int = 1, int8: bool = False
+) -> dict[str, Any]:
+    """Write `checkpoint`'s online step to `out` (ONNX, int8 linear layers with `int8`); returns the
+    metadata written with it."""
     require_onnx()
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -97,6 +126,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, crop: bool = False, 
         raise GlitrError(f"--batch-size must be 1 or more, got {batch_size}")
     student = load_student(checkpoint)
     proto = step_program(student.model, crop=crop, batch_size=batch_size)
+    if int8:
+        proto = quantize_int8(proto)
     model = student.model
     metadata = {
         "class_names": json.dumps(student.class_names),
@@ -104,6 +135,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, crop: bool = False, 
         "img_size": str(model.img_size),
         "resize": str(student.resize),
         "input": "crop" if crop else "frame",
+        "precision": "int8" if int8 else "float32",
         "first_box": json.dumps(StepGraph(model).first_box(batch_size)[0].tolist()),
         "checkpoint": str(student.path),
     }
@@ -122,9 +154,10 @@ class OnnxPredictor:
     of whole model inputs: `step(frame (1, 3, S, S))` -> `StepOutput`, `steps` (in the current context,
     at most T), `frames` (since the start). `context` "restart" starts from a new state after T steps,
     which is what `OnlinePredictor(context="restart")` computes; "sliding" is the graph itself.
-    `threads` sets ONNX Runtime's intra-op threads (0: its default)."""
+    `threads` sets ONNX Runtime's intra-op threads (0: its default); `int8` runs the graph of
+    `glitr export --int8`."""
 
-    def __init__(self, model: GliTr, context: str = "sliding", threads: int = 0) -> None:
+    def __init__(self, model: GliTr, context: str = "sliding", threads: int = 0, int8: bool = False) -> None:
         try:
             import onnxruntime as ort  # optional, like the exporter
         except ImportError:
@@ -137,6 +170,8 @@ class OnnxPredictor:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         proto = step_program(model, batch_size=1)
+        if int8:
+            proto = quantize_int8(proto)
         self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.reset()
 

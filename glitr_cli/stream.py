@@ -55,7 +55,7 @@ DEVICE_PREFIXES = ("avfoundation:", "dshow:")  # `FORMAT:DEVICE`, the device str
 CLIP_SECONDS = {"ssv2": 4.0, "jester": 3.0, "toy": 16 / 12}  # typical training clip duration per dataset
 DEFAULT_CLIP_SECONDS = 3.0
 OPEN_TIMEOUT_S = 10.0  # a network source that does not answer
-BACKENDS = ("pytorch", "onnx")
+BACKENDS = ("pytorch", "onnx", "onnx-int8")
 
 
 # ------------------------------------------------------------------------------------------------ source
@@ -290,7 +290,8 @@ def stream(
     `out` (.mp4) the processed frames drawn as `glitr visualize` draws them. `step_delay` (seconds)
     is slept after every step: a slower model, to see how the stream copes (drops, latency). Ctrl-C
     stops the stream and still writes the summary. `backend` "onnx" runs the step `glitr export` writes
-    with ONNX Runtime on the CPU instead of PyTorch (the same numbers up to float rounding).
+    with ONNX Runtime on the CPU instead of PyTorch (the same numbers up to float rounding), "onnx-int8"
+    the step of `glitr export --int8` (int8 linear layers: an approximation).
     """
     console = console or Console(stderr=True)
     if every is not None and every < 1:
@@ -305,19 +306,22 @@ def stream(
         raise GlitrError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if str(jsonl) != "-" and Path(jsonl).is_dir():
         raise GlitrError(f"--jsonl {jsonl}: cannot write there (a folder; name a file)")
-    if backend == "onnx" and glimpse_only:
-        raise GlitrError("--glimpse-only runs on the PyTorch backend; drop --backend onnx")
-    if backend == "onnx" and device not in ("auto", "cpu"):
-        raise GlitrError(f"--backend onnx runs on the CPU; drop --device {device}")
+    onnx = backend.startswith("onnx")
+    if onnx and glimpse_only:
+        raise GlitrError(f"--glimpse-only runs on the PyTorch backend; drop --backend {backend}")
+    if onnx and device not in ("auto", "cpu"):
+        raise GlitrError(f"--backend {backend} runs on the CPU; drop --device {device}")
     container = open_source(source)  # before the model: a wrong source answers at once
     try:
         if checkpoint is None:
             checkpoint = find_checkpoint(runs)
             console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
         student = load_student(checkpoint)
-        runtime = Runtime.from_recipe(student.recipe, device="cpu" if backend == "onnx" else device)
+        runtime = Runtime.from_recipe(student.recipe, device="cpu" if onnx else device)
         runtime.apply()
-        predictor = OnnxPredictor(student.model, context, runtime.threads) if backend == "onnx" else None
+        predictor = None
+        if onnx:
+            predictor = OnnxPredictor(student.model, context, runtime.threads, int8=backend == "onnx-int8")
         fps = frame_rate(container)
         if every is None:
             every = default_every(fps or 25.0, student.num_frames, student.recipe.data.dataset)

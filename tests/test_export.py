@@ -74,3 +74,34 @@ def test_export_mistakes_exit_2(trained_tiny, tmp_path, glitr):
     assert code == 2 and "must end in .onnx" in err and len(err.strip().splitlines()) == 1
     code, _, err = glitr("export", tmp_path / "missing.pt")
     assert code == 2 and "not found" in err
+
+
+def test_int8_export_quantizes_the_linear_layers_and_stays_close(trained_tiny, tmp_path, glitr):
+    """`--int8`: the linear layers run as int8 products, the rest stays float32, and the predictions stay close
+    to the float step's over a real toy clip fed through both ONNX predictors."""
+    onnx = pytest.importorskip("onnx")
+    from glitr_cli.export import OnnxPredictor
+
+    ckpt = trained_tiny / "runs" / "tiny" / "checkpoints" / "last.pt"
+    out = tmp_path / "step_int8.onnx"
+    code, stdout, err = glitr("export", ckpt, "--out", out, "--int8")
+    assert code == 0, err
+    assert "int8" in stdout
+    graph = onnx.load(out).graph
+    ops = {node.op_type for node in graph.node}
+    assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
+    assert "Gemm" not in ops and "GridSample" in ops  # every linear layer quantized, the sampler float
+    int8_weights = [w for w in graph.initializer if w.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 4
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["precision"] == "int8"
+
+    student = load_student(ckpt)
+    cfg = ToyConfig(num_frames=student.num_frames, size=student.resize)
+    frames = render_clip(sample_clip(np.random.default_rng(5), cfg, "ring", "left"), cfg)
+    inputs = eval_transform(student.img_size, student.resize)(torch.from_numpy(frames).permute(0, 3, 1, 2))
+    exact, fast = OnnxPredictor(student.model), OnnxPredictor(student.model, int8=True)
+    for frame in inputs:
+        a, b = exact.step(frame[None]), fast.step(frame[None])
+        assert (a.probs - b.probs).abs().max() < 0.02
+        assert (a.next_location - b.next_location).abs().max() < 0.02

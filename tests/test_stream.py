@@ -224,6 +224,25 @@ def test_onnx_backend_gives_the_pytorch_predictions(trained_tiny, tmp_path, glit
     assert steps[:6] == ([1, 2, 3, 4, 1, 2] if context == "restart" else [1, 2, 3, 4, 4, 4])
 
 
+def test_int8_backend_streams_close_to_the_float_one(trained_tiny, tmp_path, glitr):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    video = clip(tmp_path, 1.6)
+    results = []
+    for backend in ("onnx", "onnx-int8"):
+        out = tmp_path / f"{backend}.jsonl"
+        args = ("--every", 3, "--top-k", 8, "--as-fast-as-possible", "--jsonl", out)
+        code, _, err = glitr("stream", video, "-c", checkpoint(trained_tiny), "--backend", backend, *args)
+        assert code == 0, err
+        assert f"{backend} on cpu" in err
+        results.append(read_lines(out)[0])
+    for a, b in zip(*results, strict=True):
+        assert (a["frame"], a["step"]) == (b["frame"], b["step"])
+        assert b["box"] == pytest.approx(a["box"], abs=0.5)  # source pixels
+        pa, pb = dict(a["top"]), dict(b["top"])
+        assert all(abs(pa[k] - pb[k]) < 0.02 for k in pa)
+
+
 def test_onnx_backend_runs_on_the_cpu_only(trained_tiny, tmp_path, glitr):
     code, _, err = glitr("stream", clip(tmp_path, 0.4), "-c", checkpoint(trained_tiny), "--backend", "tpu")
     assert code == 2 and "--backend must be one of pytorch, onnx" in err
