@@ -13,6 +13,7 @@ on CUDA, the same libjpeg-turbo decoder on the CPU).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -50,10 +51,29 @@ def _decode_pillow(data: bytes) -> torch.Tensor:
 
 def decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Decode JPEG files (1-D uint8 tensors of their bytes, on the CPU) in one call on `device`:
-    uint8 (3, H, W) each, RGB (nvJPEG on CUDA). Raises when any of them cannot be decoded."""
+    uint8 (3, H, W) each, RGB (nvJPEG on CUDA). Raises when any of them cannot be decoded.
+
+    On CUDA the decoder runs on a stream of its own: nvJPEG's hardware engine may write its outputs
+    before the work queued on the caller's stream has run (pytorch/vision#9606), so its outputs come
+    from memory that stream never hands out while the caller's stream still uses it
+    (`record_stream`), and the caller's stream waits for the decode."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _tv_decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        if device.type != "cuda":
+            return _tv_decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        caller, own = torch.cuda.current_stream(device), _decode_stream(device)
+        own.wait_stream(caller)
+        with torch.cuda.stream(own):
+            frames = _tv_decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    caller.wait_stream(own)
+    for frame in frames:
+        frame.record_stream(caller)
+    return frames
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def decode_jpeg_bytes(data: bytes, backend: str = "auto") -> torch.Tensor:
