@@ -49,7 +49,7 @@ class DataConfig:
     crop_resize: Literal["original", "antialiased"] = "original"  # normalised bilinear, or uint8 bicubic antialiased
     erase_prob: float = 0.0  # random erasing probability
     workers: int | Literal["auto"] = "auto"  # loader processes per training process; auto: from the cores (runtime.py)
-    decode_on: Literal["loader", "device"] = "loader"  # device: the JPEGs are decoded on the GPU (needs augment_on)
+    decode_on: Literal["loader", "device"] = "loader"  # device: training JPEGs decoded on the GPU (with augment_on)
     augment_on: Literal["loader", "device"] = "loader"  # device: the training transform runs on the GPU
     max_bad_fraction: float = 0.01  # stop training when more of an epoch's clips had unreadable frames
 
