@@ -220,6 +220,25 @@ def test_decoding_and_transforming_on_the_gpu_match_the_cpu(tmp_path):
     assert (whole - ref).abs().mean() < 0.05
 
 
+def test_a_file_nvjpeg_cannot_decode_is_read_as_the_loader_reads_it(tmp_path):
+    """A corrupt or missing file fails the batched nvJPEG call; its clip is then read on the CPU the loader's
+    way (replaced by the nearest readable frame, counted) and the GPU goes on decoding."""
+    root = _prepared(tmp_path, 3, 4, 64, 80)
+    path = root / "frames/v1/000002.jpg"
+    path.write_bytes(path.read_bytes()[:300])  # truncated
+    (root / "frames/v2/000003.jpg").unlink()  # missing
+    ds = VideoFolderDataset(root, "train", num_frames=4, train=False, encoded=True)
+    loader = VideoFolderDataset(root, "train", num_frames=4, train=False)
+    items = [ds[i][0] for i in range(3)]
+    clips = ds.decode(items, torch.device("cuda"))
+    assert [c.device.type for c in clips] == ["cuda"] * 3
+    for i in (1, 2):
+        assert torch.equal(clips[i].cpu(), loader[i][0])
+    assert ds.damage.tolist() == loader.damage.tolist() == [[0, 0], [1, 0], [1, 0]]
+    again = ds.decode(items[:1], torch.device("cuda"))[0]  # the context survived the failed call
+    assert torch.equal(again, clips[0])
+
+
 def test_bench_data_on_cuda_decodes_and_transforms_on_the_gpu(tmp_path, toy_data):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(
