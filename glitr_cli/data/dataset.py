@@ -252,9 +252,12 @@ class VideoFolderDataset(Dataset):
         """Decode `clips` (items of `encoded=True`) on `device`, all frames in one call (nvJPEG on
         CUDA): uint8 (T, 3, H, W) each. When a file fails, the batch is decoded clip by clip and a
         clip with a file that cannot be decoded is read as the loader reads it (`load_frames`, on the
-        CPU: the file replaced by its nearest readable frame, and counted in `damage`)."""
+        CPU: the file replaced by its nearest readable frame, and counted in `damage`); running out
+        of device memory is no file's fault and raises."""
         try:
             frames = iter(decode_jpegs([f for c in clips for f in c.data.split(c.sizes)], device))
+        except torch.OutOfMemoryError:  # not the files' fault
+            raise
         except (RuntimeError, ValueError):  # an unreadable file somewhere in the batch
             return [self._decode_clip(c, device) for c in clips]
         return [torch.stack([next(frames) for _ in c.sizes]) for c in clips]
@@ -262,6 +265,8 @@ class VideoFolderDataset(Dataset):
     def _decode_clip(self, clip: JpegClip, device: torch.device) -> torch.Tensor:
         try:
             return torch.stack(decode_jpegs(list(clip.data.split(clip.sizes)), device))
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError):
             return self.load_frames(clip.clip, clip.indices).to(device)
 
