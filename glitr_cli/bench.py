@@ -10,6 +10,29 @@ On the CPU, when onnx, onnxscript and onnxruntime are installed, the online step
 PyTorch (`online_ms_per_frame_b1_onnx`, `..._onnx_int8`, and `online_b1_speedup_*`: the eager PyTorch
 step's median time over each). The ONNX step is the sliding one (T_c and T_l over all T slots at every
 frame, the steady state of a stream); the PyTorch figure is a stream's first T frames (one cached step).
+
+With `--data` (`Bench.data`) the same `TrainStep` is fed by the trainer's own loader
+(`training_data`: the recipe's workers, pinning, prefetching, `data.decode_on` and
+`data.augment_on`) on the recipe's prepared training split, and the models get the dataset's
+classes: `{kind}_train_clips_per_s_data` is end-to-end training, to set against the synthetic
+`{kind}_train_clips_per_s` (`{kind}_train_data_fraction`: end-to-end over synthetic). Where the time
+goes is then timed stage by stage in this process, one stage after another, on one batch the
+loader delivered (pinned, as the trainer gets it), in ms per clip:
+
+- `data_decode_ms_per_clip`: reading and decoding the JPEGs of a clip: `load_frames` on one CPU core
+  when the loader workers decode (the workers together deliver `workers` times as much), or one
+  batched `decode_jpeg` call on the device for the batch's files (nvJPEG on CUDA; it copies the
+  bytes to the device itself);
+- `data_transform_ms_per_clip`: the training transform: on one CPU core as a worker runs it, or
+  `DeviceAugment` on the device;
+- `data_transfer_ms_per_clip`: copying what the loader hands over to the device: the float clips,
+  the uint8 clips, or the JPEG bytes (already inside the decode figure);
+- `{kind}_train_step_ms_per_clip`: the optimiser step, the synthetic figure inverted.
+
+The training process runs its stages one after another (transfer, device decode and transform,
+step); the workers run theirs in parallel with it, so end-to-end training keeps up with the
+synthetic step while the training process's own stages are small next to the step and
+`workers * 1000 / (worker stages in ms per clip)` exceeds the synthetic clips/s.
 """
 
 from __future__ import annotations
@@ -29,10 +52,10 @@ import torch
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from glitr_cli.data.bench import measure_loader
 from glitr_cli.data.dataset import build_dataset
 from glitr_cli.data.transforms import clip_train_transform
-from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
+from glitr_cli.engine.augment import DeviceAugment, training_data
+from glitr_cli.engine.distributed import ResumableSampler
 from glitr_cli.engine.evaluation import online_predictor, predict_clips
 from glitr_cli.engine.loading import build_model
 from glitr_cli.engine.objectives import Objective, reference_objective, student_objective, teacher_objective
@@ -41,7 +64,7 @@ from glitr_cli.errors import GlitrError
 from glitr_cli.export import OnnxPredictor, onnx_runtime_available
 from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
-from glitr_cli.runtime import Runtime
+from glitr_cli.runtime import PREFETCH_FACTOR, Runtime
 
 # dense bf16 tensor-core peaks (FLOP/s) of GPUs whose figures are public
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
@@ -139,17 +162,18 @@ def device_name(device: torch.device) -> str:
 class BenchSettings:
     batch_size: int | None = None  # None: the recipe's per-process batch
     teacher_batch_size: int | None = None  # None: batch_size (a full-frame step needs far more memory)
-    num_classes: int = 174
+    num_classes: int = 174  # with data: the dataset's
     online_batch: int = 64
     warmup: int = 2
     repeats: int = 5
     baseline: bool = True
     data: bool = False
-    loader_batches: int = 10
+    data_steps: int = 10  # optimiser steps per timed end-to-end call
 
 
 class Bench:
-    """The recipe's teacher and student (random weights, same geometry) on synthetic clips."""
+    """The recipe's teacher and student (random weights, same geometry) on synthetic clips, and with
+    `settings.data` on the recipe's prepared training split."""
 
     def __init__(self, recipe: Recipe, settings: BenchSettings) -> None:
         self.recipe, self.settings = recipe, settings
@@ -172,23 +196,33 @@ class Bench:
         for option, (value, least) in minimum.items():
             if value < least:
                 raise GlitrError(f"bench: {option} must be at least {least}, got {value}")
+        num_classes = settings.num_classes
+        if settings.data:
+            self.data_cfg = resolve_recipe(recipe).data
+            self.train_set = build_dataset(self.data_cfg, self.data_cfg.train_split, train=True)
+            num_classes = self.train_set.num_classes
+            if len(self.train_set) < max(self.batch, self.teacher_batch):
+                raise GlitrError(
+                    f"bench --data: {self.data_cfg.root} has {len(self.train_set)} training clips, fewer than one "
+                    f"batch of {max(self.batch, self.teacher_batch)}"
+                )
         t, size = recipe.data.num_frames, recipe.data.img_size
         torch.manual_seed(0)
-        geometry = dict(num_classes=settings.num_classes, num_frames=t, img_size=size)
+        geometry = dict(num_classes=num_classes, num_frames=t, img_size=size)
         self.teacher = build_model(recipe.model, **geometry)
         self.student = build_model(recipe.model, **geometry)
         self.student.load_state_dict(self.teacher.state_dict())
         frozen = copy.deepcopy(self.teacher)  # what the student learns from (set-up, not per step)
         self.objectives = {
             "student": student_objective(self.student, frozen, recipe.objective),
-            "teacher": teacher_objective(self.teacher, recipe.objective, num_classes=settings.num_classes),
+            "teacher": teacher_objective(self.teacher, recipe.objective, num_classes=num_classes),
         }
         for objective in self.objectives.values():
             objective.loss.to(self.device)
         gen = torch.Generator().manual_seed(0)
         n = max(self.batch, self.teacher_batch)
         self.frames = torch.randn(n, t, 3, size, size, generator=gen).to(self.device)
-        self.labels = torch.randint(0, settings.num_classes, (n,), generator=gen).to(self.device)
+        self.labels = torch.randint(0, num_classes, (n,), generator=gen).to(self.device)
         self.results: dict[str, Figure] = {}
         self.failures: dict[str, str] = {}
         self.memory: dict[str, float] = {}
@@ -211,15 +245,24 @@ class Bench:
         self.results[name] = Figure(values, unit)
         return True
 
-    def step(self, kind: str, runtime: Runtime, plain: bool = False) -> Callable[[], None]:
-        """One optimiser step of the trainer's `TrainStep` for `kind` on its synthetic batch."""
-        batch = self.batch if kind == "student" else self.teacher_batch
+    def batch_of(self, kind: str) -> int:
+        return self.batch if kind == "student" else self.teacher_batch
+
+    def train_step(
+        self, kind: str, runtime: Runtime, plain: bool = False, augment: DeviceAugment | None = None
+    ) -> TrainStep:
+        """The trainer's `TrainStep` for `kind`, one micro-batch per step (the global batch only scales
+        the recipe's learning rates)."""
         objective: Objective = self.objectives[kind]
         if plain:
             objective = reference_objective(objective)
-        # one micro-batch per step; the global batch only scales the recipe's learning rates
         optim = replace(self.recipe.optim, accum_steps=1, fused=self.recipe.optim.fused and not plain)
-        train_step = TrainStep(objective, runtime, optim, steps_per_epoch=10**6)
+        return TrainStep(objective, runtime, optim, steps_per_epoch=10**6, augment=augment)
+
+    def step(self, kind: str, runtime: Runtime, plain: bool = False) -> Callable[[], None]:
+        """One optimiser step of the trainer's `TrainStep` for `kind` on its synthetic batch."""
+        batch = self.batch_of(kind)
+        train_step = self.train_step(kind, runtime, plain)
         micro_batch = (self.frames[:batch], self.labels[:batch])
 
         def run() -> None:
@@ -240,12 +283,12 @@ class Bench:
             for model in (self.student, self.teacher):
                 model.set_fused_attn(False)
             for kind in self.objectives:
-                batch = self.batch if kind == "student" else self.teacher_batch
+                batch = self.batch_of(kind)
                 self.measure(f"{kind}_train_clips_per_s_baseline", self.step(kind, plain, plain=True), batch, "clips/s")
             for model in (self.student, self.teacher):
                 model.set_fused_attn(self.recipe.model.fused_attn)
         for kind in self.objectives:  # last: compiling and graphs change the modules for good
-            batch = self.batch if kind == "student" else self.teacher_batch
+            batch = self.batch_of(kind)
             self.measure(f"{kind}_train_clips_per_s", self.step(kind, self.runtime), batch, "clips/s")
 
     def inference(self) -> None:
@@ -290,18 +333,48 @@ class Bench:
             self.flops["backbone_per_glimpse"] = count_flops(lambda: student.backbone(one, centre))
             self.flops["backbone_per_full_frame"] = count_flops(lambda: student.backbone(one))
 
-    def loader(self) -> None:
-        data = resolve_recipe(self.recipe).data
-        dataset = build_dataset(data, data.train_split, train=True)
-        on_device = data.augment_on == "device"  # then the loader only decodes
-        collate = collate_uint8_clips if on_device else None
-        result = measure_loader(dataset, self.batch, data.workers, self.settings.loader_batches, collate_fn=collate)
-        self.results["loader_clips_per_s"] = Figure([result["clips_per_s"]], "clips/s")
-        if on_device:
-            clips = collate_uint8_clips([dataset[i] for i in range(self.batch)])[0]
-            augment = DeviceAugment(clip_train_transform(data), self.device)
-            seeds = torch.arange(len(clips))
-            self.measure("device_augment_clips_per_s", lambda: augment(clips, seeds), len(clips), "clips/s")
+    def data(self) -> None:
+        """End-to-end training from the prepared dataset, then its stages (module docstring)."""
+        cfg, dataset, steps = self.data_cfg, self.train_set, self.settings.data_steps
+        for kind in self.objectives:
+            size = self.batch_of(kind)
+            sampler = ResumableSampler(len(dataset), rank=0, world_size=1, seed=0)
+            loader, augment = training_data(dataset, cfg, self.runtime, batch_size=size, sampler=sampler, seed=0)
+            batches = _epochs(loader, sampler)
+            train_step = self.train_step(kind, self.runtime, augment=augment)
+
+            def train(train_step: TrainStep = train_step, batches: Iterator[Any] = batches) -> None:
+                for _ in range(steps):
+                    train_step(batches)
+
+            self.measure(f"{kind}_train_clips_per_s_data", train, size * steps, "clips/s")
+            if kind == "student":
+                stages = (next(batches), augment)
+        self.data_stages(*stages)
+
+    def data_stages(self, batch: tuple, augment: DeviceAugment | None) -> None:
+        """ms per clip of decoding, transforming and copying `batch`, a loader batch (module docstring)."""
+        cfg, dataset, device = self.data_cfg, self.train_set, self.device
+        clips, n = batch[0], len(batch[0])
+        picked = [(i, dataset.sampler.indices(dataset.records[i].num_frames, True)) for i in range(n)]
+
+        def decode() -> list[torch.Tensor]:
+            if augment is not None and augment.decode is not None:
+                return augment.to_device(clips)
+            return [dataset.load_frames(i, indices) for i, indices in picked]  # as a loader worker decodes
+
+        self.measure("data_decode_ms_per_clip", decode, n, "ms/clip")
+        if augment is None:  # the workers transform, the float clips cross
+            transform, uint8 = clip_train_transform(cfg), decode()
+            self.measure("data_transform_ms_per_clip", lambda: [transform(c) for c in uint8], n, "ms/clip")
+            self.measure("data_transfer_ms_per_clip", lambda: clips.to(device, non_blocking=True), n, "ms/clip")
+            return
+        on_device, seeds = augment.to_device(clips), batch[-1]
+        self.measure("data_transform_ms_per_clip", lambda: augment.transform_clips(on_device, seeds), n, "ms/clip")
+        files = [c.data for c in clips] if augment.decode is not None else clips  # the JPEG bytes, or uint8 clips
+        self.measure(
+            "data_transfer_ms_per_clip", lambda: [f.to(device, non_blocking=True) for f in files], n, "ms/clip"
+        )
 
     def summary(self, recipe_path: str) -> dict[str, Any]:
         rt = self.runtime
@@ -327,6 +400,17 @@ class Bench:
                 if f"online_ms_per_frame_b1_{suffix}" in self.results:
                     ms = self.results[f"online_ms_per_frame_b1_{suffix}"].values
                     out["results"][f"online_b1_speedup_{suffix}"] = Figure([eager / m for m in ms], "x").as_dict()
+        if self.settings.data:
+            cfg = self.data_cfg
+            out["data"] = {
+                "root": str(cfg.root),
+                "clips": len(self.train_set),
+                "workers": rt.workers,
+                "decode_on": cfg.decode_on,
+                "augment_on": cfg.augment_on,
+                "pin_memory": rt.device.type == "cuda",
+                "prefetch_batches": PREFETCH_FACTOR * rt.workers,
+            }
         peak = gpu_peak(self.device)
         for kind, batch in (("student", self.batch), ("teacher", self.teacher_batch)):
             if f"{kind}_train_clips_per_s" not in self.results or f"{kind}_train_step" not in self.flops:
@@ -340,6 +424,15 @@ class Bench:
             if f"{kind}_train_clips_per_s_baseline" in self.results:
                 base = statistics.median(self.results[f"{kind}_train_clips_per_s_baseline"].values)
                 out["results"][f"{kind}_train_speedup"] = Figure([c / base for c in clips], "x").as_dict()
+            if f"{kind}_train_clips_per_s_data" in self.results:
+                out["results"][f"{kind}_train_step_ms_per_clip"] = Figure(
+                    [1000 / c for c in clips], "ms/clip"
+                ).as_dict()
+                synthetic = statistics.median(clips)
+                fed = self.results[f"{kind}_train_clips_per_s_data"].values
+                out["results"][f"{kind}_train_data_fraction"] = Figure(
+                    [c / synthetic for c in fed], "of synthetic"
+                ).as_dict()
         return out
 
 
@@ -349,7 +442,7 @@ def run_bench(recipe_path: str | Path, overrides: list[str] | None, settings: Be
     bench.inference()
     bench.training()
     if settings.data:
-        bench.loader()
+        bench.data()
     return bench.summary(str(recipe_path))
 
 
@@ -376,7 +469,22 @@ def result_table(result: dict[str, Any]) -> Table:
         table.add_row(f"saved_for_backward_{name}", f"{mib:.1f}", "", "", "MiB")
     for name, why in result["failures"].items():
         table.add_row(name, "failed", "", "", why)
+    if "data" in result:
+        d = result["data"]
+        workers = f"in {d['workers']} loader worker{'s' * (d['workers'] != 1)}"
+        decode = "in the training process" if d["decode_on"] == "device" else workers
+        transform = "in the training process" if d["augment_on"] == "device" else workers
+        table.caption = f"data: {d['root']} ({d['clips']} clips), decoded {decode}, transformed {transform}"
     return table
+
+
+def _epochs(loader: Any, sampler: ResumableSampler) -> Iterator[Any]:
+    """The loader's batches, epoch after epoch (persistent workers keep going)."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
 
 def _fmt(x: float) -> str:

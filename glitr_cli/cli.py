@@ -328,14 +328,18 @@ def bench(
     teacher_batch_size: int | None = typer.Option(
         None, "--teacher-batch-size", help="Clips per teacher step (default: --batch-size)."
     ),
-    num_classes: int = typer.Option(174, "--num-classes", help="Classes of the synthetic task."),
+    num_classes: int = typer.Option(
+        174, "--num-classes", help="Classes of the synthetic task (--data: the dataset's)."
+    ),
     online_batch: int = typer.Option(64, "--online-batch", help="Streams at once for the batched online figure."),
     repeats: int = typer.Option(5, "--repeats", help="Timed repeats per measurement (median, min, max shown)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed calls before each measurement."),
     baseline: bool = typer.Option(
         True, "--baseline/--no-baseline", help="Also time the plain path (the original's algorithm, fp32, unfused)."
     ),
-    data: bool = typer.Option(False, "--data", help="Also time the data loader on the recipe's prepared dataset."),
+    data: bool = typer.Option(
+        False, "--data", help="Also time training end to end from the recipe's prepared dataset, stage by stage."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the figures to this JSON file."),
 ) -> None:
     """Speed of training, evaluation and online inference against a plain reimplementation of the original."""

@@ -48,7 +48,8 @@ class DataConfig:
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     crop_resize: Literal["original", "antialiased"] = "original"  # normalised bilinear, or uint8 bicubic antialiased
     erase_prob: float = 0.0  # random erasing probability
-    workers: int = 4  # data-loading processes per training process
+    workers: int | Literal["auto"] = "auto"  # loader processes per training process; auto: from the cores (runtime.py)
+    decode_on: Literal["loader", "device"] = "loader"  # device: training JPEGs decoded on the GPU (with augment_on)
     augment_on: Literal["loader", "device"] = "loader"  # device: the training transform runs on the GPU
     max_bad_fraction: float = 0.01  # stop training when more of an epoch's clips had unreadable frames
 
@@ -362,7 +363,7 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
         low, high = float(low_text), float(high_text)
         value = get(key)
         for v in value if isinstance(value, tuple) else (value,):
-            if v is None:
+            if v is None or isinstance(v, str):  # None or a named value ('auto')
                 continue
             low_ok = v > low or (interval[0] == "[" and v == low)
             high_ok = v < high or (interval[-1] == "]" and v == high)
@@ -378,6 +379,11 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
             raise GlitrError(f"'{key}' in {where(key)} expects train, val or test, got {get(key)!r}")
 
     d, m = recipe.data, recipe.model
+    if d.decode_on == "device" and d.augment_on != "device":
+        raise GlitrError(
+            f"'data.decode_on=device' in {where('data.decode_on', 'data.augment_on')} needs data.augment_on=device: "
+            "frames decoded on the device are transformed there"
+        )
     pairs = [("data.scale", d.scale), ("data.ratio", d.ratio)]
     for key, (lo, hi) in pairs:
         if lo > hi:

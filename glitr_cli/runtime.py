@@ -4,10 +4,14 @@ Device, precision (autocast), CUDA graphs, `torch.compile`, gradient checkpointi
 data-loader workers and the process's place in a `torchrun` job live here, so training,
 evaluation, `visualize`, `bench` and `demo` make the same choices for the same recipe.
 
-CPU threads: PyTorch starts one thread per core, and when loader workers (or other programs) hold
-some of those cores every parallel operation waits for a descheduled thread. The runtime gives
-PyTorch the cores the loader workers leave free (`train.threads: 0`), or `$OMP_NUM_THREADS` when it
-is set; a run records the number it used, because float results depend on it.
+CPU threads and loader workers share the cores this process may use (divided among the processes
+a `torchrun` job starts on this machine). `data.workers: auto` leaves the training process one core
+on a GPU (it only launches kernels) and half of them on the CPU (it computes there), and gives the
+loader workers the rest. PyTorch starts one thread per core, and when loader workers (or other
+programs) hold some of those cores every parallel operation waits for a descheduled thread: the
+runtime gives PyTorch the cores the loader workers leave free (`train.threads: 0`), or
+`$OMP_NUM_THREADS` when it is set; a run records the number it used, because float results depend
+on it. The number of workers does not change the data (each clip is seeded on its own).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from glitr_cli.errors import GlitrError
 from glitr_cli.recipe import Recipe
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# batches each loader worker keeps ready: with many workers 2 x workers batches wait in (pinned)
+# memory, enough to ride out a slow batch; more only holds more decoded clips in shared memory
+PREFETCH_FACTOR = 2
 
 
 def torchrun_env() -> tuple[int, int, int]:
@@ -63,8 +70,18 @@ def parse_device(
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPU cores this process may use: those it may run on, shared with the other processes of a
+    `torchrun` job on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def auto_workers(device: torch.device) -> int:
+    """Loader workers for `data.workers: auto`: the cores the training process leaves, which keeps one
+    on a GPU and half of them on the CPU."""
+    cores = available_cores()
+    keep = 1 if device.type == "cuda" else (cores + 1) // 2
+    return cores - keep
 
 
 def auto_threads(workers: int) -> int:
@@ -98,6 +115,7 @@ class Runtime:
         dev = parse_device(device or recipe.train.device, key=key, local_rank=local_rank, distributed=world > 1)
         t = recipe.train
         on_cuda = dev.type == "cuda"
+        workers = auto_workers(dev) if recipe.data.workers == "auto" else recipe.data.workers
         return cls(
             device=dev,
             precision=t.precision if on_cuda else "fp32",
@@ -105,8 +123,8 @@ class Runtime:
             eval_graphs=recipe.eval.cuda_graphs and on_cuda,
             compile=t.compile,
             grad_checkpointing=t.grad_checkpointing,
-            threads=t.threads or auto_threads(recipe.data.workers),
-            workers=recipe.data.workers,
+            threads=t.threads or auto_threads(workers),
+            workers=workers,
             rank=rank,
             world_size=world,
         )
@@ -144,8 +162,9 @@ class Runtime:
         collate_fn: Callable[[list], Any] | None = None,
         seed: int = 0,
     ) -> DataLoader:
-        """A DataLoader with the runtime's workers (persistent), pinned memory on CUDA, and its own
-        generator, so creating an iterator never draws from the global one (bit-exact resume).
+        """A DataLoader with the runtime's workers (persistent, each `prefetch_factor` batches ahead),
+        pinned memory on CUDA, and its own generator, so creating an iterator never draws from the
+        global one (bit-exact resume).
 
         Workers ignore SIGTERM/SIGUSR1: a scheduler that signals every process of a job must not
         kill them while the trainer finishes its step and writes the preemption checkpoint."""
@@ -158,6 +177,7 @@ class Runtime:
             pin_memory=self.device.type == "cuda",
             drop_last=drop_last,
             persistent_workers=self.workers > 0,
+            prefetch_factor=PREFETCH_FACTOR if self.workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=_ignore_preemption_signals if self.workers > 0 else None,
         )

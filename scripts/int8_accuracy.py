@@ -60,7 +60,9 @@ def main() -> None:
         ref, q = outs["pytorch"], outs["onnx-int8"]
         agree += int(ref[-1].probs.argmax() == q[-1].probs.argmax())
         prob_diff = max(prob_diff, max(float((a.probs - b.probs).abs().max()) for a, b in zip(ref, q, strict=True)))
-        loc_diff = max(loc_diff, max(float((a.next_location - b.next_location).abs().max()) for a, b in zip(ref, q)))
+        loc_diff = max(
+            loc_diff, max(float((a.next_location - b.next_location).abs().max()) for a, b in zip(ref, q, strict=True))
+        )
     n = len(dataset)
     print(f"{n} clips of {args.data}:{args.split}, T={t}")
     for name in predictors:

@@ -114,6 +114,11 @@ OVERRIDES = {
     ),
     "unknown split": ("eval.split=nope", ["'eval.split'", "expects train, val or test, got 'nope'"]),
     "negative workers": ("data.workers=-1", ["'data.workers'", "at least 0"]),
+    "workers neither a number nor auto": ("data.workers=many", ["'data.workers'", "expects int or 'auto'", "'many'"]),
+    "decoding on the device, transforming in the loader": (
+        "data.decode_on=device",
+        ["'data.decode_on=device'", "needs data.augment_on=device"],
+    ),
     "glimpse larger than the frame": (
         "model.glimpse_size=5",
         ["'model.glimpse_size'", "5 patches of 16 px (80 px)", "64 px frame", "at most 4"],

@@ -8,7 +8,7 @@ import torch
 from conftest import run_cli
 from model_helpers import clips, tiny_glitr
 
-from glitr_cli.bench import Bench, BenchSettings, run_bench
+from glitr_cli.bench import Bench, BenchSettings
 from glitr_cli.export import onnx_runtime_available
 from glitr_cli.model import StudentObjective, TeacherObjective
 from glitr_cli.model.reference import PlainStudentObjective, PlainTeacherObjective, plain_student_forward
@@ -120,17 +120,28 @@ def test_compiled_modules_compute_the_plain_path():
     assert set(student.state_dict()) == set(tiny_glitr(0).state_dict())  # names unchanged by compiling
 
 
-@pytest.mark.parametrize("augment_on", ["loader", "device"])
-def test_bench_measures_the_loader(toy_data, tmp_path, augment_on):
+@pytest.mark.parametrize("modes", [[], ["data.augment_on=device"], ["data.augment_on=device", "data.decode_on=device"]])
+def test_bench_times_training_from_the_dataset_and_its_stages(toy_data, tmp_path, monkeypatch, capsys, modes):
+    """`glitr bench --data`: end-to-end training from the prepared dataset next to the synthetic figure, and
+    the time of each stage, wherever the recipe decodes and transforms."""
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
-    overrides = [f"data.root={toy_data / 'toy'}", "data.workers=0", f"data.augment_on={augment_on}"]
-    settings = BenchSettings(
-        batch_size=2, num_classes=4, online_batch=2, warmup=0, repeats=1, baseline=False, data=True, loader_batches=2
-    )
-    result = run_bench(recipe, overrides, settings)
-    assert result["results"]["loader_clips_per_s"]["median"] > 0
-    assert ("device_augment_clips_per_s" in result["results"]) == (augment_on == "device")
+    out = tmp_path / "bench.json"
+    argv = ["bench", recipe, "--data", "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-baseline"]
+    argv += ["--online-batch", "2", "--json", out, f"data.root={toy_data / 'toy'}", "data.workers=1", *modes]
+    code, stdout, stderr = run_cli([str(a) for a in argv], monkeypatch, capsys)
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    names = {"data_decode_ms_per_clip", "data_transform_ms_per_clip", "data_transfer_ms_per_clip"}
+    for kind in ("student", "teacher"):
+        names |= {f"{kind}_train_clips_per_s_data", f"{kind}_train_data_fraction", f"{kind}_train_step_ms_per_clip"}
+    assert names <= set(result["results"]) and "data_decode_ms_per_clip" in stdout
+    assert all(result["results"][name]["median"] > 0 for name in names)
+    on = {"decode_on": "device" if "data.decode_on=device" in modes else "loader"}
+    on["augment_on"] = "device" if modes else "loader"
+    assert result["data"] == {**result["data"], **on, "workers": 1, "clips": 16, "pin_memory": False}
+    decoded = "decoded in the training process" if on["decode_on"] == "device" else "decoded in 1 loader worker,"
+    assert decoded in " ".join(stdout.split())
 
 
 @pytest.mark.parametrize("kind", ["student", "teacher"])

@@ -1,4 +1,5 @@
-"""GPU paths: CUDA-graph online inference, bf16 training, fused AdamW, compile, NCCL, `glitr bench`.
+"""GPU paths: CUDA-graph online inference, bf16 training, fused AdamW, compile, NCCL, nvJPEG decoding and
+the training transform on the GPU, `glitr bench`.
 
 Skipped where no CUDA device is present (CI); run on a GPU machine with
 `python -m pytest -q tests/test_cuda.py`.
@@ -14,12 +15,17 @@ import sys
 import pytest
 import torch
 from conftest import REPO, read_metrics, tiny_recipe
+from data_helpers import make_frames, write_jpeg
 from model_helpers import clips, tiny_glitr
 
+from glitr_cli.data.dataset import VideoFolderDataset
+from glitr_cli.data.transforms import clip_train_transform
+from glitr_cli.engine.augment import DeviceAugment
 from glitr_cli.engine.graphs import GraphedStep
 from glitr_cli.engine.trainer import Trainer
 from glitr_cli.model import OnlinePredictor, StudentObjective
 from glitr_cli.model.reference import PlainStudentObjective
+from glitr_cli.recipe import load_recipe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -178,3 +184,76 @@ def test_bench_on_cuda_reports_graphs_and_speedups(tmp_path):
     assert result["cuda_graphs"]
     for name in ("online_ms_per_frame_b1", "online_ms_per_frame_b1_no_graphs", "student_train_speedup"):
         assert result["results"][name]["median"] > 0
+
+
+def _prepared(root, videos: int, frames: int, h: int, w: int):
+    """A prepared dataset of `videos` clips of real JPEG frames (h x w, 4:2:0 as prepare-data writes them)."""
+    for v in range(videos):
+        for i, frame in enumerate(make_frames(frames, h, w, seed=v), start=1):
+            write_jpeg(root / "frames" / f"v{v}" / f"{i:06d}.jpg", frame)
+    (root / "train_videofolder.txt").write_text("".join(f"v{v} {frames} {v % 2}\n" for v in range(videos)))
+    (root / "category.txt").write_text("a\nb\n")
+    return root
+
+
+def test_decoding_and_transforming_on_the_gpu_match_the_cpu(tmp_path):
+    """`data.decode_on=device` on a GPU: nvJPEG decodes what libjpeg-turbo decodes on the CPU (up to the
+    decoders' own rounding), and the training transform drawn from the same seeds gives the CPU's clips."""
+    ds = VideoFolderDataset(_prepared(tmp_path, 4, 8, 256, 320), "train", num_frames=8, train=True, encoded=True)
+    items = [ds[i][0] for i in range(4)]
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    on_cpu, on_gpu = ds.decode(items, cpu), ds.decode(items, gpu)
+    assert on_gpu[0].device.type == "cuda" and on_gpu[0].shape == (8, 3, 256, 320)
+    for a, b in zip(on_cpu, on_gpu, strict=True):  # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's
+        diff = (a.int() - b.cpu().int()).abs()
+        assert diff.float().mean() < 1.0 and diff.max() <= 16, (diff.float().mean(), diff.max())
+    assert ds.replaced_frames == 0
+    transform = clip_train_transform(load_recipe("ssv2").data)  # RandAugment m7 n4, crop; no random erasing
+    seeds = torch.arange(4) + 1000
+    ref = DeviceAugment(transform, cpu)(on_cpu, seeds)
+    out = DeviceAugment(transform, gpu)(on_cpu, seeds).cpu()  # the same uint8 clips, transformed on the GPU
+    assert out.shape == ref.shape == (4, 8, 3, 224, 224)
+    # float noise; where it moves a resampled pixel across a rounding step, one grey level (0.018 normalised)
+    close = (out - ref).abs() <= 0.02
+    assert close.float().mean() > 0.999, close.float().mean()
+    whole = DeviceAugment(transform, gpu, ds.decode)(items, seeds).cpu()  # nvJPEG + transform on the GPU
+    assert (whole - ref).abs().mean() < 0.05
+
+
+def test_a_file_nvjpeg_cannot_decode_is_read_as_the_loader_reads_it(tmp_path):
+    """A corrupt or missing file fails the batched nvJPEG call; its clip is then read on the CPU the loader's
+    way (replaced by the nearest readable frame, counted) and the GPU goes on decoding."""
+    root = _prepared(tmp_path, 3, 4, 64, 80)
+    path = root / "frames/v1/000002.jpg"
+    path.write_bytes(path.read_bytes()[:300])  # truncated
+    (root / "frames/v2/000003.jpg").unlink()  # missing
+    ds = VideoFolderDataset(root, "train", num_frames=4, train=False, encoded=True)
+    loader = VideoFolderDataset(root, "train", num_frames=4, train=False)
+    items = [ds[i][0] for i in range(3)]
+    clips = ds.decode(items, torch.device("cuda"))
+    assert [c.device.type for c in clips] == ["cuda"] * 3
+    for i in (1, 2):
+        assert torch.equal(clips[i].cpu(), loader[i][0])
+    assert ds.damage.tolist() == loader.damage.tolist() == [[0, 0], [1, 0], [1, 0]]
+    again = ds.decode(items[:1], torch.device("cuda"))[0]  # the context survived the failed call
+    assert torch.equal(again, clips[0])
+
+
+def test_bench_data_on_cuda_decodes_and_transforms_on_the_gpu(tmp_path, toy_data):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "kind: glitr\ndata: {num_frames: 4, img_size: 64, resize: 64}\n"
+        "model: {embed_dim: 64, depth: 2, num_heads: 2, glimpse_size: 2, temporal_depth: 1, temporal_heads: 2}\n"
+        "optim: {batch_size: 4}\n"
+    )
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "glitr_cli", "bench", str(recipe), "--data", "--repeats", "2", "--warmup", "1"]
+    cmd += ["--no-baseline", "--online-batch", "3", "--json", str(out), f"data.root={toy_data / 'toy'}"]
+    cmd += ["data.decode_on=device", "data.augment_on=device"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["data"]["pin_memory"] and result["data"]["workers"] >= 1 and not result["failures"]
+    for kind in ("student", "teacher"):
+        assert result["results"][f"{kind}_train_clips_per_s_data"]["median"] > 0
+    assert result["results"]["data_decode_ms_per_clip"]["median"] > 0

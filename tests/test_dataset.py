@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from glitr_cli.data.bench import measure_loader, resolve_dataset
-from glitr_cli.data.dataset import VideoFolderDataset, decode_jpeg_bytes
+from glitr_cli.data.dataset import JpegClip, VideoFolderDataset, decode_jpeg_bytes, decode_jpegs
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import eval_transform
 from glitr_cli.errors import GlitrError
@@ -86,9 +86,37 @@ def test_dataset_returns_normalised_clips_of_the_sampled_frames(tmp_path):
 
 
 def test_jpeg_decoders_agree(tmp_path):
-    write_jpeg(tmp_path / "f.jpg", make_frames(1, 40, 56)[0])
-    data = (tmp_path / "f.jpg").read_bytes()
-    assert torch.equal(decode_jpeg_bytes(data, "torchvision"), decode_jpeg_bytes(data, "pillow"))
+    """torchvision's decoder (libjpeg-turbo, one file or a batch) gives Pillow's pixels exactly."""
+    for k, frame in enumerate(make_frames(3, 40, 56)):
+        write_jpeg(tmp_path / f"{k}.jpg", frame)
+    files = [(tmp_path / f"{k}.jpg").read_bytes() for k in range(3)]
+    batch = decode_jpegs([torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files], torch.device("cpu"))
+    for data, decoded in zip(files, batch, strict=True):
+        assert torch.equal(decode_jpeg_bytes(data, "torchvision"), decode_jpeg_bytes(data, "pillow"))
+        assert torch.equal(decoded, decode_jpeg_bytes(data, "pillow"))
+
+
+def test_decoding_in_the_training_process_reads_as_the_loader(tmp_path):
+    """`encoded` items (the JPEG files) decoded by `decode` in one batched call give the loader's uint8
+    clips exactly, bad files included: each replaced by its nearest readable frame and counted the same."""
+    root = _make_dataset(tmp_path / "ds", {f"v{i}": (8, i % 3) for i in range(5)})
+    frames = root / "frames"
+    (frames / "v1/000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage, not a JPEG")  # corrupt
+    (frames / "v2/000006.jpg").unlink()  # missing
+    data = (frames / "v3/000004.jpg").read_bytes()
+    (frames / "v3/000004.jpg").write_bytes(data[: len(data) // 2])  # truncated
+    for p in (frames / "v4").iterdir():  # no readable frame: a black clip
+        p.write_bytes(b"")
+    loader = VideoFolderDataset(root, "train", num_frames=8, train=False)
+    device = VideoFolderDataset(root, "train", num_frames=8, train=False, encoded=True)
+    items = [device[i][0] for i in range(5)]
+    assert isinstance(items[0], JpegClip) and items[0].indices == list(range(8)) and items[2].sizes[5] == 0
+    cpu = torch.device("cpu")
+    assert torch.equal(device.decode(items[:1], cpu)[0], loader[0][0])  # all files good: one batched call
+    for i, clip in enumerate(device.decode(items, cpu)):  # a bad file: clip by clip, the bad clips as the loader
+        assert torch.equal(clip, loader[i][0]), i
+    assert torch.equal(device.damage, loader.damage)
+    assert device.damage[:, 0].tolist() == [0, 1, 1, 1, 8] and device.unreadable_videos == 1
 
 
 def test_corrupt_and_missing_frames_are_replaced_by_neighbours_and_counted(tmp_path):

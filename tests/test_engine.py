@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_same_weights, model_weights, read_metrics, tiny_recipe
 
+from glitr_cli import runtime
 from glitr_cli.data.transforms import train_transform
 from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
 from glitr_cli.engine.distributed import ResumableSampler, SeededDataset, ShardSampler
@@ -22,7 +23,7 @@ from glitr_cli.engine.trainer import Trainer
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr
 from glitr_cli.recipe import GroupLR, ModelConfig, load_recipe
-from glitr_cli.runtime import auto_threads, available_cores
+from glitr_cli.runtime import auto_threads, auto_workers, available_cores
 
 # ------------------------------------------------------------------------------------ optimiser
 
@@ -358,6 +359,19 @@ def test_cpu_threads_leave_the_loader_workers_their_cores(monkeypatch):
     assert auto_threads(1) == 3  # the user's choice stands
 
 
+@pytest.mark.parametrize("cores,gpu,cpu", [(16, 15, 8), (2, 1, 1), (1, 0, 0)])
+def test_automatic_workers_leave_the_training_process_its_cores(monkeypatch, cores, gpu, cpu):
+    """`data.workers: auto`: one core stays with a GPU's training process, half of them on the CPU."""
+    monkeypatch.setattr(runtime, "available_cores", lambda: cores)
+    assert auto_workers(torch.device("cuda")) == gpu and auto_workers(torch.device("cpu")) == cpu
+
+
+def test_the_cores_are_shared_by_the_processes_of_a_torchrun_job(monkeypatch):
+    alone = available_cores()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert available_cores() == max(1, alone // 2)
+
+
 def test_the_thread_count_is_recorded_and_a_resumed_run_keeps_it(tmp_path, toy_data, monkeypatch):
     """Float results depend on the thread count: the run records the one it chose, and a rerun of the
     same command (on other workers, so another automatic choice) continues with it."""
@@ -407,7 +421,23 @@ def test_device_augment_is_seeded_per_clip_and_leaves_the_global_generator_alone
     assert not torch.equal(a, c)
 
 
-def test_bad_training_data_is_counted_listed_and_bounded(tmp_path, toy_data):
+def test_decoding_on_the_device_trains_as_decoding_in_the_loader(tmp_path, toy_data):
+    """`data.decode_on=device`: the workers only read the files, the trainer decodes each batch; the same
+    uint8 clips, so the same weights (on a GPU nvJPEG decodes: tests/test_cuda.py)."""
+    device = ["data.augment_on=device"]
+    ref = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'ref'}", *device))
+    ref.fit()
+    decoding = [*device, "data.decode_on=device", "data.workers=2"]
+    run = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={tmp_path / 'run'}", *decoding))
+    run.fit()
+    assert run.step == ref.step == 8
+    assert_same_weights(
+        model_weights(tmp_path / "run/checkpoints/last.pt"), model_weights(tmp_path / "ref/checkpoints/last.pt")
+    )
+
+
+@pytest.mark.parametrize("decode_on", ["loader", "device"])
+def test_bad_training_data_is_counted_listed_and_bounded(tmp_path, toy_data, decode_on):
     data = tmp_path / "data"
     shutil.copytree(toy_data, data)
     root = data / "toy"
@@ -419,7 +449,9 @@ def test_bad_training_data_is_counted_listed_and_bounded(tmp_path, toy_data):
     shutil.rmtree(root / "frames" / missing)
     (root / "frames" / missing).mkdir()  # no frame of this clip can be read
 
-    overrides = ["train.eval_every=0", f"output_dir={tmp_path / 'run'}"]
+    # decoding on the device: a clip with a bad file is read as the loader reads it, and counted the same
+    overrides = ["train.eval_every=0", f"output_dir={tmp_path / 'run'}", f"data.decode_on={decode_on}"]
+    overrides += ["data.augment_on=device"] if decode_on == "device" else []
     Trainer(tiny_recipe(tmp_path, data, "teacher", *overrides, "data.max_bad_fraction=0.2")).fit()
     per_epoch = [r for r in read_metrics(tmp_path / "run") if r["split"] == "data"]
     assert [r["epoch"] for r in per_epoch] == [1, 2]

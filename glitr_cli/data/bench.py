@@ -18,18 +18,19 @@ from glitr_cli.data.formats import DATASETS
 from glitr_cli.data.transforms import eval_transform, train_transform
 from glitr_cli.errors import GlitrError
 from glitr_cli.paths import data_root
+from glitr_cli.runtime import PREFETCH_FACTOR
 
 
 def measure_loader(
-    dataset: Dataset, batch_size: int, workers: int, num_batches: int, warmup: int = 2, collate_fn: Any = None
+    dataset: Dataset, batch_size: int, workers: int, num_batches: int, warmup: int = 2
 ) -> dict[str, Any]:
     """Time `num_batches` batches from a shuffled DataLoader over `dataset` (items
     `(clip (T, 3, H, W), label)`), after `warmup` batches that absorb worker start-up.
-    `collate_fn` may batch the clips as a list (uint8 clips of several sizes).
 
     Memory is pinned when an accelerator exists; workers persist across epochs when
-    `workers > 0`. Returns clips_per_s, frames_per_s, seconds, startup_s (time to the
-    first batch), batch_size, workers, num_batches, frames_per_clip, pin_memory."""
+    `workers > 0` and prefetch as the training loader's do. Returns clips_per_s, frames_per_s,
+    seconds, startup_s (time to the first batch), batch_size, workers, num_batches,
+    frames_per_clip, pin_memory."""
     if batch_size < 1 or num_batches < 1 or workers < 0:
         raise GlitrError(
             f"need batch_size >= 1, num_batches >= 1, workers >= 0; got {batch_size}, {num_batches}, {workers}"
@@ -45,8 +46,7 @@ def measure_loader(
         pin_memory=pin,
         persistent_workers=workers > 0,
         drop_last=True,
-        prefetch_factor=4 if workers > 0 else None,
-        collate_fn=collate_fn,
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
     )
 
     def batches():

@@ -5,16 +5,21 @@ corrupt frame is replaced by its nearest readable neighbour and counted) -> uint
 (T, 3, H, W) -> transform (normalised float32 (T, 3, H', W')).
 
 JPEG decoding uses `torchvision.io.decode_jpeg` (libjpeg-turbo; faster than Pillow, with identical
-pixels), with Pillow as the fallback where torchvision's decoder is unavailable.
+pixels), with Pillow as the fallback where torchvision's decoder is unavailable. With `encoded=True`
+(`data.decode_on: device`) an item holds the frames' JPEG bytes instead (`JpegClip`), and the
+training process decodes a whole batch at once on its device (`VideoFolderDataset.decode`: nvJPEG
+on CUDA, the same libjpeg-turbo decoder on the CPU).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +49,33 @@ def _decode_pillow(data: bytes) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decode JPEG files (1-D uint8 tensors of their bytes, on the CPU) in one call on `device`:
+    uint8 (3, H, W) each, RGB (nvJPEG on CUDA). Raises when any of them cannot be decoded.
+
+    On CUDA the decoder runs on a stream of its own: nvJPEG's hardware engine may write its outputs
+    before the work queued on the caller's stream has run (pytorch/vision#9606), so its outputs come
+    from memory that stream never hands out while the caller's stream still uses it
+    (`record_stream`), and the caller's stream waits for the decode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if device.type != "cuda":
+            return _tv_decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        caller, own = torch.cuda.current_stream(device), _decode_stream(device)
+        own.wait_stream(caller)
+        with torch.cuda.stream(own):
+            frames = _tv_decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    caller.wait_stream(own)
+    for frame in frames:
+        frame.record_stream(caller)
+    return frames
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def decode_jpeg_bytes(data: bytes, backend: str = "auto") -> torch.Tensor:
     """Decode JPEG bytes to a uint8 tensor (3, H, W), RGB. Raises on corrupt data.
 
@@ -52,9 +84,18 @@ def decode_jpeg_bytes(data: bytes, backend: str = "auto") -> torch.Tensor:
         raise ValueError("empty file")
     if backend == "pillow" or (backend == "auto" and _tv_decode_jpeg is None):
         return _decode_pillow(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.device("cpu"))[0]
+
+
+class JpegClip(NamedTuple):
+    """A clip's frames as their JPEG files (`VideoFolderDataset(encoded=True)`): `data` the files'
+    bytes one after another, `sizes` the byte count of each (0: the file could not be read), `clip`
+    the dataset index and `indices` the 0-based frames. `VideoFolderDataset.decode` decodes it."""
+
+    clip: int
+    indices: list[int]
+    data: torch.Tensor  # uint8 (sum(sizes),)
+    sizes: list[int]
 
 
 def _prepare_hint(root: Path, name: str | None) -> str:
@@ -70,7 +111,8 @@ class VideoFolderDataset(Dataset):
 
     `__getitem__(i)` returns `(clip, label)`: `clip` is `transform(uint8 (T, 3, H, W))`
     (the uint8 clip itself when `transform` is None; a normalised float32 (T, 3, H', W')
-    with the transforms of `glitr_cli.data.transforms`), `label` the class index (-1 for
+    with the transforms of `glitr_cli.data.transforms`; with `encoded`, the `JpegClip` of its
+    frames' files, which `decode` turns into uint8 clips), `label` the class index (-1 for
     the unlabelled test split). T = `num_frames`, picked by `sampler` (a `FrameSampler` of the
     `sampling` mode: one random frame per segment when `train`, otherwise fixed frames). Clips with
     fewer than `min_frames` frames are left out of `records` and counted in `dropped_clips`.
@@ -79,7 +121,8 @@ class VideoFolderDataset(Dataset):
     video with no readable frame at all gives a black clip. Both are counted per clip in
     `damage` (clip index -> [frames replaced, times unreadable]), in shared memory so that the
     counts of DataLoader workers reach the training process (each clip is read by one worker at
-    a time: a sampler yields an index once per epoch)."""
+    a time: a sampler yields an index once per epoch). With `encoded`, the training process
+    counts them in `decode`, which reads a clip with an unreadable file the same way."""
 
     def __init__(
         self,
@@ -91,6 +134,7 @@ class VideoFolderDataset(Dataset):
         decoder: str = "auto",
         sampling: Sampling = "original",
         min_frames: int = 1,
+        encoded: bool = False,
     ) -> None:
         root = Path(root)
         if split not in SPLITS:
@@ -111,6 +155,9 @@ class VideoFolderDataset(Dataset):
         self.transform = transform
         self.train = train
         self.decoder = decoder
+        if encoded and _tv_decode_jpeg is None:
+            raise GlitrError("data.decode_on=device needs torchvision's decode_jpeg, which this torchvision lacks")
+        self.encoded = encoded
         self.info = info or DatasetInfo(name=root.name)
         frames_dir = Path(self.info.frames_dir)
         self.frames_dir = frames_dir if frames_dir.is_absolute() else root / frames_dir
@@ -188,21 +235,59 @@ class VideoFolderDataset(Dataset):
         self._fallback_hw = tuple(found[0].shape[-2:])
         return torch.stack([x if x is not None else found[0] for x in out])  # (T, 3, H, W)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def read_files(self, clip: int, indices: list[int]) -> JpegClip:
+        """The JPEG files of the frames at 0-based `indices` of clip `clip`, undecoded (one that cannot
+        be read is empty: `decode` finds it)."""
+        record = self.records[clip]
+        files = []
+        for i in indices:
+            try:
+                files.append(self.frame_path(record, i).read_bytes())
+            except OSError:
+                files.append(b"")
+        data = torch.from_numpy(np.frombuffer(bytearray(b"".join(files)), dtype=np.uint8))
+        return JpegClip(clip, indices, data, [len(f) for f in files])
+
+    def decode(self, clips: Sequence[JpegClip], device: torch.device) -> list[torch.Tensor]:
+        """Decode `clips` (items of `encoded=True`) on `device`, all frames in one call (nvJPEG on
+        CUDA): uint8 (T, 3, H, W) each. When a file fails, the batch is decoded clip by clip and a
+        clip with a file that cannot be decoded is read as the loader reads it (`load_frames`, on the
+        CPU: the file replaced by its nearest readable frame, and counted in `damage`); running out
+        of device memory is no file's fault and raises."""
+        try:
+            frames = iter(decode_jpegs([f for c in clips for f in c.data.split(c.sizes)], device))
+        except torch.OutOfMemoryError:  # not the files' fault
+            raise
+        except (RuntimeError, ValueError):  # an unreadable file somewhere in the batch
+            return [self._decode_clip(c, device) for c in clips]
+        return [torch.stack([next(frames) for _ in c.sizes]) for c in clips]
+
+    def _decode_clip(self, clip: JpegClip, device: torch.device) -> torch.Tensor:
+        try:
+            return torch.stack(decode_jpegs(list(clip.data.split(clip.sizes)), device))
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError):
+            return self.load_frames(clip.clip, clip.indices).to(device)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | JpegClip, int]:
         record = self.records[i]
         indices = self.sampler.indices(record.num_frames, self.train)
+        label = -1 if record.label is None else record.label
+        if self.encoded:
+            return self.read_files(i, indices), label
         clip = self.load_frames(i, indices)  # (T, 3, H, W) uint8
         if self.transform is not None:
             clip = self.transform(clip)
-        return clip, (-1 if record.label is None else record.label)
+        return clip, label
 
 
 def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> VideoFolderDataset:
     """The clips of `split` under `cfg.root` (resolve the recipe first) with the recipe's frame sampling
     and its training or evaluation transform; training leaves out clips shorter than
     `cfg.min_train_frames` (counted in `dropped_clips`). Training clips stay uint8 when `cfg.augment_on` is
-    "device" (the training step transforms them). A missing or unprepared dataset names
-    `glitr prepare-data`."""
+    "device" (the training step transforms them), and JPEG files (`JpegClip`) when `cfg.decode_on` is
+    "device". A missing or unprepared dataset names `glitr prepare-data`."""
     assert cfg.root is not None, "resolve the recipe first"
     if train:
         transform = None if cfg.augment_on == "device" else clip_train_transform(cfg)
@@ -216,4 +301,5 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> VideoFolderDat
         train=train,
         sampling=cfg.sampling,
         min_frames=cfg.min_train_frames if train else 1,
+        encoded=train and cfg.decode_on == "device",
     )

@@ -34,13 +34,11 @@ import torch
 from rich.console import Console
 
 from glitr_cli.data.dataset import build_dataset
-from glitr_cli.data.transforms import clip_train_transform
-from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
+from glitr_cli.engine.augment import training_data
 from glitr_cli.engine.build import build_objective
 from glitr_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glitr_cli.engine.distributed import (
     ResumableSampler,
-    SeededDataset,
     ShardSampler,
     all_gather_objects,
     all_reduce_max,
@@ -134,14 +132,8 @@ class Trainer:
         self.sampler = ResumableSampler(
             len(self.train_set), rank=runtime.rank, world_size=runtime.world_size, seed=r.train.seed
         )
-        on_device = r.data.augment_on == "device"
-        self.loader = runtime.loader(
-            SeededDataset(self.train_set, with_seed=on_device),
-            batch_size=self.micro_batch,
-            sampler=self.sampler,
-            drop_last=True,
-            collate_fn=collate_uint8_clips if on_device else None,
-            seed=r.train.seed,
+        self.loader, augment = training_data(
+            self.train_set, r.data, runtime, batch_size=self.micro_batch, sampler=self.sampler, seed=r.train.seed
         )
         if self.val_set is not None:
             shard = ShardSampler(len(self.val_set), rank=runtime.rank, world_size=runtime.world_size)
@@ -152,7 +144,6 @@ class Trainer:
                 f"{r.data.root} split '{r.data.train_split}' has {len(self.train_set)} clips, too few for one "
                 f"optimiser step of optim.batch_size={opt.batch_size}"
             )
-        augment = DeviceAugment(clip_train_transform(r.data), runtime.device) if on_device else None
         self.train_step = TrainStep(self.objective, runtime, opt, steps_per_epoch=self.steps_per_epoch, augment=augment)
 
         seed_everything(r.train.seed + 10007 * runtime.rank)  # per-rank randomness: mixup, drop-path
