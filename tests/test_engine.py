@@ -22,6 +22,7 @@ from glitr_cli.engine.optim import MODULES, GroupSchedule, build_optimizer, buil
 from glitr_cli.engine.trainer import Trainer
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr
+from glitr_cli.model.spatial import conv_stem
 from glitr_cli.recipe import GroupLR, ModelConfig, load_recipe
 from glitr_cli.runtime import auto_threads, auto_workers, available_cores
 
@@ -347,6 +348,23 @@ def test_conv_stem_reads_frames_and_glimpses_and_keeps_the_signal():
     odd = ModelConfig(embed_dim=32, depth=1, num_heads=2, patch_size=12, glimpse_size=2, temporal_heads=2, stem="conv")
     with pytest.raises(GlitrError, match="power-of-two patch size, got 12"):
         build_model(odd, num_classes=2, num_frames=2, img_size=48)
+
+
+def test_conv_stem_on_channels_last_computes_what_the_plain_stem_does():
+    torch.manual_seed(0)
+    stem = conv_stem(32, 16)
+    plain = torch.nn.Sequential(*stem)  # the same layers on the default memory layout
+    for side in (64, 32):  # frames and glimpses
+        images = torch.randn(5, 3, side, side, requires_grad=True)
+        fast = stem(images)
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+        (fast_grad,) = torch.autograd.grad(fast.square().sum(), images)
+        ref = plain(images)
+        (ref_grad,) = torch.autograd.grad(ref.square().sum(), images)
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-4)
+        tokens = fast.flatten(2).transpose(1, 2)  # what SpatialEncoder reads: (N, h*w, D) without a copy
+        assert tokens.is_contiguous()
 
 
 def test_cpu_threads_leave_the_loader_workers_their_cores(monkeypatch):
