@@ -320,7 +320,7 @@ class Bench:
         if self.device.type == "cpu" and onnx_runtime_available():  # the exported step in ONNX Runtime
             frames = torch.randn(t, 1, 3, size, size)
             for int8, name in ((False, "online_ms_per_frame_b1_onnx"), (True, "online_ms_per_frame_b1_onnx_int8")):
-                onnx = OnnxPredictor(copy.deepcopy(student), threads=self.runtime.threads, int8=int8)
+                onnx = OnnxPredictor(student, threads=self.runtime.threads, int8=int8)
 
                 def onnx_online(onnx: OnnxPredictor = onnx) -> None:
                     onnx.reset()

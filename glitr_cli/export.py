@@ -34,6 +34,7 @@ where the float step is too slow.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import tempfile
@@ -69,10 +70,10 @@ def require_onnx() -> None:
 
 
 def step_program(model: GliTr, *, crop: bool = False, batch_size: int = 1) -> Any:
-    """`model`'s sliding step (`StepGraph`) as an ONNX ModelProto; `model` is turned to float32 with
-    the explicit attention path (plain ONNX ops)."""
+    """`model`'s sliding step (`StepGraph`) as an ONNX ModelProto, traced from a float32 copy with the
+    explicit attention path (plain ONNX ops); `model` itself is left as it was."""
     require_onnx()
-    model = model.float()
+    model = copy.deepcopy(model).float()
     model.set_fused_attn(False)
     graph = StepGraph(model, crop=crop).eval()
     s, t, d = model.img_size, model.num_frames, model.backbone.embed_dim
