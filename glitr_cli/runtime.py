@@ -12,12 +12,16 @@ programs) hold some of those cores every parallel operation waits for a deschedu
 runtime gives PyTorch the cores the loader workers leave free (`train.threads: 0`), or
 `$OMP_NUM_THREADS` when it is set; a run records the number it used, because float results depend
 on it. The number of workers does not change the data (each clip is seeded on its own).
+`train.keep_freed_memory` has glibc reuse freed memory instead of mapping fresh pages for every
+large tensor (`keep_freed_memory`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import platform
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +37,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # batches each loader worker keeps ready: with many workers 2 x workers batches wait in (pinned)
 # memory, enough to ride out a slow batch; more only holds more decoded clips in shared memory
 PREFETCH_FACTOR = 2
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 
 def torchrun_env() -> tuple[int, int, int]:
@@ -84,6 +90,21 @@ def auto_workers(device: torch.device) -> int:
     return cores - keep
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocations, process-wide and for good.
+
+    By default glibc gives every block above its mmap threshold (32 MiB at most) back to the kernel
+    when it is freed and maps fresh pages for the next one, which the kernel zero-fills one page
+    fault at a time on first touch. A CPU training step's activations are such blocks: the toy
+    teacher spent a fifth of its time in those faults at two threads. Serving all blocks from the
+    heap and not trimming it (the process keeps its peak memory) removes them; what is computed is
+    the same. Returns whether it applied (False where the C library is not glibc)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def auto_threads(workers: int) -> int:
     """PyTorch threads when the recipe says 0: `$OMP_NUM_THREADS` if set, else the cores left by the workers."""
     env = os.environ.get("OMP_NUM_THREADS", "")
@@ -104,6 +125,7 @@ class Runtime:
     grad_checkpointing: bool
     threads: int
     workers: int
+    keep_freed_memory: bool = False  # glibc malloc keeps freed memory (`keep_freed_memory`)
     rank: int = 0
     world_size: int = 1
 
@@ -125,6 +147,7 @@ class Runtime:
             grad_checkpointing=t.grad_checkpointing,
             threads=t.threads or auto_threads(workers),
             workers=workers,
+            keep_freed_memory=t.keep_freed_memory,
             rank=rank,
             world_size=world,
         )
@@ -142,8 +165,11 @@ class Runtime:
         return self.world_size > 1
 
     def apply(self) -> None:
-        """Set this process's PyTorch thread count (process-wide; do it once, before any work)."""
+        """Set this process's PyTorch thread count and, when asked, glibc's keeping of freed memory
+        (process-wide, inherited by loader workers; do it once, before any work)."""
         torch.set_num_threads(self.threads)
+        if self.keep_freed_memory:
+            keep_freed_memory()
 
     def autocast(self, graphed: bool = False) -> contextlib.AbstractContextManager:
         """Autocast to the runtime's precision (nothing in fp32). Under a CUDA graph (`graphed`) the

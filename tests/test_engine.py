@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -375,6 +378,48 @@ def test_cpu_threads_leave_the_loader_workers_their_cores(monkeypatch):
     assert auto_threads(0) == cores
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert auto_threads(1) == 3  # the user's choice stands
+
+
+# in a fresh process: three teacher-objective steps at the toy geometry (their losses), then the page
+# faults of filling five 64 MiB tensors one after the other, each freed before the next
+_FAULTS_PROGRAM = """
+import json, resource, sys
+import torch
+from glitr_cli.engine.build import build_objective
+from glitr_cli.recipe import load_recipe
+from glitr_cli.runtime import Runtime
+
+recipe = load_recipe("toy_teacher", ["train.keep_freed_memory=" + sys.argv[1], "train.threads=1"])
+Runtime.from_recipe(recipe, device="cpu").apply()
+torch.manual_seed(0)
+loss = build_objective(recipe, [str(i) for i in range(8)], None).loss.train()
+frames, labels = torch.randn(2, 8, 3, 112, 112), torch.arange(2)
+values = []
+for _ in range(3):
+    out = loss(frames, labels)
+    out["loss"].backward()
+    values.append(out["loss"].item())
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 << 20).sum()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"loss": values, "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keeping_freed_memory_computes_the_same_without_the_page_faults():
+    """`train.keep_freed_memory`: the same losses as glibc's default allocator; a large tensor freed
+    and allocated again reuses its pages, where the default maps fresh ones (16384 faults of 4 KiB)."""
+    runs = {}
+    for keep in ("false", "true"):
+        proc = subprocess.run([sys.executable, "-c", _FAULTS_PROGRAM, keep], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        runs[keep] = json.loads(proc.stdout)
+    assert runs["true"]["loss"] == runs["false"]["loss"]
+    plain, kept = sum(runs["false"]["faults"][1:]), sum(runs["true"]["faults"][1:])
+    assert plain > 4 * 10000 and kept < 1000, (runs["false"]["faults"], runs["true"]["faults"])
 
 
 @pytest.mark.parametrize("cores,gpu,cpu", [(16, 15, 8), (2, 1, 1), (1, 0, 0)])
