@@ -97,7 +97,9 @@ class GroupLR:
     floor: float = 1e-7  # not scaled
     warmup_epochs: float = 0.0
     warmup_start: float = 1e-6  # not scaled
-    hold_epochs: float = 0.0  # learning rate 0 for this many epochs first; the warm-up + cosine runs over the rest
+    # held still for this many epochs first (no update, no AdamW state, the teacher's location losses not
+    # computed for a held locator); the warm-up + cosine runs over the rest
+    hold_epochs: float = 0.0
 
 
 @dataclass

@@ -54,4 +54,4 @@ def test_demo_mistakes_exit_2(tmp_path, monkeypatch, capsys):
 
 def test_epochs_scale_scales_the_hold_of_a_held_module():
     assert scaled_epochs("toy_teacher", 0.5) == ["optim.epochs=15", "optim.locator.hold_epochs=10"]
-    assert scaled_epochs("toy", 2.0) == ["optim.epochs=20"]  # nothing held
+    assert scaled_epochs("toy", 2.0) == ["optim.epochs=30"]  # nothing held

@@ -18,10 +18,12 @@ from conftest import assert_same_weights, model_weights, read_metrics, tiny_reci
 from glitr_cli import runtime
 from glitr_cli.data.transforms import train_transform
 from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
+from glitr_cli.engine.build import build_objective
 from glitr_cli.engine.distributed import ResumableSampler, SeededDataset, ShardSampler
 from glitr_cli.engine.loading import build_model
 from glitr_cli.engine.mixup import MixupCutmix, soft_targets
 from glitr_cli.engine.optim import MODULES, GroupSchedule, build_optimizer, build_schedule, param_groups
+from glitr_cli.engine.step import TrainStep
 from glitr_cli.engine.trainer import Trainer
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr
@@ -109,6 +111,48 @@ def test_a_held_module_starts_its_schedule_late():
     plain = GroupSchedule(base=2.0, floor=0.1, warmup=0, warmup_start=0.0, total=12)
     assert lrs[12:] == pytest.approx([plain(i) for i in range(4, 13)])  # then the cosine of the last 3 epochs
     assert sched.lrs(0)["backbone"] == 1.0  # the other modules are not held
+    assert sched.held(7) == {"locator"} and sched.held(8) == set()
+
+
+def test_a_held_locator_gets_no_update_nor_state_and_leaving_out_its_losses_changes_nothing(tmp_path, toy_data):
+    """While T_l is held, the eager teacher step leaves out the location losses (NaN in the log);
+    it lands on the weights and AdamW state of the step that computes them and drops T_l's gradients
+    (what a CUDA graph or DDP does), through the hold and after it."""
+    recipe = tiny_recipe(
+        tmp_path, toy_data, "teacher", "model.drop_path=0", "objective.mixup=0", "objective.cutmix=0",
+        "optim.batch_size=2", "optim.epochs=2", "optim.locator.hold_epochs=1", "optim.locator.warmup_epochs=0",
+    )  # fmt: skip
+    rt = runtime.Runtime.from_recipe(recipe, device="cpu")
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 4, 3, 64, 64), torch.tensor([i % 8, (i + 3) % 8])) for i in range(4)]
+    runs = {}
+    for leave_out in (True, False):
+        torch.manual_seed(1)
+        objective = build_objective(recipe, [str(c) for c in range(8)], None)
+        step = TrainStep(objective, rt, recipe.optim, steps_per_epoch=2)  # T_l held for steps 0 and 1
+        assert step.leave_out_held
+        step.leave_out_held = leave_out
+        start = [p.detach().clone() for p in objective.model.locator.parameters()]
+
+        def locator_moved() -> bool:
+            return not all(map(torch.equal, start, objective.model.locator.parameters()))  # noqa: B023
+
+        loc_mse: list[float] = []
+        micro_batches = iter(batches)
+        for i in range(4):
+            step(micro_batches, lambda out, labels: loc_mse.append(out["loc_mse"].item()))  # noqa: B023
+            held = [p for g in step.optimizer.param_groups if g["module"] == "locator" for p in g["params"]]
+            if i < 2:
+                assert not locator_moved() and not any(p in step.optimizer.state for p in held)
+            else:
+                assert all(p in step.optimizer.state for p in held)
+        assert [math.isnan(x) for x in loc_mse] == [leave_out, leave_out, False, False]
+        assert locator_moved()
+        runs[leave_out] = (objective.model.state_dict(), step.optimizer.state_dict()["state"])
+    assert_same_weights(runs[True][0], runs[False][0])
+    for key, state in runs[True][1].items():
+        for name, value in state.items():
+            assert torch.equal(value, runs[False][1][key][name]), (key, name)
 
 
 def test_schedule_sets_every_group_of_the_optimizer():

@@ -30,6 +30,9 @@ class Objective:
     model: GliTr  # the weights that are trained, saved and evaluated
     prepare: Callable[[torch.Tensor, torch.Tensor], Batch]  # (clips, labels) -> (frames, target)
     scalars: tuple[str, ...]  # loss components logged besides "loss"
+    # modules that only some loss terms train, terms the loss module leaves out for the modules in its
+    # `leave_out` (a held module's gradients are dropped anyway; see TrainStep)
+    separable: tuple[str, ...] = ()
 
 
 def _labels_as_is(clips: torch.Tensor, labels: torch.Tensor) -> Batch:
@@ -56,6 +59,7 @@ def teacher_objective(
         model=model,
         prepare=mix if mix.active else _labels_as_is,
         scalars=("cls", "distill", "loc_mse", "loc_kld"),
+        separable=("locator",),
     )
 
 
@@ -77,4 +81,4 @@ def reference_objective(objective: Objective) -> Objective:
         plain: nn.Module = PlainStudentObjective(loss.student, loss.teacher, loss.label_smoothing)
     else:
         plain = PlainTeacherObjective(loss.model, loss.videomae, loss.label_smoothing)
-    return replace(objective, loss=plain)
+    return replace(objective, loss=plain, separable=())

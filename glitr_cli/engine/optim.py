@@ -83,6 +83,10 @@ class LRSchedule:
     def lrs(self, it: int) -> dict[str, float]:
         return {name: s(it) for name, s in self.schedules.items()}
 
+    def held(self, it: int) -> frozenset[str]:
+        """The modules still held at step `it` (within their `hold` steps)."""
+        return frozenset(name for name, s in self.schedules.items() if it < s.hold)
+
     def apply(self, optimizer: torch.optim.Optimizer, it: int) -> dict[str, float]:
         lrs = self.lrs(it)
         for group in optimizer.param_groups:

@@ -5,6 +5,11 @@ device-side augmentation (`data.augment_on: device`), the objective's batch prep
 cutmix), forward and backward under the runtime's autocast (replayed as a CUDA graph, or inside
 DDP with gradient sync only on the last micro-batch), gradient accumulation, loss scaling, clipping,
 the per-module learning-rate schedule and AdamW.
+
+A module held still (`hold_epochs`) gets no update and no AdamW state until its hold ends: its
+gradients are dropped before clipping and the step. Where the step runs eagerly in one process,
+the loss terms that only train such a module (the teacher's location losses, `Objective.separable`)
+are not computed at all; a CUDA graph or DDP computes them and drops what they gave.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class TrainStep:
         if runtime.compile:
             self.model.compile()
         self.graphed = GraphedStep(self._forward_backward, self.model) if runtime.train_graphs else None
+        # a graph replays what it captured, and DDP waits for every parameter's gradient
+        self.leave_out_held = self.graphed is None and self.ddp is None and bool(objective.separable)
         self.optimizer = build_optimizer(
             self.model,
             weight_decay=optim.weight_decay,
@@ -80,6 +87,9 @@ class TrainStep:
         device = self.runtime.device
         accum = self.optim.accum_steps
         lrs = self.schedule.apply(self.optimizer, self.step)
+        held = self.schedule.held(self.step)
+        if self.leave_out_held:
+            self.objective.loss.leave_out = held & set(self.objective.separable)
         for a in range(accum):
             clips, labels, *seeds = next(micro_batches)
             if self.augment is not None:
@@ -90,7 +100,7 @@ class TrainStep:
             out = self.forward_backward(frames, target, sync=a == accum - 1)
             if observe is not None:
                 observe(out, labels)
-        return {"lr": lrs, "grad_norm": self.optimizer_step()}
+        return {"lr": lrs, "grad_norm": self.optimizer_step(held)}
 
     def forward_backward(self, frames: torch.Tensor, target: torch.Tensor, sync: bool) -> dict[str, torch.Tensor]:
         """Loss of one micro-batch and its backward pass (gradients all-reduced only when `sync`)."""
@@ -106,14 +116,21 @@ class TrainStep:
         self.scaler.scale(out["loss"] / self.optim.accum_steps).backward()
         return out
 
-    def optimizer_step(self) -> float | None:
-        """Clip (optionally), step, zero the gradients; returns the gradient norm when clipping."""
+    def optimizer_step(self, held: frozenset[str] = frozenset()) -> float | None:
+        """Drop the `held` modules' gradients, clip (optionally), step, zero the gradients; returns
+        the gradient norm when clipping."""
+        dropped = [(p, p.grad) for g in self.optimizer.param_groups if g["module"] in held for p in g["params"]]
+        for p, _ in dropped:
+            p.grad = None  # AdamW skips a parameter without a gradient: no update, no state
         norm = None
         if self.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.clip_grad))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.graphed is not None:
+            for p, grad in dropped:
+                p.grad = grad  # the graph's backward keeps adding into this storage
         self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a graph keeps writing into the same .grad
         self.step += 1
         return norm

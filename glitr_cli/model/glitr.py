@@ -6,6 +6,7 @@ normalised; the model applies no normalisation of its own.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -174,7 +175,8 @@ class TeacherObjective(nn.Module):
 
     Glimpses at the predicted locations go through T_f and T_c with frozen weights (detached
     parameters via `functional_call`, no module copies), so L_mse and L_kld train only T_l and
-    init_loc, through the glimpse pixels and resampled position embeddings.
+    init_loc, through the glimpse pixels and resampled position embeddings. With "locator" in
+    `leave_out` (T_l held still) they are not computed: the loss leaves them out and reports NaN.
     """
 
     def __init__(self, model: GliTr, videomae: nn.Module | None = None, label_smoothing: float = 0.0) -> None:
@@ -182,6 +184,7 @@ class TeacherObjective(nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing
         self.videomae = videomae
+        self.leave_out: frozenset[str] = frozenset()
         if videomae is not None:
             videomae.requires_grad_(False)
 
@@ -199,19 +202,22 @@ class TeacherObjective(nn.Module):
         b, t = frames.shape[:2]
         cls = step_cross_entropy(out.logits, target, self.label_smoothing)
 
-        glimpse_feat = functional_call(
-            model.backbone, _frozen(model.backbone), (frames.flatten(0, 1), out.locs.flatten(0, 1))
-        ).view(b, t, -1)  # (B, T, D)
-        glimpse_logits = functional_call(model.classifier, _frozen(model.classifier), (glimpse_feat,))
-        loc_mse = F.mse_loss(glimpse_feat, out.feat.detach())
-        loc_kld = kl_divergence(glimpse_logits, out.logits)
-
         distill = out.logits.new_zeros(())
         if self.videomae is not None:
             with torch.no_grad():
                 target_logits = self.videomae.forward_clip(frames if videomae_frames is None else videomae_frames)
             distill = kl_divergence(out.logits[:, -1], target_logits)
-        loss = cls + distill + loc_mse + loc_kld
+        loss = cls + distill
+        if "locator" in self.leave_out:
+            loc_mse = loc_kld = cls.new_full((), math.nan)
+        else:
+            glimpse_feat = functional_call(
+                model.backbone, _frozen(model.backbone), (frames.flatten(0, 1), out.locs.flatten(0, 1))
+            ).view(b, t, -1)  # (B, T, D)
+            glimpse_logits = functional_call(model.classifier, _frozen(model.classifier), (glimpse_feat,))
+            loc_mse = F.mse_loss(glimpse_feat, out.feat.detach())
+            loc_kld = kl_divergence(glimpse_logits, out.logits)
+            loss = loss + loc_mse + loc_kld
         return {
             "loss": loss,
             "cls": cls.detach(),
