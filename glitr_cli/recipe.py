@@ -131,7 +131,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile T_f, T_c and T_l (fixed-shape calls; the loop over t stays eager)
     cuda_graphs: bool = True  # one GPU: replay each micro-step (fwd + bwd) as a CUDA graph; eager under torchrun
     grad_checkpointing: bool = False  # recompute T_f's (and T_c's, T_l's) activations in backward: less memory
-    keep_freed_memory: bool = True  # CPU, glibc: reuse freed memory for new tensors instead of fresh pages each time
+    keep_freed_memory: bool = True  # glibc: reuse freed host memory for new tensors instead of fresh pages each time
     threads: int = 0  # PyTorch CPU threads; 0: $OMP_NUM_THREADS, else the cores data.workers leave free (recorded)
     checkpoint_every: int = 0  # also save every N optimiser steps (0 = only at the end of each epoch)
     keep_last: int = 3  # numbered checkpoints kept besides last.pt (0 = keep all)

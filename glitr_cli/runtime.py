@@ -90,7 +90,7 @@ def auto_workers(device: torch.device) -> int:
     return cores - keep
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory() -> None:
     """Make glibc's malloc keep freed memory for the next allocations, process-wide and for good.
 
     By default glibc gives every block above its mmap threshold (32 MiB at most) back to the kernel
@@ -98,11 +98,12 @@ def keep_freed_memory() -> bool:
     fault at a time on first touch. A CPU training step's activations are such blocks: the toy
     teacher spent a fifth of its time in those faults at two threads. Serving all blocks from the
     heap and not trimming it (the process keeps its peak memory) removes them; what is computed is
-    the same. Returns whether it applied (False where the C library is not glibc)."""
+    the same. Does nothing where the C library is not glibc."""
     if platform.libc_ver()[0] != "glibc":
-        return False
+        return
     libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def auto_threads(workers: int) -> int:
