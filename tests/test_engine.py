@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_same_weights, model_weights, read_metrics, tiny_recipe
+from PIL import Image
 
 from glitr_cli import runtime
 from glitr_cli.data.transforms import train_transform
@@ -277,6 +278,32 @@ def test_loss_goes_down_on_a_small_batch(tmp_path, toy_data):
     assert last["top1"][-1] == 1.0  # the batch is learnt by heart
     assert set(last["lr"]) == {"backbone", "classifier", "locator"} and last["clips_per_s"] > 0
     assert len(last["top1"]) == 4  # accuracy at every step t
+
+
+def test_metrics_are_strict_json_and_every_validation_redraws_the_curves(tmp_path, toy_data):
+    """The location losses left out while T_l is held are written as null, not NaN (which strict JSON
+    parsers refuse); curves.png in the run directory is redrawn from metrics.jsonl after each validation."""
+    run = tmp_path / "run"
+    held = ("optim.locator.hold_epochs=1", "optim.locator.warmup_epochs=0", "train.checkpoint_every=0")
+    trainer = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={run}", "optim.epochs=1", *held))
+    trainer.fit()
+
+    def no_constants(name: str):
+        raise AssertionError(f"metrics.jsonl holds {name}")
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=no_constants) for line in lines]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 4 and all(r["loc_mse"] is None and r["loc_kld"] is None for r in train)
+    assert all(math.isfinite(r["cls"]) for r in train)
+    first = (run / "curves.png").read_bytes()
+    assert Image.open(run / "curves.png").size == (1000, 700)
+
+    Trainer(load_recipe(run / "recipe.yaml", ["optim.epochs=2"])).fit()  # one more epoch: T_l learns
+    train = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert len(train) == 8 and all(isinstance(r["loc_mse"], float) for r in train[4:])
+    assert (run / "curves.png").read_bytes() != first
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "curves.png", "metrics.jsonl", "recipe.yaml"]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from glitr_cli.engine.distributed import ShardSampler, all_reduce_sum, init_dist
 from glitr_cli.engine.loading import load_run_checkpoint, model_from_checkpoint
 from glitr_cli.engine.metrics import METRICS_FILE, best_over_epochs, topk_correct
 from glitr_cli.errors import GlitrError, warn
-from glitr_cli.files import atomic_write_json
+from glitr_cli.files import atomic_write, atomic_write_json
 from glitr_cli.model import GliTr, OnlinePredictor, StudentOutput, glimpse_area_fraction, glimpse_mask
 from glitr_cli.model.glitr import POLICIES
 from glitr_cli.recipe import COMMANDS, Recipe, resolve_recipe
@@ -141,8 +141,7 @@ def plot_accuracy(result: dict[str, Any], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def result_table(result: dict[str, Any]) -> Table:

@@ -1,18 +1,24 @@
 """Metrics: per-step accuracy, `metrics.jsonl` in the run directory, optional TensorBoard / W&B.
 
 Only the main process writes. `metrics.jsonl` holds one JSON object per line: training records
-(`"split": "train"`, losses, learning rate per module, clips/s, accuracy at every step t) and
-validation records (`"split": "val"`, top-1/top-5 at every step t). TensorBoard and Weights &
-Biases are imported only when a recipe turns them on.
+(`"split": "train"`, losses, learning rate per module, clips/s, accuracy at every step t),
+validation records (`"split": "val"`, top-1/top-5 at every step t) and bad-data counts
+(`"split": "data"`, once per epoch). It is strict JSON: a value that is not finite (a loss left
+out while its module is held, a diverged loss) is written as null. `curves.png` beside it plots the
+records (losses, learning rates, accuracy, clips/s against the epoch); the trainer redraws it
+after every validation and at the end of the run. TensorBoard and Weights & Biases are imported
+only when a recipe turns them on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -24,9 +30,10 @@ from rich.progress import (
 )
 
 from glitr_cli.errors import GlitrError
-from glitr_cli.files import atomic_write_text
+from glitr_cli.files import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -92,13 +99,13 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [record for record in read_records(self.path) if record.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+        atomic_write_text(self.path, "".join(_json_line(record) for record in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record))
         step = record.get("step", 0)
         scalars = dict(_flatten(record, prefix=f"{record.get('split', 'train')}/"))
         if self._tb is not None:
@@ -106,6 +113,11 @@ class MetricsLogger:
                 self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+
+    def plot(self, title: str = "") -> None:
+        """Redraw `curves.png` from everything in `metrics.jsonl` so far."""
+        if self.enabled and self.path.exists():
+            plot_curves(read_records(self.path), self.path.with_name(CURVES_FILE), title)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -143,6 +155,70 @@ def best_over_epochs(path: Path) -> dict[str, Any] | None:
         "epoch": [r["epoch"] for r in best],
         "validations": len(vals),
     }
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Training losses, learning rate per module, top-1 at the last step t (training window and
+    validation) and clips/s, each against the epoch; written atomically as a PNG."""
+    train = [r for r in records if r.get("split") == "train"]
+    val = [r for r in records if r.get("split") == "val" and "top1" in r]
+    epochs = [r["epoch"] for r in train]
+
+    def series(get: Any) -> list[float]:  # None (a loss left out) becomes a gap in the line
+        values = [get(r) for r in train]
+        return [math.nan if v is None else float(v) for v in values]
+
+    first = train[0] if train else {}
+    loss_keys = [k for k, v in first.items() if k not in _NOT_LOSSES and not isinstance(v, list | dict)]
+    losses = {k: series(lambda r, k=k: r.get(k)) for k in loss_keys}
+    lrs = {m: series(lambda r, m=m: r["lr"].get(m)) for m in first.get("lr", {})}
+
+    fig = Figure(figsize=(10, 7), dpi=100)  # no pyplot: no GUI backend, no global figure state
+    (loss_ax, lr_ax), (acc_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
+    for ax, curves in ((loss_ax, losses), (lr_ax, lrs)):
+        for name, values in curves.items():
+            ax.plot(epochs, values, label=name, lw=2 if name == "loss" else 1)
+        if all(v > 0 for values in curves.values() for v in values if math.isfinite(v)):
+            ax.set_yscale("log")
+    if train:
+        steps = len(train[0]["top1"])
+        acc_ax.plot(epochs, series(lambda r: 100 * r["top1"][-1]), label=f"training, t={steps}")
+        speed_ax.plot(epochs, series(lambda r: r["clips_per_s"]))
+    if val:
+        steps = len(val[0]["top1"])
+        val_epochs = [r["epoch"] for r in val]
+        acc_ax.plot(val_epochs, [100 * r["top1"][-1] for r in val], "o-", label=f"validation, t={steps}")
+        acc_ax.plot(val_epochs, [100 * r["top1"][0] for r in val], "s:", label="validation, t=1")
+    names = {loss_ax: "training loss", lr_ax: "learning rate", acc_ax: "top-1 (%)", speed_ax: "clips/s"}
+    for ax, name in names.items():
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.lines and ax is not speed_ax:
+            ax.legend(fontsize="small")
+    for ax in (acc_ax, speed_ax):
+        ax.set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+_NOT_LOSSES = ("split", "epoch", "step", "clips_per_s", "grad_norm")
+
+
+def _finite_or_none(value: Any) -> Any:
+    """`value` with every float that is not finite replaced by None, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One strict-JSON line (no NaN or Infinity tokens, which strict parsers refuse)."""
+    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
 
 
 def _flatten(record: dict[str, Any], prefix: str) -> list[tuple[str, float]]:

@@ -431,7 +431,8 @@ class Trainer:
                 if not self.train_epoch(max_steps):
                     return result
                 last = self.epoch == r.optim.epochs
-                if self.val_set is not None and (self.epoch % r.train.eval_every == 0 or last):
+                validate = self.val_set is not None and (self.epoch % r.train.eval_every == 0 or last)
+                if validate:
                     result = self.evaluate()
                     self.metrics.log({"split": "val", "epoch": self.epoch, "step": self.step, **result})
                     self.say(
@@ -439,6 +440,8 @@ class Trainer:
                         f"at t={len(result['top1'])} {result['top1'][-1]:.3f}"
                     )
                 self.save()
+                if validate or last:
+                    self.metrics.plot(title=f"{r.name} ({r.kind})")
                 if self.stop_requested():
                     raise self.preempted()
         finally:
