@@ -18,8 +18,11 @@ large tensor (`keep_freed_memory`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import functools
+import multiprocessing
 import os
 import platform
 import signal
@@ -194,7 +197,10 @@ class Runtime:
         global one (bit-exact resume).
 
         Workers ignore SIGTERM/SIGUSR1: a scheduler that signals every process of a job must not
-        kill them while the trainer finishes its step and writes the preemption checkpoint."""
+        kill them while the trainer finishes its step and writes the preemption checkpoint. So that
+        the process can still exit while a loader's workers are alive, it kills them at exit."""
+        if self.workers > 0:
+            _kill_workers_at_exit()
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -213,3 +219,22 @@ class Runtime:
 def _ignore_preemption_signals(worker_id: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+@functools.cache
+def _kill_workers_at_exit() -> None:
+    """Register (once) `_kill_workers` to run at exit, before multiprocessing's own exit handler."""
+    atexit.register(_kill_workers)
+
+
+def _kill_workers() -> None:
+    """Kill the daemonic child processes still alive: the persistent workers of loaders still
+    referenced at exit (a trainer in a reference cycle, an exception's traceback). multiprocessing's
+    exit handler ends them with SIGTERM and waits for them, forever for workers that ignore it.
+    PyTorch's SIGCHLD handler, which would take their deaths for a crash, is set aside first."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join()
