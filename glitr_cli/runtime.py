@@ -221,6 +221,14 @@ def _ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """End the persistent workers of `loader` now; iterating it again starts new ones."""
+    workers = loader._iterator  # PyTorch keeps the iterator of persistent workers here
+    loader._iterator = None
+    if workers is not None:
+        workers._shutdown_workers()
+
+
 @functools.cache
 def _kill_workers_at_exit() -> None:
     """Register (once) `_kill_workers` to run at exit, before multiprocessing's own exit handler."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import platform
 import random
 import shutil
@@ -321,8 +322,10 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, toy_data, uninterrupt
     # stop after step 7; the newest checkpoint is step 6 (mid-epoch 2), so step 7 is lost and redone.
     # Data-loader workers differ from the reference: augmentation is seeded per clip, not per worker.
     first = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", out, "data.workers=2"))
+    children = set(multiprocessing.active_children())
     first.fit(max_steps=7)
     assert first.step == 7 and (tmp_path / "run/checkpoints/step_00000006.pt").is_file()
+    assert set(multiprocessing.active_children()) == children  # fit ended its loader workers
     second = Trainer(tiny_recipe(tmp_path, toy_data, "teacher", out))  # found checkpoints/last.pt by itself
     second.fit()
     assert second.step == ref.step == 8

@@ -54,7 +54,7 @@ from glitr_cli.errors import GlitrError, Preempted, warn
 from glitr_cli.files import atomic_write_text
 from glitr_cli.model.weights import load_state_dict_checked
 from glitr_cli.recipe import COMMANDS, Recipe, recipe_to_dict, resolve_recipe, save_recipe
-from glitr_cli.runtime import Runtime
+from glitr_cli.runtime import Runtime, stop_workers
 
 RECIPE_FILE = "recipe.yaml"
 BAD_CLIPS_FILE = "bad_clips.jsonl"  # per epoch, every training clip with unreadable frames
@@ -135,6 +135,7 @@ class Trainer:
         self.loader, augment = training_data(
             self.train_set, r.data, runtime, batch_size=self.micro_batch, sampler=self.sampler, seed=r.train.seed
         )
+        self.val_loader = None
         if self.val_set is not None:
             shard = ShardSampler(len(self.val_set), rank=runtime.rank, world_size=runtime.world_size)
             self.val_loader = runtime.loader(self.val_set, batch_size=r.eval.batch_size, sampler=shard)
@@ -448,6 +449,9 @@ class Trainer:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
             self.metrics.close()
+            for loader in (self.loader, self.val_loader):
+                if loader is not None:
+                    stop_workers(loader)
         self.say(f"{r.name}: done; weights in {self.ckpt_dir / LAST}")
         return result
 
