@@ -64,7 +64,7 @@ from glitr_cli.errors import GlitrError
 from glitr_cli.export import OnnxPredictor, onnx_runtime_available
 from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
-from glitr_cli.runtime import PREFETCH_FACTOR, Runtime
+from glitr_cli.runtime import PREFETCH_FACTOR, Runtime, stop_workers
 
 # dense bf16 tensor-core peaks (FLOP/s) of GPUs whose figures are public
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
@@ -350,6 +350,7 @@ class Bench:
             self.measure(f"{kind}_train_clips_per_s_data", train, size * steps, "clips/s")
             if kind == "student":
                 stages = (next(batches), augment)
+            stop_workers(loader)  # not left busy or holding batches while the next one is timed
         self.data_stages(*stages)
 
     def data_stages(self, batch: tuple, augment: DeviceAugment | None) -> None:

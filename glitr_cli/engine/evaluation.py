@@ -37,7 +37,7 @@ from glitr_cli.files import atomic_write, atomic_write_json
 from glitr_cli.model import GliTr, OnlinePredictor, StudentOutput, glimpse_area_fraction, glimpse_mask
 from glitr_cli.model.glitr import POLICIES
 from glitr_cli.recipe import COMMANDS, Recipe, resolve_recipe
-from glitr_cli.runtime import Runtime
+from glitr_cli.runtime import Runtime, stop_workers
 
 EVAL_FILE = "eval.json"
 PLOT_FILE = "accuracy.png"
@@ -210,14 +210,12 @@ def run_eval(
             warn(console, f"teacher {r.objective.teacher} not found; its full-frame accuracy is left out")
 
     sampler = ShardSampler(len(dataset), rank=runtime.rank, world_size=runtime.world_size)
-    result = evaluate_policies(
-        model,
-        runtime.loader(dataset, batch_size=r.eval.batch_size, sampler=sampler),
-        policies=list(r.eval.policies),
-        teacher=teacher,
-        runtime=runtime,
-        seed=r.eval.seed + runtime.rank,
-    )
+    loader = runtime.loader(dataset, batch_size=r.eval.batch_size, sampler=sampler)
+    try:
+        policies, seed = list(r.eval.policies), r.eval.seed + runtime.rank
+        result = evaluate_policies(model, loader, policies=policies, teacher=teacher, runtime=runtime, seed=seed)
+    finally:
+        stop_workers(loader)
     result = {
         "steps": result["steps"],
         "policies": result["policies"],

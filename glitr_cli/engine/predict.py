@@ -53,7 +53,7 @@ from glitr_cli.engine.loading import Student, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
 from glitr_cli.recipe import DataConfig
-from glitr_cli.runtime import Runtime
+from glitr_cli.runtime import Runtime, stop_workers
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 FAILED_FILE = "failed.txt"
@@ -266,15 +266,18 @@ def predict(
     )
     with bar:
         task = bar.add_task("predicting", total=len(refs))
-        for positions, clips, batch_failed in loader:
-            failed += batch_failed
-            if clips is not None:
-                result = predict_clips(model, clips, runtime)
-                probs = result.logits.float().softmax(-1).cpu()  # (B, T, C)
-                locs = result.locs.float().cpu()  # (B, T, 2)
-                for j, i in enumerate(positions):
-                    records[i] = clip_record(refs[i], probs[j], locs[j], student.class_names, k)
-            bar.advance(task, len(positions) + len(batch_failed))
+        try:
+            for positions, clips, batch_failed in loader:
+                failed += batch_failed
+                if clips is not None:
+                    result = predict_clips(model, clips, runtime)
+                    probs = result.logits.float().softmax(-1).cpu()  # (B, T, C)
+                    locs = result.locs.float().cpu()  # (B, T, 2)
+                    for j, i in enumerate(positions):
+                        records[i] = clip_record(refs[i], probs[j], locs[j], student.class_names, k)
+                bar.advance(task, len(positions) + len(batch_failed))
+        finally:
+            stop_workers(loader)
 
     done = [r for r in records if r is not None]
     text = format_csv(done, k) if out.suffix.lower() == ".csv" else format_jsonl(done)
