@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -54,19 +55,26 @@ SCRIPT = textwrap.dedent(
 SAME_AS_ONE_PROCESS = ["objective.mixup=0", "objective.cutmix=0", "model.drop_path=0"]
 
 
+def torchrun_command(tmp_path, toy_data, run: str, program: list[str], *overrides: str) -> list[str]:
+    """`torchrun` of `program` (a script or `-m module` and its arguments) in two gloo processes,
+    with the tiny teacher recipe (the last of `program`'s arguments) training into tmp_path/run."""
+    tiny_recipe(tmp_path, toy_data, "teacher")  # writes tmp_path/tiny_teacher.yaml
+    overrides = (f"data.root={toy_data / 'toy'}", f"output_dir={tmp_path / run}", *SAME_AS_ONE_PROCESS, *overrides)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return [*launch, *program, *overrides]
+
+
+def torchrun_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+
+
 def torchrun(tmp_path, toy_data, run: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The tiny teacher recipe trained by two gloo processes into tmp_path/run."""
-    recipe_file = tmp_path / "tiny_teacher.yaml"
-    tiny_recipe(tmp_path, toy_data, "teacher")  # writes recipe_file
+    """The tiny teacher recipe trained by two gloo processes into tmp_path/run (SCRIPT saves each rank's weights)."""
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    overrides = [f"data.root={toy_data / 'toy'}", f"output_dir={tmp_path / run}", *SAME_AS_ONE_PROCESS]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(script), str(recipe_file), str(tmp_path), *overrides,
-    ]  # fmt: skip
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    program = [str(script), str(tmp_path / "tiny_teacher.yaml"), str(tmp_path)]
+    cmd = torchrun_command(tmp_path, toy_data, run, program)
+    return subprocess.run(cmd, cwd=tmp_path, env=torchrun_env(env), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -114,3 +122,39 @@ def test_a_crashing_rank_ends_the_whole_job_quickly(tmp_path, toy_data):
     assert time.monotonic() - start < 60
     assert "rank 1 crashed at step 3" in out.stderr
     assert not (tmp_path / "rank0.pt").exists() and not (tmp_path / "rank1.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_preempted_torchrun_job_saves_on_every_rank_and_resumes_as_if_never_stopped(tmp_path, toy_data):
+    """SIGTERM to every process of a `glitr train-teacher` torchrun job (torchrun, both ranks and their
+    loader workers, as a scheduler ending a job does): the ranks agree on the step, write one
+    checkpoint there and the job ends; the same command again ends with the weights of a job that
+    was never stopped."""
+    program = ["-m", "glitr_cli", "train-teacher", str(tmp_path / "tiny_teacher.yaml")]
+    longer = ["optim.epochs=4", "train.eval_every=0", "train.checkpoint_every=0", "data.workers=1"]  # 16 steps
+    reference = torchrun_command(tmp_path, toy_data, "reference", program, *longer)
+    done = subprocess.run(reference, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    preempted = torchrun_command(tmp_path, toy_data, "preempted", program, *longer)
+    metrics = tmp_path / "preempted/metrics.jsonl"
+    job = subprocess.Popen(
+        preempted, cwd=tmp_path, env=torchrun_env(), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        assert job.poll() is None, "the job ended before it could be stopped"
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    (saved,) = (tmp_path / "preempted/checkpoints").glob("step_*.pt")
+    step = int(saved.stem.removeprefix("step_"))
+    assert 3 <= step < 16 and f"stopped by SIGTERM at step {step}" in err, err[-3000:]
+    assert torch.load(saved, weights_only=True)["progress"]["step"] == step
+
+    again = subprocess.run(preempted, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"step {step})" in again.stderr, again.stderr[-3000:]
+    assert_same_weights(
+        model_weights(tmp_path / "preempted/checkpoints/last.pt"),
+        model_weights(tmp_path / "reference/checkpoints/last.pt"),
+    )
