@@ -23,6 +23,7 @@ from glitr_cli.engine.augment import DeviceAugment, collate_uint8_clips
 from glitr_cli.engine.build import build_objective
 from glitr_cli.engine.distributed import ResumableSampler, SeededDataset, ShardSampler
 from glitr_cli.engine.loading import build_model
+from glitr_cli.engine.metrics import plot_curves
 from glitr_cli.engine.mixup import MixupCutmix, soft_targets
 from glitr_cli.engine.optim import MODULES, GroupSchedule, build_optimizer, build_schedule, param_groups
 from glitr_cli.engine.step import TrainStep
@@ -305,6 +306,8 @@ def test_metrics_are_strict_json_and_every_validation_redraws_the_curves(tmp_pat
     assert len(train) == 8 and all(isinstance(r["loc_mse"], float) for r in train[4:])
     assert (run / "curves.png").read_bytes() != first
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "curves.png", "metrics.jsonl", "recipe.yaml"]
+    plot_curves([], tmp_path / "empty.png")  # no record yet (fewer steps than train.log_every): empty axes
+    assert Image.open(tmp_path / "empty.png").size == (1000, 700)
 
 
 @pytest.fixture(scope="module")

@@ -178,7 +178,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
     for ax, curves in ((loss_ax, losses), (lr_ax, lrs)):
         for name, values in curves.items():
             ax.plot(epochs, values, label=name, lw=2 if name == "loss" else 1)
-        if all(v > 0 for values in curves.values() for v in values if math.isfinite(v)):
+        finite = [v for values in curves.values() for v in values if math.isfinite(v)]
+        if finite and min(finite) > 0:
             ax.set_yscale("log")
     if train:
         steps = len(train[0]["top1"])
