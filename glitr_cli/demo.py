@@ -51,6 +51,7 @@ from glitr_cli.engine import train
 from glitr_cli.engine.distributed import cleanup_distributed
 from glitr_cli.engine.evaluation import result_table, run_eval
 from glitr_cli.engine.loading import load_student
+from glitr_cli.engine.metrics import CURVES_FILE
 from glitr_cli.engine.optim import MODULES
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json
@@ -292,6 +293,7 @@ def report(res: DemoResult, result_table: Any, console: Console | None = None) -
         f"  data      {res.data}/  (raw videos in {res.data}/download/)",
         f"  teacher   {res.teacher}",
         f"  glitr     {res.student}",
+        f"  curves    {res.teacher.parents[1] / CURVES_FILE}, {res.student.parents[1] / CURVES_FILE}",
         f"  accuracy  {res.eval_json}, {res.plot}, {res.follow_json}",
         f"  gifs      {', '.join(str(g) for g in res.gifs) or 'none'}",
         "next: glitr visualize VIDEO --out glimpses.gif"

@@ -31,6 +31,8 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
             assert im.n_frames == t
     printed = capsys.readouterr().out
     assert "learned glimpses at t=" in printed and str(res.student) in printed
+    curves = [res.teacher.parents[1] / "curves.png", res.student.parents[1] / "curves.png"]
+    assert all(c.is_file() and str(c) in printed for c in curves)
     assert "the glimpse holds the whole target at" in printed
 
     # a rerun (through the CLI) finds every stage done and rewrites nothing
