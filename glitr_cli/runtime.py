@@ -21,11 +21,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import functools
-import multiprocessing
 import os
 import platform
 import signal
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -198,10 +197,8 @@ class Runtime:
 
         Workers ignore SIGTERM/SIGUSR1: a scheduler that signals every process of a job must not
         kill them while the trainer finishes its step and writes the preemption checkpoint. So that
-        the process can still exit while a loader's workers are alive, it kills them at exit."""
-        if self.workers > 0:
-            _kill_workers_at_exit()
-        return DataLoader(
+        the process can still exit while a loader's workers are alive, they are ended at exit."""
+        loader = DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -214,6 +211,9 @@ class Runtime:
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=_ignore_preemption_signals if self.workers > 0 else None,
         )
+        if self.workers > 0:
+            _LIVE_LOADERS.add(loader)
+        return loader
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
@@ -229,20 +229,13 @@ def stop_workers(loader: DataLoader) -> None:
         workers._shutdown_workers()
 
 
-@functools.cache
-def _kill_workers_at_exit() -> None:
-    """Register (once) `_kill_workers` to run at exit, before multiprocessing's own exit handler."""
-    atexit.register(_kill_workers)
+_LIVE_LOADERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()  # loaders with workers, ended at exit
 
 
-def _kill_workers() -> None:
-    """Kill the daemonic child processes still alive: the persistent workers of loaders still
-    referenced at exit (a trainer in a reference cycle, an exception's traceback). multiprocessing's
-    exit handler ends them with SIGTERM and waits for them, forever for workers that ignore it.
-    PyTorch's SIGCHLD handler, which would take their deaths for a crash, is set aside first."""
-    children = [c for c in multiprocessing.active_children() if c.daemon]
-    if children:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in children:
-        child.kill()
-        child.join()
+@atexit.register  # after torch and multiprocessing were imported: runs before their exit handlers
+def _stop_all_workers() -> None:
+    """End the workers of the loaders still referenced at exit (a trainer in a reference cycle, an
+    exception's traceback): multiprocessing's exit handler would end them with SIGTERM, which they
+    ignore, and wait for them forever."""
+    for loader in list(_LIVE_LOADERS):
+        stop_workers(loader)

@@ -499,6 +499,22 @@ def test_keeping_freed_memory_computes_the_same_without_the_page_faults():
     assert plain > 4 * 10000 and kept < 1000, (runs["false"]["faults"], runs["true"]["faults"])
 
 
+_LOADER_LEFT_AT_EXIT = """
+import torch
+from glitr_cli.runtime import Runtime
+rt = Runtime(torch.device("cpu"), "fp32", False, False, False, False, threads=1, workers=2)
+loader = rt.loader(list(range(64)), batch_size=4)
+print(next(iter(loader)).tolist())  # the persistent workers are running, and stay referenced
+"""
+
+
+def test_a_process_ends_with_loader_workers_still_running():
+    """Workers ignore SIGTERM, which Python's exit handler sends them before waiting for them: the
+    runtime ends its loaders' workers at exit first."""
+    proc = subprocess.run([sys.executable, "-c", _LOADER_LEFT_AT_EXIT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[0, 1, 2, 3]", proc.stderr
+
+
 @pytest.mark.parametrize("cores,gpu,cpu", [(16, 15, 8), (2, 1, 1), (1, 0, 0)])
 def test_automatic_workers_leave_the_training_process_its_cores(monkeypatch, cores, gpu, cpu):
     """`data.workers: auto`: one core stays with a GPU's training process, half of them on the CPU."""
