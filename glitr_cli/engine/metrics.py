@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
     val = [r for r in records if r.get("split") == "val" and "top1" in r]
     epochs = [r["epoch"] for r in train]
 
-    def series(get: Any) -> list[float]:  # None (a loss left out) becomes a gap in the line
+    def series(get: Callable[[dict[str, Any]], Any]) -> list[float]:  # None (a loss left out) becomes a gap in the line
         values = [get(r) for r in train]
         return [math.nan if v is None else float(v) for v in values]
 
