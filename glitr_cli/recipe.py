@@ -72,7 +72,10 @@ class ModelConfig:
     fused_attn: bool = True
     pretrained: str | None = None  # teacher: T_f weights, an iBOT/ViT .pth file or a timm pretrained name
     init_from: str | None = None  # teacher: start from another GliTr teacher checkpoint (Jester from SSv2)
-    allow_random_init: bool = False  # a missing pretrained/init_from/videomae file warns instead of failing
+    # teacher: starting weights that cannot be had (a missing pretrained/init_from/videomae file; timm
+    # weights neither in the local cache nor downloadable because the hub cannot be reached) give one
+    # warning and random weights (no distillation for VideoMAE) instead of an error
+    allow_random_init: bool = False
 
 
 @dataclass
@@ -343,6 +346,14 @@ RANGES: dict[str, str] = {
 }
 
 
+def recipe_value(recipe: Recipe, key: str) -> Any:
+    """The value of dotted `key` (`data.img_size`) in `recipe`."""
+    value: Any = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
     """Every numeric value of `recipe` inside its range (`RANGES`), and the few values that must fit
     together; a value out of range is a `GlitrError` naming the key, where it was set (`source` or
@@ -355,16 +366,10 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
                 return f"override '{override}'"
         return source
 
-    def get(key: str) -> Any:
-        value: Any = recipe
-        for part in key.split("."):
-            value = getattr(value, part)
-        return value
-
     for key, interval in RANGES.items():
         low_text, high_text = interval[1:-1].split(",")
         low, high = float(low_text), float(high_text)
-        value = get(key)
+        value = recipe_value(recipe, key)
         for v in value if isinstance(value, tuple) else (value,):
             if v is None or isinstance(v, str):  # None or a named value ('auto')
                 continue
@@ -378,8 +383,8 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
             raise GlitrError(f"'{key}' in {where(key)} expects {' and '.join(want)}, got {value!r}")
 
     for key in ("data.train_split", "data.val_split", "eval.split"):  # the lists a prepared dataset has
-        if get(key) not in ("train", "val", "test"):
-            raise GlitrError(f"'{key}' in {where(key)} expects train, val or test, got {get(key)!r}")
+        if recipe_value(recipe, key) not in ("train", "val", "test"):
+            raise GlitrError(f"'{key}' in {where(key)} expects train, val or test, got {recipe_value(recipe, key)!r}")
 
     d, m = recipe.data, recipe.model
     if d.decode_on == "device" and d.augment_on != "device":

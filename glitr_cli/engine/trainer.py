@@ -53,10 +53,10 @@ from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError, Preempted, warn
 from glitr_cli.files import atomic_write_text
 from glitr_cli.model.weights import load_state_dict_checked
+from glitr_cli.paths import RECIPE_FILE
 from glitr_cli.recipe import COMMANDS, Recipe, recipe_to_dict, resolve_recipe, save_recipe
 from glitr_cli.runtime import Runtime, stop_workers
 
-RECIPE_FILE = "recipe.yaml"
 BAD_CLIPS_FILE = "bad_clips.jsonl"  # per epoch, every training clip with unreadable frames
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
