@@ -239,12 +239,12 @@ def run_demo(
         teacher_overrides += scaled_epochs(teacher_recipe, epochs_scale)
         student_overrides += scaled_epochs(student_recipe, epochs_scale)
 
-    stage(2, f"teacher (full frames) -> {res.teacher.parent.parent}")
+    stage(2, f"teacher (full frames) -> {res.teacher.parents[1]}")
     train(teacher_recipe, teacher_overrides, kind="teacher")
-    stage(3, f"GliTr student (glimpses) -> {res.student.parent.parent}")
+    stage(3, f"GliTr (glimpses) -> {res.student.parents[1]}")
     train(student_recipe, student_overrides, kind="glitr")
 
-    stage(4, "evaluation: learned vs center vs random glimpses, and how closely the glimpse follows the target")
+    stage(4, "evaluation: learned, centre and random glimpses")
     if _newer(res.eval_json, res.student) and _newer(res.follow_json, res.student):
         res.result = json.loads(res.eval_json.read_text())
         res.follow = json.loads(res.follow_json.read_text())

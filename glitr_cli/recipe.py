@@ -139,7 +139,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also save every N optimiser steps (0 = only at the end of each epoch)
     keep_last: int = 3  # numbered checkpoints kept besides last.pt (0 = keep all)
     eval_every: int = 1  # validate every N epochs (0 = never during training)
-    log_every: int = 10  # write a metrics.jsonl line every N optimiser steps
+    log_every: int = 10  # write a metrics.jsonl line every N optimiser steps, and at least one per epoch
 
 
 @dataclass

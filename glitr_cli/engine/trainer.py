@@ -211,18 +211,20 @@ class Trainer:
                 completed=self.step_in_epoch,
                 info="",
             )
+            logged = False  # in this epoch: one that log_every does not reach is logged at its end
             while self.step_in_epoch < self.steps_per_epoch:
                 if max_steps is not None and self.step >= max_steps:
                     return False
                 result = self.train_step(batches, observe)
                 self.step_in_epoch += 1
+                last_in_epoch = self.step_in_epoch == self.steps_per_epoch
                 if result["grad_norm"] is not None:
                     window["grad_norm"] = result["grad_norm"]
-                if self.step % r.train.log_every == 0:
+                if self.step % r.train.log_every == 0 or (last_in_epoch and not logged):
                     progress.update(task, info=self._log_train(window, keys, result["lr"]))
                     window = self._new_window(len(keys))
+                    logged = True
                 progress.advance(task)
-                last_in_epoch = self.step_in_epoch == self.steps_per_epoch
                 if self.stop_requested():
                     self.save()
                     raise self.preempted()
