@@ -439,7 +439,27 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _annotation(key: str) -> Any:
+    """The schema's type of dotted `key`; None for a key the schema does not have."""
+    tp: Any = Recipe
+    for part in key.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a key of type `tp` holds a string and never a bool or a number (a name, a path)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return str in args and not any(a in (bool, int, float) for a in args)
+
+
 def _override_dict(override: str) -> dict[str, Any]:
+    """`section.key=value` as a nested dict; the value is read as YAML (`true`, `5`, `[0.2, 1.0]`,
+    `null`), except that a key holding text takes the text as typed where YAML would read something
+    else (`name=off` is the name "off", not false)."""
     key, eq, text = override.partition("=")
     key = key.strip()
     if not eq or not key or any(not part for part in key.split(".")):
@@ -448,6 +468,8 @@ def _override_dict(override: str) -> dict[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if not isinstance(value, str | None) and _takes_text(_annotation(key)):
+        value = text.strip()
     out: dict[str, Any] = value
     for part in reversed(key.split(".")):
         out = {part: out}
