@@ -1,5 +1,5 @@
-"""The documentation: the README stays short, and every relative link points to a file and heading
-that exist."""
+"""The documentation: the README stays short, every relative link points to a file and heading that
+exist, and the recipe reference is the one the schema generates."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from glitr_cli.recipe import REFERENCE_COMMAND, recipe_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -44,3 +46,14 @@ def test_every_relative_link_resolves(page):
         elif anchor and (file.suffix != ".md" or anchor not in anchors(file)):
             broken.append(f"{target}: no heading #{anchor} in {file.relative_to(ROOT)}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_recipe_reference_is_up_to_date():
+    """docs/recipes.md is what the schema gives; regenerate it after changing a key."""
+    page = (ROOT / "docs" / "recipes.md").read_text()
+    assert page == recipe_reference(), f"docs/recipes.md is out of date: run `{REFERENCE_COMMAND}`"
+
+
+def test_the_recipe_reference_command_prints_it(glitr):
+    code, out, _ = glitr("recipes", "reference")
+    assert code == 0 and out == recipe_reference()
