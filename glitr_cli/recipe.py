@@ -23,7 +23,7 @@ import yaml
 
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
-from glitr_cli.paths import data_root, find_recipe, recipe_stem, run_dir
+from glitr_cli.paths import data_root, find_recipe, packaged_recipe, recipe_names, recipe_stem, run_dir
 
 COMMANDS = {"teacher": "train-teacher", "glitr": "train-glitr"}  # the command that trains each recipe kind
 
@@ -604,8 +604,6 @@ def _sections(cls: type = Recipe, path: str = "", out: dict | None = None) -> di
 def recipe_reference() -> str:
     """docs/recipes.md: every key of the schema with its default, values and meaning, the keys each
     shipped recipe sets, and the deliberate deviations from the original (`REFERENCE_COMMAND`)."""
-    from glitr_cli.paths import packaged_recipe, recipe_names  # the shipped recipes, for their tables
-
     out = [
         "# Recipe reference",
         "",
