@@ -110,9 +110,8 @@ def _prepare_hint(root: Path, name: str | None) -> str:
 def _no_dataset(root: Path) -> str:
     """Why there is no dataset at `root` to read, the prepared ones beside it (the closest name first)
     and the command that prepares one there."""
-    beside = (
-        sorted(p.name for p in root.parent.iterdir() if (p / "category.txt").is_file()) if root.parent.is_dir() else []
-    )
+    folders = root.parent.iterdir() if root.parent.is_dir() else []
+    beside = sorted(p.name for p in folders if (p / "category.txt").is_file())
     close = difflib.get_close_matches(root.name, beside, n=1)
     meant = f"did you mean {root.parent / close[0]}? " if close else ""
     others = f"prepared in {root.parent}: {', '.join(beside)}; " if beside else ""

@@ -21,6 +21,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import constants as hub
 from timm.layers import resample_abs_pos_embed
 
 from glitr_cli.errors import GlitrError
@@ -43,8 +44,7 @@ HUB_CHECK_TIMEOUT_S = 3.0  # a hub (or proxy) that does not accept a connection 
 
 
 class WeightsUnavailable(GlitrError):
-    """Starting weights the recipe names that cannot be had here: a file that is not there, or timm
-    weights that are neither in the local cache nor downloadable (the hub cannot be reached)."""
+    """timm weights that cannot be had here: not in the local cache, and the hub cannot be reached."""
 
 
 # released checkpoints (VideoMAE's plain training path) store their `args` as a Namespace: plain data
@@ -159,9 +159,7 @@ def _fit_backbone(model: GliTr, sd: Mapping[str, torch.Tensor]) -> StateDict:
 def hub_address() -> tuple[str, int]:
     """(host, port) that a download from the Hugging Face Hub connects to: the proxy set for it
     (HTTPS_PROXY and the like), else the hub itself (HF_ENDPOINT, default huggingface.co)."""
-    from huggingface_hub import constants
-
-    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    url = urllib.parse.urlsplit(hub.ENDPOINT)
     proxy = urllib.request.getproxies().get(url.scheme)
     if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
         url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
@@ -173,10 +171,8 @@ def hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
     included; False at once in huggingface_hub's offline mode (HF_HUB_OFFLINE=1).
 
     One connection and no request: an online machine pays a round trip, an offline one learns it
-    now rather than after huggingface_hub's retries of every file (about a minute)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
+    now rather than after huggingface_hub's retries of every file."""
+    if hub.HF_HUB_OFFLINE:
         return False
     connected: list[bool] = []
 
@@ -194,13 +190,11 @@ def hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
 def hub_offline() -> Iterator[None]:
     """huggingface_hub's own offline mode (what HF_HUB_OFFLINE=1 sets at import) for the block:
     downloads come from the local cache only and fail at once when the file is not there."""
-    from huggingface_hub import constants
-
-    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    before, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = before
+        hub.HF_HUB_OFFLINE = before
 
 
 def timm_pretrained(name: str) -> StateDict:
@@ -215,11 +209,9 @@ def timm_pretrained(name: str) -> StateDict:
     except Exception as e:
         if online:
             raise GlitrError(f"timm pretrained weights {name!r} could not be loaded: {e}") from None
-        from huggingface_hub import constants
-
         raise WeightsUnavailable(
             f"timm pretrained weights {name!r} (model.pretrained) are not in the local cache and "
-            f"{constants.ENDPOINT} cannot be reached; ways on: a local weights file, model.pretrained=PATH.pth; "
+            f"{hub.ENDPOINT} cannot be reached; ways on: a local weights file, model.pretrained=PATH.pth; "
             "a trained GliTr teacher, model.init_from=runs/NAME/checkpoints/last.pt; "
             "or random weights, model.allow_random_init=true"
         ) from None
