@@ -36,7 +36,9 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     for gif in res.gifs:
         with Image.open(gif) as im:
             assert im.n_frames == t
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert captured.err.count("teacher from random weights (model.pretrained: null)") == 1  # said, once
     assert "learned glimpses at t=" in printed and str(res.student) in printed
     curves = [res.teacher.parents[1] / "curves.png", res.student.parents[1] / "curves.png"]
     assert all(c.is_file() and str(c) in printed for c in curves)

@@ -5,7 +5,7 @@ teacher for the student) must be there; when one is missing the run stops with o
 the file and, for our own runs, the command that produces it (timm weights that are not cached
 while the hub cannot be reached: the ways on). `model.allow_random_init=true` turns a teacher's
 missing starting weights into one loud warning and random weights instead (smoke tests, machines
-without a network). A teacher that starts from random weights says so once.
+without a network).
 """
 
 from __future__ import annotations
@@ -68,9 +68,7 @@ def init_teacher_weights(model: GliTr, cfg: ModelConfig, *, console: Console | N
         ckpt = load_run_checkpoint(cfg.init_from, produced_by="train-teacher")
         load_jester_teacher_init(model, ckpt["model"], str(cfg.init_from))
         return
-    if cfg.pretrained is None:  # the recipe asks for random T_f weights (the toy recipes)
-        if console is not None:
-            console.print("the teacher starts from random weights (model.pretrained: null)", highlight=False)
+    if cfg.pretrained is None:  # the recipe asks for random T_f weights (the toy recipes; the trainer says so)
         return
     if _is_file_source(cfg.pretrained) and not _present(
         cfg.pretrained, "pretrained backbone", "model.pretrained", cfg.allow_random_init, console

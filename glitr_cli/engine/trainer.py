@@ -424,10 +424,13 @@ class Trainer:
             self.say(f"{r.name}: already trained for {r.optim.epochs} epochs ({self.ckpt_dir / LAST})")
             self.metrics.close()
             return None
+        start = ""  # a teacher asked for random weights says so once (a missing file or hub has warned)
+        if r.kind == "teacher" and self.step == 0 and r.model.pretrained is None and r.model.init_from is None:
+            start = " from random weights (model.pretrained: null)"
         self.say(
-            f"{r.name}: {r.kind} on {self.runtime.device} x{self.runtime.world_size}, {len(self.train_set)} clips, "
-            f"{self.steps_per_epoch} steps/epoch of {r.optim.batch_size} clips, {r.optim.epochs} epochs "
-            f"-> {self.run_dir}"
+            f"{r.name}: {r.kind}{start} on {self.runtime.device} x{self.runtime.world_size}, "
+            f"{len(self.train_set)} clips, {self.steps_per_epoch} steps/epoch of {r.optim.batch_size} clips, "
+            f"{r.optim.epochs} epochs -> {self.run_dir}"
         )
         try:
             while self.epoch < r.optim.epochs:
