@@ -116,7 +116,7 @@ def test_own_videos_from_clips_to_predictions_without_a_network(tmp_path, monkey
     # predict: a run folder, a typo and a split that is not there point at what is
     checkpoint = "runs/finetune/checkpoints/last.pt"
     line = one_error(glitr("predict", "runs/finetune", "data/mine:val"))
-    assert "runs/finetune is a folder" in line and checkpoint in line
+    assert "runs/finetune is a folder" in line and checkpoint in line and "--checkpoint" not in line
     line = one_error(glitr("predict", "runs/finetune/checkpoints/lats.pt", "data/mine:val"))
     assert f"did you mean {checkpoint}?" in line
     line = one_error(glitr("predict", checkpoint, "data/mine:valid"))
