@@ -20,9 +20,34 @@ from glitr_cli import __version__
 from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError, Preempted
 from glitr_cli.paths import packaged_recipe, recipe_names
 
+# `glitr --help` lists the commands in the order a new user needs them, whatever order they are
+# defined in (typer would list the subcommand groups last)
+USER_PATH = (
+    "demo",
+    "prepare-data",
+    "train-teacher",
+    "train-glitr",
+    "eval",
+    "predict",
+    "visualize",
+    "stream",
+    "export",
+    "bench",
+    "bench-loader",
+    "recipes",
+)
+
+
+class _UserPathGroup(typer.core.TyperGroup):
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return sorted(super().list_commands(ctx), key=USER_PATH.index)
+
+
+# Help texts are rich markup: a literal `[` is written `\\[` (tests/test_cli.py renders every --help)
 app = typer.Typer(
     name="glitr",
     help="GliTr: online action prediction from glimpses (WACV 2023), faithful and fast.",
+    cls=_UserPathGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -247,7 +272,7 @@ def stream(
     backend: str = typer.Option(
         "pytorch",
         "--backend",
-        help="pytorch, onnx (the exported step in ONNX Runtime, CPU; needs glitr[export]) or onnx-int8 "
+        help="pytorch, onnx (the exported step in ONNX Runtime, CPU; needs glitr\\[export]) or onnx-int8 "
         "(the same with int8 linear layers: faster, approximate).",
     ),
     glimpse_only: bool = typer.Option(
@@ -377,7 +402,7 @@ def demo(
     ),
     gifs: int = typer.Option(4, "--gifs", help="Validation videos to draw as glimpse GIFs."),
 ) -> None:
-    """Toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
+    """Start here: toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
     from glitr_cli.demo import run_demo
 
     run_demo(out, quick=quick, epochs_scale=epochs_scale, train_videos=train_videos, gifs=gifs)

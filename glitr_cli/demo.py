@@ -215,13 +215,13 @@ def run_demo(
         follow_json=out / FOLLOW_FILE,
     )
 
-    def stage(i: int, text: str) -> None:
+    def stage(i: int, text: str) -> None:  # short enough for an 80-column terminal; each stage says where it writes
         console.rule(f"[bold]demo {i}/5[/] · {text} · {time.perf_counter() - start:.0f} s", align="left")
 
     toy: dict[str, Any] = dict(QUICK_TOY) if quick else {}
     if train_videos is not None:
         toy["num_train"] = train_videos
-    stage(1, f"toy dataset -> {res.data}")
+    stage(1, "toy dataset")
     summary = prepare_dataset("toy", out=res.data, progress=not quick, **toy)
     console.print(summary.describe(), highlight=False, soft_wrap=True)
     if not summary.ok:
@@ -239,12 +239,12 @@ def run_demo(
         teacher_overrides += scaled_epochs(teacher_recipe, epochs_scale)
         student_overrides += scaled_epochs(student_recipe, epochs_scale)
 
-    stage(2, f"teacher (full frames) -> {res.teacher.parent.parent}")
+    stage(2, "teacher (full frames)")
     train(teacher_recipe, teacher_overrides, kind="teacher")
-    stage(3, f"GliTr student (glimpses) -> {res.student.parent.parent}")
+    stage(3, "GliTr student (glimpses)")
     train(student_recipe, student_overrides, kind="glitr")
 
-    stage(4, "evaluation: learned vs center vs random glimpses, and how closely the glimpse follows the target")
+    stage(4, "evaluation: learned, centre and random glimpses")
     if _newer(res.eval_json, res.student) and _newer(res.follow_json, res.student):
         res.result = json.loads(res.eval_json.read_text())
         res.follow = json.loads(res.follow_json.read_text())
@@ -254,7 +254,7 @@ def run_demo(
         res.follow = follow_rates(res.student, res.data)
         atomic_write_json(res.follow_json, res.follow)
 
-    stage(5, f"glimpse GIFs -> {out / 'gifs'}")
+    stage(5, "glimpse GIFs")
     for video, name in pick_videos(res.data, gifs):
         gif = out / "gifs" / f"{video.stem}_{_slug(name)}.gif"
         if not _newer(gif, res.student):

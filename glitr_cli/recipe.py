@@ -110,7 +110,10 @@ class ModelConfig:
         None, "teacher: start from all the weights of another GliTr teacher checkpoint (class head replaced)"
     )
     allow_random_init: bool = setting(
-        False, "a missing pretrained, init_from or videomae file warns and is skipped instead of failing"
+        False,
+        "teacher: starting weights that cannot be had (a missing pretrained, init_from or videomae file; timm "
+        "weights neither cached nor downloadable, the hub unreachable) warn once and it starts from random "
+        "weights (without distillation for videomae) instead of failing",
     )
 
 
@@ -189,7 +192,7 @@ class TrainConfig:
     checkpoint_every: int = setting(0, "also save every N optimiser steps; 0: only at the end of each epoch")
     keep_last: int = setting(3, "numbered checkpoints kept besides last.pt; 0: keep all")
     eval_every: int = setting(1, "validate every N epochs; 0: never during training")
-    log_every: int = setting(10, "write a metrics.jsonl record every N optimiser steps")
+    log_every: int = setting(10, "write a metrics.jsonl record every N optimiser steps, and at least one per epoch")
 
 
 @dataclass
@@ -414,6 +417,14 @@ RANGES: dict[str, str] = {
 }
 
 
+def recipe_value(recipe: Recipe, key: str) -> Any:
+    """The value of dotted `key` (`data.img_size`) in `recipe`."""
+    value: Any = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
     """Every numeric value of `recipe` inside its range (`RANGES`), and the few values that must fit
     together; a value out of range is a `GlitrError` naming the key, where it was set (`source` or
@@ -426,16 +437,10 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
                 return f"override '{override}'"
         return source
 
-    def get(key: str) -> Any:
-        value: Any = recipe
-        for part in key.split("."):
-            value = getattr(value, part)
-        return value
-
     for key, interval in RANGES.items():
         low_text, high_text = interval[1:-1].split(",")
         low, high = float(low_text), float(high_text)
-        value = get(key)
+        value = recipe_value(recipe, key)
         for v in value if isinstance(value, tuple) else (value,):
             if v is None or isinstance(v, str):  # None or a named value ('auto')
                 continue
@@ -449,8 +454,8 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
             raise GlitrError(f"'{key}' in {where(key)} expects {' and '.join(want)}, got {value!r}")
 
     for key in ("data.train_split", "data.val_split", "eval.split"):  # the lists a prepared dataset has
-        if get(key) not in ("train", "val", "test"):
-            raise GlitrError(f"'{key}' in {where(key)} expects train, val or test, got {get(key)!r}")
+        if recipe_value(recipe, key) not in ("train", "val", "test"):
+            raise GlitrError(f"'{key}' in {where(key)} expects train, val or test, got {recipe_value(recipe, key)!r}")
 
     d, m = recipe.data, recipe.model
     if d.decode_on == "device" and d.augment_on != "device":
@@ -505,7 +510,27 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _annotation(key: str) -> Any:
+    """The schema's type of dotted `key`; None for a key the schema does not have."""
+    tp: Any = Recipe
+    for part in key.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a key of type `tp` holds a string and never a bool or a number (a name, a path)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return str in args and not any(a in (bool, int, float) for a in args)
+
+
 def _override_dict(override: str) -> dict[str, Any]:
+    """`section.key=value` as a nested dict; the value is read as YAML (`true`, `5`, `[0.2, 1.0]`,
+    `null`), except that a key holding text takes the text as typed where YAML would read something
+    else (`name=off` is the name "off", not false)."""
     key, eq, text = override.partition("=")
     key = key.strip()
     if not eq or not key or any(not part for part in key.split(".")):
@@ -514,6 +539,8 @@ def _override_dict(override: str) -> dict[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if not isinstance(value, str | None) and _takes_text(_annotation(key)):
+        value = text.strip()
     out: dict[str, Any] = value
     for part in reversed(key.split(".")):
         out = {part: out}

@@ -162,6 +162,12 @@ class Reader:
                 self._put(Arrival(index, stamp, time.perf_counter(), pixels))
         except av.FFmpegError as e:
             self.error = f"decoding failed after {self.read} frames ({' '.join(str(e).split())})"
+            if self.read == 0 and self.name.startswith(("http://", "https://")) and "mp4" in self.container.format.name:
+                self.error += (
+                    "; an MP4 whose index (moov) is at its end streams over HTTP only from a server that answers "
+                    "range requests: serve it from one, or move the index to the front with "
+                    "ffmpeg -i IN.mp4 -c copy -movflags +faststart OUT.mp4"
+                )
         finally:
             self.container.close()  # here, in the thread that decodes: never under a running decode
             with self._cond:
@@ -219,13 +225,16 @@ def summarize(latencies: list[float], read: int, dropped: int, elapsed: float, i
     }
 
 
-def describe(summary: dict[str, Any]) -> str:
+def describe(summary: dict[str, Any], paced: bool = True) -> str:
+    """The summary as one line; unless `paced`, the latency says that it includes the queue of one frame."""
     s = summary
     latency = (
         f"latency p50 {s['latency_ms_p50']} ms, p95 {s['latency_ms_p95']} ms, max {s['latency_ms_max']} ms"
         if s["frames_processed"]
         else "no latency"
     )
+    if s["frames_processed"] and not paced:
+        latency += " (from decoding to prediction: each frame also waited for the model to finish the one before)"
     return (
         f"{'stopped' if s['interrupted'] else 'done'}: {s['frames_read']} frames read, "
         f"{s['frames_processed']} processed, {s['frames_dropped']} dropped; {latency}; "
@@ -358,7 +367,7 @@ def stream(
         )
         lines.write(json.dumps({"summary": summary}) + "\n")
         lines.flush()
-    console.print(describe(summary), highlight=False, soft_wrap=True)
+    console.print(describe(summary, paced=not as_fast_as_possible), highlight=False, soft_wrap=True)
     return summary
 
 

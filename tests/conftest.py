@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from glitr_cli.data.prepare import prepare_dataset
 
@@ -130,6 +132,15 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def panels_drawn(png: Path) -> list[bool]:
+    """Whether each of curves.png's four panels shows something in matplotlib's first colour."""
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    first = np.abs(image - [31, 119, 180]).sum(-1) < 60  # (H, W)
+    h, w = first.shape
+    rows, cols = (slice(0, h // 2), slice(h // 2, h)), (slice(0, w // 2), slice(w // 2, w))
+    return [bool(first[r, c].any()) for r in rows for c in cols]  # loss, learning rate, top-1, clips/s
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

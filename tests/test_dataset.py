@@ -10,10 +10,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from glitr_cli.data.bench import measure_loader, resolve_dataset
-from glitr_cli.data.dataset import JpegClip, VideoFolderDataset, decode_jpeg_bytes, decode_jpegs
+from glitr_cli.data.dataset import JpegClip, VideoFolderDataset, build_dataset, decode_jpeg_bytes, decode_jpegs
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import eval_transform
 from glitr_cli.errors import GlitrError
+from glitr_cli.recipe import DataConfig
 
 
 def _make_dataset(root: Path, videos: dict[str, tuple[int, int]], split: str = "train", size=(24, 32)) -> Path:
@@ -153,11 +154,18 @@ def test_unprepared_dataset_names_the_command(tmp_path):
     ):
         VideoFolderDataset(tmp_path / "toy", "train", 8)
     (tmp_path / "mine").mkdir()
-    with pytest.raises(GlitrError, match=r"glitr prepare-data \{ssv2,jester,toy\} --out"):
+    with pytest.raises(GlitrError, match=r"run `glitr prepare-data folder --src DIR --out .*mine`"):  # your clips
         VideoFolderDataset(tmp_path / "mine", "val", 8)
     root = _make_dataset(tmp_path / "ds", {"v": (4, 5)})
     with pytest.raises(GlitrError, match=r"train_videofolder.txt:1: label 5 of video 'v' is outside 0..2"):
         VideoFolderDataset(root, "train", 8)
+    # a recipe's dataset that is not there: the prepared ones beside it, the closest first
+    with pytest.raises(GlitrError) as typo:
+        build_dataset(DataConfig(root=str(tmp_path / "dss")), "train", train=True)
+    assert str(typo.value) == (
+        f"no dataset at {tmp_path / 'dss'} (data.dataset, data.root); did you mean {root}? prepared in {tmp_path}: "
+        f"ds; prepare one: glitr prepare-data folder --src DIR --out {tmp_path / 'dss'}"
+    )
     with pytest.raises(GlitrError, match="split must be one of"):
         VideoFolderDataset(root, "training", 8)
 

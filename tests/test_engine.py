@@ -306,7 +306,7 @@ def test_metrics_are_strict_json_and_every_validation_redraws_the_curves(tmp_pat
     assert len(train) == 8 and all(isinstance(r["loc_mse"], float) for r in train[4:])
     assert (run / "curves.png").read_bytes() != first
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "curves.png", "metrics.jsonl", "recipe.yaml"]
-    plot_curves([], tmp_path / "empty.png")  # no record yet (fewer steps than train.log_every): empty axes
+    plot_curves([], tmp_path / "empty.png")  # no record yet (before the first epoch ends): empty axes
     assert Image.open(tmp_path / "empty.png").size == (1000, 700)
 
 

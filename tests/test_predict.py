@@ -50,7 +50,7 @@ def test_predictions_on_a_split_are_evals_clip_by_clip(in_project, toy_data, tmp
     assert len(records) == len(dataset) == p.shape[0] == 8
     names = student.class_names
     for i, (r, record) in enumerate(zip(records, dataset.records, strict=True)):
-        assert r["clip"] == f"{split}/{record.id}" and r["id"] == record.id
+        assert r["clip"] == str(toy_data / "toy" / "frames" / record.id) and r["id"] == record.id
         assert r["label"] == dataset.class_names[record.label]
         assert r["top"][0][0] == names[int(p[i, -1].argmax())]  # eval's top-1 at the last step
         assert len(r["steps"]) == 4 and len(r["top"]) == 5

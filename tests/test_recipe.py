@@ -159,6 +159,18 @@ def test_overrides(tmp_path):
     assert r.optim.classifier.base == Recipe().optim.classifier.base  # siblings untouched
 
 
+def test_a_key_that_holds_text_takes_the_text_as_typed(tmp_path):
+    path = write(tmp_path, "kind: teacher\n")
+    for text in ("off", "no", "yes", "on", "1e5", "0x10", "2024-01-01"):  # YAML: a bool, number or date
+        assert load_recipe(path, [f"name={text}"]).name == text
+        assert load_recipe(path, [f"model.pretrained={text}"]).model.pretrained == text
+    r = load_recipe(path, ["model.pretrained=null", "output_dir='runs/a b'", "train.compile=on", "data.workers=2"])
+    assert r.model.pretrained is None and r.output_dir == "runs/a b"  # null and quotes as YAML reads them
+    assert r.train.compile is True and r.data.workers == 2  # bool and number keys keep YAML's reading
+    with pytest.raises(GlitrError, match=r"'train.compile' in override 'train.compile=off-ish' expects bool"):
+        load_recipe(path, ["train.compile=off-ish"])
+
+
 def test_override_errors(tmp_path):
     path = write(tmp_path, "kind: teacher\n")
     with pytest.raises(GlitrError, match=r"unknown key 'optim.epoc' in override 'optim.epoc=3'; did you mean"):

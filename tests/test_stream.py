@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from conftest import REPO
 from data_helpers import make_frames
@@ -47,10 +48,10 @@ def read_lines(path: Path) -> tuple[list[dict], dict]:
 
 @pytest.fixture()
 def server(tmp_path: Path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www; yields its base URL."""
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www without range requests; yields its base URL."""
     root = tmp_path / "www"
     root.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(root))
+    handler = functools.partial(_WholeFiles, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -62,7 +63,15 @@ def server(tmp_path: Path):
         thread.join()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _WholeFiles(http.server.SimpleHTTPRequestHandler):
+    """Sends the whole file whatever the request asks, as a server without range requests does."""
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            del self.headers["Range"]
+        return ok
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
         pass
 
@@ -147,6 +156,29 @@ def test_http_stream_gives_the_file_s_predictions(trained_tiny, tmp_path, glitr,
     ]
     assert [r["step"] for r in file_records] == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]  # restart after T = 4
     assert [r["window"] for r in file_records] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_an_mp4_indexed_at_its_end_over_http_without_ranges_says_why(trained_tiny, tmp_path, glitr, server):
+    url, root = server
+    noise = np.random.default_rng(0).integers(0, 256, (25, 48, 64, 3), dtype=np.uint8)  # barely compressible
+    late = encode_video(root / "late.mp4", noise, "h264", fps=FPS, options={"preset": "ultrafast"})
+    data = late.read_bytes()
+    assert data.index(b"moov") > data.index(b"mdat") > 0  # the index after 70 kB of frames
+    args = ("-c", checkpoint(trained_tiny), "--as-fast-as-possible", "--jsonl", tmp_path / "x.jsonl")
+    code, _, err = glitr("stream", f"{url}/late.mp4", *args)
+    line = err.strip().splitlines()[-1]  # after the line that says what is streamed
+    assert code == 2 and line.startswith("error:") and "Traceback" not in err, err
+    assert "decoding failed after 0 frames" in line and "range requests" in line and "-movflags +faststart" in line
+    # the advice works: the same frames with the index in front stream from the same server
+    with av.open(str(late)) as src, av.open(str(root / "early.mp4"), "w", options={"movflags": "+faststart"}) as dst:
+        stream_out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream_out
+                dst.mux(packet)
+    code, _, err = glitr("stream", f"{url}/early.mp4", *args)
+    assert code == 0 and "done: 25 frames read" in err, err
+    assert "each frame also waited for the model to finish the one before" in err  # the latency, explained
 
 
 def test_sources_that_cannot_be_opened_exit_2_with_one_line(trained_tiny, tmp_path, glitr, server):

@@ -139,6 +139,23 @@ def test_missing_inputs_name_the_command_that_makes_them(project, glitr, tmp_pat
     assert "glitr prepare-data toy" in line
 
 
+def test_a_missing_checkpoint_names_what_exists_or_what_writes_it(project, glitr):
+    """A typo suggests the file meant; a missing checkpoint names a command that exists: the run's
+    saved recipe once the run has begun, else a recipe of the run's name, else RECIPE name=RUN."""
+    line = one_error_line(glitr("eval", "recipes/tiny.yaml", "--checkpoint", "runs/mine/checkpoints/last.pt"))
+    assert "glitr train-glitr RECIPE name=mine" in line  # no recipes/mine.yaml here, and none shipped
+    line = one_error_line(glitr("eval", "recipes/tiny.yaml", "--checkpoint", "runs/toy/checkpoints/last.pt"))
+    assert "glitr train-glitr recipes/toy.yaml" in line  # the shipped recipe of that name
+    (project / "runs/mine").mkdir(parents=True)
+    (project / "runs/mine/recipe.yaml").write_text("kind: glitr\n")
+    line = one_error_line(glitr("eval", "recipes/tiny.yaml", "--checkpoint", "runs/mine/checkpoints/last.pt"))
+    assert "glitr train-glitr runs/mine/recipe.yaml" in line  # the run's own recipe
+    (project / "runs/mine/checkpoints").mkdir()
+    (project / "runs/mine/checkpoints/last.pt").write_bytes(b"")
+    line = one_error_line(glitr("eval", "recipes/tiny.yaml", "--checkpoint", "runs/mien/checkpoints/lst.pt"))
+    assert "checkpoint runs/mien/checkpoints/lst.pt not found; did you mean runs/mine/checkpoints/last.pt?" in line
+
+
 def test_wrong_kind_and_bad_checkpoint_exit_2(project, glitr):
     line = one_error_line(glitr("train-teacher", "recipes/tiny.yaml"))
     assert "run it with: glitr train-glitr recipes/tiny.yaml" in line

@@ -13,6 +13,7 @@ on CUDA, the same libjpeg-turbo decoder on the CPU).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import io
 import logging
@@ -99,9 +100,22 @@ class JpegClip(NamedTuple):
 
 
 def _prepare_hint(root: Path, name: str | None) -> str:
+    """The command that prepares dataset `name` (from its glitr_dataset.json, or `root`'s name) into `root`:
+    your own clips unless the name is one `prepare-data` knows."""
     if name not in DATASETS:
-        name = root.name if root.name in DATASETS else "{" + ",".join(DATASETS) + "}"
-    return f"glitr prepare-data {name} --out {root}"
+        name = root.name if root.name in DATASETS else None
+    return f"glitr prepare-data {name} --out {root}" if name else f"glitr prepare-data folder --src DIR --out {root}"
+
+
+def _no_dataset(root: Path) -> str:
+    """Why there is no dataset at `root` to read, the prepared ones beside it (the closest name first)
+    and the command that prepares one there."""
+    folders = root.parent.iterdir() if root.parent.is_dir() else []
+    beside = sorted(p.name for p in folders if (p / "category.txt").is_file())
+    close = difflib.get_close_matches(root.name, beside, n=1)
+    meant = f"did you mean {root.parent / close[0]}? " if close else ""
+    others = f"prepared in {root.parent}: {', '.join(beside)}; " if beside else ""
+    return f"no dataset at {root} (data.dataset, data.root); {meant}{others}prepare one: {_prepare_hint(root, None)}"
 
 
 class VideoFolderDataset(Dataset):
@@ -289,6 +303,8 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> VideoFolderDat
     "device" (the training step transforms them), and JPEG files (`JpegClip`) when `cfg.decode_on` is
     "device". A missing or unprepared dataset names `glitr prepare-data`."""
     assert cfg.root is not None, "resolve the recipe first"
+    if not Path(cfg.root).is_dir():
+        raise GlitrError(_no_dataset(Path(cfg.root)))
     if train:
         transform = None if cfg.augment_on == "device" else clip_train_transform(cfg)
     else:

@@ -29,13 +29,15 @@ from rich.console import Console
 from rich.table import Table
 
 from glitr_cli.data.dataset import build_dataset
+from glitr_cli.engine.checkpoint import LAST
 from glitr_cli.engine.distributed import ShardSampler, all_reduce_sum, init_distributed
-from glitr_cli.engine.loading import load_run_checkpoint, model_from_checkpoint
+from glitr_cli.engine.loading import checkpoint_recipe, geometry_mismatch, load_run_checkpoint, model_from_checkpoint
 from glitr_cli.engine.metrics import METRICS_FILE, best_over_epochs, topk_correct
 from glitr_cli.errors import GlitrError, warn
 from glitr_cli.files import atomic_write, atomic_write_json
 from glitr_cli.model import GliTr, OnlinePredictor, StudentOutput, glimpse_area_fraction, glimpse_mask
 from glitr_cli.model.glitr import POLICIES
+from glitr_cli.paths import RECIPE_FILE, run_of
 from glitr_cli.recipe import COMMANDS, Recipe, resolve_recipe
 from glitr_cli.runtime import Runtime, stop_workers
 
@@ -165,6 +167,15 @@ def result_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def own_recipe_command(checkpoint: Path) -> str:
+    """The `glitr eval` command that evaluates `checkpoint` with the recipe its run saved (RUN/recipe.yaml,
+    whose output folder is the run's own: its last.pt needs no --checkpoint)."""
+    saved = run_of(checkpoint) / RECIPE_FILE
+    if not saved.is_file():
+        return f"glitr eval RECIPE --checkpoint {checkpoint}"
+    return f"glitr eval {saved}" + ("" if checkpoint.name == LAST else f" --checkpoint {checkpoint}")
+
+
 def run_eval(
     recipe: Recipe,
     *,
@@ -184,14 +195,15 @@ def run_eval(
     if ckpt["kind"] != r.kind:
         raise GlitrError(
             f"{path} is a {ckpt['kind']} checkpoint, but recipe {r.name} is a {r.kind} recipe; "
-            "evaluate it with the recipe it was trained with"
+            f"evaluate it with the recipe it was trained with: {own_recipe_command(path)}"
+        )
+    mismatch = geometry_mismatch(checkpoint_recipe(ckpt, str(path)), r, weights=False)
+    if mismatch is not None:
+        what, fix = mismatch
+        raise GlitrError(
+            f"{path} was {what}; evaluate it with its own recipe: {own_recipe_command(path)} (or set {fix})"
         )
     model = model_from_checkpoint(ckpt, str(path)).to(runtime.device)
-    if (model.num_frames, model.img_size) != (r.data.num_frames, r.data.img_size):
-        raise GlitrError(
-            f"{path} was trained on {model.num_frames} frames of {model.img_size} px, the recipe reads "
-            f"{r.data.num_frames} of {r.data.img_size}; evaluate it with its own recipe"
-        )
     unknown = [p for p in r.eval.policies if p not in POLICIES]
     if unknown:
         raise GlitrError(f"eval.policies: unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")

@@ -16,7 +16,8 @@ Output, JSON lines (`.jsonl`), one object per clip:
      "steps": [{"location": [x, y], "top": [["cat", 0.55], ...]}, ...T...]}
 
 `top` is the top-k after the last step, `steps[t]` the glimpse location of step t and the top-k
-after it. A clip of a prepared split is named `DIR:split/<id>` and also carries `"id"` and, when
+after it. A clip of a prepared split is named by the frame folder it was read from
+(`DIR/frames/<id>`, itself an input `predict` and `visualize` take) and also carries `"id"` and, when
 labelled, `"label"`. A location (x, y) lies in [-1, 1] over the model's input (the centre crop):
 (-1, -1) its top-left pixel centre, (1, 1) its bottom-right one, as in `glitr visualize`.
 
@@ -92,7 +93,8 @@ def resolve_inputs(specs: list[str], data: DataConfig) -> tuple[list[ClipRef], l
             dataset = build_dataset(dataclasses.replace(data, root=root), split, train=False)
             for i, record in enumerate(dataset.records):
                 label = None if record.label is None else dataset.class_names[record.label]
-                refs.append(ClipRef(f"{spec}/{record.id}", split=len(splits), index=i, id=record.id, label=label))
+                name = str(dataset.frames_dir / record.id)
+                refs.append(ClipRef(name, split=len(splits), index=i, id=record.id, label=label))
             splits.append(dataset)
         elif path.is_file():
             refs.append(ClipRef(str(path), path))
@@ -104,8 +106,16 @@ def resolve_inputs(specs: list[str], data: DataConfig) -> tuple[list[ClipRef], l
                 raise GlitrError(f"{spec}: no video files or frame folders in it")
             refs += [ClipRef(str(p), p) for p in found]
         else:
+            root, colon, split = spec.rpartition(":")
+            if colon and root and (Path(root) / "category.txt").is_file():  # a prepared dataset, another split
+                there = [f"{root}:{s}" for s in SPLITS if _has_clips(Path(root) / f"{s}_videofolder.txt")]
+                raise GlitrError(f"{spec}: {root} has no split {split!r}; its splits: {', '.join(there)}")
             raise GlitrError(f"{spec}: no such video file or folder (a prepared split is written DIR:split)")
     return refs, splits
+
+
+def _has_clips(list_file: Path) -> bool:
+    return list_file.is_file() and list_file.stat().st_size > 0
 
 
 def read_clip(path: Path, sampler: FrameSampler) -> torch.Tensor:

@@ -53,10 +53,10 @@ from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError, Preempted, warn
 from glitr_cli.files import atomic_write_text
 from glitr_cli.model.weights import load_state_dict_checked
+from glitr_cli.paths import RECIPE_FILE
 from glitr_cli.recipe import COMMANDS, Recipe, recipe_to_dict, resolve_recipe, save_recipe
 from glitr_cli.runtime import Runtime, stop_workers
 
-RECIPE_FILE = "recipe.yaml"
 BAD_CLIPS_FILE = "bad_clips.jsonl"  # per epoch, every training clip with unreadable frames
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -211,18 +211,20 @@ class Trainer:
                 completed=self.step_in_epoch,
                 info="",
             )
+            logged = False  # in this epoch: one that log_every does not reach is logged at its end
             while self.step_in_epoch < self.steps_per_epoch:
                 if max_steps is not None and self.step >= max_steps:
                     return False
                 result = self.train_step(batches, observe)
                 self.step_in_epoch += 1
+                last_in_epoch = self.step_in_epoch == self.steps_per_epoch
                 if result["grad_norm"] is not None:
                     window["grad_norm"] = result["grad_norm"]
-                if self.step % r.train.log_every == 0:
+                if self.step % r.train.log_every == 0 or (last_in_epoch and not logged):
                     progress.update(task, info=self._log_train(window, keys, result["lr"]))
                     window = self._new_window(len(keys))
+                    logged = True
                 progress.advance(task)
-                last_in_epoch = self.step_in_epoch == self.steps_per_epoch
                 if self.stop_requested():
                     self.save()
                     raise self.preempted()
@@ -422,10 +424,13 @@ class Trainer:
             self.say(f"{r.name}: already trained for {r.optim.epochs} epochs ({self.ckpt_dir / LAST})")
             self.metrics.close()
             return None
+        start = ""  # a teacher asked for random weights says so once (a missing file or hub has warned)
+        if r.kind == "teacher" and self.step == 0 and r.model.pretrained is None and r.model.init_from is None:
+            start = " from random weights (model.pretrained: null)"
         self.say(
-            f"{r.name}: {r.kind} on {self.runtime.device} x{self.runtime.world_size}, {len(self.train_set)} clips, "
-            f"{self.steps_per_epoch} steps/epoch of {r.optim.batch_size} clips, {r.optim.epochs} epochs "
-            f"-> {self.run_dir}"
+            f"{r.name}: {r.kind}{start} on {self.runtime.device} x{self.runtime.world_size}, "
+            f"{len(self.train_set)} clips, {self.steps_per_epoch} steps/epoch of {r.optim.batch_size} clips, "
+            f"{r.optim.epochs} epochs -> {self.run_dir}"
         )
         try:
             while self.epoch < r.optim.epochs:
