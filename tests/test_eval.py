@@ -12,7 +12,7 @@ from conftest import read_metrics
 from rich.console import Console
 
 from glitr_cli.data.dataset import build_dataset
-from glitr_cli.engine.evaluation import covered_fraction, predict_clips, run_eval
+from glitr_cli.engine.evaluation import covered_by_step, predict_clips, run_eval
 from glitr_cli.engine.loading import load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr, glimpse_area_fraction
@@ -78,7 +78,7 @@ def test_eval_of_a_missing_checkpoint_names_the_training_command(in_project, tmp
         run_eval(recipe)
 
 
-def test_covered_fraction():
+def test_covered_share_of_the_frame_by_step():
     model = build_glitr(
         num_classes=3, num_frames=2, img_size=112, glimpse_size=3, embed_dim=32, depth=1, num_heads=2,
         temporal_depth=1, temporal_heads=2,
@@ -86,11 +86,11 @@ def test_covered_fraction():
     nominal = glimpse_area_fraction(112, 16, 3)
     assert nominal == pytest.approx((48 / 112) ** 2)
     centre = torch.zeros(1, 2, 2)
-    assert covered_fraction(model, centre, (112, 112)).item() == pytest.approx(nominal, rel=0.05)
+    assert covered_by_step(model, centre, (112, 112))[0].tolist() == pytest.approx([nominal] * 2, rel=0.05)
     apart = torch.tensor([[[-0.6, -0.6], [0.6, 0.6]]])  # two glimpses that do not overlap
-    assert covered_fraction(model, apart, (112, 112)).item() == pytest.approx(2 * nominal, rel=0.05)
+    assert covered_by_step(model, apart, (112, 112))[0].tolist() == pytest.approx([nominal, 2 * nominal], rel=0.05)
     outside = torch.tensor([[[3.0, 3.0], [3.0, 3.0]]])
-    assert covered_fraction(model, outside, (112, 112)).item() == 0.0
+    assert covered_by_step(model, outside, (112, 112))[0].tolist() == [0.0, 0.0]
 
 
 def test_eval_and_visualize_give_the_same_probabilities(in_project, tmp_path):
