@@ -54,6 +54,18 @@ def test_student_eval_json_plot_and_baselines(in_project, tmp_path):
     assert saved["glimpse_area"] == pytest.approx(0.25)
     assert saved["policies"]["center"]["covered_area"] == pytest.approx(0.25, abs=0.05)
     assert saved["policies"]["random"]["covered_area"] > saved["policies"]["center"]["covered_area"]
+    # calibration of the learned policy, and early decisions of every source with its own temperatures
+    calibration, early = saved["calibration"], saved["early"]
+    assert calibration["of"] == "learned" and calibration["bins"] == 15
+    assert all(len(calibration[k]) == 4 for k in ("temperature", "ece", "ece_calibrated", "nll", "nll_calibrated"))
+    assert set(early["curves"]) == {"learned", "center", "random", "teacher"}
+    assert early["thresholds"][0] < 1 / 8  # 8 classes: the top probability always reaches it
+    for name, curve in early["curves"].items():
+        top1 = (saved["teacher"] if name == "teacher" else saved["policies"][name])["top1"]
+        assert curve["last_step_accuracy"] == pytest.approx(top1[-1])
+        assert curve["accuracy"][0] == pytest.approx(top1[0]) and curve["mean_frames"][0] == 1.0
+        assert all(1 <= f <= 4 for f in curve["mean_frames"])
+    assert (tmp_path / "early.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_random_policy_is_seeded(in_project, tmp_path):
