@@ -418,7 +418,9 @@ def visualize(
             decision = None if decider is None else decider.update(step.step, step.window, *step.top[0])
             if decision is not None:
                 decisions.append(f"step {step.step} (frame {step.index}): {decision.name} {decision.p:.0%}")
-            image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4, decided=bool(decision))
+            image = render_step(
+                frame, step, trail, student.num_frames, size, palette=not mp4, decided=decision is not None
+            )
             if writer is not None:
                 writer.write(np.asarray(image.convert("RGB")))
             else:
