@@ -37,9 +37,12 @@ from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write
 
 ECE_BINS = 15
-# the thresholds `glitr eval` sweeps: coarse over the middle, fine near 1 where a confident model's
-# decisions move
-THRESHOLDS = (*(round(0.05 * i, 2) for i in range(2, 19)), 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
+# the thresholds `glitr eval` sweeps: coarse over the middle, fine near 1, where the decisions of a
+# model that calibration made sharper move
+THRESHOLDS = (
+    *(round(0.05 * i, 2) for i in range(2, 19)),
+    *(0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999),
+)
 TOLERANCE = 0.01  # the chosen threshold's accuracy is at most this far below the last step's
 TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is clamped here (separable data drives it to 0)
 EARLY_PLOT_FILE = "early.png"
