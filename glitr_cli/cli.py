@@ -212,8 +212,10 @@ def visualize(
     size: int = typer.Option(384, "--size", help="Longer side of the drawn frame in pixels (0: the video's own size)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
-    calibration: Path | None = typer.Option(None, "--calibration", help=_CALIBRATION_HELP),
-    decide: float | None = typer.Option(None, "--decide", help=_DECIDE_HELP + " Marks the step that decides."),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
+    decide: float | None = typer.Option(
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + " Marks the step that decides."
+    ),
 ) -> None:
     """Draw where a trained GliTr looks in a video, step by step, with its top-3 classes."""
     from glitr_cli.visualize import visualize as run
@@ -270,8 +272,10 @@ def stream(
         False, "--glimpse-only", help="Read only the window each glimpse needs; report its pixels against the frame's."
     ),
     calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
-    calibration: Path | None = typer.Option(None, "--calibration", help=_CALIBRATION_HELP),
-    decide: float | None = typer.Option(None, "--decide", help=_DECIDE_HELP + ' Writes a {"decision": ...} line then.'),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
+    decide: float | None = typer.Option(
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + ' Writes a {"decision": ...} line then.'
+    ),
     stop_on_decision: bool = typer.Option(
         False, "--stop-on-decision", help="End the stream at the first decision, with its summary."
     ),
@@ -336,9 +340,9 @@ def predict(
     workers: int | None = typer.Option(None, "--workers", "-j", help="Decoding processes (default: the recipe's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
-    calibration: Path | None = typer.Option(None, "--calibration", help=_CALIBRATION_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
     decide: float | None = typer.Option(
-        None, "--decide", help=_DECIDE_HELP + " Adds decided_at and decided to every clip."
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + " Adds decided_at and decided to every clip."
     ),
 ) -> None:
     """A trained GliTr's classes after every step and its glimpse locations, for your clips."""
