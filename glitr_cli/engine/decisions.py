@@ -44,7 +44,7 @@ THRESHOLDS = (
     *(0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999),
 )
 TOLERANCE = 0.01  # the chosen threshold's accuracy is at most this far below the last step's
-TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is clamped here (separable data drives it to 0)
+TEMPERATURE_RANGE = (1e-3, 1e3)  # a fitted temperature lies inside (separable clips drive it towards 0)
 EARLY_PLOT_FILE = "early.png"
 CURVE_KEYS = ("accuracy", "mean_frames", "decided_early", "frame_seen")
 
@@ -66,25 +66,28 @@ def calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature T > 0 that minimises the mean negative log-likelihood of softmax(logits / T)
-    for logits (N, C) and labels (N,): L-BFGS over log T in float64 on the CPU (deterministic),
-    clamped to `TEMPERATURE_RANGE`. The NLL is convex in 1/T, so the minimum is the only one; on
-    clips that are all right by a margin it lies at T -> 0, and the fit stops where the NLL is flat."""
+    for logits (N, C) and labels (N,), within `TEMPERATURE_RANGE`: L-BFGS in float64 on the CPU
+    (deterministic) over u, log T = lo + (hi - lo) * sigmoid(u), a smooth map onto the range that
+    starts at T = 1. The NLL is convex in 1/T, so the minimum is the only one; on clips that are all
+    right by a margin it lies at T -> 0, and the fit stops where the NLL is flat."""
     z, y = logits.detach().double().cpu(), labels.cpu()
     lo, hi = (math.log(v) for v in TEMPERATURE_RANGE)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    u = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS(
-        [log_t], lr=1.0, max_iter=100, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+        [u], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe"
     )
+
+    def temperature() -> torch.Tensor:
+        return (lo + (hi - lo) * torch.sigmoid(u)).exp()
 
     def nll() -> torch.Tensor:
         optimizer.zero_grad()
-        # flat outside the range: a step beyond it gains nothing, so the search stays finite
-        loss = F.cross_entropy(z / log_t.clamp(lo, hi).exp(), y)
+        loss = F.cross_entropy(z / temperature(), y)
         loss.backward()
         return loss
 
     optimizer.step(nll)
-    return float(log_t.detach().clamp(lo, hi).exp())
+    return float(temperature().detach())
 
 
 def calibrate(logits: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
