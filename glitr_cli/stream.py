@@ -181,6 +181,8 @@ class Reader:
         with self._cond:
             if not self.paced:
                 self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
+                if self._stop.is_set():  # the stream ends: nobody takes this frame, and none was dropped
+                    return
             if self._slot is not None:
                 self.dropped += 1  # the model is still busy: the newer frame replaces it
             self._slot = arrival
@@ -246,7 +248,7 @@ def describe(summary: dict[str, Any]) -> str:
             if "pixels_read_per_frame" in s
             else ""
         )
-        + (f"; {s['decisions']} decisions" if "decisions" in s else "")
+        + (f"; {s['decisions']} decision{'' if s['decisions'] == 1 else 's'}" if "decisions" in s else "")
     )
 
 

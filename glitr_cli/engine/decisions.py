@@ -232,11 +232,11 @@ def plot_early(early: Mapping[str, Any], top1: Mapping[str, Sequence[float]], pa
     """Accuracy of the decisions against the mean frames seen until them, one curve per source over
     the thresholds (the chosen one marked), and dotted the `of` policy deciding at a fixed step t
     (`top1`: its top-1 after each t)."""
-    fig = Figure(figsize=(6, 4), dpi=120)  # no pyplot: no GUI backend, no global figure state
+    fig = Figure(figsize=(8, 4), dpi=120)  # no pyplot: no GUI backend, no global figure state
     ax = fig.subplots()
     for name, c in early["curves"].items():
         order = sorted(range(len(c["mean_frames"])), key=lambda i: c["mean_frames"][i])
-        style = "k--" if name == "teacher" else "-"
+        style = "k.--" if name == "teacher" else ".-"
         label = "teacher (full frames)" if name == "teacher" else f"{name} glimpses"
         ax.plot([c["mean_frames"][i] for i in order], [100 * c["accuracy"][i] for i in order], style, label=label)
     of = early["of"]
@@ -255,7 +255,7 @@ def plot_early(early: Mapping[str, Any], top1: Mapping[str, Sequence[float]], pa
     ax.set_ylabel("top-1 of the decisions (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes, off the lines
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
