@@ -108,16 +108,26 @@ def eval_(
         None, "--checkpoint", "-c", help="Checkpoint to evaluate (default: the run's checkpoints/last.pt)."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Directory for eval.json and accuracy.png (default: the run directory)."
+        None, "--out", help="Directory for eval.json, accuracy.png and early.png (default: the run directory)."
     ),
 ) -> None:
-    """Top-1/top-5 at every step t: learned, center and random glimpses, and the full-frame teacher."""
+    """Top-1/top-5 at every step t (learned, center and random glimpses, the full-frame teacher), calibration and
+    early decisions."""
     from glitr_cli.engine import evaluate
 
     evaluate(recipe, overrides, checkpoint=checkpoint, out_dir=out)
 
 
 _DATA_ROOT_HELP = "Moves the whole data tree (default: $GLITR_DATA, else ./data)."
+_CALIBRATED_HELP = (
+    "Calibrated probabilities, with the temperatures `glitr eval` fitted: from the run's eval.json (RUN/eval.json "
+    "beside checkpoints/, else the folder above RUN, where `glitr demo` writes it)."
+)
+_CALIBRATION_HELP = "The same with the temperatures in this eval.json."
+_DECIDE_HELP = (
+    "Decide at the first step whose top probability reaches TAU, else at the last (default with --calibrated or "
+    "--calibration: the threshold `glitr eval` chose)."
+)
 
 
 @app.command("prepare-data")
@@ -226,6 +236,11 @@ def visualize(
     fps: float = typer.Option(4.0, "--fps", help="Output frames (model steps) per second."),
     size: int = typer.Option(384, "--size", help="Longer side of the drawn frame in pixels (0: the video's own size)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
+    decide: float | None = typer.Option(
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + " Marks the step that decides."
+    ),
 ) -> None:
     """Draw where a trained GliTr looks in a video, step by step, with its top-3 classes."""
     from glitr_cli.visualize import visualize as run
@@ -241,6 +256,9 @@ def visualize(
         size=size,
         device=device,
         context=context,
+        calibrated=calibrated,
+        calibration=calibration,
+        decide=decide,
     )
 
 
@@ -278,6 +296,14 @@ def stream(
     glimpse_only: bool = typer.Option(
         False, "--glimpse-only", help="Read only the window each glimpse needs; report its pixels against the frame's."
     ),
+    calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
+    decide: float | None = typer.Option(
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + ' Writes a {"decision": ...} line then.'
+    ),
+    stop_on_decision: bool = typer.Option(
+        False, "--stop-on-decision", help="End the stream at the first decision, with its summary."
+    ),
 ) -> None:
     """Predict online as the frames of a file, stream or camera arrive; Ctrl-C stops with a summary."""
     from glitr_cli.stream import stream as run
@@ -295,6 +321,10 @@ def stream(
         device=device,
         backend=backend,
         glimpse_only=glimpse_only,
+        calibrated=calibrated,
+        calibration=calibration,
+        decide=decide,
+        stop_on_decision=stop_on_decision,
     )
 
 
@@ -334,11 +364,27 @@ def predict(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Clips per batch (default: the recipe's eval)."),
     workers: int | None = typer.Option(None, "--workers", "-j", help="Decoding processes (default: the recipe's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
+    decide: float | None = typer.Option(
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + " Adds decided_at and decided to every clip."
+    ),
 ) -> None:
     """A trained GliTr's classes after every step and its glimpse locations, for your clips."""
     from glitr_cli.engine.predict import predict as run
 
-    summary = run(checkpoint, inputs, out=out, top_k=top_k, batch_size=batch_size, workers=workers, device=device)
+    summary = run(
+        checkpoint,
+        inputs,
+        out=out,
+        top_k=top_k,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        calibrated=calibrated,
+        calibration=calibration,
+        decide=decide,
+    )
     if not summary.ok:
         raise typer.Exit(1)
 

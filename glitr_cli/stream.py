@@ -20,6 +20,13 @@ V2 about 4 s, Jester 3 s, the toy set 16 frames at 12 fps) and 3 s for any other
 length of a typical short action clip); a source that states no frame rate counts as 25 fps.
 `every` overrides it.
 
+Early decisions (`engine/decisions.py`): with `calibrated` (or `calibration`, an eval.json) the
+probabilities are calibrated with the temperatures `glitr eval` fitted. With a decision threshold
+(`decide`, by default the one `glitr eval` chose when its results are used) a `{"decision": ...}`
+line follows the frame at which the rule decides: in every window the first step whose top
+probability reaches the threshold, else its T-th step; a sliding context decides again each time
+another class reaches it. `stop_on_decision` ends the stream at the first decision, with its summary.
+
 Latency is measured from the moment a frame is decoded (its arrival) to the moment its prediction
 is known, so it includes the wait for the model when it was busy.
 """
@@ -43,6 +50,8 @@ from rich.live import Live
 from rich.table import Table
 
 from glitr_cli.data.video import VideoWriter
+from glitr_cli.engine.decisions import Calibration, OnlineDecider
+from glitr_cli.engine.evaluation import decision_settings
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.export import OnnxPredictor
@@ -178,6 +187,8 @@ class Reader:
         with self._cond:
             if not self.paced:
                 self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
+                if self._stop.is_set():  # the stream ends: nobody takes this frame, and none was dropped
+                    return
             if self._slot is not None:
                 self.dropped += 1  # the model is still busy: the newer frame replaces it
             self._slot = arrival
@@ -235,8 +246,9 @@ def describe(summary: dict[str, Any], paced: bool = True) -> str:
     )
     if s["frames_processed"] and not paced:
         latency += " (from decoding to prediction: each frame also waited for the model to finish the one before)"
+    ended = "stopped" if s["interrupted"] else "stopped at the decision" if s.get("stopped_on_decision") else "done"
     return (
-        f"{'stopped' if s['interrupted'] else 'done'}: {s['frames_read']} frames read, "
+        f"{ended}: {s['frames_read']} frames read, "
         f"{s['frames_processed']} processed, {s['frames_dropped']} dropped; {latency}; "
         f"{s['processed_fps']} processed frames/s"
         + (
@@ -245,6 +257,7 @@ def describe(summary: dict[str, Any], paced: bool = True) -> str:
             if "pixels_read_per_frame" in s
             else ""
         )
+        + (f"; {s['decisions']} decision{'' if s['decisions'] == 1 else 's'}" if "decisions" in s else "")
     )
 
 
@@ -291,6 +304,10 @@ def stream(
     runs: str | Path | None = None,
     step_delay: float = 0.0,
     glimpse_only: bool = False,
+    calibrated: bool = False,
+    calibration: str | Path | None = None,
+    decide: float | None = None,
+    stop_on_decision: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run a GliTr student online over `source` as its frames arrive; returns the summary record.
@@ -300,7 +317,8 @@ def stream(
     is slept after every step: a slower model, to see how the stream copes (drops, latency). Ctrl-C
     stops the stream and still writes the summary. `backend` "onnx" runs the step `glitr export` writes
     with ONNX Runtime on the CPU instead of PyTorch (the same numbers up to float rounding), "onnx-int8"
-    the step of `glitr export --int8` (int8 linear layers: an approximation).
+    the step of `glitr export --int8` (int8 linear layers: an approximation). `calibrated`,
+    `calibration`, `decide` and `stop_on_decision`: the early decisions (see the module docstring).
     """
     console = console or Console(stderr=True)
     if every is not None and every < 1:
@@ -326,6 +344,17 @@ def stream(
             checkpoint = find_checkpoint(runs)
             console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
         student = load_student(checkpoint)
+        found, threshold = decision_settings(
+            checkpoint,
+            student.num_frames,
+            calibrated=calibrated,
+            calibration=calibration,
+            decide=decide,
+            console=console,
+        )
+        if stop_on_decision and threshold is None:
+            raise GlitrError("--stop-on-decision needs a threshold: --decide TAU, or the one --calibrated finds")
+        decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
         runtime = Runtime.from_recipe(student.recipe, device="cpu" if onnx else device)
         runtime.apply()
         predictor = None
@@ -364,6 +393,9 @@ def stream(
             step_delay,
             live,
             glimpse_only,
+            found,
+            decider,
+            stop_on_decision,
         )
         lines.write(json.dumps({"summary": summary}) + "\n")
         lines.flush()
@@ -386,6 +418,9 @@ def _run(
     step_delay: float,
     live: Live | None,
     glimpse_only: bool,
+    calibration: Calibration | None,
+    decider: OnlineDecider | None,
+    stop_on_decision: bool,
 ) -> dict[str, Any]:
     current: list[Arrival] = []  # the frame run_steps is working on (it pulls one at a time)
 
@@ -398,7 +433,8 @@ def _run(
     latencies: list[float] = []
     pixels_read: list[int] = []
     trail: list[tuple[float, float]] = []
-    interrupted = False
+    interrupted = stopped = False
+    decisions = 0
     started = time.perf_counter()
     t = student.num_frames
     try:
@@ -407,7 +443,14 @@ def _run(
             writer = VideoWriter(out, (fps or 25.0) / every, "h264")
         reader.start()
         steps = run_steps(
-            student, frames(), runtime, context=context, top_k=top_k, predictor=predictor, glimpse_only=glimpse_only
+            student,
+            frames(),
+            runtime,
+            context=context,
+            top_k=top_k,
+            predictor=predictor,
+            glimpse_only=glimpse_only,
+            calibration=calibration,
         )
         for frame, step in steps:
             if step_delay > 0:
@@ -428,14 +471,32 @@ def _run(
                 record["pixels_read"] = step.pixels_read
                 pixels_read.append(step.pixels_read)
             lines.write(json.dumps(record) + "\n")
+            decision = None if decider is None else decider.update(step.step, step.window, *step.top[0])
+            if decision is not None:
+                decisions += 1
+                line = {
+                    "class": decision.name,
+                    "p": round(decision.p, 6),
+                    "frame": arrival.index,
+                    "time": record["time"],
+                    "step": record["step"],
+                    "window": decision.window,
+                    "threshold": decider.threshold,
+                    "reached": decision.reached,
+                }
+                lines.write(json.dumps({"decision": line}) + "\n")
             lines.flush()
             if live is not None:
                 live.update(panel(record), refresh=True)
             if writer is not None:
                 if step.step == 1:
                     trail = []
-                writer.write(np.asarray(render_step(frame, step, trail, t, size).convert("RGB")))
+                image = render_step(frame, step, trail, t, size, decided=decision is not None)
+                writer.write(np.asarray(image.convert("RGB")))
                 trail = next_trail(trail, step, t)
+            if decision is not None and stop_on_decision:
+                stopped = True
+                break
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -446,6 +507,9 @@ def _run(
         raise GlitrError(f"{reader.name}: {reader.error}")
     elapsed = time.perf_counter() - started
     summary = summarize(latencies, reader.read, reader.dropped, elapsed, interrupted)
+    if decider is not None:
+        summary["decisions"] = decisions
+        summary["stopped_on_decision"] = stopped
     if pixels_read:  # what a source delivering only the glimpse's window would send, against whole frames
         summary["pixels_read_per_frame"] = round(float(np.mean(pixels_read)), 1)
         summary["model_input_pixels"] = student.img_size**2

@@ -18,6 +18,11 @@ T steps (the next glimpse is taken at the learned initial location, the trail is
 class evidence starts again) and the output frame says "restart"; steps are numbered k/T within
 their window.
 
+Early decisions (`engine/decisions.py`): with `calibrated` (or `calibration`, an eval.json) the
+probabilities are calibrated with the temperatures `glitr eval` fitted; with a decision threshold
+(`decide`, by default the one `glitr eval` chose when its results are used) the step that decides
+is marked: a green frame around the picture and "decided" after the step count.
+
 Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the
 glimpse centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2,
 s = glimpse_size / grid (DESIGN §2). Model-input pixels map back to the source frame through
@@ -43,7 +48,8 @@ from rich.console import Console
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import CentreCrop, denormalize, eval_resize, eval_transform
 from glitr_cli.data.video import FrameSource, VideoWriter
-from glitr_cli.engine.evaluation import online_predictor
+from glitr_cli.engine.decisions import Calibration, OnlineDecider
+from glitr_cli.engine.evaluation import decision_settings, online_predictor
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json
@@ -59,7 +65,8 @@ RESTART = (255, 80, 80)
 PANEL_BG = (24, 24, 28)
 TEXT = (235, 235, 235)
 BAR = (70, 110, 200)
-INKS = (OUTLINE, TRAIL, RESTART, TEXT, BAR)  # drawn in exact colours, also in GIFs
+DECIDED = (60, 220, 90)  # the frame of the step that decided
+INKS = (OUTLINE, TRAIL, RESTART, TEXT, BAR, DECIDED)  # drawn in exact colours, also in GIFs
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -172,10 +179,11 @@ def render_step(
     num_frames: int,
     size: int,
     palette: bool = False,
+    decided: bool = False,
 ) -> Image.Image:
     """Draw one step: the frame (longer side `size` px, 0 = native) dimmed outside the glimpse,
     the outline, the trail of earlier centres in this window, the glimpse crop when present,
-    and a panel with the step and the top classes underneath.
+    and a panel with the step and the top classes underneath; `decided` marks the step that decided.
 
     With `palette` the result is a 256-colour image (for GIF) whose drawing colours are exact:
     the pictures are quantised to the first 256 - len(INKS) entries, the inks fill the rest.
@@ -226,6 +234,8 @@ def render_step(
     draw.line([(cx - 3, cy), (cx + 3, cy)], fill=ink[OUTLINE], width=1)
     draw.line([(cx, cy - 3), (cx, cy + 3)], fill=ink[OUTLINE], width=1)
     draw.rectangle([round(x0), round(y0), round(x1), round(y1)], outline=ink[OUTLINE], width=2)
+    if decided:
+        draw.rectangle([0, 0, dw - 1, dh - 1], outline=ink[DECIDED], width=3)
     canvas.paste(view, (0, 0))
 
     draw = ImageDraw.Draw(canvas)
@@ -236,6 +246,8 @@ def render_step(
     if step.window > 1 and step.step == 1:
         restart = f"restart (window {step.window})"
         draw.text((8 + draw.textlength(head, font=font), y), restart, fill=ink[RESTART], font=font)
+    elif decided:
+        draw.text((8 + draw.textlength(head, font=font), y), "decided", fill=ink[DECIDED], font=font)
     for name, p in step.top:
         y += line
         draw.rectangle([4, y + 1, 4 + round(p * (width - 8)), y + line - 2], fill=ink[BAR])
@@ -273,6 +285,7 @@ def run_steps(
     top_k: int = 3,
     predictor: Any = None,
     glimpse_only: bool = False,
+    calibration: Calibration | None = None,
 ) -> Iterator[tuple[np.ndarray, Step]]:
     """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
 
@@ -283,7 +296,8 @@ def run_steps(
     `predictor` replaces evaluation's online predictor: one with its `step`, `steps` and `frames`, such
     as `export.OnnxPredictor`. With `glimpse_only` each frame is brought to evaluation's size (its
     resize) and the predictor reads only the pixels of its `next_box()` (`Step.pixels_read`), as a
-    source that delivers just that window would; the numbers equal the whole-frame path's."""
+    source that delivers just that window would; the numbers equal the whole-frame path's. With
+    `calibration` the probabilities are calibrated with the temperature of their step."""
     if glimpse_only and side_by_side:
         raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
     model = student.model.to(runtime.device)
@@ -311,8 +325,10 @@ def run_steps(
             x = transform(pixels).to(runtime.device)  # (1, 3, S, S)
             out = predictor.step(x)
         window += predictor.steps == 1  # the first step, or the first after a restart
+        number = predictor.frames if context == "sliding" else predictor.steps
         loc = out.location[0].float()
-        probs, classes = out.probs[0].float().topk(k)
+        probs = out.probs[0] if calibration is None else calibration.probs(out.logits[0].float(), number)
+        probs, classes = probs.float().topk(k)
         glimpse = None
         if side_by_side:
             crop = extract_glimpse(x, loc[None], (side, side), scale)[0]  # (3, g, g), normalised
@@ -323,7 +339,7 @@ def run_steps(
             frame,
             Step(
                 index=index,
-                step=predictor.frames if context == "sliding" else predictor.steps,
+                step=number,
                 window=window,
                 location=location,
                 box=glimpse_box(location, geometry, scale),
@@ -348,6 +364,9 @@ def visualize(
     runs: str | Path | None = None,
     console: Console | None = None,
     context: str = "sliding",
+    calibrated: bool = False,
+    calibration: str | Path | None = None,
+    decide: float | None = None,
 ) -> dict[str, Any]:
     """Run a GliTr student online over `video` and write the glimpse animation to `out`.
 
@@ -355,7 +374,9 @@ def visualize(
     feeds the T evaluation frames, else every `every`-th frame; after T steps `context`
     "sliding" predicts from the last T frames, "restart" starts the stream again (see the
     module docstring). `size` is the longer side of the drawn frame
-    (0 = the source size). Returns the `--json` record {"frames": [...]}.
+    (0 = the source size). `calibrated`, `calibration`, `decide`: the early decisions (see the module
+    docstring). Returns the `--json` record {"frames": [...]}, the step that decided with
+    `"decided": true`.
     """
     console = console or Console(stderr=True)
     out = Path(out)
@@ -374,6 +395,10 @@ def visualize(
         checkpoint = find_checkpoint(runs)
         console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
     student = load_student(checkpoint)
+    found, threshold = decision_settings(
+        checkpoint, student.num_frames, calibrated=calibrated, calibration=calibration, decide=decide, console=console
+    )
+    decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
     runtime = Runtime.from_recipe(student.recipe, device=device)  # the precision evaluation uses
     runtime.apply()
 
@@ -383,13 +408,19 @@ def visualize(
     images: list[Image.Image] = []
     writer = VideoWriter(tmp, fps, "h264") if mp4 else None
     record: list[dict[str, Any]] = []
+    decisions: list[str] = []
     trail: list[tuple[float, float]] = []
     frames = step_frames(source, student.sampler, every)
     try:
-        for frame, step in run_steps(student, frames, runtime, side_by_side, context):
+        for frame, step in run_steps(student, frames, runtime, side_by_side, context, calibration=found):
             if step.step == 1:
                 trail = []
-            image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)
+            decision = None if decider is None else decider.update(step.step, step.window, *step.top[0])
+            if decision is not None:
+                decisions.append(f"step {step.step} (frame {step.index}): {decision.name} {decision.p:.0%}")
+            image = render_step(
+                frame, step, trail, student.num_frames, size, palette=not mp4, decided=decision is not None
+            )
             if writer is not None:
                 writer.write(np.asarray(image.convert("RGB")))
             else:
@@ -401,6 +432,7 @@ def visualize(
                     "location": [round(v, 6) for v in step.location],
                     "box": [round(v, 2) for v in step.box],
                     "top": [[name, round(p, 6)] for name, p in step.top],
+                    **({"decided": True} if decision is not None else {}),
                 }
             )
         if not record:  # only reachable through a decoder that yields nothing without an error
@@ -429,7 +461,8 @@ def visualize(
         )
     console.print(
         f"wrote {out}: {len(record)} steps of {student.path}{restarts}"
-        + (f"; glimpses in {json_path}" if json_path is not None else ""),
+        + (f"; glimpses in {json_path}" if json_path is not None else "")
+        + (f"; decided at tau = {threshold:g} at {', '.join(decisions)}" if decisions else ""),
         highlight=False,
         soft_wrap=True,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import av
@@ -18,10 +19,12 @@ from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from glitr_cli.data.video import decode_video
 from glitr_cli.engine.checkpoint import save_checkpoint
+from glitr_cli.engine.decisions import decision_steps
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import OnlinePredictor, extract_glimpse
 from glitr_cli.recipe import DataConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
 from glitr_cli.visualize import (
+    DECIDED,
     DIM,
     OUTLINE,
     CropGeometry,
@@ -366,3 +369,38 @@ def test_the_docs_glimpse_only_example_runs(trained_tiny, monkeypatch, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     student = load_student("runs/tiny/checkpoints/last.pt")
     assert last.endswith(f"after {3 * student.num_frames} frames")
+
+
+def test_decide_marks_the_step_that_decides_with_calibrated_probabilities(assets, tmp_path, glitr):
+    plain = visualize(assets["mp4"], checkpoint=assets["ckpt"], out=tmp_path / "plain.gif")["frames"]
+    # the run's own evaluation results (RUN/eval.json), as `glitr eval` writes them for this checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(assets["ckpt"].parents[1], run)
+    temperatures = [0.5, 0.4, 0.3, 0.2, 0.1]  # sharper with every step
+    evaluation = {"kind": "glitr", "steps": T, "checkpoint": str(run / "checkpoints/last.pt")}
+    evaluation |= {"calibration": {"temperature": temperatures}, "early": {"chosen": None}}
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    calibrated = visualize(
+        assets["mp4"], checkpoint=run / "checkpoints/last.pt", out=tmp_path / "c.gif", calibrated=True
+    )["frames"]
+    confidence = []
+    for a, b, temperature in zip(plain, calibrated, temperatures, strict=True):
+        log_p = torch.tensor([p for _, p in a["top"]]).log()  # the top 3 of 4 classes: their order is kept
+        assert [n for n, _ in b["top"]] == [n for n, _ in a["top"]] and "decided" not in b  # no threshold chosen
+        sharper = (log_p / temperature).exp()
+        assert b["top"][1][1] / b["top"][0][1] == pytest.approx(float(sharper[1] / sharper[0]), rel=1e-4)
+        confidence.append(b["top"][0][1])
+
+    tau = max(confidence[1:3]) - 5e-7
+    first = int(decision_steps(torch.tensor([confidence]), tau)[0])
+    out = tmp_path / "d.gif"
+    code, _, err = glitr(
+        "visualize", assets["mp4"], "-c", run / "checkpoints/last.pt", "--calibrated", "--decide", tau,
+        "--out", out, "--json", tmp_path / "d.json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"decided at tau = {tau:g} at step {first + 1}" in err.replace("\n", " ")
+    steps = json.loads((tmp_path / "d.json").read_text())["frames"]
+    assert [i for i, s in enumerate(steps) if s.get("decided")] == [first]
+    for i, frame in enumerate(gif_frames(out)):  # a frame of DECIDED around the picture of that step only
+        assert (np.abs(frame[1, 1] - np.array(DECIDED)).max() == 0) == (i == first)

@@ -3,8 +3,8 @@
 `train` and `evaluate` are what the CLI calls: load a recipe, apply overrides, run, tidy up the
 process group. The submodules: trainer (the loop), step (one optimiser step), objectives (what
 differs between teacher and student), build (models and objectives with their starting weights),
-loading (trained models back from checkpoints: `load_student`), evaluation, optim, checkpoint,
-mixup, augment, graphs, metrics, distributed.
+loading (trained models back from checkpoints: `load_student`), evaluation, decisions (calibration
+and early decisions), optim, checkpoint, mixup, augment, graphs, metrics, distributed.
 """
 
 from __future__ import annotations

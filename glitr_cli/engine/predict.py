@@ -24,6 +24,12 @@ labelled, `"label"`. A location (x, y) lies in [-1, 1] over the model's input (t
 Or CSV (`.csv`), one row per clip and step: `clip,label,step,x,y,top1,p1,...,topk,pk`; the row
 with step T is the final prediction.
 
+Calibration and early decisions (`engine/decisions.py`): with the temperatures `glitr eval` fitted
+(`calibrated`, or `calibration` naming its eval.json) every probability is the calibrated one. With a
+decision threshold (`decide`, by default the one `glitr eval` chose when its results are used) each
+record also has `"decided_at": t` (1-based, the first step whose top probability reached it, else T)
+and `"decided": [class, p]`, its top class then; a CSV gets a last column `decided`, 1 on that row.
+
 A clip that cannot be read is listed with the reason in `failed.txt` beside the output and the
 others are predicted; the output is written atomically once all are done.
 """
@@ -49,7 +55,8 @@ from glitr_cli.data.folder import find_clips
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import eval_transform
 from glitr_cli.data.video import FrameSource
-from glitr_cli.engine.evaluation import predict_clips
+from glitr_cli.engine.decisions import calibrate, decision_steps
+from glitr_cli.engine.evaluation import decision_settings, predict_clips
 from glitr_cli.engine.loading import Student, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
@@ -160,8 +167,11 @@ def collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[l
     return [i for i, _ in ok], clips, failed
 
 
-def clip_record(ref: ClipRef, probs: torch.Tensor, locs: torch.Tensor, class_names: list[str], k: int) -> dict:
-    """The output record of one clip from its per-step probabilities (T, C) and locations (T, 2)."""
+def clip_record(
+    ref: ClipRef, probs: torch.Tensor, locs: torch.Tensor, class_names: list[str], k: int, decided: int | None = None
+) -> dict:
+    """The output record of one clip from its per-step probabilities (T, C) and locations (T, 2), and
+    the step (0-based) that decided it, if any."""
     top_p, top_c = probs.topk(k, dim=-1)  # (T, k)
 
     def top(t: int) -> list[list[Any]]:
@@ -173,6 +183,9 @@ def clip_record(ref: ClipRef, probs: torch.Tensor, locs: torch.Tensor, class_nam
     if ref.label is not None:
         record["label"] = ref.label
     record["top"] = top(probs.shape[0] - 1)
+    if decided is not None:
+        record["decided_at"] = decided + 1
+        record["decided"] = top(decided)[0]
     record["steps"] = [{"location": [round(v, 6) for v in locs[t].tolist()], "top": top(t)} for t in range(len(locs))]
     return record
 
@@ -184,11 +197,14 @@ def format_jsonl(records: list[dict]) -> str:
 def format_csv(records: list[dict], k: int) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["clip", "label", "step", "x", "y", *[f"{c}{i}" for i in range(1, k + 1) for c in ("top", "p")]])
+    decided = any("decided_at" in r for r in records)
+    columns = [f"{c}{i}" for i in range(1, k + 1) for c in ("top", "p")]
+    writer.writerow(["clip", "label", "step", "x", "y", *columns, *(["decided"] if decided else [])])
     for r in records:
         for t, step in enumerate(r["steps"], start=1):
             tops = [v for name, p in step["top"] for v in (name, p)]
-            writer.writerow([r["clip"], r.get("label", ""), t, *step["location"], *tops])
+            marks = [int(r["decided_at"] == t)] if decided else []
+            writer.writerow([r["clip"], r.get("label", ""), t, *step["location"], *tops, *marks])
     return buf.getvalue()
 
 
@@ -202,6 +218,9 @@ class PredictSummary:
     failed: list[tuple[str, str]]
     labelled: int = 0
     correct: int = 0
+    threshold: float | None = None  # the decision threshold, when deciding
+    mean_decided_at: float = 0.0  # over the predicted clips
+    decided_correct: int = 0  # labelled clips whose decided class is right
 
     @property
     def ok(self) -> bool:
@@ -218,6 +237,10 @@ class PredictSummary:
         lines = [f"wrote {self.out}: {self.predicted} clips predicted, {failed}"]
         if self.labelled:
             lines[0] += f"; top-1 at the last step on the {self.labelled} labelled clips: {self.accuracy:.2%}"
+        if self.threshold is not None:
+            lines.append(f"decided at tau = {self.threshold:g} after {self.mean_decided_at:.2f} frames on average")
+            if self.labelled:
+                lines[-1] += f"; top-1 of the decisions: {self.decided_correct / self.labelled:.2%}"
         lines += [f"  failed {name}: {reason}" for name, reason in self.failed[:max_failures]]
         if len(self.failed) > max_failures:
             lines.append(f"  ... and {len(self.failed) - max_failures} more")
@@ -234,12 +257,16 @@ def predict(
     batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
+    calibrated: bool = False,
+    calibration: str | Path | None = None,
+    decide: float | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> PredictSummary:
     """Predict every clip `inputs` name with the GliTr student in `checkpoint`; write `out` (.jsonl or
     .csv) and, when clips fail, `failed.txt` beside it. `batch_size` and `workers` default to the
-    checkpoint recipe's `eval.batch_size` and `data.workers`."""
+    checkpoint recipe's `eval.batch_size` and `data.workers`. `calibrated`, `calibration` and `decide`:
+    see the module docstring and `decision_settings`."""
     console = console or Console(stderr=True)
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -253,6 +280,9 @@ def predict(
     if not inputs:
         raise GlitrError("name at least one INPUT: a video file, a folder of videos, or a prepared split DIR:split")
     student: Student = load_student(checkpoint)
+    found, threshold = decision_settings(
+        checkpoint, student.num_frames, calibrated=calibrated, calibration=calibration, decide=decide, console=console
+    )
     data = student.recipe.data
     refs, splits = resolve_inputs(inputs, data)
     runtime = Runtime.from_recipe(student.recipe, device=device)
@@ -281,10 +311,13 @@ def predict(
                 failed += batch_failed
                 if clips is not None:
                     result = predict_clips(model, clips, runtime)
-                    probs = result.logits.float().softmax(-1).cpu()  # (B, T, C)
+                    logits = result.logits.float().cpu()  # (B, T, C)
+                    probs = logits.softmax(-1) if found is None else calibrate(logits, found.temperatures)
                     locs = result.locs.float().cpu()  # (B, T, 2)
+                    decided = None if threshold is None else decision_steps(probs.amax(-1), threshold).tolist()
                     for j, i in enumerate(positions):
-                        records[i] = clip_record(refs[i], probs[j], locs[j], student.class_names, k)
+                        at = None if decided is None else decided[j]
+                        records[i] = clip_record(refs[i], probs[j], locs[j], student.class_names, k, at)
                 bar.advance(task, len(positions) + len(batch_failed))
         finally:
             stop_workers(loader)
@@ -298,5 +331,9 @@ def predict(
     labelled = [r for r in done if "label" in r]
     correct = sum(r["top"][0][0] == r["label"] for r in labelled)
     summary = PredictSummary(out, len(done), named, len(labelled), correct)
+    if threshold is not None:
+        summary.threshold = threshold
+        summary.mean_decided_at = float(np.mean([r["decided_at"] for r in done])) if done else 0.0
+        summary.decided_correct = sum(r["decided"][0] == r["label"] for r in labelled)
     console.print(summary.describe(), highlight=False, soft_wrap=True, markup=False)
     return summary
