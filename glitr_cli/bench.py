@@ -59,9 +59,9 @@ from glitr_cli.engine.distributed import ResumableSampler
 from glitr_cli.engine.evaluation import online_predictor, predict_clips
 from glitr_cli.engine.loading import build_model
 from glitr_cli.engine.objectives import Objective, reference_objective, student_objective, teacher_objective
+from glitr_cli.engine.onnx import OnnxPredictor, onnx_runtime_available
 from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError
-from glitr_cli.export import OnnxPredictor, onnx_runtime_available
 from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
 from glitr_cli.runtime import PREFETCH_FACTOR, Runtime, stop_workers

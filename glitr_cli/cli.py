@@ -203,7 +203,7 @@ def visualize(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Draw where a trained GliTr looks in a video, step by step, with its top-3 classes."""
-    from glitr_cli.visualize import visualize as run
+    from glitr_cli.engine.online import visualize as run
 
     run(
         video,
@@ -286,7 +286,7 @@ def export(
     ),
 ) -> None:
     """The online step (frame and state in; probabilities, next location and state out) as ONNX."""
-    from glitr_cli.export import export_onnx
+    from glitr_cli.engine.onnx import export_onnx
 
     meta = export_onnx(checkpoint, out, crop=crop, batch_size=batch_size, int8=int8)
     typer.echo(f"wrote {out}: {meta['input']} input, T={meta['num_frames']}, S={meta['img_size']}, {meta['precision']}")

@@ -52,11 +52,11 @@ from glitr_cli.engine.distributed import cleanup_distributed
 from glitr_cli.engine.evaluation import result_table, run_eval
 from glitr_cli.engine.loading import load_student
 from glitr_cli.engine.metrics import CURVES_FILE
+from glitr_cli.engine.online import visualize
 from glitr_cli.engine.optim import MODULES
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import load_recipe
-from glitr_cli.visualize import visualize
 
 TEACHER_RECIPE = "toy_teacher"  # shipped recipes, by name
 STUDENT_RECIPE = "toy"

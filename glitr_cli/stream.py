@@ -44,11 +44,11 @@ from rich.table import Table
 
 from glitr_cli.data.video import VideoWriter
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
+from glitr_cli.engine.online import next_trail, render_step, run_steps
+from glitr_cli.engine.onnx import OnnxPredictor
 from glitr_cli.errors import GlitrError
-from glitr_cli.export import OnnxPredictor
 from glitr_cli.model.online import CONTEXTS
 from glitr_cli.runtime import Runtime
-from glitr_cli.visualize import next_trail, render_step, run_steps
 
 NETWORK_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "rtmp://", "rtmps://", "udp://", "tcp://", "srt://")
 DEVICE_PREFIXES = ("avfoundation:", "dshow:")  # `FORMAT:DEVICE`, the device string PyAV's format expects

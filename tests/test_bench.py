@@ -9,7 +9,7 @@ from conftest import run_cli
 from model_helpers import clips, tiny_glitr
 
 from glitr_cli.bench import Bench, BenchSettings
-from glitr_cli.export import onnx_runtime_available
+from glitr_cli.engine.onnx import onnx_runtime_available
 from glitr_cli.model import StudentObjective, TeacherObjective
 from glitr_cli.model.reference import PlainStudentObjective, PlainTeacherObjective, plain_student_forward
 from glitr_cli.recipe import load_recipe

@@ -12,7 +12,7 @@ from glitr_cli.data.toy import ToyConfig, render_clip, sample_clip
 from glitr_cli.data.transforms import CentreCrop, eval_transform
 from glitr_cli.data.video import decode_video, encode_video
 from glitr_cli.engine.loading import load_student
-from glitr_cli.export import INPUTS, OUTPUTS
+from glitr_cli.engine.onnx import INPUTS, OUTPUTS
 from glitr_cli.model import OnlinePredictor
 
 ort = pytest.importorskip("onnxruntime")
@@ -80,7 +80,7 @@ def test_int8_export_quantizes_the_linear_layers_and_stays_close(trained_tiny, t
     """`--int8`: the linear layers run as int8 products, the rest stays float32, and the predictions stay close
     to the float step's over a real toy clip fed through both ONNX predictors."""
     onnx = pytest.importorskip("onnx")
-    from glitr_cli.export import OnnxPredictor
+    from glitr_cli.engine.onnx import OnnxPredictor
 
     ckpt = trained_tiny / "runs" / "tiny" / "checkpoints" / "last.pt"
     out = tmp_path / "step_int8.onnx"

@@ -18,10 +18,7 @@ from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from glitr_cli.data.video import decode_video
 from glitr_cli.engine.checkpoint import save_checkpoint
-from glitr_cli.errors import GlitrError
-from glitr_cli.model import OnlinePredictor, extract_glimpse
-from glitr_cli.recipe import DataConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
-from glitr_cli.visualize import (
+from glitr_cli.engine.online import (
     DIM,
     OUTLINE,
     CropGeometry,
@@ -32,6 +29,9 @@ from glitr_cli.visualize import (
     to_display,
     visualize,
 )
+from glitr_cli.errors import GlitrError
+from glitr_cli.model import OnlinePredictor, extract_glimpse
+from glitr_cli.recipe import DataConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
 
 T, IMG, RESIZE = TINY["num_frames"], TINY["img_size"], 36
 CLASSES = ["Square moving left", "Square moving right", "Ring moving up", "Ring moving down"]
