@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -92,91 +93,113 @@ def eval_(
     evaluate(recipe, overrides, checkpoint=checkpoint, out_dir=out)
 
 
-_DATA_ROOT_HELP = "Moves the whole data tree (default: $GLITR_DATA, else ./data)."
+prepare_app = typer.Typer(
+    help="Turn the SSv2 or Jester download, a generated toy set or your own clips into frame folders and TSM lists.",
+    no_args_is_help=True,
+)
+app.add_typer(prepare_app, name="prepare-data")
+_OUT = typer.Option(None, "--out", help="Where the prepared dataset goes (default: <data root>/<dataset>).")
+_DATA_ROOT = typer.Option(None, "--data-root", help="Moves the whole data tree (default: $GLITR_DATA, else ./data).")
+_WORKERS = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8.")
+_QUALITY = typer.Option(95, "--quality", help="JPEG quality of the written frames.")
 
 
-@app.command("prepare-data")
-def prepare_data(
-    dataset: str = typer.Argument(..., help="ssv2, jester, toy, or folder (your own clips).", show_default=False),
-    src: Path | None = typer.Option(
-        None,
-        "--src",
-        help="The official download (default: <data root>/<dataset>/download; toy: <out>/download); "
-        "folder: your clips, DIR/<class>/<video> or DIR/{train,val,test}/<class>/<video>.",
-    ),
-    out: Path | None = typer.Option(
-        None,
-        "--out",
-        help="Where the prepared dataset goes (default: <data root>/<dataset>; folder: <data root>/<name of --src>).",
-    ),
-    data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
-    workers: int = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8."),
-    short_side: int | None = typer.Option(
-        None,
-        "--short-side",
-        help="Resize frames to this short side, 0 keeps them (ssv2, folder: 256; else keep).",
-    ),
-    quality: int | None = typer.Option(None, "--quality", help="JPEG quality of the written frames (default 95)."),
-    videos: Path | None = typer.Option(None, "--videos", help="ssv2: the folder of <id>.webm files, if elsewhere."),
-    frames: Path | None = typer.Option(None, "--frames", help="jester: the 20bn-jester-v1 frame folder, if elsewhere."),
-    csv: Path | None = typer.Option(
-        None,
-        "--csv",
-        help="folder: a CSV of path,label[,split] lines, paths relative to --src (instead of class folders).",
-    ),
-    val_fraction: float | None = typer.Option(
-        None, "--val-fraction", help="folder without val clips: the training clips set aside per class (default 0.2)."
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="toy: random seed; folder: validation draw (default 0)."),
-    toy_train: int | None = typer.Option(None, "--toy-train", help="toy: training videos (default 400)."),
-    toy_val: int | None = typer.Option(None, "--toy-val", help="toy: validation videos (default 100)."),
-    toy_test: int | None = typer.Option(None, "--toy-test", help="toy: unlabelled test videos (default 20)."),
-    toy_frames: int | None = typer.Option(None, "--toy-frames", help="toy: frames per video (default 16)."),
-    toy_size: int | None = typer.Option(None, "--toy-size", help="toy: frame side in pixels (default 112)."),
-    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="toy: target shapes (default square,ring)."),
-    toy_directions: str | None = typer.Option(
-        None, "--toy-directions", help="toy: target directions (default left,right,up,down)."
-    ),
-    toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="toy: grey distractors (default 4)."),
-) -> None:
-    """Turn the SSv2 or Jester download, a generated toy set or your own clips into frame folders and TSM lists."""
-    from glitr_cli.data.folder import prepare_folder_dataset
-    from glitr_cli.data.prepare import prepare_dataset
-
-    options = dict(
-        short_side=short_side, quality=quality, videos=videos, frames=frames, seed=seed, num_train=toy_train,
-        num_val=toy_val, num_test=toy_test, num_frames=toy_frames, size=toy_size, shapes=toy_shapes,
-        directions=toy_directions, distractors=toy_distractors, csv=csv, val_fraction=val_fraction,
-    )  # fmt: skip
-    if dataset == "folder":
-        summary = prepare_folder_dataset(src, out, workers, root=data_root, **options)
-    else:
-        summary = prepare_dataset(dataset, src, out, workers, root=data_root, **options)
+def _prepared(summary: Any) -> None:
     typer.echo(summary.describe())
     if not summary.ok:
         raise typer.Exit(1)
 
 
-@app.command("bench-loader")
-def bench_loader(
-    dataset: str = typer.Argument("toy", help="A prepared dataset folder, or ssv2/jester/toy under the data root."),
-    split: str = typer.Option("train", "--split", help="train, val or test."),
-    frames: int = typer.Option(16, "--frames", help="Frames per clip (T)."),
-    size: int = typer.Option(224, "--size", help="Crop size (the toy recipes use 112)."),
-    resize: int | None = typer.Option(None, "--resize", help="Eval: short side before the crop (size*256/224)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Clips per batch."),
-    workers: int = typer.Option(2, "--workers", "-j", help="DataLoader worker processes."),
-    batches: int = typer.Option(20, "--batches", help="Batches timed after two warm-up batches."),
-    eval_mode: bool = typer.Option(False, "--eval", help="Evaluation transform instead of training augmentation."),
-    data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
+@prepare_app.command("ssv2")
+def prepare_ssv2(
+    src: Path | None = typer.Option(None, "--src", help="The official download (default: <data root>/ssv2/download)."),
+    out: Path | None = _OUT,
+    data_root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    videos: Path | None = typer.Option(None, "--videos", help="The folder of <id>.webm files, if elsewhere."),
 ) -> None:
-    """Print the clips/s and frames/s the data loader delivers on a prepared dataset."""
-    from glitr_cli.data.bench import benchmark_dataset, describe, resolve_dataset
+    """Something-Something-V2: decode every video into JPEG frames and write the TSM lists."""
+    from glitr_cli.data.prepare import prepare_ssv2 as run
 
-    result = benchmark_dataset(
-        resolve_dataset(dataset, data_root), split, frames, size, resize, batch_size, workers, batches, not eval_mode
-    )
-    typer.echo(describe(result))
+    _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, videos=videos))
+
+
+@prepare_app.command("jester")
+def prepare_jester(
+    src: Path | None = typer.Option(
+        None, "--src", help="The official download (default: <data root>/jester/download)."
+    ),
+    out: Path | None = _OUT,
+    data_root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(
+        0, "--short-side", help="Copy the frames resized to this short side; 0 keeps them in place."
+    ),
+    quality: int = _QUALITY,
+    frames: Path | None = typer.Option(None, "--frames", help="The 20bn-jester-v1 frame folder, if elsewhere."),
+) -> None:
+    """Jester: list files over the official frame folders (or resized copies of them)."""
+    from glitr_cli.data.prepare import prepare_jester as run
+
+    _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, frames=frames))
+
+
+@prepare_app.command("toy")
+def prepare_toy(
+    out: Path | None = _OUT,
+    src: Path | None = typer.Option(None, "--src", help="Where the generated raw videos go (default: <out>/download)."),
+    data_root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(0, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    seed: int | None = typer.Option(None, "--seed", help="Random seed of the generator (default 0)."),
+    toy_train: int | None = typer.Option(None, "--toy-train", help="Training videos (default 400)."),
+    toy_val: int | None = typer.Option(None, "--toy-val", help="Validation videos (default 100)."),
+    toy_test: int | None = typer.Option(None, "--toy-test", help="Unlabelled test videos (default 20)."),
+    toy_frames: int | None = typer.Option(None, "--toy-frames", help="Frames per video (default 16)."),
+    toy_size: int | None = typer.Option(None, "--toy-size", help="Frame side in pixels (default 112)."),
+    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="Target shapes (default square,ring)."),
+    toy_directions: str | None = typer.Option(
+        None, "--toy-directions", help="Target directions (default left,right,up,down)."
+    ),
+    toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="Grey distractors (default 4)."),
+) -> None:
+    """The generated toy set: where to look decides the class (shape x direction)."""
+    from glitr_cli.data.prepare import prepare_toy as run
+
+    toy = dict(seed=seed, num_train=toy_train, num_val=toy_val, num_test=toy_test, num_frames=toy_frames,
+               size=toy_size, shapes=toy_shapes, directions=toy_directions, distractors=toy_distractors)  # fmt: skip
+    toy = {key: value for key, value in toy.items() if value is not None}  # the rest: ToyConfig's defaults
+    _prepared(run(out, src, root=data_root, workers=workers, short_side=short_side, quality=quality, **toy))
+
+
+@prepare_app.command("folder")
+def prepare_folder(
+    src: Path = typer.Option(
+        ..., "--src", help="Your clips: DIR/<class>/<video> or DIR/{train,val,test}/<class>/<video>."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where the prepared dataset goes (default: <data root>/<name of --src>)."
+    ),
+    data_root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    csv: Path | None = typer.Option(
+        None, "--csv", help="A CSV of path,label[,split] lines, paths relative to --src (instead of class folders)."
+    ),
+    val_fraction: float = typer.Option(
+        0.2, "--val-fraction", help="Without val clips: the share of each class's training clips set aside."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the validation draw."),
+) -> None:
+    """Your own clips (video files or frame folders), by class folders or a CSV listing."""
+    from glitr_cli.data.folder import prepare_folder as run
+
+    _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, csv=csv,
+                  val_fraction=val_fraction, seed=seed))  # fmt: skip
 
 
 @app.command("visualize")
@@ -343,7 +366,8 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json", help="Write the figures to this JSON file."),
 ) -> None:
     """Speed of training, evaluation and online inference against a plain reimplementation of the original."""
-    from glitr_cli.bench import BenchSettings, result_table, run_bench, write_json
+    from glitr_cli.bench import BenchSettings, result_table, run_bench
+    from glitr_cli.files import atomic_write_json
 
     settings = BenchSettings(
         batch_size=batch_size,
@@ -358,7 +382,7 @@ def bench(
     result = run_bench(recipe, overrides, settings)
     Console(width=max(Console().width, 110)).print(result_table(result))
     if json_out is not None:
-        write_json(result, json_out)
+        atomic_write_json(json_out, result)
 
 
 @app.command("demo")

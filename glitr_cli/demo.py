@@ -36,7 +36,7 @@ from rich.console import Console
 
 from glitr_cli.data.dataset import VideoFolderDataset
 from glitr_cli.data.formats import read_categories, read_list
-from glitr_cli.data.prepare import SPLIT_LISTS, prepare_dataset
+from glitr_cli.data.prepare import SPLIT_LISTS, prepare_toy
 from glitr_cli.data.toy import (
     VIDEO_DIR,
     clip_rng,
@@ -222,7 +222,7 @@ def run_demo(
     if train_videos is not None:
         toy["num_train"] = train_videos
     stage(1, f"toy dataset -> {res.data}")
-    summary = prepare_dataset("toy", out=res.data, progress=not quick, **toy)
+    summary = prepare_toy(res.data, progress=not quick, **toy)
     console.print(summary.describe(), highlight=False, soft_wrap=True)
     if not summary.ok:
         raise GlitrError(f"the toy dataset in {res.data} has videos that failed to decode: see {res.data}/failed.txt")

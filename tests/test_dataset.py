@@ -9,7 +9,6 @@ from data_helpers import make_frames, write_jpeg
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from glitr_cli.data.bench import measure_loader, resolve_dataset
 from glitr_cli.data.dataset import JpegClip, VideoFolderDataset, decode_jpeg_bytes, decode_jpegs
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import eval_transform
@@ -160,17 +159,3 @@ def test_unprepared_dataset_names_the_command(tmp_path):
         VideoFolderDataset(root, "train", 8)
     with pytest.raises(GlitrError, match="split must be one of"):
         VideoFolderDataset(root, "training", 8)
-
-
-def test_loader_benchmark_reports_clips_and_frames_per_second(tmp_path, glitr):
-    root = _make_dataset(tmp_path / "ds", {f"v{i}": (12, i % 3) for i in range(8)})
-    ds = VideoFolderDataset(root, "train", num_frames=6, transform=eval_transform(16, 20), train=True)
-    r = measure_loader(ds, batch_size=2, workers=2, num_batches=3)
-    assert r["clips_per_s"] > 0 and r["frames_per_s"] == pytest.approx(6 * r["clips_per_s"])
-    assert r["workers"] == 2 and r["frames_per_clip"] == 6
-    code, out, err = glitr("bench-loader", root, "--frames", "4", "--size", "16", "--batch-size", "2", "--workers", "1",
-                           "--batches", "2")  # fmt: skip
-    assert code == 0, err
-    assert "clips/s" in out and "frames/s" in out and "1 workers, batch 2, 4 frames/clip" in out
-    assert resolve_dataset("toy", tmp_path / "elsewhere") == tmp_path / "elsewhere" / "toy"
-    assert resolve_dataset(str(root)) == root
