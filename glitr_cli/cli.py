@@ -20,6 +20,7 @@ from typer.exceptions import TyperException
 from glitr_cli import __version__
 from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError, Preempted
 from glitr_cli.paths import packaged_recipe, recipe_names
+from glitr_cli.progress import set_progress_every
 
 app = typer.Typer(
     name="glitr",
@@ -102,6 +103,9 @@ _OUT = typer.Option(None, "--out", help="Where the prepared dataset goes (defaul
 _DATA_ROOT = typer.Option(None, "--data-root", help="Moves the whole data tree (default: $GLITR_DATA, else ./data).")
 _WORKERS = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8.")
 _QUALITY = typer.Option(95, "--quality", help="JPEG quality of the written frames.")
+_PROGRESS_EVERY = typer.Option(
+    30.0, "--progress-every", help="Seconds between progress lines when the output is not a terminal."
+)
 
 
 def _prepared(summary: Any) -> None:
@@ -119,8 +123,10 @@ def prepare_ssv2(
     short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
     quality: int = _QUALITY,
     videos: Path | None = typer.Option(None, "--videos", help="The folder of <id>.webm files, if elsewhere."),
+    progress_every: float = _PROGRESS_EVERY,
 ) -> None:
     """Something-Something-V2: decode every video into JPEG frames and write the TSM lists."""
+    set_progress_every(progress_every)
     from glitr_cli.data.prepare import prepare_ssv2 as run
 
     _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, videos=videos))
@@ -139,8 +145,10 @@ def prepare_jester(
     ),
     quality: int = _QUALITY,
     frames: Path | None = typer.Option(None, "--frames", help="The 20bn-jester-v1 frame folder, if elsewhere."),
+    progress_every: float = _PROGRESS_EVERY,
 ) -> None:
     """Jester: list files over the official frame folders (or resized copies of them)."""
+    set_progress_every(progress_every)
     from glitr_cli.data.prepare import prepare_jester as run
 
     _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, frames=frames))
@@ -165,8 +173,10 @@ def prepare_toy(
         None, "--toy-directions", help="Target directions (default left,right,up,down)."
     ),
     toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="Grey distractors (default 4)."),
+    progress_every: float = _PROGRESS_EVERY,
 ) -> None:
     """The generated toy set: where to look decides the class (shape x direction)."""
+    set_progress_every(progress_every)
     from glitr_cli.data.prepare import prepare_toy as run
 
     toy = dict(seed=seed, num_train=toy_train, num_val=toy_val, num_test=toy_test, num_frames=toy_frames,
@@ -194,8 +204,10 @@ def prepare_folder(
         0.2, "--val-fraction", help="Without val clips: the share of each class's training clips set aside."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation draw."),
+    progress_every: float = _PROGRESS_EVERY,
 ) -> None:
     """Your own clips (video files or frame folders), by class folders or a CSV listing."""
+    set_progress_every(progress_every)
     from glitr_cli.data.folder import prepare_folder as run
 
     _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, csv=csv,

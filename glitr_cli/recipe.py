@@ -23,6 +23,7 @@ import yaml
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
 from glitr_cli.paths import data_root, find_recipe, recipe_stem, run_dir
+from glitr_cli.progress import PROGRESS_EVERY
 
 COMMANDS = {"teacher": "train-teacher", "glitr": "train-glitr"}  # the command that trains each recipe kind
 
@@ -143,7 +144,8 @@ class TrainConfig:
 class LogConfig:
     """Where metrics go besides metrics.jsonl."""
 
-    progress: bool = True  # rich progress bars
+    progress: bool = True  # progress: a live bar on a terminal, else plain lines
+    progress_every: float = PROGRESS_EVERY  # seconds between plain progress lines where output is not a terminal
     tensorboard: bool = False  # needs `pip install glitr[tensorboard]`
     wandb: bool = False  # needs `pip install glitr[wandb]`
     wandb_project: str = "glitr"
@@ -338,6 +340,7 @@ RANGES: dict[str, str] = {
     "train.keep_last": "[0, inf)",
     "train.eval_every": "[0, inf)",
     "train.log_every": "[1, inf)",
+    "log.progress_every": "[0, inf)",
     "eval.batch_size": "[1, inf)",
     "eval.seed": "[0, inf)",
 }

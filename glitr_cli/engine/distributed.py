@@ -69,6 +69,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_named(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum every tensor of `parts` over ranks in one collective (as float64); returns them by name."""
+    flat = all_reduce_sum(torch.cat([t.to(torch.float64).flatten() for t in parts.values()]))
+    return dict(zip(parts, flat.split([t.numel() for t in parts.values()]), strict=True))
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Maximum over ranks (a no-op in one process); returns the same tensor."""
     if dist.is_initialized():

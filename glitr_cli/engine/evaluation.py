@@ -36,6 +36,7 @@ from glitr_cli.errors import GlitrError, warn
 from glitr_cli.files import atomic_write, atomic_write_json
 from glitr_cli.model import GliTr, OnlinePredictor, StudentOutput, glimpse_area_fraction, glimpse_mask
 from glitr_cli.model.glitr import POLICIES
+from glitr_cli.progress import track
 from glitr_cli.recipe import COMMANDS, Recipe, resolve_recipe
 from glitr_cli.runtime import Runtime, stop_workers
 
@@ -213,7 +214,8 @@ def run_eval(
     loader = runtime.loader(dataset, batch_size=r.eval.batch_size, sampler=sampler)
     try:
         policies, seed = list(r.eval.policies), r.eval.seed + runtime.rank
-        result = evaluate_policies(model, loader, policies=policies, teacher=teacher, runtime=runtime, seed=seed)
+        batches = track(loader, "evaluating", len(loader), console if runtime.is_main else None, r.log.progress_every)
+        result = evaluate_policies(model, batches, policies=policies, teacher=teacher, runtime=runtime, seed=seed)
     finally:
         stop_workers(loader)
     result = {

@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import Dataset
 
 from glitr_cli.data.dataset import SPLITS, VideoFolderDataset, build_dataset
@@ -52,6 +51,7 @@ from glitr_cli.engine.evaluation import predict_clips
 from glitr_cli.engine.loading import Student, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
+from glitr_cli.progress import ProgressLine
 from glitr_cli.recipe import DataConfig
 from glitr_cli.runtime import Runtime, stop_workers
 
@@ -256,16 +256,8 @@ def predict(
     loader = runtime.loader(dataset, batch_size=batch_size or student.recipe.eval.batch_size, collate_fn=collate)
     records: list[dict | None] = [None] * len(refs)
     failed: list[tuple[int, str]] = []
-    bar = Progress(
-        TextColumn("predicting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not progress,
-    )
-    with bar:
-        task = bar.add_task("predicting", total=len(refs))
+    every = student.recipe.log.progress_every
+    with ProgressLine(console, "predicting", len(refs), enabled=progress, every=every) as bar:
         try:
             for positions, clips, batch_failed in loader:
                 failed += batch_failed
@@ -275,7 +267,7 @@ def predict(
                     locs = result.locs.float().cpu()  # (B, T, 2)
                     for j, i in enumerate(positions):
                         records[i] = clip_record(refs[i], probs[j], locs[j], student.class_names, k)
-                bar.advance(task, len(positions) + len(batch_failed))
+                bar.advance(len(positions) + len(batch_failed))
         finally:
             stop_workers(loader)
 
