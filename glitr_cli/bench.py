@@ -212,7 +212,7 @@ def setup(recipe: Recipe, settings: BenchSettings) -> Setup:
         "teacher": teacher_objective(teacher, recipe.objective, num_classes=num_classes),
     }
     for objective in objectives.values():
-        objective.loss.to(runtime.device)
+        objective.loss_module.to(runtime.device)
     gen = torch.Generator().manual_seed(0)
     n = max(batch, teacher_batch)
     clips = torch.randn(n, t, 3, size, size, generator=gen).to(runtime.device)
@@ -223,7 +223,7 @@ def setup(recipe: Recipe, settings: BenchSettings) -> Setup:
 
 def set_fused_attention(objective: Objective, enabled: bool) -> None:
     """Switch the attention of every GliTr in `objective` (the trained model and a frozen teacher)."""
-    for module in objective.loss.modules():
+    for module in objective.loss_module.modules():
         if isinstance(module, GliTr):
             module.set_fused_attn(enabled)
 
@@ -235,7 +235,7 @@ def training(s: Setup, m: Measurements, baseline: bool) -> None:
         with contextlib.suppress(torch.OutOfMemoryError):
             step = s.step(kind, eager)
             m.flops[f"{kind}_train_step"] = count_flops(step)
-            params = {p.untyped_storage().data_ptr() for p in s.objectives[kind].loss.parameters()}
+            params = {p.untyped_storage().data_ptr() for p in s.objectives[kind].loss_module.parameters()}
             m.saved_mib[f"{kind}_train_step"] = saved_for_backward_mib(step, params)
     if baseline:
         plain = replace(eager, precision="fp32", grad_checkpointing=False)

@@ -145,7 +145,7 @@ class Runtime:
             device=dev,
             precision=t.precision if on_cuda else "fp32",
             train_graphs=t.cuda_graphs and on_cuda and world == 1,  # DDP's gradient hooks stay eager
-            eval_graphs=recipe.eval.cuda_graphs and on_cuda,
+            eval_graphs=recipe.eval.online_cuda_graphs and on_cuda,
             compile=t.compile,
             grad_checkpointing=t.grad_checkpointing,
             threads=t.threads or auto_threads(workers),

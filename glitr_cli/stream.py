@@ -411,7 +411,7 @@ def _run(
                 "time": round(arrival.time, 4),
                 "top": [[name, round(p, 6)] for name, p in step.top],
                 "box": [round(v, 2) for v in step.box],
-                "step": min(step.step, t),  # position in the context: the last of T once sliding
+                "step": min(step.t, t),  # position in the context: the last of T once sliding
                 "window": step.window,
                 "latency_ms": round(latency, 2),
             }
@@ -423,7 +423,7 @@ def _run(
             if live is not None:
                 live.update(panel(record), refresh=True)
             if writer is not None:
-                if step.step == 1:
+                if step.t == 1:
                     trail = []
                 writer.write(np.asarray(render_step(frame, step, trail, t, size).convert("RGB")))
                 trail = next_trail(trail, step, t)

@@ -115,7 +115,7 @@ def test_decoding_in_the_training_process_reads_as_the_loader(tmp_path):
     for i, clip in enumerate(device.decode(items, cpu)):  # a bad file: clip by clip, the bad clips as the loader
         assert torch.equal(clip, loader[i][0]), i
     assert torch.equal(device.damage, loader.damage)
-    assert device.damage[:, 0].tolist() == [0, 1, 1, 1, 8] and device.unreadable_videos == 1
+    assert device.damage[:, 0].tolist() == [0, 1, 1, 1, 8] and int(device.damage[:, 1].sum()) == 1
 
 
 def test_corrupt_and_missing_frames_are_replaced_by_neighbours_and_counted(tmp_path):
@@ -131,18 +131,18 @@ def test_corrupt_and_missing_frames_are_replaced_by_neighbours_and_counted(tmp_p
     expect = [0, 1, 1, 3, 4, 4, 6, 6]  # nearest readable neighbour, the earlier one on a tie
     for t, i in enumerate(expect):
         assert torch.equal(clip[t], good[i]), t
-    assert ds.replaced_frames == 3 and ds.unreadable_videos == 0
+    assert int(ds.damage[:, 0].sum()) == 3 and int(ds.damage[:, 1].sum()) == 0
     # counted across DataLoader worker processes too, and never a crash mid-epoch
     (root / "train_videofolder.txt").write_text("v 8 1\n" * 6)
     ds = VideoFolderDataset(root, "train", num_frames=8, transform=None, train=False)
     n = sum(len(b) for b, _ in DataLoader(ds, batch_size=2, num_workers=2))
-    assert n == 6 and ds.replaced_frames == 18
+    assert n == 6 and int(ds.damage[:, 0].sum()) == 18
     # a video with no readable frame at all: a black clip, counted
     for p in frames.iterdir():
         p.write_bytes(b"")
     ds = VideoFolderDataset(root, "train", num_frames=4)
     clip, _ = ds[0]
-    assert clip.shape[:2] == (4, 3) and clip.max() == 0 and ds.unreadable_videos == 1
+    assert clip.shape[:2] == (4, 3) and clip.max() == 0 and int(ds.damage[:, 1].sum()) == 1
 
 
 def test_unprepared_dataset_names_the_command(tmp_path):

@@ -26,7 +26,7 @@ from PIL import Image
 
 from glitr_cli.data.dataset import VideoFolderDataset
 from glitr_cli.data.prepare import prepare_jester, prepare_ssv2
-from glitr_cli.data.video import decode_video
+from glitr_cli.data.video import iter_video_frames
 from glitr_cli.errors import GlitrError
 from glitr_cli.paths import data_root
 
@@ -63,7 +63,7 @@ def test_ssv2_official_layout_several_codecs(tmp_path, glitr):
         want = (256, 341) if vid == "102" else (341, 256)  # short side 256, aspect kept
         assert _frame_sizes(out / "frames" / vid) == {want}
     # the JPEGs hold the decoded video, resized
-    ref = decode_video(src / "20bn-something-something-v2" / "101.webm", short_side=256)
+    ref = list(iter_video_frames(src / "20bn-something-something-v2" / "101.webm", short_side=256))
     jpg = np.asarray(Image.open(out / "frames" / "101" / "000004.jpg")).astype(float)
     assert np.abs(jpg - ref[3]).mean() < 3.0
     assert not any(p.name.startswith(".") for p in (out / "frames").iterdir())
@@ -243,15 +243,15 @@ def test_jester_frames_elsewhere_missing_folder_and_resize(tmp_path):
     assert ds[0][0].shape == (4, 3, 64, 90)
 
 
-def test_decode_video_helper_and_options(tmp_path, monkeypatch):
+def test_video_decoding_and_options(tmp_path, monkeypatch):
     path = encode_video(tmp_path / "clip.mkv", make_frames(6, 32, 48), "h264-mkv")
-    frames = decode_video(path)
+    frames = list(iter_video_frames(path))
     assert len(frames) == 6 and frames[0].shape == (32, 48, 3) and frames[0].dtype == np.uint8
-    assert decode_video(path, short_side=64)[0].shape == (64, 96, 3)
+    assert list(iter_video_frames(path, short_side=64))[0].shape == (64, 96, 3)
     bad = tmp_path / "bad.webm"
     bad.write_bytes(b"\x1a\x45\xdf\xa3 not really")
     with pytest.raises(GlitrError, match="bad.webm: cannot open as a video"):
-        decode_video(bad)
+        list(iter_video_frames(bad))
     monkeypatch.setenv("GLITR_DATA", str(tmp_path / "d"))
     assert data_root() == tmp_path / "d"
     monkeypatch.delenv("GLITR_DATA")

@@ -91,15 +91,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     """A 63-bit seed for the clip at `position` of epoch `epoch`'s global order."""
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)

@@ -137,11 +137,11 @@ def step_frames(source: FrameSource, sampler: FrameSampler, every: int | None) -
 
 
 @dataclass
-class Step:
+class OnlineStep:
     """One model step, everything the drawing and the JSON need."""
 
     index: int  # source frame index
-    step: int  # 1-based step within the current window
+    t: int  # 1-based step within the current window (sliding: the frames so far)
     window: int  # 1-based window (a new one starts after every T steps)
     location: tuple[float, float]
     box: tuple[float, float, float, float]  # source pixels
@@ -167,7 +167,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 
 def render_step(
     frame: np.ndarray,
-    step: Step,
+    step: OnlineStep,
     trail: list[tuple[float, float]],
     num_frames: int,
     size: int,
@@ -230,10 +230,10 @@ def render_step(
 
     draw = ImageDraw.Draw(canvas)
     y = dh + 3
-    count = f"{step.step}/{num_frames}" if step.step <= num_frames else f"{step.step} · last {num_frames}"
+    count = f"{step.t}/{num_frames}" if step.t <= num_frames else f"{step.t} · last {num_frames}"
     head = f"step {count} · frame {step.index}"
     draw.text((4, y), head, fill=ink[TEXT], font=font)
-    if step.window > 1 and step.step == 1:
+    if step.window > 1 and step.t == 1:
         restart = f"restart (window {step.window})"
         draw.text((8 + draw.textlength(head, font=font), y), restart, fill=ink[RESTART], font=font)
     for name, p in step.top:
@@ -243,9 +243,9 @@ def render_step(
     return canvas
 
 
-def next_trail(trail: list[tuple[float, float]], step: Step, num_frames: int) -> list[tuple[float, float]]:
+def next_trail(trail: list[tuple[float, float]], step: OnlineStep, num_frames: int) -> list[tuple[float, float]]:
     """The trail drawn after `step`: the glimpse centres the model still holds (at most T - 1), `step`'s
-    own the last. Callers start a new trail when a step is the first of its window (`step.step` 1)."""
+    own the last. Callers start a new trail when a step is the first of its window (`step.t` 1)."""
     centre = ((step.box[0] + step.box[2]) / 2, (step.box[1] + step.box[3]) / 2)
     return [*trail, centre][-(num_frames - 1) :] if num_frames > 1 else []
 
@@ -273,16 +273,16 @@ def run_steps(
     top_k: int = 3,
     predictor: Any = None,
     glimpse_only: bool = False,
-) -> Iterator[tuple[np.ndarray, Step]]:
-    """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
+) -> Iterator[tuple[np.ndarray, OnlineStep]]:
+    """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, OnlineStep).
 
     Each frame is preprocessed like evaluation and the predictor runs under `runtime` like
     evaluation. After T steps the predictor's `context` decides: "restart" starts a new window
     (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
-    each Step carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each.
+    each OnlineStep carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each.
     `predictor` replaces evaluation's online predictor: one with its `step`, `steps` and `frames`, such
     as `export.OnnxPredictor`. With `glimpse_only` each frame is brought to evaluation's size (its
-    resize) and the predictor reads only the pixels of its `next_box()` (`Step.pixels_read`), as a
+    resize) and the predictor reads only the pixels of its `next_box()` (`OnlineStep.pixels_read`), as a
     source that delivers just that window would; the numbers equal the whole-frame path's."""
     if glimpse_only and side_by_side:
         raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
@@ -310,7 +310,7 @@ def run_steps(
         else:
             x = transform(pixels).to(runtime.device)  # (1, 3, S, S)
             out = predictor.step(x)
-        window += predictor.steps == 1  # the first step, or the first after a restart
+        window += predictor.t == 1  # the first step, or the first after a restart
         loc = out.location[0].float()
         probs, classes = out.probs[0].float().topk(k)
         glimpse = None
@@ -321,9 +321,9 @@ def run_steps(
         geometry = CropGeometry.of(w, h, student.resize, student.img_size)
         yield (
             frame,
-            Step(
+            OnlineStep(
                 index=index,
-                step=predictor.frames if context == "sliding" else predictor.steps,
+                t=predictor.frames if context == "sliding" else predictor.t,
                 window=window,
                 location=location,
                 box=glimpse_box(location, geometry, scale),
@@ -387,7 +387,7 @@ def visualize(
     frames = step_frames(source, student.sampler, every)
     try:
         for frame, step in run_steps(student, frames, runtime, side_by_side, context):
-            if step.step == 1:
+            if step.t == 1:
                 trail = []
             image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)
             if writer is not None:

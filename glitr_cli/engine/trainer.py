@@ -202,7 +202,7 @@ class Trainer:
     @property
     def step(self) -> int:
         """Optimiser steps taken."""
-        return self.train_step.step
+        return self.train_step.updates
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -212,7 +212,7 @@ class Trainer:
         clips_per_rank = r.optim.batch_size // self.runtime.world_size  # per optimiser step
         self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * clips_per_rank)
         self.bad_data.start_epoch()
-        self.objective.loss.train()
+        self.objective.loss_module.train()
         batches = iter(self.loader)
         window = Window(("loss", *self.objective.scalars), r.data.num_frames, self.runtime.device)
         progress = ProgressLine(
@@ -296,7 +296,7 @@ class Trainer:
                 seed=self.recipe.eval.seed,
             )
         finally:
-            self.objective.loss.train()
+            self.objective.loss_module.train()
         scores = result["policies"]["learned"] if student else result["teacher"]
         return {"top1": scores["top1"], "top5": scores["top5"], "clips": result["clips"]}
 
