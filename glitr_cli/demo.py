@@ -22,6 +22,7 @@ not the accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from glitr_cli.data.dataset import VideoFolderDataset
+from glitr_cli.data.dataset import build_dataset
 from glitr_cli.data.formats import read_categories, read_list
 from glitr_cli.data.prepare import SPLIT_LISTS, prepare_toy
 from glitr_cli.data.toy import (
@@ -46,7 +47,6 @@ from glitr_cli.data.toy import (
     target_in_glimpse,
     target_revealed,
 )
-from glitr_cli.data.transforms import eval_transform
 from glitr_cli.engine import train
 from glitr_cli.engine.distributed import cleanup_distributed
 from glitr_cli.engine.evaluation import result_table, run_eval
@@ -57,6 +57,7 @@ from glitr_cli.engine.optim import MODULES
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import load_recipe
+from glitr_cli.runtime import Runtime, stop_workers
 
 TEACHER_RECIPE = "toy_teacher"  # shipped recipes, by name
 STUDENT_RECIPE = "toy"
@@ -146,22 +147,17 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
     cfg = read_toy_config(data / "download")
     student = load_student(checkpoint)
     model = student.model
-    transform = eval_transform(student.img_size, student.resize)
-    dataset = VideoFolderDataset(
-        data,
-        "val",
-        num_frames=student.num_frames,
-        transform=transform,
-        train=False,
-        sampling=student.recipe.data.sampling,
-    )
+    dataset = build_dataset(dataclasses.replace(student.recipe.data, root=str(data)), "val", train=False)
+    loader = Runtime.from_recipe(student.recipe, device="cpu").loader(dataset, batch_size=batch_size)
     videos = {v.id: v for v in plan_videos(cfg)}
     indices = student.sampler.indices(cfg.num_frames, train=False)
     hits: dict[str, list[bool]] = {d: [] for d in cfg.directions}
     records = iter(dataset.records)
-    with torch.no_grad():
-        for clips, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            for locs in model.forward_student(clips).locs.numpy():
+    try:
+        for clips, _ in loader:
+            with torch.no_grad():
+                locs_batch = model.forward_student(clips).locs.numpy()
+            for locs in locs_batch:
                 video = videos[next(records).id]
                 clip = sample_clip(clip_rng(cfg, video), cfg, *cfg.class_of(video.label))
                 inside = target_in_glimpse(
@@ -174,6 +170,8 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
                     crop=student.img_size,
                 )
                 hits[clip.direction] += inside[target_revealed(clip, cfg)[indices]].tolist()
+    finally:
+        stop_workers(loader)
     rates = {d: float(np.mean(h)) for d, h in hits.items() if h}
     rates["all"] = float(np.mean([x for h in hits.values() for x in h]))
     return rates

@@ -4,8 +4,8 @@ Stages per item: the list-file record -> frame indices (`glitr_cli.data.sampling
 corrupt frame is replaced by its nearest readable neighbour and counted) -> uint8 clip
 (T, 3, H, W) -> transform (normalised float32 (T, 3, H', W')).
 
-JPEG decoding uses `torchvision.io.decode_jpeg` (libjpeg-turbo; faster than Pillow, with identical
-pixels), with Pillow as the fallback where torchvision's decoder is unavailable. With `encoded=True`
+JPEG decoding uses `torchvision.io.decode_jpeg` (libjpeg-turbo, the same pixels as Pillow), with
+Pillow as the fallback where torchvision's decoder is unavailable. With `encoded=True`
 (`data.decode_on: device`) an item holds the frames' JPEG bytes instead (`JpegClip`), and the
 training process decodes a whole batch at once on its device (`VideoFolderDataset.decode`: nvJPEG
 on CUDA, the same libjpeg-turbo decoder on the CPU).

@@ -1,4 +1,4 @@
-"""The generated `toy` action dataset (DESIGN.md §5): a small, real video dataset in which
+"""The generated `toy` action dataset: a small, real video dataset in which
 *where to look* decides the answer.
 
 Each clip has a static textured background, grey distractor shapes wandering at random and

@@ -1,30 +1,17 @@
-"""`glitr visualize`: watch a trained GliTr look at a video, one glimpse per frame.
+"""Running a trained GliTr online over a video, one glimpse per frame, and drawing what it does.
 
-Stages: find and load a GliTr (student) checkpoint, open the video (any file PyAV decodes, or
-a folder of JPEG/PNG frames), choose the frames, preprocess each one like evaluation (short
-side resized to the recipe's `data.resize`, centre crop `data.img_size`, ImageNet
-normalisation), feed them one at a time to the online predictor, and draw every step on the
-*original* frame: the frame dimmed outside the glimpse, the glimpse outline, the trail of
-earlier glimpse centres, and the current top-3 classes. The result is a GIF, or an MP4 when
-the output name ends in `.mp4`, with one output frame per model step.
+`run_steps` is the online driver (`glitr visualize`, `glitr stream`): each frame is preprocessed like
+evaluation (short side `data.resize`, centre crop `data.img_size`, ImageNet normalisation) and fed to
+the online predictor; after T steps the predictor's `context` decides: "sliding" predicts from the
+last T glimpses, "restart" starts a new window at the learned first location. `render_step` draws a
+step on the *original* frame (dimmed outside the glimpse, its outline, the trail of earlier centres,
+the top-3 classes); `visualize` writes them as a GIF or an MP4.
 
-Which frames: by default the T frames evaluation uses (one in each of T segments, placed as the
-checkpoint's `data.sampling` says, T = its `data.num_frames`; a video shorter than T repeats
-frames). With `every=N` every Nth frame is fed online, as a camera would. The model was
-trained on T steps; what follows the T-th is the predictor's `context`. "sliding" (the
-default) keeps the last T glimpse features and predicts from them, so the trail shows the last
-T glimpses and steps after T read "step k · last T". "restart" resets the predictor after each
-T steps (the next glimpse is taken at the learned initial location, the trail is cleared, the
-class evidence starts again) and the output frame says "restart"; steps are numbered k/T within
-their window.
-
-Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the
-glimpse centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2,
-s = glimpse_size / grid (DESIGN §2). Model-input pixels map back to the source frame through
-the centre crop (a shift) and the resize (a scale per axis). Boxes (`--json`) are in
-source-frame pixel coordinates whose integers are pixel centres: x = 0 is the middle of the
-first column, x = W - 1 that of the last. Locations are not clamped, so a box can reach
-outside the frame.
+Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the glimpse
+centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2, s = glimpse_size /
+grid, the share of the frame a glimpse spans. Model-input pixels map back to the source frame through
+the centre crop (a shift) and the resize (a scale per axis). Boxes are in source-frame pixels whose
+integers are pixel centres; locations are not clamped, so a box can reach outside the frame.
 """
 
 from __future__ import annotations
@@ -173,13 +160,9 @@ def render_step(
     size: int,
     palette: bool = False,
 ) -> Image.Image:
-    """Draw one step: the frame (longer side `size` px, 0 = native) dimmed outside the glimpse,
-    the outline, the trail of earlier centres in this window, the glimpse crop when present,
-    and a panel with the step and the top classes underneath.
-
-    With `palette` the result is a 256-colour image (for GIF) whose drawing colours are exact:
-    the pictures are quantised to the first 256 - len(INKS) entries, the inks fill the rest.
-    """
+    """One step drawn on its frame (longer side `size` px, 0 = native), the glimpse crop beside it when
+    present, and a panel with the step and the top classes. With `palette` a 256-colour image (for GIF)
+    whose drawing colours are exact: the pictures take the first 256 - len(INKS) entries, the inks the rest."""
     h, w = frame.shape[:2]
     dw, dh = display_size(w, h, size)
     img = Image.fromarray(frame)
@@ -274,16 +257,11 @@ def run_steps(
     predictor: Any = None,
     glimpse_only: bool = False,
 ) -> Iterator[tuple[np.ndarray, OnlineStep]]:
-    """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, OnlineStep).
-
-    Each frame is preprocessed like evaluation and the predictor runs under `runtime` like
-    evaluation. After T steps the predictor's `context` decides: "restart" starts a new window
-    (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
-    each OnlineStep carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each.
-    `predictor` replaces evaluation's online predictor: one with its `step`, `steps` and `frames`, such
-    as `export.OnnxPredictor`. With `glimpse_only` each frame is brought to evaluation's size (its
-    resize) and the predictor reads only the pixels of its `next_box()` (`OnlineStep.pixels_read`), as a
-    source that delivers just that window would; the numbers equal the whole-frame path's."""
+    """Feed (index, frame) pairs to the online predictor one at a time, under `runtime` as evaluation;
+    yields (frame, OnlineStep) with `top_k` classes. With `side_by_side` each step carries the glimpse as
+    the model saw it. `predictor` replaces evaluation's online predictor (`OnnxPredictor`). With
+    `glimpse_only` the predictor reads only the pixels of its `next_box()` from the frame at evaluation's
+    size, as a source that delivers just that window would (the numbers equal the whole-frame path's)."""
     if glimpse_only and side_by_side:
         raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
     model = student.model.to(runtime.device)
@@ -349,14 +327,8 @@ def visualize(
     console: Console | None = None,
     context: str = "sliding",
 ) -> dict[str, Any]:
-    """Run a GliTr student online over `video` and write the glimpse animation to `out`.
-
-    `checkpoint` defaults to the newest GliTr checkpoint under `runs` (runs/). `every` None
-    feeds the T evaluation frames, else every `every`-th frame; after T steps `context`
-    "sliding" predicts from the last T frames, "restart" starts the stream again (see the
-    module docstring). `size` is the longer side of the drawn frame
-    (0 = the source size). Returns the `--json` record {"frames": [...]}.
-    """
+    """`glitr visualize`: run a GliTr student online over `video` (by default its T evaluation frames,
+    else every `every`-th frame) and write the glimpse animation to `out`; returns the `--json` record."""
     console = console or Console(stderr=True)
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:

@@ -25,8 +25,8 @@ cuts first).
 `--int8` (`quantize_int8`) is ONNX Runtime's dynamic quantization of the graph: the weights of every
 linear layer (MatMul, Gemm) stored as 7-bit integers in int8, one scale per output channel, and their
 inputs quantized to uint8 per tensor at run time; convolutions, attention products, norms and the
-glimpse sampler stay float32. It is an approximation of the float model (README, "Speed"), for CPUs
-where the float step is too slow.
+glimpse sampler stay float32. It is an approximation of the float model, for CPUs where the float
+step is too slow.
 
 `OnnxPredictor` runs the step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
 --backend onnx`, `glitr bench`).
@@ -112,8 +112,7 @@ def quantize_int8(proto: Any) -> Any:
         onnx.save(proto, raw)
         quant_pre_process(raw, ready, skip_symbolic_shape=True)
         # 7-bit weights (reduce_range): the int8 products of x86 CPUs without VNNI add pairs of them in 16 bits,
-        # which full-range weights overflow (on the toy student: 91 % top-1 agreement with the float step,
-        # 99 % with 7 bits)
+        # which full-range weights overflow
         quantize_dynamic(
             ready, out, ["MatMul", "Gemm"], per_channel=True, reduce_range=True, weight_type=QuantType.QInt8
         )
