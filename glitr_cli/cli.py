@@ -7,6 +7,7 @@ each command, so `glitr --help` and a mistyped option answer without loading PyT
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,12 @@ def _root(
     ),
 ) -> None:
     """GliTr: online action prediction from glimpses."""
+
+
+def _library(path: str) -> Any:
+    """The library function a command calls, imported only when the command runs."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 _OVERRIDES_HELP = "Recipe overrides, section.key=value, e.g. optim.epochs=5 train.device=cpu."
@@ -238,20 +245,7 @@ def visualize(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Draw where a trained GliTr looks in a video, step by step, with its top-3 classes."""
-    from glitr_cli.engine.online import visualize as run
-
-    run(
-        video,
-        checkpoint=checkpoint,
-        out=out,
-        every=every,
-        side_by_side=side_by_side,
-        json_path=json_path,
-        fps=fps,
-        size=size,
-        device=device,
-        context=context,
-    )
+    _library("glitr_cli.engine.online.visualize")(**locals())
 
 
 @app.command("stream")
@@ -290,22 +284,7 @@ def stream(
     ),
 ) -> None:
     """Predict online as the frames of a file, stream or camera arrive; Ctrl-C stops with a summary."""
-    from glitr_cli.stream import stream as run
-
-    run(
-        source,
-        checkpoint=checkpoint,
-        jsonl=jsonl,
-        out=out,
-        every=every,
-        context=context,
-        as_fast_as_possible=as_fast_as_possible,
-        top_k=top_k,
-        size=size,
-        device=device,
-        backend=backend,
-        glimpse_only=glimpse_only,
-    )
+    _library("glitr_cli.stream.stream")(**locals())
 
 
 @app.command("export")
@@ -414,9 +393,7 @@ def demo(
     gifs: int = typer.Option(4, "--gifs", help="Validation videos to draw as glimpse GIFs."),
 ) -> None:
     """Toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
-    from glitr_cli.demo import run_demo
-
-    run_demo(out, quick=quick, epochs_scale=epochs_scale, train_videos=train_videos, gifs=gifs)
+    _library("glitr_cli.demo.run_demo")(**locals())
 
 
 recipes_app = typer.Typer(help="The recipes shipped with glitr: list them, or copy one to edit.", no_args_is_help=False)
