@@ -115,7 +115,10 @@ _PROGRESS_EVERY = typer.Option(
 )
 
 
-def _prepared(summary: Any) -> None:
+def _prepare(function: str, progress_every: float, **options: Any) -> None:
+    """Run a preparation of `data/` with the command's options; exit code 1 when a clip failed."""
+    set_progress_every(progress_every)
+    summary = _library(f"glitr_cli.data.{function}")(**options)
     typer.echo(summary.describe())
     if not summary.ok:
         raise typer.Exit(1)
@@ -125,7 +128,7 @@ def _prepared(summary: Any) -> None:
 def prepare_ssv2(
     src: Path | None = typer.Option(None, "--src", help="The official download (default: <data root>/ssv2/download)."),
     out: Path | None = _OUT,
-    data_root: Path | None = _DATA_ROOT,
+    root: Path | None = _DATA_ROOT,
     workers: int = _WORKERS,
     short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
     quality: int = _QUALITY,
@@ -133,10 +136,7 @@ def prepare_ssv2(
     progress_every: float = _PROGRESS_EVERY,
 ) -> None:
     """Something-Something-V2: decode every video into JPEG frames and write the TSM lists."""
-    set_progress_every(progress_every)
-    from glitr_cli.data.prepare import prepare_ssv2 as run
-
-    _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, videos=videos))
+    _prepare("prepare.prepare_ssv2", **locals())
 
 
 @prepare_app.command("jester")
@@ -145,7 +145,7 @@ def prepare_jester(
         None, "--src", help="The official download (default: <data root>/jester/download)."
     ),
     out: Path | None = _OUT,
-    data_root: Path | None = _DATA_ROOT,
+    root: Path | None = _DATA_ROOT,
     workers: int = _WORKERS,
     short_side: int = typer.Option(
         0, "--short-side", help="Copy the frames resized to this short side; 0 keeps them in place."
@@ -155,17 +155,14 @@ def prepare_jester(
     progress_every: float = _PROGRESS_EVERY,
 ) -> None:
     """Jester: list files over the official frame folders (or resized copies of them)."""
-    set_progress_every(progress_every)
-    from glitr_cli.data.prepare import prepare_jester as run
-
-    _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, frames=frames))
+    _prepare("prepare.prepare_jester", **locals())
 
 
 @prepare_app.command("toy")
 def prepare_toy(
     out: Path | None = _OUT,
     src: Path | None = typer.Option(None, "--src", help="Where the generated raw videos go (default: <out>/download)."),
-    data_root: Path | None = _DATA_ROOT,
+    root: Path | None = _DATA_ROOT,
     workers: int = _WORKERS,
     short_side: int = typer.Option(0, "--short-side", help="Resize frames to this short side; 0 keeps them."),
     quality: int = _QUALITY,
@@ -183,13 +180,11 @@ def prepare_toy(
     progress_every: float = _PROGRESS_EVERY,
 ) -> None:
     """The generated toy set: where to look decides the class (shape x direction)."""
-    set_progress_every(progress_every)
-    from glitr_cli.data.prepare import prepare_toy as run
-
     toy = dict(seed=seed, num_train=toy_train, num_val=toy_val, num_test=toy_test, num_frames=toy_frames,
                size=toy_size, shapes=toy_shapes, directions=toy_directions, distractors=toy_distractors)  # fmt: skip
     toy = {key: value for key, value in toy.items() if value is not None}  # the rest: ToyConfig's defaults
-    _prepared(run(out, src, root=data_root, workers=workers, short_side=short_side, quality=quality, **toy))
+    common = dict(out=out, src=src, root=root, workers=workers, short_side=short_side, quality=quality)
+    _prepare("prepare.prepare_toy", progress_every, **common, **toy)
 
 
 @prepare_app.command("folder")
@@ -200,7 +195,7 @@ def prepare_folder(
     out: Path | None = typer.Option(
         None, "--out", help="Where the prepared dataset goes (default: <data root>/<name of --src>)."
     ),
-    data_root: Path | None = _DATA_ROOT,
+    root: Path | None = _DATA_ROOT,
     workers: int = _WORKERS,
     short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
     quality: int = _QUALITY,
@@ -214,11 +209,7 @@ def prepare_folder(
     progress_every: float = _PROGRESS_EVERY,
 ) -> None:
     """Your own clips (video files or frame folders), by class folders or a CSV listing."""
-    set_progress_every(progress_every)
-    from glitr_cli.data.folder import prepare_folder as run
-
-    _prepared(run(src, out, root=data_root, workers=workers, short_side=short_side, quality=quality, csv=csv,
-                  val_fraction=val_fraction, seed=seed))  # fmt: skip
+    _prepare("folder.prepare_folder", **locals())
 
 
 @app.command("visualize")
@@ -360,16 +351,7 @@ def bench(
     from glitr_cli.bench import BenchSettings, result_table, run_bench
     from glitr_cli.files import atomic_write_json
 
-    settings = BenchSettings(
-        batch_size=batch_size,
-        teacher_batch_size=teacher_batch_size,
-        num_classes=num_classes,
-        online_batch=online_batch,
-        warmup=warmup,
-        repeats=repeats,
-        baseline=baseline,
-        data=data,
-    )
+    settings = BenchSettings(batch_size, teacher_batch_size, num_classes, online_batch, warmup, repeats, baseline, data)
     result = run_bench(recipe, overrides, settings)
     Console(width=max(Console().width, 110)).print(result_table(result))
     if json_out is not None:

@@ -14,7 +14,6 @@ This module imports no torch, so worker processes start quickly.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -38,7 +37,7 @@ from glitr_cli.data.formats import (
     write_list,
 )
 from glitr_cli.data.parallel import default_workers, map_tasks
-from glitr_cli.data.toy import TOY_FLAGS, ToyConfig, generate_toy, settings_conflict, toy_settings
+from glitr_cli.data.toy import TOY_FLAGS, ToyConfig, generate_toy, read_record, settings_conflict, toy_settings
 from glitr_cli.data.video import iter_clip_frames
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json, atomic_write_text
@@ -166,14 +165,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to continue `out` when its recorded settings differ from `settings` (one line naming the
     option and both values); a folder without a record (new, or prepared before records) passes."""
     record = out / SETTINGS_FILE
-    if not record.is_file():
+    old = read_record(record, f"prepare into another --out, or remove {out}")
+    if old is None:
         return
-    try:
-        old = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError):
-        old = None
-    if not isinstance(old, dict):
-        raise GlitrError(f"{record} is not a settings record: prepare into another --out, or remove {out}")
 
     def flat(d: dict[str, Any]) -> dict[str, Any]:  # the toy settings beside the others, as the options set them
         toy = d.get("toy") if isinstance(d.get("toy"), dict) else {}
