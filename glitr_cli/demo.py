@@ -1,23 +1,15 @@
 """`glitr demo`: the whole pipeline on the generated toy dataset, in one resumable command.
 
-Stages, all under one folder DIR (default runs/demo, so `glitr visualize` finds the model):
+Stages, all under one folder DIR (default runs/demo, so `glitr visualize` finds the model): the toy
+data (DIR/data), the teacher (recipe toy_teacher, DIR/teacher), the GliTr student (recipe toy,
+DIR/glitr), evaluation against the centre and random baselines and the teacher (DIR/eval.json,
+DIR/accuracy.png) with how often the learned glimpse holds the whole target once it has left the
+centre (DIR/follow.json, `follow_rates`), and glimpse GIFs of a few validation videos (DIR/gifs/).
 
-1. data     `prepare-data toy` into DIR/data (raw WebM videos in DIR/data/download)
-2. teacher  the shipped recipe toy_teacher, trained into DIR/teacher
-3. glitr    the shipped recipe toy, the GliTr student distilled from DIR/teacher, into DIR/glitr
-4. eval     learned glimpses against the centre and random baselines (and the full-frame
-            teacher): DIR/eval.json and the accuracy-vs-t plot DIR/accuracy.png; and how
-            often the learned glimpse holds the whole target once it has left the centre,
-            per direction: DIR/follow.json (`follow_rates`)
-5. gifs     a few validation videos drawn by `glitr visualize` into DIR/gifs/
-
-Each stage is skipped when its result is there: finished toy videos are kept, the engine
-resumes a run from its checkpoints/last.pt (and does nothing for a finished one), evaluation
-and GIFs are redone only when the student checkpoint is newer than them. So an interrupted
-demo continues where it stopped. The recipes run as written except for the folders above
-and, when asked, the number of epochs (`epochs_scale`, which scales a module's `hold_epochs`
-too); `quick` shrinks everything to a smoke test of under a minute that proves the plumbing,
-not the accuracy.
+A stage whose result is there is skipped (finished videos are kept, a run resumes from its
+checkpoints/last.pt, evaluation and GIFs are redone only when the student is newer), so an interrupted
+demo continues where it stopped. The recipes run as written but for the folders and, when asked, the
+epochs (`epochs_scale`, which scales `hold_epochs` too); `quick` is a smoke test of the plumbing.
 """
 
 from __future__ import annotations

@@ -95,9 +95,11 @@ class ProgressLine:
         return " · ".join(part for part in parts if part)
 
 
-def track(items: Iterable[T], description: str, total: int, console: Console | None, every: float) -> Iterator[T]:
+def track(
+    items: Iterable[T], description: str, total: int, console: Console | None, every: float, enabled: bool = True
+) -> Iterator[T]:
     """`items`, reporting progress as each is taken."""
-    with ProgressLine(console, description, total, every=every) as progress:
+    with ProgressLine(console, description, total, enabled=enabled, every=every) as progress:
         for item in items:
             yield item
             progress.advance()

@@ -1,27 +1,16 @@
 """`glitr stream`: predict an action online from a video file, a URL or a camera, as the frames come.
 
-Stages: open the source with PyAV (a file; a URL PyAV opens: http, https, rtsp, rtmp, udp; a
-capture device: `/dev/videoN` through v4l2, `avfoundation:0` on macOS, `dshow:video=NAME` on
-Windows), decode it in a reader thread, feed every `every`-th frame to the online predictor in the
-main thread, and write one JSON line per processed frame, then a summary line.
+PyAV opens the source (a file; a URL: http, https, rtsp, rtmp, udp; a capture device: `/dev/videoN`
+through v4l2, `avfoundation:0` on macOS, `dshow:video=NAME` on Windows); a reader thread decodes it and
+hands every `every`-th frame to the online predictor in the main thread, which writes one JSON line per
+processed frame, then a summary line.
 
-Pacing and drops. In real time (the default) the reader releases each frame at its own time
-stamp on the wall clock (a camera or a live stream does that by itself) and keeps only the newest
-frame it has not handed over: a frame that arrives while the model is still busy with an earlier
-one replaces it, and the replaced one is counted as dropped. Nothing queues, so the latency stays
-that of one step. With `as_fast_as_possible` the reader does not wait for the clock and waits for
-the model instead: every chosen frame is processed, none dropped (for files and URLs; a camera
-keeps its own pace).
-
-The stride. The model was trained on T frames spread over a whole clip, so consecutive steps
-should be as far apart in time as they were in training: `every` = round(fps * D / T), at least 1,
-where D is the typical clip duration of the recipe's dataset (`CLIP_SECONDS`: Something-Something
-V2 about 4 s, Jester 3 s, the toy set 16 frames at 12 fps) and 3 s for any other dataset (the
-length of a typical short action clip); a source that states no frame rate counts as 25 fps.
-`every` overrides it.
-
-Latency is measured from the moment a frame is decoded (its arrival) to the moment its prediction
-is known, so it includes the wait for the model when it was busy.
+In real time (the default) the reader releases each frame at its time stamp and keeps only the newest
+frame not yet taken: one that arrives while the model is busy replaces it and counts as dropped, so
+nothing queues and the latency (from a frame's decoding to its prediction) stays that of one step.
+With `as_fast_as_possible` it waits for the model instead and drops nothing. The default stride spaces
+the steps as training spaced them: `every` = round(fps * D / T), D the typical clip duration of the
+recipe's dataset (`CLIP_SECONDS`, else 3 s); a source without a frame rate counts as 25 fps.
 """
 
 from __future__ import annotations

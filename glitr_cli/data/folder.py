@@ -1,31 +1,18 @@
 """`glitr prepare-data folder`: your own clips to the TSM frame folders the dataset class reads.
 
-Two layouts of `src`, each clip a video file (any container and codec PyAV decodes) or a folder
-of JPEG/PNG frames:
+Each clip is a video file (anything PyAV decodes) or a folder of JPEG/PNG frames, laid out in class
+folders `src/<class>/<clip>` (or under split folders `src/{train,val,test}/<class>/<clip>`), or listed in
+a CSV of `path,label[,split]` lines (paths relative to `src`, a header line allowed). Classes are the
+sorted class names, unless every CSV label is an integer: then label i is class i. Without `val` clips,
+`val_fraction` of each class's training clips is drawn for validation with `seed`; each class's draw
+depends only on the seed, the class and its clips, so adding a class leaves the others' splits alone.
 
-- class folders: `src/<class>/<clip>`, or the same under split folders
-  `src/{train,val,test}/<class>/<clip>`;
-- a CSV (`--csv FILE`): lines `path,label[,split]`, paths relative to `src`, a header line
-  `path,label[,split]` allowed, split one of train, val, test or empty.
-
-Classes are the sorted class names, unless every CSV label is an integer: then label i is class i
-(named "i"). When no clip is given to `val`, a validation split of `val_fraction` of the training
-clips is drawn per class (stratified) with `seed`; each class's draw depends only on the seed,
-the class and its clips, so adding a class leaves the others' splits alone.
-
-Stages: find the clips and their labels (`scan_class_folders` or `read_clip_csv`), assign the
-splits (`assign_splits`), then the SSv2 preparation's own workers decode every clip into
-`<out>/frames/<id>/000001.jpg ...` (parallel, resumable, failures listed in `failed.txt`) and its
-writer lays out `category.txt`, `{train,val,test}_videofolder.txt` and `glitr_dataset.json`.
-`sources.txt` maps each id back to its clip: `<id>\\t<split>\\t<path relative to src>`.
-
-A clip's id is its path relative to `src` with `/` written `__` (`train__walk__clip1.mp4`); a path
-holding characters other than letters, digits, `.`, `_` and `-` (or `__` in a name) gets them
-replaced by `_` and a short hash of the path appended, so ids are unique, stable across reruns and
-never need quoting.
-
-Hidden entries (a name starting with `.`) and files with a non-video suffix (`.txt`, `.json`,
-`.csv`, `.md`, archives) are not clips. This module imports no torch.
+The clips then take the SSv2 preparation's path (`extract_all`, `write_outputs`: parallel, resumable,
+failures in `failed.txt`); `sources.txt` maps each id back to its clip (`<id>\\t<split>\\t<path>`). A
+clip's id is its path relative to `src` with `/` written `__`; a path with other characters than
+letters, digits, `.`, `_` and `-` (or `__` in a name) gets them replaced by `_` and a short hash of the
+path appended, so ids are unique, stable across reruns and never need quoting. Hidden entries and files
+with a non-video suffix are not clips. This module imports no torch.
 """
 
 from __future__ import annotations

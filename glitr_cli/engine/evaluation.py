@@ -214,7 +214,8 @@ def run_eval(
     loader = runtime.loader(dataset, batch_size=r.eval.batch_size, sampler=sampler)
     try:
         policies, seed = list(r.eval.policies), r.eval.seed + runtime.rank
-        batches = track(loader, "evaluating", len(loader), console if runtime.is_main else None, r.log.progress_every)
+        every, shown = r.log.progress_every, runtime.is_main and r.log.progress
+        batches = track(loader, "evaluating", len(loader), console, every, enabled=shown)
         result = evaluate_policies(model, batches, policies=policies, teacher=teacher, runtime=runtime, seed=seed)
     finally:
         stop_workers(loader)

@@ -1,30 +1,18 @@
 """`glitr predict`: a trained GliTr's classes and glimpse locations for your clips, one record per clip.
 
-Inputs: a video file (anything PyAV decodes), a folder (searched recursively: every video file,
-and every folder of images as one clip), or a prepared split written `DIR:split` (`data/toy:val`).
+Inputs: video files, folders (searched recursively: every video file, and every folder of images as
+one clip) and prepared splits written `DIR:split`. Every clip is preprocessed as evaluation does it (a
+prepared split through evaluation's own dataset, a video through the same frame choice and transform)
+and the student's batched glimpse pass runs under the checkpoint recipe's runtime, so a prepared split
+gets exactly the numbers `glitr eval` computes.
 
-Every clip is preprocessed as evaluation does it: a prepared split through `glitr eval`'s own
-dataset (`build_dataset(..., train=False)`), a video through the same frame choice (the recipe's
-`data.sampling`, `Student.sampler`) and the same transform (`eval_transform`:
-short side `data.resize`, centre crop `data.img_size`). The student's batched glimpse pass
-(`predict_clips`) runs under the checkpoint recipe's runtime, so a prepared split gets exactly
-the numbers `glitr eval` computes.
-
-Output, JSON lines (`.jsonl`), one object per clip:
-
-    {"clip": "clips/a.mp4", "top": [["cat", 0.91], ...],
-     "steps": [{"location": [x, y], "top": [["cat", 0.55], ...]}, ...T...]}
-
-`top` is the top-k after the last step, `steps[t]` the glimpse location of step t and the top-k
-after it. A clip of a prepared split is named `DIR:split/<id>` and also carries `"id"` and, when
-labelled, `"label"`. A location (x, y) lies in [-1, 1] over the model's input (the centre crop):
-(-1, -1) its top-left pixel centre, (1, 1) its bottom-right one, as in `glitr visualize`.
-
-Or CSV (`.csv`), one row per clip and step: `clip,label,step,x,y,top1,p1,...,topk,pk`; the row
-with step T is the final prediction.
-
-A clip that cannot be read is listed with the reason in `failed.txt` beside the output and the
-others are predicted; the output is written atomically once all are done.
+Output, JSON lines (`.jsonl`), one object per clip: `{"clip": ..., "top": [[class, p], ...], "steps":
+[{"location": [x, y], "top": [...]}, ...T...]}`, `top` the top-k after the last step; a clip of a
+prepared split is named `DIR:split/<id>` and also carries `"id"` and, when labelled, `"label"`. A
+location lies in [-1, 1] over the model input, (-1, -1) its top-left pixel centre. Or CSV (`.csv`), one
+row per clip and step: `clip,label,step,x,y,top1,p1,...,topk,pk`. A clip that cannot be read is listed
+with the reason in `failed.txt` beside the output and the others are predicted; the output is written
+atomically once all are done.
 """
 
 from __future__ import annotations
