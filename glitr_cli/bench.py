@@ -16,6 +16,7 @@ import contextlib
 import copy
 import platform
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,6 @@ from typing import Any
 
 import torch
 from rich.table import Table
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from glitr_cli.data.dataset import VideoFolderDataset, build_dataset
@@ -61,16 +61,24 @@ class BenchSettings:
 # ------------------------------------------------------------------------------------------ harness
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of `fn` after `warmup` untimed calls, on torch's benchmark clock (which waits
-    for the accelerator)."""
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of `fn` after `warmup` untimed calls, the device's queued work included.
+
+    Not `torch.utils.benchmark.Timer`: it sets its own thread count and warms up before every timed
+    call (a training step is too long to run three times per figure)."""
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = benchmark.timer()
+        start = now()
         fn()
-        times.append(benchmark.timer() - start)
+        times.append(now() - start)
     return times
 
 
@@ -138,7 +146,7 @@ class Measurements:
         A call that runs out of GPU memory is recorded as a failure and the bench goes on."""
         try:
             with peak_memory(self.device) as peak:
-                seconds = time_calls(fn, self.warmup, self.repeats)
+                seconds = time_calls(fn, self.device, self.warmup, self.repeats)
         except torch.OutOfMemoryError:
             self.failures[name] = "out of GPU memory"
             torch.cuda.empty_cache()
