@@ -378,7 +378,9 @@ def demo(
     _library("glitr_cli.demo.run_demo")(**locals())
 
 
-recipes_app = typer.Typer(help="The recipes shipped with glitr: list them, or copy one to edit.", no_args_is_help=False)
+recipes_app = typer.Typer(
+    help="The recipes shipped with glitr: list them, copy one to edit, or print every key.", no_args_is_help=False
+)
 app.add_typer(recipes_app, name="recipes")
 
 
@@ -407,6 +409,14 @@ def recipes_cp(
         raise GlitrError(f"{target} already exists; choose another destination")
     atomic_write_text(target, text)
     typer.echo(f"copied {name} to {target}; edit it, then run: glitr {COMMANDS[load_recipe(target).kind]} {target}")
+
+
+@recipes_app.command("reference")
+def recipes_reference() -> None:
+    """Print the recipe reference (every key, its default and meaning) as markdown: docs/recipes.md."""
+    from glitr_cli.recipe import recipe_reference
+
+    typer.echo(recipe_reference(), nl=False)
 
 
 def main() -> None:

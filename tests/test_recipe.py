@@ -14,6 +14,8 @@ from glitr_cli.engine.build import build_objective
 from glitr_cli.errors import GlitrError
 from glitr_cli.paths import recipe_names
 from glitr_cli.recipe import (
+    ORIGINAL_VALUES,
+    PAPER_RECIPES,
     Recipe,
     load_recipe,
     recipe_from_dict,
@@ -60,6 +62,26 @@ def test_shipped_recipes_load_and_show_their_command(name):
     assert lines[1].startswith(f"# override example: glitr {command} recipes/{name}.yaml ")
     # the override example itself is valid
     load_recipe(path, lines[1].split(f"recipes/{name}.yaml ", 1)[1].split())
+
+
+def test_every_key_says_what_it_does():
+    def check(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help", "").strip(), f"{prefix}{f.name} has no help in recipe.py"
+            if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+                check(f.default_factory, f"{prefix}{f.name}.")
+
+    check(Recipe, "")
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_keep_the_original_where_an_option_deviates(name):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    for key, original in ORIGINAL_VALUES.items():
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == original, f"{name}: {key} is {value!r}, the original computes {original!r}"
 
 
 def test_paper_settings():

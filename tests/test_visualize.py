@@ -341,10 +341,10 @@ def test_checkpoint_written_by_the_trainer(trained_tiny, assets, tmp_path, monke
         load_student("runs/tiny_teacher/checkpoints/last.pt")
 
 
-def test_the_readme_python_example_runs(trained_tiny, monkeypatch, capsys):
-    """The README's "Using a trained model from Python" block, run as written on a trained student."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Using a trained model from Python", 1)[1]
+def test_the_docs_python_example_runs(trained_tiny, monkeypatch, capsys):
+    """docs/online.md's "Using a trained model from Python" block, run as written on a trained student."""
+    page = (Path(__file__).parents[1] / "docs" / "online.md").read_text()
+    section = page.split("## Using a trained model from Python", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(trained_tiny)
     exec(code.replace("runs/demo/glitr/checkpoints/last.pt", "runs/tiny/checkpoints/last.pt"), {})
@@ -355,10 +355,10 @@ def test_the_readme_python_example_runs(trained_tiny, monkeypatch, capsys):
         assert any(line.startswith(f"{name} ") for name in student.class_names) and "next glimpse at" in line
 
 
-def test_the_readme_glimpse_only_example_runs(trained_tiny, monkeypatch, capsys):
-    """The README's glimpse-only block (after the first one, which it reuses), run as written."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Using a trained model from Python", 1)[1]
+def test_the_docs_glimpse_only_example_runs(trained_tiny, monkeypatch, capsys):
+    """docs/online.md's glimpse-only block (after the first one, which it reuses), run as written."""
+    page = (Path(__file__).parents[1] / "docs" / "online.md").read_text()
+    section = page.split("## Using a trained model from Python", 1)[1]
     first, rest = section.split("```python\n", 2)[1:]
     code = first.split("```", 1)[0] + rest.split("```", 1)[0]
     monkeypatch.chdir(trained_tiny)
