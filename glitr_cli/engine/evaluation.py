@@ -20,6 +20,7 @@ of the plot.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,9 @@ def run_eval(
     loader = runtime.loader(dataset, batch_size=r.eval.batch_size, sampler=sampler)
     try:
         policies, seed = list(r.eval.policies), r.eval.seed + runtime.rank
-        every, shown = r.log.progress_every, runtime.is_main and r.log.progress
-        batches = track(loader, "evaluating", len(loader), console, every, enabled=shown)
+        # progress on stderr, beside the table on `console`; a caller that silences the table silences both
+        shown = runtime.is_main and r.log.progress and console.file is sys.stdout
+        batches = track(loader, "evaluating", len(loader), Console(stderr=True), r.log.progress_every, enabled=shown)
         result = evaluate_policies(model, batches, policies=policies, teacher=teacher, runtime=runtime, seed=seed)
     finally:
         stop_workers(loader)
