@@ -21,7 +21,7 @@ from typer.exceptions import TyperException
 from glitr_cli import __version__
 from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError, Preempted
 from glitr_cli.paths import packaged_recipe, recipe_names
-from glitr_cli.progress import set_progress_every
+from glitr_cli.progress import PROGRESS_EVERY, set_progress_every
 
 app = typer.Typer(
     name="glitr",
@@ -111,7 +111,7 @@ _DATA_ROOT = typer.Option(None, "--data-root", help="Moves the whole data tree (
 _WORKERS = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8.")
 _QUALITY = typer.Option(95, "--quality", help="JPEG quality of the written frames.")
 _PROGRESS_EVERY = typer.Option(
-    30.0, "--progress-every", help="Seconds between progress lines when the output is not a terminal."
+    PROGRESS_EVERY, "--progress-every", help="Seconds between progress lines when the output is not a terminal."
 )
 
 
