@@ -7,9 +7,11 @@ each command, so `glitr --help` and a mistyped option answer without loading PyT
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -19,6 +21,7 @@ from typer.exceptions import TyperException
 from glitr_cli import __version__
 from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError, Preempted
 from glitr_cli.paths import packaged_recipe, recipe_names
+from glitr_cli.progress import PROGRESS_EVERY, set_progress_every
 
 # `glitr --help` lists the commands in the order a new user needs them, whatever order they are
 # defined in (typer would list the subcommand groups last)
@@ -33,7 +36,6 @@ USER_PATH = (
     "stream",
     "export",
     "bench",
-    "bench-loader",
     "recipes",
 )
 
@@ -68,6 +70,12 @@ def _root(
     ),
 ) -> None:
     """GliTr: online action prediction from glimpses."""
+
+
+def _library(path: str) -> Any:
+    """The library function a command calls, imported only when the command runs."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 _OVERRIDES_HELP = "Recipe overrides, section.key=value, e.g. optim.epochs=5 train.device=cpu."
@@ -118,7 +126,18 @@ def eval_(
     evaluate(recipe, overrides, checkpoint=checkpoint, out_dir=out)
 
 
-_DATA_ROOT_HELP = "Moves the whole data tree (default: $GLITR_DATA, else ./data)."
+prepare_app = typer.Typer(
+    help="Turn the SSv2 or Jester download, a generated toy set or your own clips into frame folders and TSM lists.",
+    no_args_is_help=True,
+)
+app.add_typer(prepare_app, name="prepare-data")
+_OUT = typer.Option(None, "--out", help="Where the prepared dataset goes (default: <data root>/<dataset>).")
+_DATA_ROOT = typer.Option(None, "--data-root", help="Moves the whole data tree (default: $GLITR_DATA, else ./data).")
+_WORKERS = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8.")
+_QUALITY = typer.Option(95, "--quality", help="JPEG quality of the written frames.")
+_PROGRESS_EVERY = typer.Option(
+    PROGRESS_EVERY, "--progress-every", help="Seconds between progress lines when the output is not a terminal."
+)
 _CALIBRATED_HELP = (
     "Calibrated probabilities, with the temperatures `glitr eval` fitted: from the run's eval.json (RUN/eval.json "
     "beside checkpoints/, else the folder above RUN, where `glitr demo` writes it)."
@@ -130,88 +149,101 @@ _DECIDE_HELP = (
 )
 
 
-@app.command("prepare-data")
-def prepare_data(
-    dataset: str = typer.Argument(..., help="ssv2, jester, toy, or folder (your own clips).", show_default=False),
-    src: Path | None = typer.Option(
-        None,
-        "--src",
-        help="The official download (default: <data root>/<dataset>/download; toy: <out>/download); "
-        "folder: your clips, DIR/<class>/<video> or DIR/{train,val,test}/<class>/<video>.",
-    ),
-    out: Path | None = typer.Option(
-        None,
-        "--out",
-        help="Where the prepared dataset goes (default: <data root>/<dataset>; folder: <data root>/<name of --src>).",
-    ),
-    data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
-    workers: int = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8."),
-    short_side: int | None = typer.Option(
-        None,
-        "--short-side",
-        help="Resize frames to this short side, 0 keeps them (ssv2, folder: 256; else keep).",
-    ),
-    quality: int | None = typer.Option(None, "--quality", help="JPEG quality of the written frames (default 95)."),
-    videos: Path | None = typer.Option(None, "--videos", help="ssv2: the folder of <id>.webm files, if elsewhere."),
-    frames: Path | None = typer.Option(None, "--frames", help="jester: the 20bn-jester-v1 frame folder, if elsewhere."),
-    csv: Path | None = typer.Option(
-        None,
-        "--csv",
-        help="folder: a CSV of path,label[,split] lines, paths relative to --src (instead of class folders).",
-    ),
-    val_fraction: float | None = typer.Option(
-        None, "--val-fraction", help="folder without val clips: the training clips set aside per class (default 0.2)."
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="toy: random seed; folder: validation draw (default 0)."),
-    toy_train: int | None = typer.Option(None, "--toy-train", help="toy: training videos (default 400)."),
-    toy_val: int | None = typer.Option(None, "--toy-val", help="toy: validation videos (default 100)."),
-    toy_test: int | None = typer.Option(None, "--toy-test", help="toy: unlabelled test videos (default 20)."),
-    toy_frames: int | None = typer.Option(None, "--toy-frames", help="toy: frames per video (default 16)."),
-    toy_size: int | None = typer.Option(None, "--toy-size", help="toy: frame side in pixels (default 112)."),
-    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="toy: target shapes (default square,ring)."),
-    toy_directions: str | None = typer.Option(
-        None, "--toy-directions", help="toy: target directions (default left,right,up,down)."
-    ),
-    toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="toy: grey distractors (default 4)."),
-) -> None:
-    """Turn the SSv2 or Jester download, a generated toy set or your own clips into frame folders and TSM lists."""
-    from glitr_cli.data.folder import prepare_folder_dataset
-    from glitr_cli.data.prepare import prepare_dataset
-
-    options = dict(
-        short_side=short_side, quality=quality, videos=videos, frames=frames, seed=seed, num_train=toy_train,
-        num_val=toy_val, num_test=toy_test, num_frames=toy_frames, size=toy_size, shapes=toy_shapes,
-        directions=toy_directions, distractors=toy_distractors, csv=csv, val_fraction=val_fraction,
-    )  # fmt: skip
-    if dataset == "folder":
-        summary = prepare_folder_dataset(src, out, workers, root=data_root, **options)
-    else:
-        summary = prepare_dataset(dataset, src, out, workers, root=data_root, **options)
+def _prepare(function: str, progress_every: float, **options: Any) -> None:
+    """Run a preparation of `data/` with the command's options; exit code 1 when a clip failed."""
+    set_progress_every(progress_every)
+    summary = _library(f"glitr_cli.data.{function}")(**options)
     typer.echo(summary.describe())
     if not summary.ok:
         raise typer.Exit(1)
 
 
-@app.command("bench-loader")
-def bench_loader(
-    dataset: str = typer.Argument("toy", help="A prepared dataset folder, or ssv2/jester/toy under the data root."),
-    split: str = typer.Option("train", "--split", help="train, val or test."),
-    frames: int = typer.Option(16, "--frames", help="Frames per clip (T)."),
-    size: int = typer.Option(224, "--size", help="Crop size (the toy recipes use 112)."),
-    resize: int | None = typer.Option(None, "--resize", help="Eval: short side before the crop (size*256/224)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Clips per batch."),
-    workers: int = typer.Option(2, "--workers", "-j", help="DataLoader worker processes."),
-    batches: int = typer.Option(20, "--batches", help="Batches timed after two warm-up batches."),
-    eval_mode: bool = typer.Option(False, "--eval", help="Evaluation transform instead of training augmentation."),
-    data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
+@prepare_app.command("ssv2")
+def prepare_ssv2(
+    src: Path | None = typer.Option(None, "--src", help="The official download (default: <data root>/ssv2/download)."),
+    out: Path | None = _OUT,
+    root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    videos: Path | None = typer.Option(None, "--videos", help="The folder of <id>.webm files, if elsewhere."),
+    progress_every: float = _PROGRESS_EVERY,
 ) -> None:
-    """Print the clips/s and frames/s the data loader delivers on a prepared dataset."""
-    from glitr_cli.data.bench import benchmark_dataset, describe, resolve_dataset
+    """Something-Something-V2: decode every video into JPEG frames and write the TSM lists."""
+    _prepare("prepare.prepare_ssv2", **locals())
 
-    result = benchmark_dataset(
-        resolve_dataset(dataset, data_root), split, frames, size, resize, batch_size, workers, batches, not eval_mode
-    )
-    typer.echo(describe(result))
+
+@prepare_app.command("jester")
+def prepare_jester(
+    src: Path | None = typer.Option(
+        None, "--src", help="The official download (default: <data root>/jester/download)."
+    ),
+    out: Path | None = _OUT,
+    root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(
+        0, "--short-side", help="Copy the frames resized to this short side; 0 keeps them in place."
+    ),
+    quality: int = _QUALITY,
+    frames: Path | None = typer.Option(None, "--frames", help="The 20bn-jester-v1 frame folder, if elsewhere."),
+    progress_every: float = _PROGRESS_EVERY,
+) -> None:
+    """Jester: list files over the official frame folders (or resized copies of them)."""
+    _prepare("prepare.prepare_jester", **locals())
+
+
+@prepare_app.command("toy")
+def prepare_toy(
+    out: Path | None = _OUT,
+    src: Path | None = typer.Option(None, "--src", help="Where the generated raw videos go (default: <out>/download)."),
+    root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(0, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    seed: int | None = typer.Option(None, "--seed", help="Random seed of the generator (default 0)."),
+    toy_train: int | None = typer.Option(None, "--toy-train", help="Training videos (default 400)."),
+    toy_val: int | None = typer.Option(None, "--toy-val", help="Validation videos (default 100)."),
+    toy_test: int | None = typer.Option(None, "--toy-test", help="Unlabelled test videos (default 20)."),
+    toy_frames: int | None = typer.Option(None, "--toy-frames", help="Frames per video (default 16)."),
+    toy_size: int | None = typer.Option(None, "--toy-size", help="Frame side in pixels (default 112)."),
+    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="Target shapes (default square,ring)."),
+    toy_directions: str | None = typer.Option(
+        None, "--toy-directions", help="Target directions (default left,right,up,down)."
+    ),
+    toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="Grey distractors (default 4)."),
+    progress_every: float = _PROGRESS_EVERY,
+) -> None:
+    """The generated toy set: where to look decides the class (shape x direction)."""
+    toy = dict(seed=seed, num_train=toy_train, num_val=toy_val, num_test=toy_test, num_frames=toy_frames,
+               size=toy_size, shapes=toy_shapes, directions=toy_directions, distractors=toy_distractors)  # fmt: skip
+    toy = {key: value for key, value in toy.items() if value is not None}  # the rest: ToyConfig's defaults
+    common = dict(out=out, src=src, root=root, workers=workers, short_side=short_side, quality=quality)
+    _prepare("prepare.prepare_toy", progress_every, **common, **toy)
+
+
+@prepare_app.command("folder")
+def prepare_folder(
+    src: Path = typer.Option(
+        ..., "--src", help="Your clips: DIR/<class>/<video> or DIR/{train,val,test}/<class>/<video>."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where the prepared dataset goes (default: <data root>/<name of --src>)."
+    ),
+    root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    csv: Path | None = typer.Option(
+        None, "--csv", help="A CSV of path,label[,split] lines, paths relative to --src (instead of class folders)."
+    ),
+    val_fraction: float = typer.Option(
+        0.2, "--val-fraction", help="Without val clips: the share of each class's training clips set aside."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the validation draw."),
+    progress_every: float = _PROGRESS_EVERY,
+) -> None:
+    """Your own clips (video files or frame folders), by class folders or a CSV listing."""
+    _prepare("folder.prepare_folder", **locals())
 
 
 @app.command("visualize")
@@ -243,23 +275,7 @@ def visualize(
     ),
 ) -> None:
     """Draw where a trained GliTr looks in a video, step by step, with its top-3 classes."""
-    from glitr_cli.visualize import visualize as run
-
-    run(
-        video,
-        checkpoint=checkpoint,
-        out=out,
-        every=every,
-        side_by_side=side_by_side,
-        json_path=json_path,
-        fps=fps,
-        size=size,
-        device=device,
-        context=context,
-        calibrated=calibrated,
-        calibration=calibration,
-        decide=decide,
-    )
+    _library("glitr_cli.engine.online.visualize")(**locals())
 
 
 @app.command("stream")
@@ -306,26 +322,7 @@ def stream(
     ),
 ) -> None:
     """Predict online as the frames of a file, stream or camera arrive; Ctrl-C stops with a summary."""
-    from glitr_cli.stream import stream as run
-
-    run(
-        source,
-        checkpoint=checkpoint,
-        jsonl=jsonl,
-        out=out,
-        every=every,
-        context=context,
-        as_fast_as_possible=as_fast_as_possible,
-        top_k=top_k,
-        size=size,
-        device=device,
-        backend=backend,
-        glimpse_only=glimpse_only,
-        calibrated=calibrated,
-        calibration=calibration,
-        decide=decide,
-        stop_on_decision=stop_on_decision,
-    )
+    _library("glitr_cli.stream.stream")(**locals())
 
 
 @app.command("export")
@@ -341,7 +338,7 @@ def export(
     ),
 ) -> None:
     """The online step (frame and state in; probabilities, next location and state out) as ONNX."""
-    from glitr_cli.export import export_onnx
+    from glitr_cli.engine.onnx import export_onnx
 
     meta = export_onnx(checkpoint, out, crop=crop, batch_size=batch_size, int8=int8)
     typer.echo(f"wrote {out}: {meta['input']} input, T={meta['num_frames']}, S={meta['img_size']}, {meta['precision']}")
@@ -414,22 +411,14 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json", help="Write the figures to this JSON file."),
 ) -> None:
     """Speed of training, evaluation and online inference against a plain reimplementation of the original."""
-    from glitr_cli.bench import BenchSettings, result_table, run_bench, write_json
+    from glitr_cli.bench import BenchSettings, result_table, run_bench
+    from glitr_cli.files import atomic_write_json
 
-    settings = BenchSettings(
-        batch_size=batch_size,
-        teacher_batch_size=teacher_batch_size,
-        num_classes=num_classes,
-        online_batch=online_batch,
-        warmup=warmup,
-        repeats=repeats,
-        baseline=baseline,
-        data=data,
-    )
+    settings = BenchSettings(batch_size, teacher_batch_size, num_classes, online_batch, warmup, repeats, baseline, data)
     result = run_bench(recipe, overrides, settings)
     Console(width=max(Console().width, 110)).print(result_table(result))
     if json_out is not None:
-        write_json(result, json_out)
+        atomic_write_json(json_out, result)
 
 
 @app.command("demo")
@@ -449,9 +438,7 @@ def demo(
     gifs: int = typer.Option(4, "--gifs", help="Validation videos to draw as glimpse GIFs."),
 ) -> None:
     """Start here: toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
-    from glitr_cli.demo import run_demo
-
-    run_demo(out, quick=quick, epochs_scale=epochs_scale, train_videos=train_videos, gifs=gifs)
+    _library("glitr_cli.demo.run_demo")(**locals())
 
 
 recipes_app = typer.Typer(

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from rich.console import Console
 
-from glitr_cli.errors import GlitrError
+from glitr_cli.errors import GlitrError, warn
 from glitr_cli.files import atomic_write_text
 from glitr_cli.paths import data_root, find_recipe, packaged_recipe, recipe_names, recipe_stem, run_dir
+from glitr_cli.progress import PROGRESS_EVERY
 
 COMMANDS = {"teacher": "train-teacher", "glitr": "train-glitr"}  # the command that trains each recipe kind
 
@@ -199,7 +201,10 @@ class TrainConfig:
 class LogConfig:
     """Where metrics go besides metrics.jsonl."""
 
-    progress: bool = setting(True, "show progress bars")
+    progress: bool = setting(True, "progress: a live bar on a terminal, else plain lines")
+    progress_every: float = setting(
+        PROGRESS_EVERY, "seconds between the plain progress lines written where the output is not a terminal"
+    )
     tensorboard: bool = setting(
         False, "also write TensorBoard events to <run>/tensorboard (pip install glitr[tensorboard])"
     )
@@ -218,7 +223,9 @@ class EvalConfig:
     )
     seed: int = setting(0, "seed of the random policy's locations")
     teacher: bool = setting(True, "a GliTr run also reports its teacher's full-frame accuracy")
-    cuda_graphs: bool = setting(True, "online inference (visualize, stream, bench) replays CUDA graphs on a GPU")
+    online_cuda_graphs: bool = setting(
+        True, "online inference (visualize, stream, bench) replays CUDA graphs on a GPU; glitr eval never does"
+    )
 
 
 @dataclass
@@ -412,6 +419,7 @@ RANGES: dict[str, str] = {
     "train.keep_last": "[0, inf)",
     "train.eval_every": "[0, inf)",
     "train.log_every": "[1, inf)",
+    "log.progress_every": "[0, inf)",
     "eval.batch_size": "[1, inf)",
     "eval.seed": "[0, inf)",
 }
@@ -497,10 +505,28 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return plain(dataclasses.asdict(recipe))
 
 
+# keys that were renamed: old dotted key -> new one (in the same section); old recipes and checkpoints still load
+RENAMED = {"eval.cuda_graphs": "eval.online_cuda_graphs"}
+
+
+def _renamed(data: Any, source: str, prefix: str = "") -> Any:
+    """`data` with the old keys of `RENAMED` under their new names, each with a warning."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        new = RENAMED.get(f"{prefix}{key}")
+        if new is not None:
+            warn(Console(stderr=True), f"'{prefix}{key}' in {source} is now called '{new}'")
+            key = new.rpartition(".")[2]
+        out[key] = _renamed(value, source, f"{prefix}{key}.")
+    return out
+
+
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise GlitrError(f"{source}: a recipe must be a YAML mapping, found {type(data).__name__}")
-    return _build(Recipe, data, "", source)
+    return _build(Recipe, _renamed(data, source), "", source)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -564,7 +590,7 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
     recipe = recipe_from_dict(data, str(path))  # file errors name the file
     merged = recipe_to_dict(recipe)
     for override in overrides or []:
-        one = _override_dict(override)
+        one = _renamed(_override_dict(override), f"override '{override}'")
         _build(Recipe, _merge(recipe_to_dict(Recipe()), one), "", f"override '{override}'")  # names the override
         merged = _merge(merged, one)
     recipe = recipe_from_dict(merged, str(path))

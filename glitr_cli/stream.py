@@ -1,34 +1,22 @@
 """`glitr stream`: predict an action online from a video file, a URL or a camera, as the frames come.
 
-Stages: open the source with PyAV (a file; a URL PyAV opens: http, https, rtsp, rtmp, udp; a
-capture device: `/dev/videoN` through v4l2, `avfoundation:0` on macOS, `dshow:video=NAME` on
-Windows), decode it in a reader thread, feed every `every`-th frame to the online predictor in the
-main thread, and write one JSON line per processed frame, then a summary line.
+PyAV opens the source (a file; a URL: http, https, rtsp, rtmp, udp; a capture device: `/dev/videoN`
+through v4l2, `avfoundation:0` on macOS, `dshow:video=NAME` on Windows); a reader thread decodes it and
+hands every `every`-th frame to the online predictor in the main thread, which writes one JSON line per
+processed frame, then a summary line.
 
-Pacing and drops. In real time (the default) the reader releases each frame at its own time
-stamp on the wall clock (a camera or a live stream does that by itself) and keeps only the newest
-frame it has not handed over: a frame that arrives while the model is still busy with an earlier
-one replaces it, and the replaced one is counted as dropped. Nothing queues, so the latency stays
-that of one step. With `as_fast_as_possible` the reader does not wait for the clock and waits for
-the model instead: every chosen frame is processed, none dropped (for files and URLs; a camera
-keeps its own pace).
+In real time (the default) the reader releases each frame at its time stamp and keeps only the newest
+frame not yet taken: one that arrives while the model is busy replaces it and counts as dropped, so
+nothing queues and the latency (from a frame's decoding to its prediction) stays that of one step.
+With `as_fast_as_possible` it waits for the model instead and drops nothing. The default stride spaces
+the steps as training spaced them: `every` = round(fps * D / T), D the typical clip duration of the
+recipe's dataset (`CLIP_SECONDS`, else 3 s); a source without a frame rate counts as 25 fps.
 
-The stride. The model was trained on T frames spread over a whole clip, so consecutive steps
-should be as far apart in time as they were in training: `every` = round(fps * D / T), at least 1,
-where D is the typical clip duration of the recipe's dataset (`CLIP_SECONDS`: Something-Something
-V2 about 4 s, Jester 3 s, the toy set 16 frames at 12 fps) and 3 s for any other dataset (the
-length of a typical short action clip); a source that states no frame rate counts as 25 fps.
-`every` overrides it.
-
-Early decisions (`engine/decisions.py`): with `calibrated` (or `calibration`, an eval.json) the
-probabilities are calibrated with the temperatures `glitr eval` fitted. With a decision threshold
-(`decide`, by default the one `glitr eval` chose when its results are used) a `{"decision": ...}`
-line follows the frame at which the rule decides: in every window the first step whose top
-probability reaches the threshold, else its T-th step; a sliding context decides again each time
-another class reaches it. `stop_on_decision` ends the stream at the first decision, with its summary.
-
-Latency is measured from the moment a frame is decoded (its arrival) to the moment its prediction
-is known, so it includes the wait for the model when it was busy.
+Early decisions (`engine/decisions.py`): with calibration the probabilities are those of the
+temperatures `glitr eval` fitted. With a decision threshold a `{"decision": ...}` line follows the
+frame at which the rule decides: in every window the first step whose top probability reaches the
+threshold, else its T-th step; a sliding context decides again each time another class reaches it.
+`stop_on_decision` ends the stream at the first decision, with its summary.
 """
 
 from __future__ import annotations
@@ -53,11 +41,11 @@ from glitr_cli.data.video import VideoWriter
 from glitr_cli.engine.decisions import Calibration, OnlineDecider
 from glitr_cli.engine.evaluation import decision_settings
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
+from glitr_cli.engine.online import next_trail, render_step, run_steps
+from glitr_cli.engine.onnx import OnnxPredictor
 from glitr_cli.errors import GlitrError
-from glitr_cli.export import OnnxPredictor
 from glitr_cli.model.online import CONTEXTS
 from glitr_cli.runtime import Runtime
-from glitr_cli.visualize import next_trail, render_step, run_steps
 
 NETWORK_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "rtmp://", "rtmps://", "udp://", "tcp://", "srt://")
 DEVICE_PREFIXES = ("avfoundation:", "dshow:")  # `FORMAT:DEVICE`, the device string PyAV's format expects
@@ -463,7 +451,7 @@ def _run(
                 "time": round(arrival.time, 4),
                 "top": [[name, round(p, 6)] for name, p in step.top],
                 "box": [round(v, 2) for v in step.box],
-                "step": min(step.step, t),  # position in the context: the last of T once sliding
+                "step": min(step.t, t),  # position in the context: the last of T once sliding
                 "window": step.window,
                 "latency_ms": round(latency, 2),
             }
@@ -471,7 +459,7 @@ def _run(
                 record["pixels_read"] = step.pixels_read
                 pixels_read.append(step.pixels_read)
             lines.write(json.dumps(record) + "\n")
-            decision = None if decider is None else decider.update(step.step, step.window, *step.top[0])
+            decision = None if decider is None else decider.update(step.t, step.window, *step.top[0])
             if decision is not None:
                 decisions += 1
                 line = {
@@ -489,7 +477,7 @@ def _run(
             if live is not None:
                 live.update(panel(record), refresh=True)
             if writer is not None:
-                if step.step == 1:
+                if step.t == 1:
                     trail = []
                 image = render_step(frame, step, trail, t, size, decided=decision is not None)
                 writer.write(np.asarray(image.convert("RGB")))

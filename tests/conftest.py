@@ -1,6 +1,6 @@
 """Shared fixtures for the engine tests: a tiny generated toy dataset and tiny recipes.
 
-The data is the real toy generator (`prepare_dataset("toy", ...)`) at its smallest; the
+The data is the real toy generator (`prepare_toy`) at its smallest; the
 recipes describe models of a few thousand parameters, so a training run takes seconds.
 """
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from glitr_cli.data.prepare import prepare_dataset
+from glitr_cli.data.prepare import prepare_toy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,9 +46,7 @@ STUDENT_OBJECTIVE = "{label_smoothing: 0.1}"
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding `toy/`: 16 train and 8 val clips of 8 frames at 64x64, 8 classes."""
     root = tmp_path_factory.mktemp("data")
-    prepare_dataset(
-        "toy", out=root / "toy", workers=1, progress=False, num_train=16, num_val=8, num_test=0, num_frames=8, size=64
-    )
+    prepare_toy(root / "toy", workers=1, progress=False, num_train=16, num_val=8, num_test=0, num_frames=8, size=64)
     return root
 
 

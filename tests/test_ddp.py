@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
             return getattr(self.inner, name)
 
         def __call__(self, *args, **kwargs):
-            if trainer.runtime.rank == 1 and self.inner.step == fail_at:
+            if trainer.runtime.rank == 1 and self.inner.updates == fail_at:
                 raise RuntimeError(f"rank 1 crashed at step {fail_at}")
             return self.inner(*args, **kwargs)
 

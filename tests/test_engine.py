@@ -469,7 +469,7 @@ from glitr_cli.runtime import Runtime
 recipe = load_recipe("toy_teacher", ["train.keep_freed_memory=" + sys.argv[1], "train.threads=1"])
 Runtime.from_recipe(recipe, device="cpu").apply()
 torch.manual_seed(0)
-loss = build_objective(recipe, [str(i) for i in range(8)], None).loss.train()
+loss = build_objective(recipe, [str(i) for i in range(8)], None).loss_module.train()
 frames, labels = torch.randn(2, 8, 3, 112, 112), torch.arange(2)
 values = []
 for _ in range(3):

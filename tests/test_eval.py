@@ -14,11 +14,11 @@ from rich.console import Console
 from glitr_cli.data.dataset import build_dataset
 from glitr_cli.engine.evaluation import covered_by_step, predict_clips, run_eval
 from glitr_cli.engine.loading import load_student
+from glitr_cli.engine.online import visualize
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr, glimpse_area_fraction
 from glitr_cli.recipe import load_recipe, resolve_recipe
 from glitr_cli.runtime import Runtime
-from glitr_cli.visualize import visualize
 
 
 @pytest.fixture()

@@ -10,9 +10,9 @@ import torch
 
 from glitr_cli.data.toy import ToyConfig, render_clip, sample_clip
 from glitr_cli.data.transforms import CentreCrop, eval_transform
-from glitr_cli.data.video import decode_video, encode_video
+from glitr_cli.data.video import encode_video, iter_video_frames
 from glitr_cli.engine.loading import load_student
-from glitr_cli.export import INPUTS, OUTPUTS
+from glitr_cli.engine.onnx import INPUTS, OUTPUTS
 from glitr_cli.model import OnlinePredictor
 
 ort = pytest.importorskip("onnxruntime")
@@ -31,7 +31,7 @@ def test_onnx_step_matches_the_sliding_predictor(trained_tiny, tmp_path, glitr, 
     t, s = student.num_frames, student.img_size
     cfg = ToyConfig(num_frames=3 * t, size=student.resize)  # a clip three times as long as the model's context
     frames = render_clip(sample_clip(np.random.default_rng(3), cfg, "ring", "up"), cfg)
-    video = torch.from_numpy(np.stack(decode_video(encode_video(tmp_path / "clip.webm", frames, "vp9"))))
+    video = torch.from_numpy(np.stack(list(iter_video_frames(encode_video(tmp_path / "clip.webm", frames, "vp9")))))
     source = video.permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
     inputs = eval_transform(s, student.resize)(source)  # (N, 3, S, S)
     geometry = CentreCrop.of(source.shape[3], source.shape[2], s, student.resize)
@@ -80,7 +80,7 @@ def test_int8_export_quantizes_the_linear_layers_and_stays_close(trained_tiny, t
     """`--int8`: the linear layers run as int8 products, the rest stays float32, and the predictions stay close
     to the float step's over a real toy clip fed through both ONNX predictors."""
     onnx = pytest.importorskip("onnx")
-    from glitr_cli.export import OnnxPredictor
+    from glitr_cli.engine.onnx import OnnxPredictor
 
     ckpt = trained_tiny / "runs" / "tiny" / "checkpoints" / "last.pt"
     out = tmp_path / "step_int8.onnx"

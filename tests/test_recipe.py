@@ -238,7 +238,7 @@ def test_paper_teacher_recipes_build_with_random_weights_only_when_allowed(name,
     assert model.backbone.embed_dim == 384 and len(model.backbone.blocks) == 12 and model.num_classes == PAPER[name]
     assert model.classifier.temporal_embed.shape[-1] == 768 and model.classifier.depth == 4
     # a missing VideoMAE under allow_random_init drops the distillation term, never distils from noise
-    assert objective.loss.videomae is None
+    assert objective.loss_module.videomae is None
     assert ("distillation term is DROPPED" in printed) == (name == "ssv2_teacher")
 
 
@@ -265,3 +265,13 @@ def test_paper_glitr_recipes_build_from_their_teacher(name, tmp_path, monkeypatc
     assert student.kind == "glitr" and student.model.glimpse_size == 6
     for key, value in teacher.model.state_dict().items():  # the student starts as its teacher
         assert torch.equal(student.model.state_dict()[key], value), key
+
+
+def test_renamed_keys_still_load_with_a_warning(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("eval: {cuda_graphs: false}\n")
+    assert load_recipe(old).eval.online_cuda_graphs is False
+    assert load_recipe(old, ["eval.cuda_graphs=true"]).eval.online_cuda_graphs is True
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"'eval.cuda_graphs' in {old} is now called 'eval.online_cuda_graphs'" in err
+    assert "'eval.cuda_graphs' in override 'eval.cuda_graphs=true' is now called" in err

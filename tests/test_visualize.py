@@ -17,13 +17,10 @@ from PIL import Image
 
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from glitr_cli.data.video import decode_video
+from glitr_cli.data.video import iter_video_frames
 from glitr_cli.engine.checkpoint import save_checkpoint
 from glitr_cli.engine.decisions import decision_steps
-from glitr_cli.errors import GlitrError
-from glitr_cli.model import OnlinePredictor, extract_glimpse
-from glitr_cli.recipe import DataConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
-from glitr_cli.visualize import (
+from glitr_cli.engine.online import (
     DECIDED,
     DIM,
     OUTLINE,
@@ -35,6 +32,9 @@ from glitr_cli.visualize import (
     to_display,
     visualize,
 )
+from glitr_cli.errors import GlitrError
+from glitr_cli.model import OnlinePredictor, extract_glimpse
+from glitr_cli.recipe import DataConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
 
 T, IMG, RESIZE = TINY["num_frames"], TINY["img_size"], 36
 CLASSES = ["Square moving left", "Square moving right", "Ring moving up", "Ring moving down"]
@@ -172,7 +172,7 @@ def test_h264_default_frames_and_drawing(assets, tmp_path):
     assert all(len(s["top"]) == 3 and s["top"][0][0] in CLASSES for s in steps)
     assert all(s["top"][0][1] >= s["top"][1][1] >= s["top"][2][1] for s in steps)
 
-    video = decode_video(assets["mp4"])
+    video = list(iter_video_frames(assets["mp4"]))
     locs = reference(assets["ckpt"], [video[s["index"]] for s in steps])
     gif = gif_frames(out)
     assert len(gif) == T
@@ -199,7 +199,7 @@ def test_vp9_odd_size_every_restarts_after_t(assets, tmp_path):
     )
     steps = result["frames"]
     assert [s["index"] for s in steps] == list(range(0, 13, 2))  # 7 steps: a window of T=5, then a restart
-    video = decode_video(assets["webm"])
+    video = list(iter_video_frames(assets["webm"]))
     locs = reference(assets["ckpt"], [video[i] for i in range(0, 13, 2)])
     init = tuple(load_student(assets["ckpt"]).model.initial_location(1)[0].tolist())
     assert steps[0]["location"] == pytest.approx(init, abs=1e-5)
@@ -218,7 +218,7 @@ def test_every_slides_past_t_by_default(assets, tmp_path):
     result = visualize(assets["webm"], checkpoint=assets["ckpt"], out=tmp_path / "g.gif", every=2)
     steps = result["frames"]
     assert len(steps) == 7 > T
-    video = decode_video(assets["webm"])
+    video = list(iter_video_frames(assets["webm"]))
     locs = reference(assets["ckpt"], [video[i] for i in range(0, 13, 2)], context="sliding")
     for s, loc in zip(steps, locs, strict=True):
         assert s["location"] == pytest.approx(loc, abs=1e-5)
@@ -264,7 +264,7 @@ def test_one_frame_video(assets, tmp_path):
 def test_mp4_output_and_jpeg_folder(assets, tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()
-    video = decode_video(assets["webm"])
+    video = list(iter_video_frames(assets["webm"]))
     for i, f in enumerate(video):
         Image.fromarray(f).save(folder / f"{i + 1:06d}.jpg", quality=95)
     out = tmp_path / "g.mp4"

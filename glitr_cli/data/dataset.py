@@ -4,8 +4,8 @@ Stages per item: the list-file record -> frame indices (`glitr_cli.data.sampling
 corrupt frame is replaced by its nearest readable neighbour and counted) -> uint8 clip
 (T, 3, H, W) -> transform (normalised float32 (T, 3, H', W')).
 
-JPEG decoding uses `torchvision.io.decode_jpeg` (libjpeg-turbo; faster than Pillow, with identical
-pixels), with Pillow as the fallback where torchvision's decoder is unavailable. With `encoded=True`
+JPEG decoding uses `torchvision.io.decode_jpeg` (libjpeg-turbo, the same pixels as Pillow), with
+Pillow as the fallback where torchvision's decoder is unavailable. With `encoded=True`
 (`data.decode_on: device`) an item holds the frames' JPEG bytes instead (`JpegClip`), and the
 training process decodes a whole batch at once on its device (`VideoFolderDataset.decode`: nvJPEG
 on CUDA, the same libjpeg-turbo decoder on the CPU).
@@ -145,7 +145,6 @@ class VideoFolderDataset(Dataset):
         num_frames: int,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         train: bool = False,
-        decoder: str = "auto",
         sampling: Sampling = "original",
         min_frames: int = 1,
         encoded: bool = False,
@@ -168,7 +167,6 @@ class VideoFolderDataset(Dataset):
         self.sampler = FrameSampler(num_frames, sampling)
         self.transform = transform
         self.train = train
-        self.decoder = decoder
         if encoded and _tv_decode_jpeg is None:
             raise GlitrError("data.decode_on=device needs torchvision's decode_jpeg, which this torchvision lacks")
         self.encoded = encoded
@@ -194,23 +192,13 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    @property
-    def replaced_frames(self) -> int:
-        """Frames replaced by a readable neighbour so far, over all worker processes."""
-        return int(self.damage[:, 0].sum())
-
-    @property
-    def unreadable_videos(self) -> int:
-        """Clips returned black because no frame of the video could be read."""
-        return int(self.damage[:, 1].sum())
-
     def frame_path(self, record: VideoRecord, index: int) -> Path:
         """Path of 0-based frame `index` of a video."""
         return self.frames_dir / record.id / (self.template % (index + 1))
 
     def _read(self, path: Path) -> torch.Tensor | None:
         try:
-            return decode_jpeg_bytes(path.read_bytes(), self.decoder)
+            return decode_jpeg_bytes(path.read_bytes())
         except (OSError, RuntimeError, ValueError) as e:  # missing, unreadable, corrupt
             if self._logged < 10:
                 self._logged += 1

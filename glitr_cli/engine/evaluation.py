@@ -27,6 +27,7 @@ of the plot.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from glitr_cli.files import atomic_write, atomic_write_json
 from glitr_cli.model import GliTr, OnlinePredictor, StudentOutput, glimpse_area_fraction, glimpse_mask
 from glitr_cli.model.glitr import POLICIES
 from glitr_cli.paths import RECIPE_FILE, run_of
+from glitr_cli.progress import track
 from glitr_cli.recipe import COMMANDS, Recipe, resolve_recipe
 from glitr_cli.runtime import Runtime, stop_workers
 
@@ -285,8 +287,11 @@ def run_eval(
     outputs = ClipOutputs()
     try:
         policies, seed = list(r.eval.policies), r.eval.seed + runtime.rank
+        # progress on stderr, beside the table on `console`; a caller that silences the table silences both
+        shown = runtime.is_main and r.log.progress and console.file is sys.stdout
+        batches = track(loader, "evaluating", len(loader), Console(stderr=True), r.log.progress_every, enabled=shown)
         result = evaluate_policies(
-            model, loader, policies=policies, teacher=teacher, runtime=runtime, seed=seed, outputs=outputs
+            model, batches, policies=policies, teacher=teacher, runtime=runtime, seed=seed, outputs=outputs
         )
     finally:
         stop_workers(loader)

@@ -20,15 +20,6 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write, atomic_write_text
@@ -44,22 +35,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     top = logits.topk(k_max, dim=-1).indices  # (B, T, k)
     hit = top == labels[:, None, None]  # (B, T, k)
     return torch.stack([hit[..., : min(k, c)].any(-1).sum(0) for k in ks]).float()  # (len(ks), T)
-
-
-def make_progress(console: Console, enabled: bool) -> Progress:
-    """Rich progress bar with clips/s and ETA; `enabled` False shows nothing (other ranks, tests)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
 
 
 class MetricsLogger:

@@ -1,37 +1,25 @@
 """`glitr predict`: a trained GliTr's classes and glimpse locations for your clips, one record per clip.
 
-Inputs: a video file (anything PyAV decodes), a folder (searched recursively: every video file,
-and every folder of images as one clip), or a prepared split written `DIR:split` (`data/toy:val`).
+Inputs: video files, folders (searched recursively: every video file, and every folder of images as
+one clip) and prepared splits written `DIR:split`. Every clip is preprocessed as evaluation does it (a
+prepared split through evaluation's own dataset, a video through the same frame choice and transform)
+and the student's batched glimpse pass runs under the checkpoint recipe's runtime, so a prepared split
+gets exactly the numbers `glitr eval` computes.
 
-Every clip is preprocessed as evaluation does it: a prepared split through `glitr eval`'s own
-dataset (`build_dataset(..., train=False)`), a video through the same frame choice (the recipe's
-`data.sampling`, `Student.sampler`) and the same transform (`eval_transform`:
-short side `data.resize`, centre crop `data.img_size`). The student's batched glimpse pass
-(`predict_clips`) runs under the checkpoint recipe's runtime, so a prepared split gets exactly
-the numbers `glitr eval` computes.
-
-Output, JSON lines (`.jsonl`), one object per clip:
-
-    {"clip": "clips/a.mp4", "top": [["cat", 0.91], ...],
-     "steps": [{"location": [x, y], "top": [["cat", 0.55], ...]}, ...T...]}
-
-`top` is the top-k after the last step, `steps[t]` the glimpse location of step t and the top-k
-after it. A clip of a prepared split is named by the frame folder it was read from
-(`DIR/frames/<id>`, itself an input `predict` and `visualize` take) and also carries `"id"` and, when
-labelled, `"label"`. A location (x, y) lies in [-1, 1] over the model's input (the centre crop):
-(-1, -1) its top-left pixel centre, (1, 1) its bottom-right one, as in `glitr visualize`.
-
-Or CSV (`.csv`), one row per clip and step: `clip,label,step,x,y,top1,p1,...,topk,pk`; the row
-with step T is the final prediction.
+Output, JSON lines (`.jsonl`), one object per clip: `{"clip": ..., "top": [[class, p], ...], "steps":
+[{"location": [x, y], "top": [...]}, ...T...]}`, `top` the top-k after the last step; a clip of a
+prepared split is named by the frame folder it was read from (`DIR/frames/<id>`, itself an input of
+`predict` and `visualize`) and also carries `"id"` and, when labelled, `"label"`. A location lies in
+[-1, 1] over the model input, (-1, -1) its top-left pixel centre. Or CSV (`.csv`), one row per clip and
+step: `clip,label,step,x,y,top1,p1,...,topk,pk`. A clip that cannot be read is listed with the reason
+in `failed.txt` beside the output and the others are predicted; the output is written atomically once
+all are done.
 
 Calibration and early decisions (`engine/decisions.py`): with the temperatures `glitr eval` fitted
 (`calibrated`, or `calibration` naming its eval.json) every probability is the calibrated one. With a
 decision threshold (`decide`, by default the one `glitr eval` chose when its results are used) each
 record also has `"decided_at": t` (1-based, the first step whose top probability reached it, else T)
-and `"decided": [class, p]`, its top class then; a CSV gets a last column `decided`, 1 on that row.
-
-A clip that cannot be read is listed with the reason in `failed.txt` beside the output and the
-others are predicted; the output is written atomically once all are done.
+and `"decided": [class, p]`; a CSV gets a last column `decided`, 1 on that row.
 """
 
 from __future__ import annotations
@@ -47,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import Dataset
 
 from glitr_cli.data.dataset import SPLITS, VideoFolderDataset, build_dataset
@@ -60,6 +47,7 @@ from glitr_cli.engine.evaluation import decision_settings, predict_clips
 from glitr_cli.engine.loading import Student, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
+from glitr_cli.progress import ProgressLine
 from glitr_cli.recipe import DataConfig
 from glitr_cli.runtime import Runtime, stop_workers
 
@@ -296,16 +284,8 @@ def predict(
     loader = runtime.loader(dataset, batch_size=batch_size or student.recipe.eval.batch_size, collate_fn=collate)
     records: list[dict | None] = [None] * len(refs)
     failed: list[tuple[int, str]] = []
-    bar = Progress(
-        TextColumn("predicting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not progress,
-    )
-    with bar:
-        task = bar.add_task("predicting", total=len(refs))
+    every = student.recipe.log.progress_every
+    with ProgressLine(console, "predicting", len(refs), enabled=progress, every=every) as bar:
         try:
             for positions, clips, batch_failed in loader:
                 failed += batch_failed
@@ -318,7 +298,7 @@ def predict(
                     for j, i in enumerate(positions):
                         at = None if decided is None else decided[j]
                         records[i] = clip_record(refs[i], probs[j], locs[j], student.class_names, k, at)
-                bar.advance(task, len(positions) + len(batch_failed))
+                bar.advance(len(positions) + len(batch_failed))
         finally:
             stop_workers(loader)
 

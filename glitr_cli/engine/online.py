@@ -1,35 +1,21 @@
-"""`glitr visualize`: watch a trained GliTr look at a video, one glimpse per frame.
+"""Running a trained GliTr online over a video, one glimpse per frame, and drawing what it does.
 
-Stages: find and load a GliTr (student) checkpoint, open the video (any file PyAV decodes, or
-a folder of JPEG/PNG frames), choose the frames, preprocess each one like evaluation (short
-side resized to the recipe's `data.resize`, centre crop `data.img_size`, ImageNet
-normalisation), feed them one at a time to the online predictor, and draw every step on the
-*original* frame: the frame dimmed outside the glimpse, the glimpse outline, the trail of
-earlier glimpse centres, and the current top-3 classes. The result is a GIF, or an MP4 when
-the output name ends in `.mp4`, with one output frame per model step.
+`run_steps` is the online driver (`glitr visualize`, `glitr stream`): each frame is preprocessed like
+evaluation (short side `data.resize`, centre crop `data.img_size`, ImageNet normalisation) and fed to
+the online predictor; after T steps the predictor's `context` decides: "sliding" predicts from the
+last T glimpses, "restart" starts a new window at the learned first location. `render_step` draws a
+step on the *original* frame (dimmed outside the glimpse, its outline, the trail of earlier centres,
+the top-3 classes); `visualize` writes them as a GIF or an MP4.
 
-Which frames: by default the T frames evaluation uses (one in each of T segments, placed as the
-checkpoint's `data.sampling` says, T = its `data.num_frames`; a video shorter than T repeats
-frames). With `every=N` every Nth frame is fed online, as a camera would. The model was
-trained on T steps; what follows the T-th is the predictor's `context`. "sliding" (the
-default) keeps the last T glimpse features and predicts from them, so the trail shows the last
-T glimpses and steps after T read "step k · last T". "restart" resets the predictor after each
-T steps (the next glimpse is taken at the learned initial location, the trail is cleared, the
-class evidence starts again) and the output frame says "restart"; steps are numbered k/T within
-their window.
+Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the glimpse
+centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2, s = glimpse_size /
+grid, the share of the frame a glimpse spans. Model-input pixels map back to the source frame through
+the centre crop (a shift) and the resize (a scale per axis). Boxes are in source-frame pixels whose
+integers are pixel centres; locations are not clamped, so a box can reach outside the frame.
 
-Early decisions (`engine/decisions.py`): with `calibrated` (or `calibration`, an eval.json) the
-probabilities are calibrated with the temperatures `glitr eval` fitted; with a decision threshold
-(`decide`, by default the one `glitr eval` chose when its results are used) the step that decides
-is marked: a green frame around the picture and "decided" after the step count.
-
-Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the
-glimpse centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2,
-s = glimpse_size / grid (DESIGN §2). Model-input pixels map back to the source frame through
-the centre crop (a shift) and the resize (a scale per axis). Boxes (`--json`) are in
-source-frame pixel coordinates whose integers are pixel centres: x = 0 is the middle of the
-first column, x = W - 1 that of the last. Locations are not clamped, so a box can reach
-outside the frame.
+Early decisions (`engine/decisions.py`): with calibration the probabilities are those of the
+temperatures `glitr eval` fitted; with a decision threshold the step that decides is marked: a green
+frame around the picture and "decided" after the step count.
 """
 
 from __future__ import annotations
@@ -144,11 +130,11 @@ def step_frames(source: FrameSource, sampler: FrameSampler, every: int | None) -
 
 
 @dataclass
-class Step:
+class OnlineStep:
     """One model step, everything the drawing and the JSON need."""
 
     index: int  # source frame index
-    step: int  # 1-based step within the current window
+    t: int  # 1-based step within the current window (sliding: the frames so far)
     window: int  # 1-based window (a new one starts after every T steps)
     location: tuple[float, float]
     box: tuple[float, float, float, float]  # source pixels
@@ -174,20 +160,17 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 
 def render_step(
     frame: np.ndarray,
-    step: Step,
+    step: OnlineStep,
     trail: list[tuple[float, float]],
     num_frames: int,
     size: int,
     palette: bool = False,
     decided: bool = False,
 ) -> Image.Image:
-    """Draw one step: the frame (longer side `size` px, 0 = native) dimmed outside the glimpse,
-    the outline, the trail of earlier centres in this window, the glimpse crop when present,
-    and a panel with the step and the top classes underneath; `decided` marks the step that decided.
-
-    With `palette` the result is a 256-colour image (for GIF) whose drawing colours are exact:
-    the pictures are quantised to the first 256 - len(INKS) entries, the inks fill the rest.
-    """
+    """One step drawn on its frame (longer side `size` px, 0 = native), the glimpse crop beside it when
+    present, and a panel with the step and the top classes; `decided` marks the step that decided. With
+    `palette` a 256-colour image (for GIF) whose drawing colours are exact: the pictures take the first
+    256 - len(INKS) entries, the inks the rest."""
     h, w = frame.shape[:2]
     dw, dh = display_size(w, h, size)
     img = Image.fromarray(frame)
@@ -240,10 +223,10 @@ def render_step(
 
     draw = ImageDraw.Draw(canvas)
     y = dh + 3
-    count = f"{step.step}/{num_frames}" if step.step <= num_frames else f"{step.step} · last {num_frames}"
+    count = f"{step.t}/{num_frames}" if step.t <= num_frames else f"{step.t} · last {num_frames}"
     head = f"step {count} · frame {step.index}"
     draw.text((4, y), head, fill=ink[TEXT], font=font)
-    if step.window > 1 and step.step == 1:
+    if step.window > 1 and step.t == 1:
         restart = f"restart (window {step.window})"
         draw.text((8 + draw.textlength(head, font=font), y), restart, fill=ink[RESTART], font=font)
     elif decided:
@@ -255,9 +238,9 @@ def render_step(
     return canvas
 
 
-def next_trail(trail: list[tuple[float, float]], step: Step, num_frames: int) -> list[tuple[float, float]]:
+def next_trail(trail: list[tuple[float, float]], step: OnlineStep, num_frames: int) -> list[tuple[float, float]]:
     """The trail drawn after `step`: the glimpse centres the model still holds (at most T - 1), `step`'s
-    own the last. Callers start a new trail when a step is the first of its window (`step.step` 1)."""
+    own the last. Callers start a new trail when a step is the first of its window (`step.t` 1)."""
     centre = ((step.box[0] + step.box[2]) / 2, (step.box[1] + step.box[3]) / 2)
     return [*trail, centre][-(num_frames - 1) :] if num_frames > 1 else []
 
@@ -286,18 +269,13 @@ def run_steps(
     predictor: Any = None,
     glimpse_only: bool = False,
     calibration: Calibration | None = None,
-) -> Iterator[tuple[np.ndarray, Step]]:
-    """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
-
-    Each frame is preprocessed like evaluation and the predictor runs under `runtime` like
-    evaluation. After T steps the predictor's `context` decides: "restart" starts a new window
-    (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
-    each Step carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each.
-    `predictor` replaces evaluation's online predictor: one with its `step`, `steps` and `frames`, such
-    as `export.OnnxPredictor`. With `glimpse_only` each frame is brought to evaluation's size (its
-    resize) and the predictor reads only the pixels of its `next_box()` (`Step.pixels_read`), as a
-    source that delivers just that window would; the numbers equal the whole-frame path's. With
-    `calibration` the probabilities are calibrated with the temperature of their step."""
+) -> Iterator[tuple[np.ndarray, OnlineStep]]:
+    """Feed (index, frame) pairs to the online predictor one at a time, under `runtime` as evaluation;
+    yields (frame, OnlineStep) with `top_k` classes. With `side_by_side` each step carries the glimpse as
+    the model saw it. `predictor` replaces evaluation's online predictor (`OnnxPredictor`). With
+    `glimpse_only` the predictor reads only the pixels of its `next_box()` from the frame at evaluation's
+    size, as a source that delivers just that window would (the numbers equal the whole-frame path's).
+    With `calibration` the probabilities are calibrated with the temperature of their step."""
     if glimpse_only and side_by_side:
         raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
     model = student.model.to(runtime.device)
@@ -324,8 +302,8 @@ def run_steps(
         else:
             x = transform(pixels).to(runtime.device)  # (1, 3, S, S)
             out = predictor.step(x)
-        window += predictor.steps == 1  # the first step, or the first after a restart
-        number = predictor.frames if context == "sliding" else predictor.steps
+        window += predictor.t == 1  # the first step, or the first after a restart
+        number = predictor.frames if context == "sliding" else predictor.t
         loc = out.location[0].float()
         probs = out.probs[0] if calibration is None else calibration.probs(out.logits[0].float(), number)
         probs, classes = probs.float().topk(k)
@@ -337,9 +315,9 @@ def run_steps(
         geometry = CropGeometry.of(w, h, student.resize, student.img_size)
         yield (
             frame,
-            Step(
+            OnlineStep(
                 index=index,
-                step=number,
+                t=number,
                 window=window,
                 location=location,
                 box=glimpse_box(location, geometry, scale),
@@ -368,16 +346,9 @@ def visualize(
     calibration: str | Path | None = None,
     decide: float | None = None,
 ) -> dict[str, Any]:
-    """Run a GliTr student online over `video` and write the glimpse animation to `out`.
-
-    `checkpoint` defaults to the newest GliTr checkpoint under `runs` (runs/). `every` None
-    feeds the T evaluation frames, else every `every`-th frame; after T steps `context`
-    "sliding" predicts from the last T frames, "restart" starts the stream again (see the
-    module docstring). `size` is the longer side of the drawn frame
-    (0 = the source size). `calibrated`, `calibration`, `decide`: the early decisions (see the module
-    docstring). Returns the `--json` record {"frames": [...]}, the step that decided with
-    `"decided": true`.
-    """
+    """`glitr visualize`: run a GliTr student online over `video` (by default its T evaluation frames,
+    else every `every`-th frame) and write the glimpse animation to `out`; returns the `--json` record
+    (the step that decided, with `calibrated`, `calibration` or `decide`, has `"decided": true`)."""
     console = console or Console(stderr=True)
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -413,11 +384,11 @@ def visualize(
     frames = step_frames(source, student.sampler, every)
     try:
         for frame, step in run_steps(student, frames, runtime, side_by_side, context, calibration=found):
-            if step.step == 1:
+            if step.t == 1:
                 trail = []
-            decision = None if decider is None else decider.update(step.step, step.window, *step.top[0])
+            decision = None if decider is None else decider.update(step.t, step.window, *step.top[0])
             if decision is not None:
-                decisions.append(f"step {step.step} (frame {step.index}): {decision.name} {decision.p:.0%}")
+                decisions.append(f"step {step.t} (frame {step.index}): {decision.name} {decision.p:.0%}")
             image = render_step(
                 frame, step, trail, student.num_frames, size, palette=not mp4, decided=decision is not None
             )

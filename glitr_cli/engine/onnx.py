@@ -25,8 +25,8 @@ cuts first).
 `--int8` (`quantize_int8`) is ONNX Runtime's dynamic quantization of the graph: the weights of every
 linear layer (MatMul, Gemm) stored as 7-bit integers in int8, one scale per output channel, and their
 inputs quantized to uint8 per tensor at run time; convolutions, attention products, norms and the
-glimpse sampler stay float32. It is an approximation of the float model (README, "Speed"), for CPUs
-where the float step is too slow.
+glimpse sampler stay float32. It is an approximation of the float model, for CPUs where the float
+step is too slow.
 
 `OnnxPredictor` runs the step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
 --backend onnx`, `glitr bench`).
@@ -112,8 +112,7 @@ def quantize_int8(proto: Any) -> Any:
         onnx.save(proto, raw)
         quant_pre_process(raw, ready, skip_symbolic_shape=True)
         # 7-bit weights (reduce_range): the int8 products of x86 CPUs without VNNI add pairs of them in 16 bits,
-        # which full-range weights overflow (on the toy student: 91 % top-1 agreement with the float step,
-        # 99 % with 7 bits)
+        # which full-range weights overflow
         quantize_dynamic(
             ready, out, ["MatMul", "Gemm"], per_channel=True, reduce_range=True, weight_type=QuantType.QInt8
         )
@@ -158,7 +157,7 @@ def export_onnx(
 
 class OnnxPredictor:
     """The exported sliding step run by ONNX Runtime, with `OnlinePredictor`'s interface for one stream
-    of whole model inputs: `step(frame (1, 3, S, S))` -> `StepOutput`, `steps` (in the current context,
+    of whole model inputs: `step(frame (1, 3, S, S))` -> `StepOutput`, `t` (in the current context,
     at most T), `frames` (since the start). `context` "restart" starts from a new state after T steps,
     which is what `OnlinePredictor(context="restart")` computes; "sliding" is the graph itself.
     `threads` sets ONNX Runtime's intra-op threads (0: its default); `int8` runs the graph of
@@ -188,7 +187,7 @@ class OnnxPredictor:
         self._new_window()
 
     def _new_window(self) -> None:
-        self.steps = 0
+        self.t = 0
         self._state = {
             "features": np.zeros((1, self.num_frames, self._dim), np.float32),
             "count": np.zeros(1, np.int64),
@@ -196,12 +195,11 @@ class OnnxPredictor:
         }
 
     def step(self, frame: torch.Tensor) -> StepOutput:
-        if self.context == "restart" and self.steps == self.num_frames:
+        if self.context == "restart" and self.t == self.num_frames:
             self._new_window()
         image = frame.detach().float().cpu().numpy()
         probs, loc, nxt, _, features, count = self.session.run(None, {"frame": image, **self._state})
         self._state = {"features": features, "count": count, "location": nxt}
-        self.steps = min(self.steps + 1, self.num_frames)
+        self.t = min(self.t + 1, self.num_frames)
         self.frames += 1
-        p = torch.from_numpy(probs)
-        return StepOutput(torch.from_numpy(loc), p.log(), p, torch.from_numpy(nxt))
+        return StepOutput(torch.from_numpy(loc), None, torch.from_numpy(probs), torch.from_numpy(nxt))
