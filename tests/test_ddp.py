@@ -176,8 +176,10 @@ def test_two_process_eval_gathers_every_clip_for_calibration_and_early_decisions
     assert done.returncode == 0, done.stderr[-3000:]
     two, one = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("two", "one"))
     assert two["clips"] == one["clips"] == 8
+    # the shards' batches round the logits differently (~1e-7), and a temperature fitted where the NLL is
+    # nearly flat (a large T) moves further than that: 1e-4
     for key in ("temperature", "ece", "ece_calibrated", "nll", "nll_calibrated"):
-        assert two["calibration"][key] == pytest.approx(one["calibration"][key], rel=1e-6)
+        assert two["calibration"][key] == pytest.approx(one["calibration"][key], rel=1e-4)
     for name in ("learned", "teacher"):
         for key, values in one["early"]["curves"][name].items():
             assert two["early"]["curves"][name][key] == pytest.approx(values, rel=1e-6), (name, key)
