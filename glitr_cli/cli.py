@@ -228,7 +228,11 @@ def stream(
         show_default=False,
     ),
     checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", "-c", help="GliTr checkpoint (default: the newest under runs/)."
+        None,
+        "--checkpoint",
+        "-c",
+        help="GliTr checkpoint (default: the newest under runs/); with --backend onnx or onnx-int8 also a file "
+        "that glitr export wrote.",
     ),
     jsonl: str = typer.Option("-", "--jsonl", help="One JSON line per processed frame, then the summary; - : stdout."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Also draw the processed frames into this .mp4."),
@@ -253,6 +257,9 @@ def stream(
     glimpse_only: bool = typer.Option(
         False, "--glimpse-only", help="Read only the window each glimpse needs; report its pixels against the frame's."
     ),
+    threads: int = typer.Option(
+        0, "--threads", help="CPU threads of the step (PyTorch's, or ONNX Runtime's intra-op threads); 0: every core."
+    ),
 ) -> None:
     """Predict online as the frames of a file, stream or camera arrive; Ctrl-C stops with a summary."""
     from glitr_cli.stream import stream as run
@@ -270,6 +277,7 @@ def stream(
         device=device,
         backend=backend,
         glimpse_only=glimpse_only,
+        threads=threads,
     )
 
 

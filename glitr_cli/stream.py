@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,9 +45,9 @@ from rich.table import Table
 from glitr_cli.data.video import VideoWriter
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
 from glitr_cli.errors import GlitrError
-from glitr_cli.export import OnnxPredictor
+from glitr_cli.export import OnnxPredictor, cached_step, exported_student
 from glitr_cli.model.online import CONTEXTS
-from glitr_cli.runtime import Runtime
+from glitr_cli.runtime import Runtime, available_cores
 from glitr_cli.visualize import next_trail, render_step, run_steps
 
 NETWORK_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "rtmp://", "rtmps://", "udp://", "tcp://", "srt://")
@@ -282,6 +282,7 @@ def stream(
     runs: str | Path | None = None,
     step_delay: float = 0.0,
     glimpse_only: bool = False,
+    threads: int = 0,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run a GliTr student online over `source` as its frames arrive; returns the summary record.
@@ -291,7 +292,9 @@ def stream(
     is slept after every step: a slower model, to see how the stream copes (drops, latency). Ctrl-C
     stops the stream and still writes the summary. `backend` "onnx" runs the step `glitr export` writes
     with ONNX Runtime on the CPU instead of PyTorch (the same numbers up to float rounding), "onnx-int8"
-    the step of `glitr export --int8` (int8 linear layers: an approximation).
+    the step of `glitr export --int8` (int8 linear layers: an approximation); `checkpoint` is then either
+    such a file or a `.pt` checkpoint, whose export is cached beside it. `threads` is the CPU threads of the
+    step (PyTorch's, or ONNX Runtime's intra-op threads); 0: every core this process may use.
     """
     console = console or Console(stderr=True)
     if every is not None and every < 1:
@@ -311,17 +314,24 @@ def stream(
         raise GlitrError(f"--glimpse-only runs on the PyTorch backend; drop --backend {backend}")
     if onnx and device not in ("auto", "cpu"):
         raise GlitrError(f"--backend {backend} runs on the CPU; drop --device {device}")
+    if threads < 0:
+        raise GlitrError(f"--threads must be 0 (every core) or more, got {threads}")
     container = open_source(source)  # before the model: a wrong source answers at once
     try:
         if checkpoint is None:
             checkpoint = find_checkpoint(runs)
             console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
-        student = load_student(checkpoint)
-        runtime = Runtime.from_recipe(student.recipe, device="cpu" if onnx else device)
-        runtime.apply()
+        threads = threads or available_cores()
         predictor = None
         if onnx:
-            predictor = OnnxPredictor(student.model, context, runtime.threads, int8=backend == "onnx-int8")
+            predictor = onnx_predictor(checkpoint, backend, context, threads, console)
+            student = exported_student(predictor)
+        elif Path(checkpoint).suffix.lower() == ".onnx":
+            raise GlitrError(f"--checkpoint {checkpoint}: an exported step runs with --backend onnx (or onnx-int8)")
+        else:
+            student = load_student(checkpoint)
+        runtime = replace(Runtime.from_recipe(student.recipe, device="cpu" if onnx else device), threads=threads)
+        runtime.apply()
         fps = frame_rate(container)
         if every is None:
             every = default_every(fps or 25.0, student.num_frames, student.recipe.data.dataset)
@@ -360,6 +370,24 @@ def stream(
         lines.flush()
     console.print(describe(summary), highlight=False, soft_wrap=True)
     return summary
+
+
+def onnx_predictor(checkpoint: str | Path, backend: str, context: str, threads: int, console: Console) -> OnnxPredictor:
+    """The step of `backend` ("onnx" float32, "onnx-int8") for `checkpoint`: an exported file itself, or
+    a `.pt` checkpoint's export, cached beside it (`export.cached_step`)."""
+    int8 = backend == "onnx-int8"
+    path = Path(checkpoint)
+    step: Path | bytes = path
+    if path.suffix.lower() != ".onnx":
+        step = cached_step(path, int8=int8, notice=lambda text: console.print(text, highlight=False, soft_wrap=True))
+    elif not path.is_file():
+        raise GlitrError(f"--checkpoint {path}: no such file")
+    predictor = OnnxPredictor(step, context, threads)
+    precision = predictor.metadata.get("precision")
+    if precision != ("int8" if int8 else "float32"):
+        other = "onnx-int8" if precision == "int8" else "onnx"
+        raise GlitrError(f"--checkpoint {path} holds the {precision} step: run it with --backend {other}")
+    return predictor
 
 
 def _run(

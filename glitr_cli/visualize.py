@@ -280,20 +280,19 @@ def run_steps(
     evaluation. After T steps the predictor's `context` decides: "restart" starts a new window
     (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
     each Step carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each.
-    `predictor` replaces evaluation's online predictor: one with its `step`, `steps` and `frames`, such
-    as `export.OnnxPredictor`. With `glimpse_only` each frame is brought to evaluation's size (its
-    resize) and the predictor reads only the pixels of its `next_box()` (`Step.pixels_read`), as a
-    source that delivers just that window would; the numbers equal the whole-frame path's."""
+    `predictor` replaces evaluation's online predictor: one with its `step`, `steps`, `frames`,
+    `glimpse_scale` and `glimpse_pixels`, such as `export.OnnxPredictor` (the student may then have no
+    model). With `glimpse_only` each frame is brought to evaluation's size (its resize) and the predictor
+    reads only the pixels of its `next_box()` (`Step.pixels_read`), as a source that delivers just that
+    window would; the numbers equal the whole-frame path's."""
     if glimpse_only and side_by_side:
         raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
-    model = student.model.to(runtime.device)
     transform = eval_transform(student.img_size, student.resize)
     resize = eval_resize(student.resize)  # glimpse-only: the frame at evaluation's size, not cropped
-    scale = model.backbone.glimpse_scale
-    side = model.backbone.glimpse_pixels
     k = min(top_k, len(student.class_names))
     if predictor is None:
-        predictor = online_predictor(model, runtime, context=context)
+        predictor = online_predictor(student.model.to(runtime.device), runtime, context=context)
+    scale, side = predictor.glimpse_scale, predictor.glimpse_pixels
     window = 0
     for index, frame in frames:
         h, w = frame.shape[:2]
