@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import platform
 import resource
 import statistics
@@ -61,10 +62,10 @@ from glitr_cli.engine.loading import build_model
 from glitr_cli.engine.objectives import Objective, reference_objective, student_objective, teacher_objective
 from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError
-from glitr_cli.export import OnnxPredictor, onnx_runtime_available
+from glitr_cli.export import OnnxPredictor, onnx_runtime_available, quantize_int8, step_program
 from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
-from glitr_cli.runtime import PREFETCH_FACTOR, Runtime, stop_workers
+from glitr_cli.runtime import PREFETCH_FACTOR, Runtime, available_cores, stop_workers
 
 # dense bf16 tensor-core peaks (FLOP/s) of GPUs whose figures are public
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
@@ -129,6 +130,26 @@ def saved_for_backward_mib(fn: Callable[[], Any], exclude: set[int]) -> float:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(sizes.values()) / 2**20
+
+
+def memory_read_gb_per_s(threads: int, mib: int = 256, repeats: int = 5) -> list[float]:
+    """This machine's memory read bandwidth with `threads` threads, GB/s: sums of a float32 tensor of `mib`
+    MiB, far larger than the caches, `repeats` times."""
+    x = torch.ones(mib * 2**18)
+    with _threads(threads):
+        x.sum()
+        seconds = time_it(x.sum, torch.device("cpu"), 0, repeats)
+    return [x.numel() * 4 / s / 1e9 for s in seconds]
+
+
+@contextlib.contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def gpu_peak(device: torch.device) -> float | None:
@@ -228,6 +249,9 @@ class Bench:
         self.memory: dict[str, float] = {}
         self.activations: dict[str, float] = {}
         self.flops: dict[str, int] = {}
+        self.weight_bytes: dict[str, int] = {}  # what one online step reads at batch 1, per backend
+        self.online_threads: dict[str, int] = {}
+        self.agreement: dict[str, float] = {}
 
     def measure(self, name: str, fn: Callable[[], Any], work: float, unit: str) -> bool:
         """Record `work / seconds` per call of `fn` (or milliseconds per unit of work for ms units).
@@ -317,21 +341,54 @@ class Bench:
                     predictor.step(frame)
 
             self.measure(name, online, t * batch, unit)
-        if self.device.type == "cpu" and onnx_runtime_available():  # the exported step in ONNX Runtime
-            frames = torch.randn(t, 1, 3, size, size)
-            for int8, name in ((False, "online_ms_per_frame_b1_onnx"), (True, "online_ms_per_frame_b1_onnx_int8")):
-                onnx = OnnxPredictor(student, threads=self.runtime.threads, int8=int8)
-
-                def onnx_online(onnx: OnnxPredictor = onnx) -> None:
-                    onnx.reset()
-                    for frame in frames:
-                        onnx.step(frame)
-
-                self.measure(name, onnx_online, t, "ms/frame")
+        stream = self.frames[:1].transpose(0, 1)  # (T, 1, 3, S, S): one stream
+        predictor = online_predictor(student, replace(self.runtime, eval_graphs=False))
+        self.flops["online_step"] = count_flops(lambda: _feed(predictor, stream)) // t
+        if self.device.type == "cpu" and onnx_runtime_available():
+            self.exported_online(stream.cpu())
         one, centre = self.frames[:1, 0], self.frames.new_zeros(1, 2)
         with torch.no_grad():
             self.flops["backbone_per_glimpse"] = count_flops(lambda: student.backbone(one, centre))
             self.flops["backbone_per_full_frame"] = count_flops(lambda: student.backbone(one))
+
+    def exported_online(self, stream: torch.Tensor) -> None:
+        """One stream's first T frames `stream` (T, 1, 3, S, S) through the step `glitr export` writes (float32,
+        and int8 as `--int8` writes it) in ONNX Runtime with every core this process may use, as `glitr
+        stream` runs it, and through the eager PyTorch step with as many threads; the bytes of weights each
+        step reads, this machine's memory read bandwidth, and how often int8's top-1 agrees with the float
+        step's (open loop: both look where the float step chose)."""
+        student, t, cores = self.student.eval(), len(stream), available_cores()
+        self.online_threads = {"pytorch": self.runtime.threads, "onnx": cores}
+        proto = step_program(student)
+        steps = {"onnx": proto, "onnx_int8": quantize_int8(proto)}
+        self.weight_bytes = {"pytorch": sum(p.numel() * p.element_size() for p in student.parameters())}
+        self.weight_bytes |= {name: _initializer_bytes(step) for name, step in steps.items()}
+        predictors = {name: OnnxPredictor(step.SerializeToString(), threads=cores) for name, step in steps.items()}
+        for name, predictor in predictors.items():
+            self.measure(f"online_ms_per_frame_b1_{name}", lambda p=predictor: _feed(p, stream), t, "ms/frame")
+        if cores != self.runtime.threads:
+            eager = online_predictor(student, replace(self.runtime, threads=cores))
+            with _threads(cores):
+                self.measure("online_ms_per_frame_b1_all_cores", lambda: _feed(eager, stream), t, "ms/frame")
+        for threads in sorted({self.runtime.threads, cores}):
+            self.results[f"memory_read_gb_per_s_{threads}_threads"] = Figure(memory_read_gb_per_s(threads), "GB/s")
+        reference, exact, fast = online_predictor(student, self.runtime), predictors["onnx"], predictors["onnx_int8"]
+        for predictor in (reference, exact, fast):
+            predictor.reset()
+        location, agree, int8_diff, onnx_diff = None, [], [], []
+        with torch.no_grad():
+            for frame in stream:
+                ref = reference.step(frame.to(self.device))
+                a, b = exact.step(frame, location=location), fast.step(frame, location=location)
+                agree.append(float(b.probs.argmax() == ref.probs.argmax().cpu()))
+                int8_diff.append(float((b.probs - ref.probs.cpu()).abs().mean()))
+                onnx_diff.append(float((a.probs - ref.probs.cpu()).abs().max()))
+                location = ref.next_location.cpu()
+        self.agreement = {
+            "int8_top1_agreement": statistics.mean(agree),
+            "int8_mean_abs_prob_diff": statistics.mean(int8_diff),
+            "onnx_max_abs_prob_diff": max(onnx_diff),
+        }
 
     def data(self) -> None:
         """End-to-end training from the prepared dataset, then its stages (module docstring)."""
@@ -395,12 +452,12 @@ class Bench:
             "saved_for_backward_mib": self.activations,
             "failures": self.failures,
         }
-        if "online_ms_per_frame_b1" in self.results:  # the eager PyTorch step against the ONNX Runtime ones
-            eager = statistics.median(self.results["online_ms_per_frame_b1"].values)
-            for suffix in ("onnx", "onnx_int8"):
-                if f"online_ms_per_frame_b1_{suffix}" in self.results:
-                    ms = self.results[f"online_ms_per_frame_b1_{suffix}"].values
-                    out["results"][f"online_b1_speedup_{suffix}"] = Figure([eager / m for m in ms], "x").as_dict()
+        online = online_figures(self.results, self.flops.get("online_step"), self.weight_bytes, self.online_threads)
+        out["results"] |= {name: fig.as_dict() for name, fig in online.items()}
+        if self.weight_bytes:
+            out["online_weight_bytes"] = self.weight_bytes
+            out["online_threads"] = self.online_threads
+            out["online_agreement"] = self.agreement
         if self.settings.data:
             cfg = self.data_cfg
             out["data"] = {
@@ -437,6 +494,40 @@ class Bench:
         return out
 
 
+def online_figures(
+    results: dict[str, Figure], flops_per_step: int | None, weight_bytes: dict[str, int], threads: dict[str, int]
+) -> dict[str, Figure]:
+    """What the online step at batch 1 achieves, per backend (eager PyTorch with the recipe's threads and with
+    every core, the exported float32 and int8 steps in ONNX Runtime): GFLOP/s (`flops_per_step` over each
+    ms per frame); its memory bound, every weight read once per frame at the read bandwidth measured with
+    that many threads, and each time over that bound; the speed-ups over the eager step."""
+    out: dict[str, Figure] = {}
+    runs = {  # suffix: (whose weights, threads)
+        "": ("pytorch", threads.get("pytorch")),
+        "_all_cores": ("pytorch", threads.get("onnx")),
+        "_onnx": ("onnx", threads.get("onnx")),
+        "_onnx_int8": ("onnx_int8", threads.get("onnx")),
+    }
+    for suffix, (weights, n) in runs.items():
+        if f"online_ms_per_frame_b1{suffix}" not in results:
+            continue
+        ms = results[f"online_ms_per_frame_b1{suffix}"].values
+        if flops_per_step:
+            out[f"online_gflop_per_s_b1{suffix}"] = Figure([flops_per_step / m / 1e6 for m in ms], "GFLOP/s")
+        bandwidth = results.get(f"memory_read_gb_per_s_{n}_threads")
+        if weights in weight_bytes and bandwidth is not None:
+            bound = weight_bytes[weights] / max(bandwidth.values) / 1e6  # ms
+            out[f"online_memory_bound_ms_b1{suffix}"] = Figure([bound], "ms/frame")
+            out[f"online_over_memory_bound_b1{suffix}"] = Figure([m / bound for m in ms], "x")
+    if "online_ms_per_frame_b1" in results:
+        eager = statistics.median(results["online_ms_per_frame_b1"].values)
+        for suffix in ("all_cores", "onnx", "onnx_int8"):
+            if f"online_ms_per_frame_b1_{suffix}" in results:
+                ms = results[f"online_ms_per_frame_b1_{suffix}"].values
+                out[f"online_b1_speedup_{suffix}"] = Figure([eager / m for m in ms], "x")
+    return out
+
+
 def run_bench(recipe_path: str | Path, overrides: list[str] | None, settings: BenchSettings) -> dict[str, Any]:
     """Measure the recipe's training, evaluation and online speed; returns the JSON-ready result."""
     bench = Bench(load_recipe(recipe_path, overrides), settings)
@@ -468,6 +559,10 @@ def result_table(result: dict[str, Any]) -> Table:
         table.add_row(f"peak_memory_{name}", f"{mib:.0f}", "", "", "MiB")
     for name, mib in result["saved_for_backward_mib"].items():
         table.add_row(f"saved_for_backward_{name}", f"{mib:.1f}", "", "", "MiB")
+    for name, size in result.get("online_weight_bytes", {}).items():
+        table.add_row(f"online_weights_read_per_frame_{name}", f"{size / 1e6:.1f}", "", "", "MB")
+    for name, value in result.get("online_agreement", {}).items():
+        table.add_row(f"online_{name}", f"{value:.3g}", "", "", "open loop, these weights")
     for name, why in result["failures"].items():
         table.add_row(name, "failed", "", "", why)
     if "data" in result:
@@ -477,6 +572,22 @@ def result_table(result: dict[str, Any]) -> Table:
         transform = "in the training process" if d["augment_on"] == "device" else workers
         table.caption = f"data: {d['root']} ({d['clips']} clips), decoded {decode}, transformed {transform}"
     return table
+
+
+def _feed(predictor: Any, stream: torch.Tensor) -> None:
+    """A new stream through `predictor`: every frame of `stream` (T, B, 3, S, S)."""
+    predictor.reset()
+    for frame in stream:
+        predictor.step(frame)
+
+
+def _initializer_bytes(proto: Any) -> int:
+    """Bytes of the weights (initializers) of an ONNX model: what one step reads at batch 1."""
+    import onnx
+
+    return sum(
+        math.prod(w.dims) * onnx.helper.tensor_dtype_to_np_dtype(w.data_type).itemsize for w in proto.graph.initializer
+    )
 
 
 def _epochs(loader: Any, sampler: ResumableSampler) -> Iterator[Any]:
