@@ -7,9 +7,11 @@ each command, so `glitr --help` and a mistyped option answer without loading PyT
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -19,10 +21,35 @@ from typer.exceptions import TyperException
 from glitr_cli import __version__
 from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError, Preempted
 from glitr_cli.paths import packaged_recipe, recipe_names
+from glitr_cli.progress import PROGRESS_EVERY, set_progress_every
 
+# `glitr --help` lists the commands in the order a new user needs them, whatever order they are
+# defined in (typer would list the subcommand groups last)
+USER_PATH = (
+    "demo",
+    "prepare-data",
+    "train-teacher",
+    "train-glitr",
+    "eval",
+    "predict",
+    "visualize",
+    "stream",
+    "export",
+    "bench",
+    "recipes",
+)
+
+
+class _UserPathGroup(typer.core.TyperGroup):
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return sorted(super().list_commands(ctx), key=USER_PATH.index)
+
+
+# Help texts are rich markup: a literal `[` is written `\\[` (tests/test_cli.py renders every --help)
 app = typer.Typer(
     name="glitr",
     help="GliTr: online action prediction from glimpses (WACV 2023), faithful and fast.",
+    cls=_UserPathGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -43,6 +70,12 @@ def _root(
     ),
 ) -> None:
     """GliTr: online action prediction from glimpses."""
+
+
+def _library(path: str) -> Any:
+    """The library function a command calls, imported only when the command runs."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 _OVERRIDES_HELP = "Recipe overrides, section.key=value, e.g. optim.epochs=5 train.device=cpu."
@@ -83,100 +116,134 @@ def eval_(
         None, "--checkpoint", "-c", help="Checkpoint to evaluate (default: the run's checkpoints/last.pt)."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Directory for eval.json and accuracy.png (default: the run directory)."
+        None, "--out", help="Directory for eval.json, accuracy.png and early.png (default: the run directory)."
     ),
 ) -> None:
-    """Top-1/top-5 at every step t: learned, center and random glimpses, and the full-frame teacher."""
+    """Top-1/top-5 at every step t (learned, center and random glimpses, the full-frame teacher), calibration and
+    early decisions."""
     from glitr_cli.engine import evaluate
 
     evaluate(recipe, overrides, checkpoint=checkpoint, out_dir=out)
 
 
-_DATA_ROOT_HELP = "Moves the whole data tree (default: $GLITR_DATA, else ./data)."
+prepare_app = typer.Typer(
+    help="Turn the SSv2 or Jester download, a generated toy set or your own clips into frame folders and TSM lists.",
+    no_args_is_help=True,
+)
+app.add_typer(prepare_app, name="prepare-data")
+_OUT = typer.Option(None, "--out", help="Where the prepared dataset goes (default: <data root>/<dataset>).")
+_DATA_ROOT = typer.Option(None, "--data-root", help="Moves the whole data tree (default: $GLITR_DATA, else ./data).")
+_WORKERS = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8.")
+_QUALITY = typer.Option(95, "--quality", help="JPEG quality of the written frames.")
+_PROGRESS_EVERY = typer.Option(
+    PROGRESS_EVERY, "--progress-every", help="Seconds between progress lines when the output is not a terminal."
+)
+_CALIBRATED_HELP = (
+    "Calibrated probabilities, with the temperatures `glitr eval` fitted: from the run's eval.json (RUN/eval.json "
+    "beside checkpoints/, else the folder above RUN, where `glitr demo` writes it)."
+)
+_CALIBRATION_HELP = "The same with the temperatures in this eval.json."
+_DECIDE_HELP = (
+    "Decide at the first step whose top probability reaches TAU, else at the last (default with --calibrated or "
+    "--calibration: the threshold `glitr eval` chose)."
+)
 
 
-@app.command("prepare-data")
-def prepare_data(
-    dataset: str = typer.Argument(..., help="ssv2, jester, toy, or folder (your own clips).", show_default=False),
-    src: Path | None = typer.Option(
-        None,
-        "--src",
-        help="The official download (default: <data root>/<dataset>/download; toy: <out>/download); "
-        "folder: your clips, DIR/<class>/<video> or DIR/{train,val,test}/<class>/<video>.",
-    ),
-    out: Path | None = typer.Option(
-        None,
-        "--out",
-        help="Where the prepared dataset goes (default: <data root>/<dataset>; folder: <data root>/<name of --src>).",
-    ),
-    data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
-    workers: int = typer.Option(0, "--workers", "-j", help="Parallel workers; 0: the CPU count, at most 8."),
-    short_side: int | None = typer.Option(
-        None,
-        "--short-side",
-        help="Resize frames to this short side, 0 keeps them (ssv2, folder: 256; else keep).",
-    ),
-    quality: int | None = typer.Option(None, "--quality", help="JPEG quality of the written frames (default 95)."),
-    videos: Path | None = typer.Option(None, "--videos", help="ssv2: the folder of <id>.webm files, if elsewhere."),
-    frames: Path | None = typer.Option(None, "--frames", help="jester: the 20bn-jester-v1 frame folder, if elsewhere."),
-    csv: Path | None = typer.Option(
-        None,
-        "--csv",
-        help="folder: a CSV of path,label[,split] lines, paths relative to --src (instead of class folders).",
-    ),
-    val_fraction: float | None = typer.Option(
-        None, "--val-fraction", help="folder without val clips: the training clips set aside per class (default 0.2)."
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="toy: random seed; folder: validation draw (default 0)."),
-    toy_train: int | None = typer.Option(None, "--toy-train", help="toy: training videos (default 400)."),
-    toy_val: int | None = typer.Option(None, "--toy-val", help="toy: validation videos (default 100)."),
-    toy_test: int | None = typer.Option(None, "--toy-test", help="toy: unlabelled test videos (default 20)."),
-    toy_frames: int | None = typer.Option(None, "--toy-frames", help="toy: frames per video (default 16)."),
-    toy_size: int | None = typer.Option(None, "--toy-size", help="toy: frame side in pixels (default 112)."),
-    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="toy: target shapes (default square,ring)."),
-    toy_directions: str | None = typer.Option(
-        None, "--toy-directions", help="toy: target directions (default left,right,up,down)."
-    ),
-    toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="toy: grey distractors (default 4)."),
-) -> None:
-    """Turn the SSv2 or Jester download, a generated toy set or your own clips into frame folders and TSM lists."""
-    from glitr_cli.data.folder import prepare_folder_dataset
-    from glitr_cli.data.prepare import prepare_dataset
-
-    options = dict(
-        short_side=short_side, quality=quality, videos=videos, frames=frames, seed=seed, num_train=toy_train,
-        num_val=toy_val, num_test=toy_test, num_frames=toy_frames, size=toy_size, shapes=toy_shapes,
-        directions=toy_directions, distractors=toy_distractors, csv=csv, val_fraction=val_fraction,
-    )  # fmt: skip
-    if dataset == "folder":
-        summary = prepare_folder_dataset(src, out, workers, root=data_root, **options)
-    else:
-        summary = prepare_dataset(dataset, src, out, workers, root=data_root, **options)
+def _prepare(function: str, progress_every: float, **options: Any) -> None:
+    """Run a preparation of `data/` with the command's options; exit code 1 when a clip failed."""
+    set_progress_every(progress_every)
+    summary = _library(f"glitr_cli.data.{function}")(**options)
     typer.echo(summary.describe())
     if not summary.ok:
         raise typer.Exit(1)
 
 
-@app.command("bench-loader")
-def bench_loader(
-    dataset: str = typer.Argument("toy", help="A prepared dataset folder, or ssv2/jester/toy under the data root."),
-    split: str = typer.Option("train", "--split", help="train, val or test."),
-    frames: int = typer.Option(16, "--frames", help="Frames per clip (T)."),
-    size: int = typer.Option(224, "--size", help="Crop size (the toy recipes use 112)."),
-    resize: int | None = typer.Option(None, "--resize", help="Eval: short side before the crop (size*256/224)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Clips per batch."),
-    workers: int = typer.Option(2, "--workers", "-j", help="DataLoader worker processes."),
-    batches: int = typer.Option(20, "--batches", help="Batches timed after two warm-up batches."),
-    eval_mode: bool = typer.Option(False, "--eval", help="Evaluation transform instead of training augmentation."),
-    data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
+@prepare_app.command("ssv2")
+def prepare_ssv2(
+    src: Path | None = typer.Option(None, "--src", help="The official download (default: <data root>/ssv2/download)."),
+    out: Path | None = _OUT,
+    root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    videos: Path | None = typer.Option(None, "--videos", help="The folder of <id>.webm files, if elsewhere."),
+    progress_every: float = _PROGRESS_EVERY,
 ) -> None:
-    """Print the clips/s and frames/s the data loader delivers on a prepared dataset."""
-    from glitr_cli.data.bench import benchmark_dataset, describe, resolve_dataset
+    """Something-Something-V2: decode every video into JPEG frames and write the TSM lists."""
+    _prepare("prepare.prepare_ssv2", **locals())
 
-    result = benchmark_dataset(
-        resolve_dataset(dataset, data_root), split, frames, size, resize, batch_size, workers, batches, not eval_mode
-    )
-    typer.echo(describe(result))
+
+@prepare_app.command("jester")
+def prepare_jester(
+    src: Path | None = typer.Option(
+        None, "--src", help="The official download (default: <data root>/jester/download)."
+    ),
+    out: Path | None = _OUT,
+    root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(
+        0, "--short-side", help="Copy the frames resized to this short side; 0 keeps them in place."
+    ),
+    quality: int = _QUALITY,
+    frames: Path | None = typer.Option(None, "--frames", help="The 20bn-jester-v1 frame folder, if elsewhere."),
+    progress_every: float = _PROGRESS_EVERY,
+) -> None:
+    """Jester: list files over the official frame folders (or resized copies of them)."""
+    _prepare("prepare.prepare_jester", **locals())
+
+
+@prepare_app.command("toy")
+def prepare_toy(
+    out: Path | None = _OUT,
+    src: Path | None = typer.Option(None, "--src", help="Where the generated raw videos go (default: <out>/download)."),
+    root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(0, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    seed: int | None = typer.Option(None, "--seed", help="Random seed of the generator (default 0)."),
+    toy_train: int | None = typer.Option(None, "--toy-train", help="Training videos (default 400)."),
+    toy_val: int | None = typer.Option(None, "--toy-val", help="Validation videos (default 100)."),
+    toy_test: int | None = typer.Option(None, "--toy-test", help="Unlabelled test videos (default 20)."),
+    toy_frames: int | None = typer.Option(None, "--toy-frames", help="Frames per video (default 16)."),
+    toy_size: int | None = typer.Option(None, "--toy-size", help="Frame side in pixels (default 112)."),
+    toy_shapes: str | None = typer.Option(None, "--toy-shapes", help="Target shapes (default square,ring)."),
+    toy_directions: str | None = typer.Option(
+        None, "--toy-directions", help="Target directions (default left,right,up,down)."
+    ),
+    toy_distractors: int | None = typer.Option(None, "--toy-distractors", help="Grey distractors (default 4)."),
+    progress_every: float = _PROGRESS_EVERY,
+) -> None:
+    """The generated toy set: where to look decides the class (shape x direction)."""
+    toy = dict(seed=seed, num_train=toy_train, num_val=toy_val, num_test=toy_test, num_frames=toy_frames,
+               size=toy_size, shapes=toy_shapes, directions=toy_directions, distractors=toy_distractors)  # fmt: skip
+    toy = {key: value for key, value in toy.items() if value is not None}  # the rest: ToyConfig's defaults
+    common = dict(out=out, src=src, root=root, workers=workers, short_side=short_side, quality=quality)
+    _prepare("prepare.prepare_toy", progress_every, **common, **toy)
+
+
+@prepare_app.command("folder")
+def prepare_folder(
+    src: Path = typer.Option(
+        ..., "--src", help="Your clips: DIR/<class>/<video> or DIR/{train,val,test}/<class>/<video>."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where the prepared dataset goes (default: <data root>/<name of --src>)."
+    ),
+    root: Path | None = _DATA_ROOT,
+    workers: int = _WORKERS,
+    short_side: int = typer.Option(256, "--short-side", help="Resize frames to this short side; 0 keeps them."),
+    quality: int = _QUALITY,
+    csv: Path | None = typer.Option(
+        None, "--csv", help="A CSV of path,label[,split] lines, paths relative to --src (instead of class folders)."
+    ),
+    val_fraction: float = typer.Option(
+        0.2, "--val-fraction", help="Without val clips: the share of each class's training clips set aside."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the validation draw."),
+    progress_every: float = _PROGRESS_EVERY,
+) -> None:
+    """Your own clips (video files or frame folders), by class folders or a CSV listing."""
+    _prepare("folder.prepare_folder", **locals())
 
 
 @app.command("visualize")
@@ -201,22 +268,14 @@ def visualize(
     fps: float = typer.Option(4.0, "--fps", help="Output frames (model steps) per second."),
     size: int = typer.Option(384, "--size", help="Longer side of the drawn frame in pixels (0: the video's own size)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
+    decide: float | None = typer.Option(
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + " Marks the step that decides."
+    ),
 ) -> None:
     """Draw where a trained GliTr looks in a video, step by step, with its top-3 classes."""
-    from glitr_cli.visualize import visualize as run
-
-    run(
-        video,
-        checkpoint=checkpoint,
-        out=out,
-        every=every,
-        side_by_side=side_by_side,
-        json_path=json_path,
-        fps=fps,
-        size=size,
-        device=device,
-        context=context,
-    )
+    _library("glitr_cli.engine.online.visualize")(**locals())
 
 
 @app.command("stream")
@@ -251,7 +310,7 @@ def stream(
     backend: str = typer.Option(
         "pytorch",
         "--backend",
-        help="pytorch, onnx (the exported step in ONNX Runtime, CPU; needs glitr[export]) or onnx-int8 "
+        help="pytorch, onnx (the exported step in ONNX Runtime, CPU; needs glitr\\[export]) or onnx-int8 "
         "(the same with int8 linear layers: faster, approximate).",
     ),
     glimpse_only: bool = typer.Option(
@@ -260,25 +319,17 @@ def stream(
     threads: int = typer.Option(
         0, "--threads", help="CPU threads of the step (PyTorch's, or ONNX Runtime's intra-op threads); 0: every core."
     ),
+    calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
+    decide: float | None = typer.Option(
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + ' Writes a {"decision": ...} line then.'
+    ),
+    stop_on_decision: bool = typer.Option(
+        False, "--stop-on-decision", help="End the stream at the first decision, with its summary."
+    ),
 ) -> None:
     """Predict online as the frames of a file, stream or camera arrive; Ctrl-C stops with a summary."""
-    from glitr_cli.stream import stream as run
-
-    run(
-        source,
-        checkpoint=checkpoint,
-        jsonl=jsonl,
-        out=out,
-        every=every,
-        context=context,
-        as_fast_as_possible=as_fast_as_possible,
-        top_k=top_k,
-        size=size,
-        device=device,
-        backend=backend,
-        glimpse_only=glimpse_only,
-        threads=threads,
-    )
+    _library("glitr_cli.stream.stream")(**locals())
 
 
 @app.command("export")
@@ -294,7 +345,7 @@ def export(
     ),
 ) -> None:
     """The online step (frame and state in; probabilities, next location and state out) as ONNX."""
-    from glitr_cli.export import export_onnx
+    from glitr_cli.engine.onnx import export_onnx
 
     meta = export_onnx(checkpoint, out, crop=crop, batch_size=batch_size, int8=int8)
     typer.echo(f"wrote {out}: {meta['input']} input, T={meta['num_frames']}, S={meta['img_size']}, {meta['precision']}")
@@ -317,11 +368,27 @@ def predict(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Clips per batch (default: the recipe's eval)."),
     workers: int | None = typer.Option(None, "--workers", "-j", help="Decoding processes (default: the recipe's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
+    decide: float | None = typer.Option(
+        None, "--decide", metavar="TAU", help=_DECIDE_HELP + " Adds decided_at and decided to every clip."
+    ),
 ) -> None:
     """A trained GliTr's classes after every step and its glimpse locations, for your clips."""
     from glitr_cli.engine.predict import predict as run
 
-    summary = run(checkpoint, inputs, out=out, top_k=top_k, batch_size=batch_size, workers=workers, device=device)
+    summary = run(
+        checkpoint,
+        inputs,
+        out=out,
+        top_k=top_k,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        calibrated=calibrated,
+        calibration=calibration,
+        decide=decide,
+    )
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -351,22 +418,14 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json", help="Write the figures to this JSON file."),
 ) -> None:
     """Speed of training, evaluation and online inference against a plain reimplementation of the original."""
-    from glitr_cli.bench import BenchSettings, result_table, run_bench, write_json
+    from glitr_cli.bench import BenchSettings, result_table, run_bench
+    from glitr_cli.files import atomic_write_json
 
-    settings = BenchSettings(
-        batch_size=batch_size,
-        teacher_batch_size=teacher_batch_size,
-        num_classes=num_classes,
-        online_batch=online_batch,
-        warmup=warmup,
-        repeats=repeats,
-        baseline=baseline,
-        data=data,
-    )
+    settings = BenchSettings(batch_size, teacher_batch_size, num_classes, online_batch, warmup, repeats, baseline, data)
     result = run_bench(recipe, overrides, settings)
     Console(width=max(Console().width, 110)).print(result_table(result))
     if json_out is not None:
-        write_json(result, json_out)
+        atomic_write_json(json_out, result)
 
 
 @app.command("demo")
@@ -385,13 +444,13 @@ def demo(
     ),
     gifs: int = typer.Option(4, "--gifs", help="Validation videos to draw as glimpse GIFs."),
 ) -> None:
-    """Toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
-    from glitr_cli.demo import run_demo
-
-    run_demo(out, quick=quick, epochs_scale=epochs_scale, train_videos=train_videos, gifs=gifs)
+    """Start here: toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
+    _library("glitr_cli.demo.run_demo")(**locals())
 
 
-recipes_app = typer.Typer(help="The recipes shipped with glitr: list them, or copy one to edit.", no_args_is_help=False)
+recipes_app = typer.Typer(
+    help="The recipes shipped with glitr: list them, copy one to edit, or print every key.", no_args_is_help=False
+)
 app.add_typer(recipes_app, name="recipes")
 
 
@@ -420,6 +479,14 @@ def recipes_cp(
         raise GlitrError(f"{target} already exists; choose another destination")
     atomic_write_text(target, text)
     typer.echo(f"copied {name} to {target}; edit it, then run: glitr {COMMANDS[load_recipe(target).kind]} {target}")
+
+
+@recipes_app.command("reference")
+def recipes_reference() -> None:
+    """Print the recipe reference (every key, its default and meaning) as markdown: docs/recipes.md."""
+    from glitr_cli.recipe import recipe_reference
+
+    typer.echo(recipe_reference(), nl=False)
 
 
 def main() -> None:

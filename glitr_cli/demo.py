@@ -1,27 +1,20 @@
 """`glitr demo`: the whole pipeline on the generated toy dataset, in one resumable command.
 
-Stages, all under one folder DIR (default runs/demo, so `glitr visualize` finds the model):
+Stages, all under one folder DIR (default runs/demo, so `glitr visualize` finds the model): the toy
+data (DIR/data), the teacher (recipe toy_teacher, DIR/teacher), the GliTr student (recipe toy,
+DIR/glitr), evaluation against the centre and random baselines and the teacher (DIR/eval.json,
+DIR/accuracy.png) with how often the learned glimpse holds the whole target once it has left the
+centre (DIR/follow.json, `follow_rates`), and glimpse GIFs of a few validation videos (DIR/gifs/).
 
-1. data     `prepare-data toy` into DIR/data (raw WebM videos in DIR/data/download)
-2. teacher  the shipped recipe toy_teacher, trained into DIR/teacher
-3. glitr    the shipped recipe toy, the GliTr student distilled from DIR/teacher, into DIR/glitr
-4. eval     learned glimpses against the centre and random baselines (and the full-frame
-            teacher): DIR/eval.json and the accuracy-vs-t plot DIR/accuracy.png; and how
-            often the learned glimpse holds the whole target once it has left the centre,
-            per direction: DIR/follow.json (`follow_rates`)
-5. gifs     a few validation videos drawn by `glitr visualize` into DIR/gifs/
-
-Each stage is skipped when its result is there: finished toy videos are kept, the engine
-resumes a run from its checkpoints/last.pt (and does nothing for a finished one), evaluation
-and GIFs are redone only when the student checkpoint is newer than them. So an interrupted
-demo continues where it stopped. The recipes run as written except for the folders above
-and, when asked, the number of epochs (`epochs_scale`, which scales a module's `hold_epochs`
-too); `quick` shrinks everything to a smoke test of under a minute that proves the plumbing,
-not the accuracy.
+A stage whose result is there is skipped (finished videos are kept, a run resumes from its
+checkpoints/last.pt, evaluation and GIFs are redone only when the student is newer), so an interrupted
+demo continues where it stopped. The recipes run as written but for the folders and, when asked, the
+epochs (`epochs_scale`, which scales `hold_epochs` too); `quick` is a smoke test of the plumbing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -34,9 +27,9 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from glitr_cli.data.dataset import VideoFolderDataset
+from glitr_cli.data.dataset import build_dataset
 from glitr_cli.data.formats import read_categories, read_list
-from glitr_cli.data.prepare import SPLIT_LISTS, prepare_dataset
+from glitr_cli.data.prepare import SPLIT_LISTS, prepare_toy
 from glitr_cli.data.toy import (
     VIDEO_DIR,
     clip_rng,
@@ -46,17 +39,17 @@ from glitr_cli.data.toy import (
     target_in_glimpse,
     target_revealed,
 )
-from glitr_cli.data.transforms import eval_transform
 from glitr_cli.engine import train
 from glitr_cli.engine.distributed import cleanup_distributed
 from glitr_cli.engine.evaluation import result_table, run_eval
 from glitr_cli.engine.loading import load_student
 from glitr_cli.engine.metrics import CURVES_FILE
+from glitr_cli.engine.online import visualize
 from glitr_cli.engine.optim import MODULES
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json
 from glitr_cli.recipe import load_recipe
-from glitr_cli.visualize import visualize
+from glitr_cli.runtime import Runtime, stop_workers
 
 TEACHER_RECIPE = "toy_teacher"  # shipped recipes, by name
 STUDENT_RECIPE = "toy"
@@ -146,22 +139,17 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
     cfg = read_toy_config(data / "download")
     student = load_student(checkpoint)
     model = student.model
-    transform = eval_transform(student.img_size, student.resize)
-    dataset = VideoFolderDataset(
-        data,
-        "val",
-        num_frames=student.num_frames,
-        transform=transform,
-        train=False,
-        sampling=student.recipe.data.sampling,
-    )
+    dataset = build_dataset(dataclasses.replace(student.recipe.data, root=str(data)), "val", train=False)
+    loader = Runtime.from_recipe(student.recipe, device="cpu").loader(dataset, batch_size=batch_size)
     videos = {v.id: v for v in plan_videos(cfg)}
     indices = student.sampler.indices(cfg.num_frames, train=False)
     hits: dict[str, list[bool]] = {d: [] for d in cfg.directions}
     records = iter(dataset.records)
-    with torch.no_grad():
-        for clips, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            for locs in model.forward_student(clips).locs.numpy():
+    try:
+        for clips, _ in loader:
+            with torch.no_grad():
+                locs_batch = model.forward_student(clips).locs.numpy()
+            for locs in locs_batch:
                 video = videos[next(records).id]
                 clip = sample_clip(clip_rng(cfg, video), cfg, *cfg.class_of(video.label))
                 inside = target_in_glimpse(
@@ -174,6 +162,8 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
                     crop=student.img_size,
                 )
                 hits[clip.direction] += inside[target_revealed(clip, cfg)[indices]].tolist()
+    finally:
+        stop_workers(loader)
     rates = {d: float(np.mean(h)) for d, h in hits.items() if h}
     rates["all"] = float(np.mean([x for h in hits.values() for x in h]))
     return rates
@@ -215,14 +205,14 @@ def run_demo(
         follow_json=out / FOLLOW_FILE,
     )
 
-    def stage(i: int, text: str) -> None:
+    def stage(i: int, text: str) -> None:  # short enough for an 80-column terminal; each stage says where it writes
         console.rule(f"[bold]demo {i}/5[/] · {text} · {time.perf_counter() - start:.0f} s", align="left")
 
     toy: dict[str, Any] = dict(QUICK_TOY) if quick else {}
     if train_videos is not None:
         toy["num_train"] = train_videos
-    stage(1, f"toy dataset -> {res.data}")
-    summary = prepare_dataset("toy", out=res.data, progress=not quick, **toy)
+    stage(1, "toy dataset")
+    summary = prepare_toy(res.data, progress=not quick, **toy)
     console.print(summary.describe(), highlight=False, soft_wrap=True)
     if not summary.ok:
         raise GlitrError(f"the toy dataset in {res.data} has videos that failed to decode: see {res.data}/failed.txt")
@@ -239,12 +229,12 @@ def run_demo(
         teacher_overrides += scaled_epochs(teacher_recipe, epochs_scale)
         student_overrides += scaled_epochs(student_recipe, epochs_scale)
 
-    stage(2, f"teacher (full frames) -> {res.teacher.parent.parent}")
+    stage(2, "teacher (full frames)")
     train(teacher_recipe, teacher_overrides, kind="teacher")
-    stage(3, f"GliTr student (glimpses) -> {res.student.parent.parent}")
+    stage(3, "GliTr student (glimpses)")
     train(student_recipe, student_overrides, kind="glitr")
 
-    stage(4, "evaluation: learned vs center vs random glimpses, and how closely the glimpse follows the target")
+    stage(4, "evaluation: learned, centre and random glimpses")
     if _newer(res.eval_json, res.student) and _newer(res.follow_json, res.student):
         res.result = json.loads(res.eval_json.read_text())
         res.follow = json.loads(res.follow_json.read_text())
@@ -254,7 +244,7 @@ def run_demo(
         res.follow = follow_rates(res.student, res.data)
         atomic_write_json(res.follow_json, res.follow)
 
-    stage(5, f"glimpse GIFs -> {out / 'gifs'}")
+    stage(5, "glimpse GIFs")
     for video, name in pick_videos(res.data, gifs):
         gif = out / "gifs" / f"{video.stem}_{_slug(name)}.gif"
         if not _newer(gif, res.student):

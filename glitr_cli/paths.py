@@ -15,6 +15,7 @@ from glitr_cli.errors import GlitrError
 
 RUNS_DIR = "runs"
 RECIPE_SUFFIX = ".yaml"
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe a run saves beside its checkpoints/ folder
 
 
 def data_root() -> Path:
@@ -26,6 +27,30 @@ def data_root() -> Path:
 def run_dir(name: str) -> Path:
     """The default output folder of run `name`: runs/<name>."""
     return Path(RUNS_DIR) / name
+
+
+def run_of(checkpoint: str | Path) -> Path:
+    """The run folder a training checkpoint lies in: runs/<name>/checkpoints/last.pt -> runs/<name>."""
+    return Path(checkpoint).parent.parent
+
+
+def closest_existing(path: str | Path) -> Path | None:
+    """What a mistyped `path` most likely meant: each part that does not exist replaced by the
+    closest name in its folder, when that gives an existing path; None when nothing close exists."""
+    path = Path(path)
+    found, parts = (Path(path.anchor), path.parts[1:]) if path.anchor else (Path(), path.parts)
+    for part in parts:
+        if not (found / part).exists():
+            try:
+                names = [p.name for p in found.iterdir()]
+            except OSError:
+                return None
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
+            if not close:
+                return None
+            part = close[0]
+        found = found / part
+    return found if found != path and found.exists() else None
 
 
 def _packaged() -> Traversable:

@@ -4,7 +4,8 @@ Precedence is YAML, then `section.key=value` overrides from the command line. Un
 values of the wrong type are a `GlitrError` naming the key, where it came from and the closest
 valid key. `resolve_recipe` fills the paths that default to the project layout (data from
 `data/<dataset>/`, output to `runs/<name>/`, a GliTr run's teacher from
-`runs/<name>_teacher/checkpoints/last.pt`); the resolved recipe is what a run saves.
+`runs/<name>_teacher/checkpoints/last.pt`); the resolved recipe is what a run saves. Every key is a
+`setting(default, help)`; `recipe_reference` turns the schema into the reference docs/recipes.md.
 """
 
 from __future__ import annotations
@@ -19,73 +20,118 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from rich.console import Console
 
-from glitr_cli.errors import GlitrError
+from glitr_cli.errors import GlitrError, warn
 from glitr_cli.files import atomic_write_text
-from glitr_cli.paths import data_root, find_recipe, recipe_stem, run_dir
+from glitr_cli.paths import data_root, find_recipe, packaged_recipe, recipe_names, recipe_stem, run_dir
+from glitr_cli.progress import PROGRESS_EVERY
 
 COMMANDS = {"teacher": "train-teacher", "glitr": "train-glitr"}  # the command that trains each recipe kind
 
 
+def setting(default: Any, help: str) -> Any:
+    """A recipe key with its default and one line on what it does (`recipe_reference` prints both).
+
+    A list default is copied for every recipe; a dataclass type is a section of that type."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    """Where clips come from and how they are sampled and augmented (DESIGN §4)."""
+    """Where clips come from and how they are sampled and augmented."""
 
-    dataset: str = "toy"  # folder name under the data root: ssv2 | jester | toy
-    root: str | None = None  # None: <data root>/<dataset>; data root = $GLITR_DATA or ./data
-    train_split: str = "train"
-    val_split: str = "val"
-    num_frames: int = 16  # T: one frame per equal segment (TSN sampling)
-    sampling: Literal["original", "whole_clip"] = "original"  # segments as the release cut them, or over every frame
-    min_train_frames: int = 3  # training lists drop shorter clips (evaluation keeps them)
-    img_size: int = 224  # training crop and evaluation centre crop
-    resize: int = 256  # evaluation: short side before the centre crop
-    randaug_m: float = 7  # RandAugment magnitude on the 0-10 scale, the same ops for every frame
-    randaug_n: int = 4  # ops per clip; 0 turns RandAugment off
-    randaug_mstd: float = 0.5
-    randaug_prob: float = 0.5  # each drawn op is applied with this probability (timm's rand-m7-n4)
-    scale: tuple[float, float] = (0.08, 1.0)  # random-resized crop area range
-    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    crop_resize: Literal["original", "antialiased"] = "original"  # normalised bilinear, or uint8 bicubic antialiased
-    erase_prob: float = 0.0  # random erasing probability
-    workers: int | Literal["auto"] = "auto"  # loader processes per training process; auto: from the cores (runtime.py)
-    decode_on: Literal["loader", "device"] = "loader"  # device: training JPEGs decoded on the GPU (with augment_on)
-    augment_on: Literal["loader", "device"] = "loader"  # device: the training transform runs on the GPU
-    max_bad_fraction: float = 0.01  # stop training when more of an epoch's clips had unreadable frames
+    dataset: str = setting("toy", "prepared dataset: the folder name under the data root (ssv2, jester, toy, yours)")
+    root: str | None = setting(
+        None, "the dataset folder; null: <data root>/<dataset>, the data root $GLITR_DATA or ./data"
+    )
+    train_split: str = setting("train", "list the training clips come from (train, val or test)")
+    val_split: str = setting("val", "list validated on during training")
+    num_frames: int = setting(16, "T: frames per clip, one from each of T equal segments (TSN sampling)")
+    sampling: Literal["original", "whole_clip"] = setting(
+        "original", "where the segments lie: the release's (the last N mod T frames never trained on) or the whole clip"
+    )
+    min_train_frames: int = setting(3, "the training list drops clips with fewer frames; evaluation keeps them")
+    img_size: int = setting(224, "side of the square model input: the training crop and evaluation's centre crop")
+    resize: int = setting(256, "evaluation: the short side the frames are resized to before the centre crop")
+    randaug_m: float = setting(7, "RandAugment magnitude on the 0-10 scale; the same ops for every frame of a clip")
+    randaug_n: int = setting(4, "RandAugment ops drawn per clip; 0 turns RandAugment off")
+    randaug_mstd: float = setting(0.5, "standard deviation of the per-clip magnitude, drawn around randaug_m")
+    randaug_prob: float = setting(0.5, "probability that each drawn op is applied")
+    scale: tuple[float, float] = setting(
+        (0.08, 1.0), "random-resized crop: range of the crop's share of the frame area"
+    )
+    ratio: tuple[float, float] = setting(
+        (0.75, 1.3333333333333333), "random-resized crop: range of the crop's aspect ratio (width / height)"
+    )
+    crop_resize: Literal["original", "antialiased"] = setting(
+        "original",
+        "how the crop is resized: the normalised frames bilinearly (the release), or uint8 bicubic antialiased",
+    )
+    erase_prob: float = setting(0.0, "probability of random erasing (a box of random values) per clip")
+    workers: int | Literal["auto"] = setting(
+        "auto", "loader processes per training process; auto: the cores the training process leaves free"
+    )
+    decode_on: Literal["loader", "device"] = setting(
+        "loader", "device: the training process decodes the batch's JPEGs on its device (needs augment_on: device)"
+    )
+    augment_on: Literal["loader", "device"] = setting(
+        "loader", "device: the training transform runs in the training process, on its device"
+    )
+    max_bad_fraction: float = setting(
+        0.01, "stop training when a larger share of an epoch's clips had unreadable frames"
+    )
 
 
 @dataclass
 class ModelConfig:
-    """GliTr geometry and where its starting weights come from; None keeps the timm model's value."""
+    """GliTr's geometry and where its starting weights come from; null keeps the timm model's value."""
 
-    backbone: str = "vit_small_patch16_224"  # timm ViT name for T_f (DeiT-S geometry)
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    stem: Literal["patch", "conv"] = "patch"  # T_f's patch embedding: one linear patch projection, or a conv stack
-    temporal_dim: int | None = None  # None: 2 * embed_dim
-    temporal_depth: int = 4
-    temporal_heads: int = 6
-    glimpse_size: int = 6  # glimpse side in patches (g)
-    drop_path: float = 0.1
-    fused_attn: bool = True
-    pretrained: str | None = None  # teacher: T_f weights, an iBOT/ViT .pth file or a timm pretrained name
-    init_from: str | None = None  # teacher: start from another GliTr teacher checkpoint (Jester from SSv2)
-    allow_random_init: bool = False  # a missing pretrained/init_from/videomae file warns instead of failing
+    backbone: str = setting("vit_small_patch16_224", "timm ViT that T_f is built as (DeiT-S geometry by default)")
+    embed_dim: int | None = setting(None, "T_f's feature size; null: the backbone's")
+    depth: int | None = setting(None, "T_f's blocks; null: the backbone's")
+    num_heads: int | None = setting(None, "T_f's attention heads; null: the backbone's")
+    patch_size: int | None = setting(None, "T_f's patch side in pixels; null: the backbone's")
+    stem: Literal["patch", "conv"] = setting(
+        "patch", "T_f's patch embedding: one linear patch projection (the original) or a convolutional stem"
+    )
+    temporal_dim: int | None = setting(None, "feature size of T_c and T_l; null: 2 x embed_dim")
+    temporal_depth: int = setting(4, "blocks of T_c and of T_l")
+    temporal_heads: int = setting(6, "attention heads of T_c and T_l")
+    glimpse_size: int = setting(6, "glimpse side in patches (6 patches of 16 px: 96x96 pixels)")
+    drop_path: float = setting(0.1, "stochastic depth rate of T_f, T_c and T_l (their last block's)")
+    fused_attn: bool = setting(True, "attention through scaled_dot_product_attention instead of an explicit softmax")
+    pretrained: str | None = setting(
+        None, "teacher: T_f's starting weights, an iBOT/ViT .pth file or a timm model name; null: random"
+    )
+    init_from: str | None = setting(
+        None, "teacher: start from all the weights of another GliTr teacher checkpoint (class head replaced)"
+    )
+    allow_random_init: bool = setting(
+        False,
+        "teacher: starting weights that cannot be had (a missing pretrained, init_from or videomae file; timm "
+        "weights neither cached nor downloadable, the hub unreachable) warn once and it starts from random "
+        "weights (without distillation for videomae) instead of failing",
+    )
 
 
 @dataclass
 class ObjectiveConfig:
-    """What the loss sees: targets (smoothing, mixup/cutmix) and the models it learns from."""
+    """What the loss sees: the targets (smoothing, mixup/cutmix) and the models it learns from."""
 
-    label_smoothing: float = 0.0
-    mixup: float = 0.0  # teacher: mixup Beta alpha, 0 = off
-    cutmix: float = 0.0  # teacher: cutmix Beta alpha, 0 = off (same box on every frame)
-    mixup_prob: float = 1.0  # probability that a batch is mixed at all
-    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
-    videomae: str | None = None  # teacher: VideoMAE checkpoint to distil from (SSv2), None = no distillation
-    teacher: str | None = None  # GliTr run: teacher checkpoint; None: runs/<name>_teacher/checkpoints/last.pt
+    label_smoothing: float = setting(0.0, "share of the target spread evenly over the classes")
+    mixup: float = setting(0.0, "teacher: mixup's Beta alpha; 0: off")
+    cutmix: float = setting(0.0, "teacher: cutmix's Beta alpha, the same box on every frame; 0: off")
+    mixup_prob: float = setting(1.0, "probability that a batch is mixed at all")
+    mixup_switch_prob: float = setting(0.5, "probability of cutmix instead of mixup when both are on")
+    videomae: str | None = setting(None, "teacher: VideoMAE checkpoint whose predictions it distils; null: none")
+    teacher: str | None = setting(
+        None, "student: its teacher's checkpoint; null: runs/<name>_teacher/checkpoints/last.pt"
+    )
 
 
 @dataclass
@@ -93,88 +139,123 @@ class GroupLR:
     """Learning rate of one module: held at 0 for `hold_epochs`, then a per-iteration cosine from
     `base` to `floor` whose first `warmup_epochs` are a linear warm-up from `warmup_start`."""
 
-    base: float = 1e-5  # scaled by global batch / optim.lr_batch
-    floor: float = 1e-7  # not scaled
-    warmup_epochs: float = 0.0
-    warmup_start: float = 1e-6  # not scaled
-    # held still for this many epochs first (no update, no AdamW state, the teacher's location losses not
-    # computed for a held locator); the warm-up + cosine runs over the rest
-    hold_epochs: float = 0.0
+    base: float = setting(1e-5, "peak learning rate, scaled by optim.batch_size / optim.lr_batch")
+    floor: float = setting(1e-7, "learning rate at the end of the cosine (not scaled)")
+    warmup_epochs: float = setting(0.0, "epochs of linear warm-up at the start of the cosine")
+    warmup_start: float = setting(1e-6, "learning rate the warm-up starts from (not scaled)")
+    hold_epochs: float = setting(
+        0.0,
+        "epochs the module is held still first: no update, no AdamW state, and for the teacher's locator no "
+        "location losses; the warm-up and cosine run over the rest",
+    )
 
 
 @dataclass
 class OptimConfig:
     """AdamW with one parameter group per module (T_f backbone, T_c classifier, T_l locator)."""
 
-    epochs: int = 10
-    batch_size: int = 64  # global: all processes and accumulation steps together
-    accum_steps: int = 1  # gradient accumulation; per-process batch = batch_size / (world * accum_steps)
-    lr_batch: int = 128  # lr = base * batch_size / lr_batch
-    weight_decay: float = 0.05
-    exclude_from_decay: bool = True  # no decay on norms, biases, embeddings; False decays all (the original)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    clip_grad: float | None = None  # max global gradient norm, None = no clipping
-    fused: bool = True  # AdamW's fused kernel when the parameters are on a GPU (same update, fewer launches)
-    backbone: GroupLR = field(default_factory=GroupLR)
-    classifier: GroupLR = field(default_factory=GroupLR)
-    locator: GroupLR = field(default_factory=GroupLR)
+    epochs: int = setting(10, "passes over the training split")
+    batch_size: int = setting(64, "global batch: all processes and accumulation steps together")
+    accum_steps: int = setting(
+        1, "gradient accumulation steps; each process's batch is batch_size / (processes x accum_steps)"
+    )
+    lr_batch: int = setting(128, "reference batch: learning rate = base x batch_size / lr_batch")
+    weight_decay: float = setting(0.05, "AdamW weight decay")
+    exclude_from_decay: bool = setting(
+        True, "no weight decay on norms, biases, embeddings and the initial location; false: on all (the original)"
+    )
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas")
+    eps: float = setting(1e-8, "AdamW's epsilon")
+    clip_grad: float | None = setting(None, "largest global gradient norm; null: no clipping")
+    fused: bool = setting(True, "AdamW's fused kernel when the parameters are on a GPU (the same update)")
+    backbone: GroupLR = setting(GroupLR, "learning rate of T_f, the spatial encoder")
+    classifier: GroupLR = setting(GroupLR, "learning rate of T_c, the temporal classifier")
+    locator: GroupLR = setting(GroupLR, "learning rate of T_l, the temporal locator")
 
 
 @dataclass
 class TrainConfig:
     """How the loop runs: seed, device, precision, checkpoint and evaluation cadence."""
 
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on CUDA only; CPU always runs fp32
-    compile: bool = False  # torch.compile T_f, T_c and T_l (fixed-shape calls; the loop over t stays eager)
-    cuda_graphs: bool = True  # one GPU: replay each micro-step (fwd + bwd) as a CUDA graph; eager under torchrun
-    grad_checkpointing: bool = False  # recompute T_f's (and T_c's, T_l's) activations in backward: less memory
-    keep_freed_memory: bool = True  # glibc: reuse freed host memory for new tensors instead of fresh pages each time
-    threads: int = 0  # PyTorch CPU threads; 0: $OMP_NUM_THREADS, else the cores data.workers leave free (recorded)
-    checkpoint_every: int = 0  # also save every N optimiser steps (0 = only at the end of each epoch)
-    keep_last: int = 3  # numbered checkpoints kept besides last.pt (0 = keep all)
-    eval_every: int = 1  # validate every N epochs (0 = never during training)
-    log_every: int = 10  # write a metrics.jsonl line every N optimiser steps
+    seed: int = setting(
+        0, "seed of the run's random draws: initial weights, clip order, augmentation, mixup, drop-path"
+    )
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N; under torchrun: cuda:LOCAL_RANK")
+    precision: Literal["bf16", "fp16", "fp32"] = setting("bf16", "autocast on CUDA; a CPU always runs fp32")
+    compile: bool = setting(False, "torch.compile T_f, T_c and T_l (fixed-shape calls; the loop over t stays eager)")
+    cuda_graphs: bool = setting(True, "one GPU: replay each forward + backward as a CUDA graph; eager under torchrun")
+    grad_checkpointing: bool = setting(
+        False, "recompute T_f's, T_c's and T_l's activations in the backward pass: less memory, more compute"
+    )
+    keep_freed_memory: bool = setting(
+        True, "glibc: reuse freed host memory for new tensors instead of fresh pages each time"
+    )
+    threads: int = setting(0, "PyTorch CPU threads; 0: $OMP_NUM_THREADS, else the cores the loader workers leave free")
+    checkpoint_every: int = setting(0, "also save every N optimiser steps; 0: only at the end of each epoch")
+    keep_last: int = setting(3, "numbered checkpoints kept besides last.pt; 0: keep all")
+    eval_every: int = setting(1, "validate every N epochs; 0: never during training")
+    log_every: int = setting(10, "write a metrics.jsonl record every N optimiser steps, and at least one per epoch")
 
 
 @dataclass
 class LogConfig:
     """Where metrics go besides metrics.jsonl."""
 
-    progress: bool = True  # rich progress bars
-    tensorboard: bool = False  # needs `pip install glitr[tensorboard]`
-    wandb: bool = False  # needs `pip install glitr[wandb]`
-    wandb_project: str = "glitr"
+    progress: bool = setting(True, "progress: a live bar on a terminal, else plain lines")
+    progress_every: float = setting(
+        PROGRESS_EVERY, "seconds between the plain progress lines written where the output is not a terminal"
+    )
+    tensorboard: bool = setting(
+        False, "also write TensorBoard events to <run>/tensorboard (pip install glitr[tensorboard])"
+    )
+    wandb: bool = setting(False, "also log to Weights & Biases (pip install glitr[wandb])")
+    wandb_project: str = setting("glitr", "the Weights & Biases project")
 
 
 @dataclass
 class EvalConfig:
     """`glitr eval`: which policies, on which split, with what batch."""
 
-    split: str = "val"
-    batch_size: int = 16  # per process
-    policies: list[str] = field(default_factory=lambda: ["learned", "center", "random"])
-    seed: int = 0  # random-policy locations
-    teacher: bool = True  # a GliTr run also reports its teacher's full-frame accuracy
-    cuda_graphs: bool = True  # online inference (visualize, bench) replays CUDA graphs on a GPU
+    split: str = setting("val", "list to evaluate on (train, val or test)")
+    batch_size: int = setting(16, "clips per batch and process")
+    policies: list[str] = setting(
+        ["learned", "center", "random"], "glimpse policies: learned (T_l's), center (fixed), random"
+    )
+    seed: int = setting(0, "seed of the random policy's locations")
+    teacher: bool = setting(True, "a GliTr run also reports its teacher's full-frame accuracy")
+    online_cuda_graphs: bool = setting(
+        True, "online inference (visualize, stream, bench) replays CUDA graphs on a GPU; glitr eval never does"
+    )
 
 
 @dataclass
 class Recipe:
     """A complete run: `kind` says which command trains it."""
 
-    name: str | None = None  # None: the recipe file's stem
-    kind: Literal["teacher", "glitr"] = "teacher"
-    output_dir: str | None = None  # None: runs/<name>
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str | None = setting(None, "the run's name; null: the recipe file's stem")
+    kind: Literal["teacher", "glitr"] = setting(
+        "teacher", "teacher: trained by glitr train-teacher; glitr: the student, by glitr train-glitr"
+    )
+    output_dir: str | None = setting(None, "where the run writes; null: runs/<name>")
+    data: DataConfig = setting(DataConfig, "the clips")
+    model: ModelConfig = setting(ModelConfig, "the model")
+    objective: ObjectiveConfig = setting(ObjectiveConfig, "the loss")
+    optim: OptimConfig = setting(OptimConfig, "the optimiser and its schedules")
+    train: TrainConfig = setting(TrainConfig, "the training loop")
+    log: LogConfig = setting(LogConfig, "logging")
+    eval: EvalConfig = setting(EvalConfig, "glitr eval")
+
+
+# The recipes that replay the paper's training, and the value each deliberate deviation from the
+# original has in them (a test checks both): an option that computes something else on purpose.
+PAPER_RECIPES = ("ssv2_teacher", "ssv2", "jester_teacher", "jester")
+ORIGINAL_VALUES: dict[str, Any] = {
+    "data.sampling": "original",
+    "data.crop_resize": "original",
+    "model.stem": "patch",
+    "optim.exclude_from_decay": False,
+    **{f"optim.{group}.hold_epochs": 0.0 for group in ("backbone", "classifier", "locator")},
+}
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -338,9 +419,18 @@ RANGES: dict[str, str] = {
     "train.keep_last": "[0, inf)",
     "train.eval_every": "[0, inf)",
     "train.log_every": "[1, inf)",
+    "log.progress_every": "[0, inf)",
     "eval.batch_size": "[1, inf)",
     "eval.seed": "[0, inf)",
 }
+
+
+def recipe_value(recipe: Recipe, key: str) -> Any:
+    """The value of dotted `key` (`data.img_size`) in `recipe`."""
+    value: Any = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
@@ -355,16 +445,10 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
                 return f"override '{override}'"
         return source
 
-    def get(key: str) -> Any:
-        value: Any = recipe
-        for part in key.split("."):
-            value = getattr(value, part)
-        return value
-
     for key, interval in RANGES.items():
         low_text, high_text = interval[1:-1].split(",")
         low, high = float(low_text), float(high_text)
-        value = get(key)
+        value = recipe_value(recipe, key)
         for v in value if isinstance(value, tuple) else (value,):
             if v is None or isinstance(v, str):  # None or a named value ('auto')
                 continue
@@ -378,8 +462,8 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
             raise GlitrError(f"'{key}' in {where(key)} expects {' and '.join(want)}, got {value!r}")
 
     for key in ("data.train_split", "data.val_split", "eval.split"):  # the lists a prepared dataset has
-        if get(key) not in ("train", "val", "test"):
-            raise GlitrError(f"'{key}' in {where(key)} expects train, val or test, got {get(key)!r}")
+        if recipe_value(recipe, key) not in ("train", "val", "test"):
+            raise GlitrError(f"'{key}' in {where(key)} expects train, val or test, got {recipe_value(recipe, key)!r}")
 
     d, m = recipe.data, recipe.model
     if d.decode_on == "device" and d.augment_on != "device":
@@ -421,10 +505,28 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return plain(dataclasses.asdict(recipe))
 
 
+# keys that were renamed: old dotted key -> new one (in the same section); old recipes and checkpoints still load
+RENAMED = {"eval.cuda_graphs": "eval.online_cuda_graphs"}
+
+
+def _renamed(data: Any, source: str, prefix: str = "") -> Any:
+    """`data` with the old keys of `RENAMED` under their new names, each with a warning."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        new = RENAMED.get(f"{prefix}{key}")
+        if new is not None:
+            warn(Console(stderr=True), f"'{prefix}{key}' in {source} is now called '{new}'")
+            key = new.rpartition(".")[2]
+        out[key] = _renamed(value, source, f"{prefix}{key}.")
+    return out
+
+
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise GlitrError(f"{source}: a recipe must be a YAML mapping, found {type(data).__name__}")
-    return _build(Recipe, data, "", source)
+    return _build(Recipe, _renamed(data, source), "", source)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -434,7 +536,27 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _annotation(key: str) -> Any:
+    """The schema's type of dotted `key`; None for a key the schema does not have."""
+    tp: Any = Recipe
+    for part in key.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a key of type `tp` holds a string and never a bool or a number (a name, a path)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return str in args and not any(a in (bool, int, float) for a in args)
+
+
 def _override_dict(override: str) -> dict[str, Any]:
+    """`section.key=value` as a nested dict; the value is read as YAML (`true`, `5`, `[0.2, 1.0]`,
+    `null`), except that a key holding text takes the text as typed where YAML would read something
+    else (`name=off` is the name "off", not false)."""
     key, eq, text = override.partition("=")
     key = key.strip()
     if not eq or not key or any(not part for part in key.split(".")):
@@ -443,6 +565,8 @@ def _override_dict(override: str) -> dict[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if not isinstance(value, str | None) and _takes_text(_annotation(key)):
+        value = text.strip()
     out: dict[str, Any] = value
     for part in reversed(key.split(".")):
         out = {part: out}
@@ -466,7 +590,7 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
     recipe = recipe_from_dict(data, str(path))  # file errors name the file
     merged = recipe_to_dict(recipe)
     for override in overrides or []:
-        one = _override_dict(override)
+        one = _renamed(_override_dict(override), f"override '{override}'")
         _build(Recipe, _merge(recipe_to_dict(Recipe()), one), "", f"override '{override}'")  # names the override
         merged = _merge(merged, one)
     recipe = recipe_from_dict(merged, str(path))
@@ -495,3 +619,98 @@ def save_recipe(recipe: Recipe, path: str | Path, header: str = "") -> None:
     text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
     comments = "".join(f"# {line}\n" for line in header.splitlines())
     atomic_write_text(path, comments + text)
+
+
+# -------------------------------------------------------------------------------------------- reference
+
+REFERENCE_COMMAND = "glitr recipes reference > docs/recipes.md"
+
+
+def _yaml_value(value: Any) -> str:
+    """`value` as it is written in a recipe (YAML flow style), escaped for a markdown table."""
+    value = list(value) if isinstance(value, tuple) else value
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("...\n").strip()
+    return f"`{text}`".replace("|", "\\|")
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe mapping as dotted keys."""
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _sections(cls: type = Recipe, path: str = "", out: dict | None = None) -> dict[type, list[str]]:
+    """Every section type of the schema, in the order it first appears, with the paths it sits at."""
+    out = {cls: [path]} if out is None else out
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            key = f"{path}.{f.name}".lstrip(".")
+            out.setdefault(tp, []).append(key)
+            if len(out[tp]) == 1:
+                _sections(tp, key, out)
+    return out
+
+
+def recipe_reference() -> str:
+    """docs/recipes.md: every key of the schema with its default, values and meaning, the keys each
+    shipped recipe sets, and the deliberate deviations from the original (`REFERENCE_COMMAND`)."""
+    out = [
+        "# Recipe reference",
+        "",
+        f"<!-- Generated from glitr_cli/recipe.py by `{REFERENCE_COMMAND}`; do not edit by hand. -->",
+        "",
+        "A recipe is a YAML file of the sections below; a key it leaves out has the default listed here.",
+        "Any key can be changed on the command line as `section.key=value` after the recipe",
+        "(`glitr train-glitr ssv2 optim.accum_steps=4`). An unknown key, a value of the wrong type or one",
+        "outside its range is an error naming the key. How recipes and runs work:",
+        "[training.md](training.md#recipes-overrides-and-runs).",
+    ]
+    helps = {}  # every dotted key, sections included: what it does
+    for cls, paths in _sections().items():
+        title = ", ".join(f"`{p}`" for p in paths) if paths != [""] else "Top level"
+        doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+        out += ["", f"## {title}", "", doc, "", "| key | default | values | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            keys = [f"{p}.{f.name}".lstrip(".") for p in paths]
+            helps.update(dict.fromkeys(keys, f.metadata["help"]))
+            if dataclasses.is_dataclass(tp):
+                default, values = "", "a section"
+            else:
+                default = _yaml_value(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                values = _type_name(tp).replace("|", "\\|") + (f", {RANGES[keys[0]]}" if keys[0] in RANGES else "")
+            out.append(f"| `{keys[0]}` | {default} | {values} | {f.metadata['help']} |")
+
+    shipped = {name: _flat(yaml.safe_load(packaged_recipe(name).read_text())) for name in recipe_names()}
+    defaults = _flat(recipe_to_dict(Recipe()))
+    others = sorted(
+        set(shipped) - set(PAPER_RECIPES), key=lambda n: (n.removesuffix("_teacher"), n == n.removesuffix("_teacher"))
+    )
+    out += [
+        "",
+        "## The shipped recipes",
+        "",
+        "The keys each shipped recipe sets (`glitr recipes cp NAME DEST` copies one to edit); a blank",
+        "cell is the default. The four paper recipes replay the original release's training.",
+    ]
+    for names in (list(PAPER_RECIPES), others):
+        out += ["", "| key | default | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 2) + "|"]
+        for k in (k for k in defaults if any(k in shipped[n] for n in names)):
+            cells = [_yaml_value(shipped[n][k]) if k in shipped[n] else "" for n in names]
+            out.append(f"| `{k}` | {_yaml_value(defaults[k])} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "## Deliberate deviations",
+        "",
+        "Options that compute something other than the original on purpose. The four paper recipes keep",
+        "the original's value (a test checks it); the toy and fine-tuning recipes turn some on where they",
+        "help.",
+        "",
+        "| key | the original | what the option does |",
+        "|---|---|---|",
+        *(f"| `{k}` | {_yaml_value(v)} | {helps[k]} |" for k, v in ORIGINAL_VALUES.items()),
+    ]
+    return "\n".join(out) + "\n"

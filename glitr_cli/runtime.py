@@ -97,10 +97,9 @@ def keep_freed_memory() -> None:
 
     By default glibc gives every block above its mmap threshold (32 MiB at most) back to the kernel
     when it is freed and maps fresh pages for the next one, which the kernel zero-fills one page
-    fault at a time on first touch. A CPU training step's activations are such blocks: the toy
-    teacher spent a fifth of its time in those faults at two threads. Serving all blocks from the
-    heap and not trimming it (the process keeps its peak memory) removes them; what is computed is
-    the same. Does nothing where the C library is not glibc."""
+    fault at a time on first touch; a CPU training step's activations are such blocks. Serving all
+    blocks from the heap and not trimming it (the process keeps its peak memory) removes those
+    faults; what is computed is the same. Does nothing where the C library is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(None)
@@ -145,7 +144,7 @@ class Runtime:
             device=dev,
             precision=t.precision if on_cuda else "fp32",
             train_graphs=t.cuda_graphs and on_cuda and world == 1,  # DDP's gradient hooks stay eager
-            eval_graphs=recipe.eval.cuda_graphs and on_cuda,
+            eval_graphs=recipe.eval.online_cuda_graphs and on_cuda,
             compile=t.compile,
             grad_checkpointing=t.grad_checkpointing,
             threads=t.threads or auto_threads(workers),

@@ -1,27 +1,22 @@
 """`glitr stream`: predict an action online from a video file, a URL or a camera, as the frames come.
 
-Stages: open the source with PyAV (a file; a URL PyAV opens: http, https, rtsp, rtmp, udp; a
-capture device: `/dev/videoN` through v4l2, `avfoundation:0` on macOS, `dshow:video=NAME` on
-Windows), decode it in a reader thread, feed every `every`-th frame to the online predictor in the
-main thread, and write one JSON line per processed frame, then a summary line.
+PyAV opens the source (a file; a URL: http, https, rtsp, rtmp, udp; a capture device: `/dev/videoN`
+through v4l2, `avfoundation:0` on macOS, `dshow:video=NAME` on Windows); a reader thread decodes it and
+hands every `every`-th frame to the online predictor in the main thread, which writes one JSON line per
+processed frame, then a summary line.
 
-Pacing and drops. In real time (the default) the reader releases each frame at its own time
-stamp on the wall clock (a camera or a live stream does that by itself) and keeps only the newest
-frame it has not handed over: a frame that arrives while the model is still busy with an earlier
-one replaces it, and the replaced one is counted as dropped. Nothing queues, so the latency stays
-that of one step. With `as_fast_as_possible` the reader does not wait for the clock and waits for
-the model instead: every chosen frame is processed, none dropped (for files and URLs; a camera
-keeps its own pace).
+In real time (the default) the reader releases each frame at its time stamp and keeps only the newest
+frame not yet taken: one that arrives while the model is busy replaces it and counts as dropped, so
+nothing queues and the latency (from a frame's decoding to its prediction) stays that of one step.
+With `as_fast_as_possible` it waits for the model instead and drops nothing. The default stride spaces
+the steps as training spaced them: `every` = round(fps * D / T), D the typical clip duration of the
+recipe's dataset (`CLIP_SECONDS`, else 3 s); a source without a frame rate counts as 25 fps.
 
-The stride. The model was trained on T frames spread over a whole clip, so consecutive steps
-should be as far apart in time as they were in training: `every` = round(fps * D / T), at least 1,
-where D is the typical clip duration of the recipe's dataset (`CLIP_SECONDS`: Something-Something
-V2 about 4 s, Jester 3 s, the toy set 16 frames at 12 fps) and 3 s for any other dataset (the
-length of a typical short action clip); a source that states no frame rate counts as 25 fps.
-`every` overrides it.
-
-Latency is measured from the moment a frame is decoded (its arrival) to the moment its prediction
-is known, so it includes the wait for the model when it was busy.
+Early decisions (`engine/decisions.py`): with calibration the probabilities are those of the
+temperatures `glitr eval` fitted. With a decision threshold a `{"decision": ...}` line follows the
+frame at which the rule decides: in every window the first step whose top probability reaches the
+threshold, else its T-th step; a sliding context decides again each time another class reaches it.
+`stop_on_decision` ends the stream at the first decision, with its summary.
 """
 
 from __future__ import annotations
@@ -43,12 +38,14 @@ from rich.live import Live
 from rich.table import Table
 
 from glitr_cli.data.video import VideoWriter
+from glitr_cli.engine.decisions import Calibration, OnlineDecider
+from glitr_cli.engine.evaluation import decision_settings
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
+from glitr_cli.engine.online import next_trail, render_step, run_steps
+from glitr_cli.engine.onnx import OnnxPredictor, cached_step, exported_student
 from glitr_cli.errors import GlitrError
-from glitr_cli.export import OnnxPredictor, cached_step, exported_student
 from glitr_cli.model.online import CONTEXTS
 from glitr_cli.runtime import Runtime, available_cores
-from glitr_cli.visualize import next_trail, render_step, run_steps
 
 NETWORK_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "rtmp://", "rtmps://", "udp://", "tcp://", "srt://")
 DEVICE_PREFIXES = ("avfoundation:", "dshow:")  # `FORMAT:DEVICE`, the device string PyAV's format expects
@@ -162,6 +159,12 @@ class Reader:
                 self._put(Arrival(index, stamp, time.perf_counter(), pixels))
         except av.FFmpegError as e:
             self.error = f"decoding failed after {self.read} frames ({' '.join(str(e).split())})"
+            if self.read == 0 and self.name.startswith(("http://", "https://")) and "mp4" in self.container.format.name:
+                self.error += (
+                    "; an MP4 whose index (moov) is at its end streams over HTTP only from a server that answers "
+                    "range requests: serve it from one, or move the index to the front with "
+                    "ffmpeg -i IN.mp4 -c copy -movflags +faststart OUT.mp4"
+                )
         finally:
             self.container.close()  # here, in the thread that decodes: never under a running decode
             with self._cond:
@@ -172,6 +175,8 @@ class Reader:
         with self._cond:
             if not self.paced:
                 self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
+                if self._stop.is_set():  # the stream ends: nobody takes this frame, and none was dropped
+                    return
             if self._slot is not None:
                 self.dropped += 1  # the model is still busy: the newer frame replaces it
             self._slot = arrival
@@ -219,15 +224,19 @@ def summarize(latencies: list[float], read: int, dropped: int, elapsed: float, i
     }
 
 
-def describe(summary: dict[str, Any]) -> str:
+def describe(summary: dict[str, Any], paced: bool = True) -> str:
+    """The summary as one line; unless `paced`, the latency says that it includes the queue of one frame."""
     s = summary
     latency = (
         f"latency p50 {s['latency_ms_p50']} ms, p95 {s['latency_ms_p95']} ms, max {s['latency_ms_max']} ms"
         if s["frames_processed"]
         else "no latency"
     )
+    if s["frames_processed"] and not paced:
+        latency += " (from decoding to prediction: each frame also waited for the model to finish the one before)"
+    ended = "stopped" if s["interrupted"] else "stopped at the decision" if s.get("stopped_on_decision") else "done"
     return (
-        f"{'stopped' if s['interrupted'] else 'done'}: {s['frames_read']} frames read, "
+        f"{ended}: {s['frames_read']} frames read, "
         f"{s['frames_processed']} processed, {s['frames_dropped']} dropped; {latency}; "
         f"{s['processed_fps']} processed frames/s"
         + (
@@ -236,6 +245,7 @@ def describe(summary: dict[str, Any]) -> str:
             if "pixels_read_per_frame" in s
             else ""
         )
+        + (f"; {s['decisions']} decision{'' if s['decisions'] == 1 else 's'}" if "decisions" in s else "")
     )
 
 
@@ -283,6 +293,10 @@ def stream(
     step_delay: float = 0.0,
     glimpse_only: bool = False,
     threads: int = 0,
+    calibrated: bool = False,
+    calibration: str | Path | None = None,
+    decide: float | None = None,
+    stop_on_decision: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run a GliTr student online over `source` as its frames arrive; returns the summary record.
@@ -294,7 +308,8 @@ def stream(
     with ONNX Runtime on the CPU instead of PyTorch (the same numbers up to float rounding), "onnx-int8"
     the step of `glitr export --int8` (int8 linear layers: an approximation); `checkpoint` is then either
     such a file or a `.pt` checkpoint, whose export is cached beside it. `threads` is the CPU threads of the
-    step (PyTorch's, or ONNX Runtime's intra-op threads); 0: every core this process may use.
+    step (PyTorch's, or ONNX Runtime's intra-op threads); 0: every core this process may use. `calibrated`,
+    `calibration`, `decide` and `stop_on_decision`: the early decisions (see the module docstring).
     """
     console = console or Console(stderr=True)
     if every is not None and every < 1:
@@ -314,6 +329,8 @@ def stream(
         raise GlitrError(f"--glimpse-only runs on the PyTorch backend; drop --backend {backend}")
     if onnx and device not in ("auto", "cpu"):
         raise GlitrError(f"--backend {backend} runs on the CPU; drop --device {device}")
+    if onnx and (calibrated or calibration is not None):
+        raise GlitrError(f"--calibrated needs the logits: the PyTorch backend; drop --backend {backend}")
     if threads < 0:
         raise GlitrError(f"--threads must be 0 (every core) or more, got {threads}")
     container = open_source(source)  # before the model: a wrong source answers at once
@@ -330,6 +347,17 @@ def stream(
             raise GlitrError(f"--checkpoint {checkpoint}: an exported step runs with --backend onnx (or onnx-int8)")
         else:
             student = load_student(checkpoint)
+        found, threshold = decision_settings(
+            checkpoint,
+            student.num_frames,
+            calibrated=calibrated,
+            calibration=calibration,
+            decide=decide,
+            console=console,
+        )
+        if stop_on_decision and threshold is None:
+            raise GlitrError("--stop-on-decision needs a threshold: --decide TAU, or the one --calibrated finds")
+        decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
         runtime = replace(Runtime.from_recipe(student.recipe, device="cpu" if onnx else device), threads=threads)
         runtime.apply()
         fps = frame_rate(container)
@@ -365,10 +393,13 @@ def stream(
             step_delay,
             live,
             glimpse_only,
+            found,
+            decider,
+            stop_on_decision,
         )
         lines.write(json.dumps({"summary": summary}) + "\n")
         lines.flush()
-    console.print(describe(summary), highlight=False, soft_wrap=True)
+    console.print(describe(summary, paced=not as_fast_as_possible), highlight=False, soft_wrap=True)
     return summary
 
 
@@ -405,6 +436,9 @@ def _run(
     step_delay: float,
     live: Live | None,
     glimpse_only: bool,
+    calibration: Calibration | None,
+    decider: OnlineDecider | None,
+    stop_on_decision: bool,
 ) -> dict[str, Any]:
     current: list[Arrival] = []  # the frame run_steps is working on (it pulls one at a time)
 
@@ -417,7 +451,8 @@ def _run(
     latencies: list[float] = []
     pixels_read: list[int] = []
     trail: list[tuple[float, float]] = []
-    interrupted = False
+    interrupted = stopped = False
+    decisions = 0
     started = time.perf_counter()
     t = student.num_frames
     try:
@@ -426,7 +461,14 @@ def _run(
             writer = VideoWriter(out, (fps or 25.0) / every, "h264")
         reader.start()
         steps = run_steps(
-            student, frames(), runtime, context=context, top_k=top_k, predictor=predictor, glimpse_only=glimpse_only
+            student,
+            frames(),
+            runtime,
+            context=context,
+            top_k=top_k,
+            predictor=predictor,
+            glimpse_only=glimpse_only,
+            calibration=calibration,
         )
         for frame, step in steps:
             if step_delay > 0:
@@ -439,7 +481,7 @@ def _run(
                 "time": round(arrival.time, 4),
                 "top": [[name, round(p, 6)] for name, p in step.top],
                 "box": [round(v, 2) for v in step.box],
-                "step": min(step.step, t),  # position in the context: the last of T once sliding
+                "step": min(step.t, t),  # position in the context: the last of T once sliding
                 "window": step.window,
                 "latency_ms": round(latency, 2),
             }
@@ -447,14 +489,32 @@ def _run(
                 record["pixels_read"] = step.pixels_read
                 pixels_read.append(step.pixels_read)
             lines.write(json.dumps(record) + "\n")
+            decision = None if decider is None else decider.update(step.t, step.window, *step.top[0])
+            if decision is not None:
+                decisions += 1
+                line = {
+                    "class": decision.name,
+                    "p": round(decision.p, 6),
+                    "frame": arrival.index,
+                    "time": record["time"],
+                    "step": record["step"],
+                    "window": decision.window,
+                    "threshold": decider.threshold,
+                    "reached": decision.reached,
+                }
+                lines.write(json.dumps({"decision": line}) + "\n")
             lines.flush()
             if live is not None:
                 live.update(panel(record), refresh=True)
             if writer is not None:
-                if step.step == 1:
+                if step.t == 1:
                     trail = []
-                writer.write(np.asarray(render_step(frame, step, trail, t, size).convert("RGB")))
+                image = render_step(frame, step, trail, t, size, decided=decision is not None)
+                writer.write(np.asarray(image.convert("RGB")))
                 trail = next_trail(trail, step, t)
+            if decision is not None and stop_on_decision:
+                stopped = True
+                break
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -465,6 +525,9 @@ def _run(
         raise GlitrError(f"{reader.name}: {reader.error}")
     elapsed = time.perf_counter() - started
     summary = summarize(latencies, reader.read, reader.dropped, elapsed, interrupted)
+    if decider is not None:
+        summary["decisions"] = decisions
+        summary["stopped_on_decision"] = stopped
     if pixels_read:  # what a source delivering only the glimpse's window would send, against whole frames
         summary["pixels_read_per_frame"] = round(float(np.mean(pixels_read)), 1)
         summary["model_input_pixels"] = student.img_size**2

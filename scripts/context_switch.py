@@ -25,7 +25,7 @@ import torch
 from glitr_cli.data.formats import template_to_class
 from glitr_cli.data.toy import ToyConfig, render_clip, sample_clip, template_for
 from glitr_cli.data.transforms import eval_transform
-from glitr_cli.data.video import decode_video, encode_video
+from glitr_cli.data.video import encode_video, iter_video_frames
 from glitr_cli.engine.loading import load_student
 from glitr_cli.model import OnlinePredictor
 
@@ -35,7 +35,7 @@ def toy_clip(cfg: ToyConfig, seed: int, shape: str, direction: str, folder: Path
     frames = render_clip(sample_clip(np.random.default_rng([seed, 0x5717]), cfg, shape, direction), cfg)
     options = {"crf": "8", "row-mt": "0"}
     path = encode_video(folder / f"{seed}.webm", frames, "vp9", cfg.fps, options=options, bitexact=True, threads=1)
-    return np.stack(decode_video(path))
+    return np.stack(list(iter_video_frames(path)))
 
 
 def delay(top1: list[int], start: int, label: int) -> int | None:

@@ -20,7 +20,7 @@ import torch
 from glitr_cli.data.dataset import VideoFolderDataset
 from glitr_cli.data.transforms import eval_transform
 from glitr_cli.engine.loading import load_student
-from glitr_cli.export import OnnxPredictor, quantize_int8, step_program
+from glitr_cli.engine.onnx import OnnxPredictor, quantize_int8, step_program
 from glitr_cli.model import OnlinePredictor
 
 

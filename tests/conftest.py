@@ -1,6 +1,6 @@
 """Shared fixtures for the engine tests: a tiny generated toy dataset and tiny recipes.
 
-The data is the real toy generator (`prepare_dataset("toy", ...)`) at its smallest; the
+The data is the real toy generator (`prepare_toy`) at its smallest; the
 recipes describe models of a few thousand parameters, so a training run takes seconds.
 """
 
@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from glitr_cli.data.prepare import prepare_dataset
+from glitr_cli.data.prepare import prepare_toy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,9 +46,7 @@ STUDENT_OBJECTIVE = "{label_smoothing: 0.1}"
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding `toy/`: 16 train and 8 val clips of 8 frames at 64x64, 8 classes."""
     root = tmp_path_factory.mktemp("data")
-    prepare_dataset(
-        "toy", out=root / "toy", workers=1, progress=False, num_train=16, num_val=8, num_test=0, num_frames=8, size=64
-    )
+    prepare_toy(root / "toy", workers=1, progress=False, num_train=16, num_val=8, num_test=0, num_frames=8, size=64)
     return root
 
 
@@ -132,6 +132,15 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
+def panels_drawn(png: Path) -> list[bool]:
+    """Whether each of curves.png's four panels shows something in matplotlib's first colour."""
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    first = np.abs(image - [31, 119, 180]).sum(-1) < 60  # (H, W)
+    h, w = first.shape
+    rows, cols = (slice(0, h // 2), slice(h // 2, h)), (slice(0, w // 2), slice(w // 2, w))
+    return [bool(first[r, c].any()) for r in rows for c in cols]  # loss, learning rate, top-1, clips/s
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -156,7 +165,7 @@ def exported_tiny(trained_tiny: Path, tmp_path_factory: pytest.TempPathFactory) 
     pytest.importorskip("onnxscript")
     import shutil
 
-    from glitr_cli.export import cached_step
+    from glitr_cli.engine.onnx import cached_step
 
     folder = tmp_path_factory.mktemp("exported")
     checkpoint = Path(shutil.copy2(trained_tiny / "runs" / "tiny" / "checkpoints" / "last.pt", folder / "last.pt"))

@@ -2,14 +2,16 @@
 
 import copy
 import json
+import mmap
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli
 from model_helpers import clips, tiny_glitr
 
-from glitr_cli.bench import Bench, BenchSettings
-from glitr_cli.export import onnx_runtime_available
+from glitr_cli.bench import BenchSettings, Measurements, derived, peak_memory, set_fused_attention, setup, training
+from glitr_cli.engine.onnx import onnx_runtime_available
 from glitr_cli.model import StudentObjective, TeacherObjective
 from glitr_cli.model.reference import PlainStudentObjective, PlainTeacherObjective, plain_student_forward
 from glitr_cli.recipe import load_recipe
@@ -92,8 +94,7 @@ def test_bench_command_prints_and_writes_figures(tmp_path, monkeypatch, capsys):
         "student_train_speedup",
     }
     assert names <= set(result["results"])
-    for fig in result["results"].values():
-        assert fig["min"] <= fig["median"] <= fig["max"] and fig["min"] > 0
+    assert all(fig["min"] > 0 for fig in result["results"].values())
     assert 0 < result["flops"]["backbone_per_glimpse"] < result["flops"]["backbone_per_full_frame"]
     # the online step's arithmetic; the exported step in ONNX Runtime, when the export packages are installed
     # (they are in dev), with its memory bound, and int8's agreement with the float step
@@ -164,15 +165,15 @@ def test_bench_times_the_training_step_and_its_plain_path_makes_the_same_update(
     # eps: AdamW's first update is lr * g / (|g| + eps); a large eps keeps it linear in g, so float noise
     # in gradients that are zero in exact arithmetic (the key bias) stays noise
     overrides = ["objective.label_smoothing=0.1", "model.drop_path=0", "optim.lr_batch=2", "optim.eps=1e-3", *rates]
-    bench = Bench(load_recipe(recipe, overrides), BenchSettings(batch_size=2, num_classes=4))
-    model = bench.student if kind == "student" else bench.teacher
+    s = setup(load_recipe(recipe, overrides), BenchSettings(batch_size=2, num_classes=4))
+    model = s.objectives[kind].model
     start = copy.deepcopy(model.state_dict())
-    bench.step(kind, bench.runtime)()
+    s.step(kind, s.runtime)()
     fast = copy.deepcopy(model.state_dict())
     assert max((fast[k] - start[k]).abs().max() for k in start) > 5e-3, "the step did not update the weights"
     model.load_state_dict(start)
-    model.set_fused_attn(False)
-    bench.step(kind, bench.runtime, plain=True)()
+    set_fused_attention(s.objectives[kind], False)
+    s.step(kind, s.runtime, plain=True)()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, fast[k], rtol=1e-5, atol=1e-6, msg=k)
 
@@ -183,8 +184,59 @@ def test_grad_checkpointing_lowers_the_activation_memory_bench_reports(tmp_path)
     settings = BenchSettings(batch_size=2, num_classes=4, warmup=0, repeats=1, baseline=False)
     saved = {}
     for checkpointing in ("false", "true"):
-        bench = Bench(load_recipe(recipe, [f"train.grad_checkpointing={checkpointing}"]), settings)
-        bench.training()
-        saved[checkpointing] = bench.activations
+        s = setup(load_recipe(recipe, [f"train.grad_checkpointing={checkpointing}"]), settings)
+        m = Measurements(0, 1, s.runtime.device)
+        training(s, m, baseline=False)
+        saved[checkpointing] = m.saved_mib
     for kind in ("student", "teacher"):
         assert saved["true"][f"{kind}_train_step"] < saved["false"][f"{kind}_train_step"], saved
+
+
+def _sdpa_calls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum("scaled_dot_product" in e.name for e in prof.events())
+
+
+def test_the_plain_baseline_runs_no_fused_attention(tmp_path):
+    """The yardstick is the original's algorithm everywhere, the student's frozen teacher included: no
+    scaled_dot_product_attention in a plain step, and the recipe's attention back afterwards."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    s = setup(load_recipe(recipe), BenchSettings(batch_size=2, num_classes=4, warmup=0, repeats=1))
+    training(s, Measurements(0, 1, s.runtime.device), baseline=True)
+    for kind in ("student", "teacher"):
+        assert _sdpa_calls(s.step(kind, s.runtime)) > 0, "the recipe's step uses fused attention"
+        set_fused_attention(s.objectives[kind], False)
+        assert _sdpa_calls(s.step(kind, s.runtime, plain=True)) == 0, kind
+
+
+def test_derived_figures_from_known_timings():
+    values = {
+        "student_train_clips_per_s": ([2.0, 4.0, 3.0], "clips/s"),
+        "student_train_clips_per_s_baseline": ([1.0, 2.0, 1.5], "clips/s"),
+        "student_train_clips_per_s_data": ([1.5, 3.0], "clips/s"),
+        "teacher_train_clips_per_s": ([5.0], "clips/s"),
+        "online_ms_per_frame_b1": ([10.0, 12.0, 8.0], "ms/frame"),
+        "online_ms_per_frame_b1_onnx_int8": ([5.0, 4.0], "ms/frame"),
+    }
+    out = derived(values, {"student_train_step": 100, "teacher_train_step": 60}, {"student": 2, "teacher": 3}, 400.0)
+    assert out["student_train_speedup"] == {"median": 2.0, "min": 4 / 3, "max": 8 / 3, "unit": "x"}
+    assert out["student_train_flop_per_s"] == {"median": 150.0, "min": 100.0, "max": 200.0, "unit": "FLOP/s"}
+    assert out["student_train_fraction_of_peak"]["max"] == 0.5
+    assert out["teacher_train_flop_per_s"]["median"] == 100.0 and "teacher_train_speedup" not in out
+    assert out["student_train_step_ms_per_clip"] == {"median": 1000 / 3, "min": 250.0, "max": 500.0, "unit": "ms/clip"}
+    assert out["student_train_data_fraction"] == {"median": 0.75, "min": 0.5, "max": 1.0, "unit": "of synthetic"}
+    assert out["online_b1_speedup_onnx_int8"] == {"median": 2.25, "min": 2.0, "max": 2.5, "unit": "x"}
+    assert "online_b1_speedup_onnx" not in out and "teacher_train_data_fraction" not in out
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident set's peak is read on Linux")
+def test_each_figure_reports_its_own_peak_memory():
+    """A figure measured after a large allocation does not inherit its peak."""
+    with peak_memory(torch.device("cpu")) as big:
+        with mmap.mmap(-1, 64 * 2**20) as block:  # 64 MiB, touched, given back to the system on close
+            block.write(b"x" * len(block))
+    with peak_memory(torch.device("cpu")) as small:
+        torch.ones(16, dtype=torch.uint8)
+    assert big["mib"] > small["mib"] + 32, (big, small)

@@ -1,5 +1,6 @@
 """The command line itself: version, module alias, help, unknown commands, the shipped recipes."""
 
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 from conftest import run_cli
 
 from glitr_cli import __version__
+from glitr_cli.cli import USER_PATH
 from glitr_cli.paths import recipe_names
 from glitr_cli.recipe import load_recipe
 
@@ -32,6 +34,8 @@ def test_help_explains_overrides(command, monkeypatch, capsys):
 def test_help_of_every_command(monkeypatch, capsys):
     code, out, _ = run_cli(["--help"], monkeypatch, capsys)
     assert code == 0
+    listed = re.findall(r"^│ ([a-z][a-z-]*) ", out, flags=re.MULTILINE)
+    assert listed == list(USER_PATH) and listed[0] == "demo"  # the order a new user takes
     commands = [
         "prepare-data",
         "train-teacher",
@@ -81,3 +85,33 @@ def test_a_shipped_recipe_is_found_by_name_or_by_its_checkout_path(tmp_path, mon
         assert recipe.name == "ssv2" and recipe.kind == "glitr" and recipe.data.num_frames == 16
     (tmp_path / "ssv2.yaml").write_text("kind: teacher\n")  # a file of that name wins
     assert load_recipe("ssv2.yaml").kind == "teacher"
+
+
+def _commands(group, path=()):
+    """(argv prefix, click command) of every command and subcommand under `group`, the group itself first."""
+    yield path, group
+    for name, command in getattr(group, "commands", {}).items():
+        yield from _commands(command, (*path, name))
+
+
+def test_every_help_shows_all_of_its_text(monkeypatch, capsys):
+    """Every `--help` holds each command's docstring and each argument's and option's help whole, as
+    written: nothing taken for markup (`glitr[export]`), nothing cut."""
+    import typer
+
+    from glitr_cli.cli import app
+
+    def squeezed(text: str) -> str:  # no whitespace and no panel borders: wrapping and boxes do not matter
+        return re.sub(r"[\s│╭╮╰╯─]+", "", text)
+
+    checked = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        code, out, err = run_cli([*path, "--help"], monkeypatch, capsys)
+        assert code == 0, err
+        shown = squeezed(out)
+        texts = [command.help, *(getattr(p, "help", None) for p in command.params)]
+        for text in filter(None, texts):
+            written = text.replace("\\[", "[")  # rich's escape of a literal bracket
+            assert squeezed(written) in shown, f"glitr {' '.join(path)} --help lost text of: {written!r}"
+            checked += 1
+    assert checked > 50

@@ -9,11 +9,11 @@ from data_helpers import make_frames, write_jpeg
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from glitr_cli.data.bench import measure_loader, resolve_dataset
-from glitr_cli.data.dataset import JpegClip, VideoFolderDataset, decode_jpeg_bytes, decode_jpegs
+from glitr_cli.data.dataset import JpegClip, VideoFolderDataset, build_dataset, decode_jpeg_bytes, decode_jpegs
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import eval_transform
 from glitr_cli.errors import GlitrError
+from glitr_cli.recipe import DataConfig
 
 
 def _make_dataset(root: Path, videos: dict[str, tuple[int, int]], split: str = "train", size=(24, 32)) -> Path:
@@ -116,7 +116,7 @@ def test_decoding_in_the_training_process_reads_as_the_loader(tmp_path):
     for i, clip in enumerate(device.decode(items, cpu)):  # a bad file: clip by clip, the bad clips as the loader
         assert torch.equal(clip, loader[i][0]), i
     assert torch.equal(device.damage, loader.damage)
-    assert device.damage[:, 0].tolist() == [0, 1, 1, 1, 8] and device.unreadable_videos == 1
+    assert device.damage[:, 0].tolist() == [0, 1, 1, 1, 8] and int(device.damage[:, 1].sum()) == 1
 
 
 def test_corrupt_and_missing_frames_are_replaced_by_neighbours_and_counted(tmp_path):
@@ -132,18 +132,18 @@ def test_corrupt_and_missing_frames_are_replaced_by_neighbours_and_counted(tmp_p
     expect = [0, 1, 1, 3, 4, 4, 6, 6]  # nearest readable neighbour, the earlier one on a tie
     for t, i in enumerate(expect):
         assert torch.equal(clip[t], good[i]), t
-    assert ds.replaced_frames == 3 and ds.unreadable_videos == 0
+    assert int(ds.damage[:, 0].sum()) == 3 and int(ds.damage[:, 1].sum()) == 0
     # counted across DataLoader worker processes too, and never a crash mid-epoch
     (root / "train_videofolder.txt").write_text("v 8 1\n" * 6)
     ds = VideoFolderDataset(root, "train", num_frames=8, transform=None, train=False)
     n = sum(len(b) for b, _ in DataLoader(ds, batch_size=2, num_workers=2))
-    assert n == 6 and ds.replaced_frames == 18
+    assert n == 6 and int(ds.damage[:, 0].sum()) == 18
     # a video with no readable frame at all: a black clip, counted
     for p in frames.iterdir():
         p.write_bytes(b"")
     ds = VideoFolderDataset(root, "train", num_frames=4)
     clip, _ = ds[0]
-    assert clip.shape[:2] == (4, 3) and clip.max() == 0 and ds.unreadable_videos == 1
+    assert clip.shape[:2] == (4, 3) and clip.max() == 0 and int(ds.damage[:, 1].sum()) == 1
 
 
 def test_unprepared_dataset_names_the_command(tmp_path):
@@ -153,24 +153,17 @@ def test_unprepared_dataset_names_the_command(tmp_path):
     ):
         VideoFolderDataset(tmp_path / "toy", "train", 8)
     (tmp_path / "mine").mkdir()
-    with pytest.raises(GlitrError, match=r"glitr prepare-data \{ssv2,jester,toy\} --out"):
+    with pytest.raises(GlitrError, match=r"run `glitr prepare-data folder --src DIR --out .*mine`"):  # your clips
         VideoFolderDataset(tmp_path / "mine", "val", 8)
     root = _make_dataset(tmp_path / "ds", {"v": (4, 5)})
     with pytest.raises(GlitrError, match=r"train_videofolder.txt:1: label 5 of video 'v' is outside 0..2"):
         VideoFolderDataset(root, "train", 8)
+    # a recipe's dataset that is not there: the prepared ones beside it, the closest first
+    with pytest.raises(GlitrError) as typo:
+        build_dataset(DataConfig(root=str(tmp_path / "dss")), "train", train=True)
+    assert str(typo.value) == (
+        f"no dataset at {tmp_path / 'dss'} (data.dataset, data.root); did you mean {root}? prepared in {tmp_path}: "
+        f"ds; prepare one: glitr prepare-data folder --src DIR --out {tmp_path / 'dss'}"
+    )
     with pytest.raises(GlitrError, match="split must be one of"):
         VideoFolderDataset(root, "training", 8)
-
-
-def test_loader_benchmark_reports_clips_and_frames_per_second(tmp_path, glitr):
-    root = _make_dataset(tmp_path / "ds", {f"v{i}": (12, i % 3) for i in range(8)})
-    ds = VideoFolderDataset(root, "train", num_frames=6, transform=eval_transform(16, 20), train=True)
-    r = measure_loader(ds, batch_size=2, workers=2, num_batches=3)
-    assert r["clips_per_s"] > 0 and r["frames_per_s"] == pytest.approx(6 * r["clips_per_s"])
-    assert r["workers"] == 2 and r["frames_per_clip"] == 6
-    code, out, err = glitr("bench-loader", root, "--frames", "4", "--size", "16", "--batch-size", "2", "--workers", "1",
-                           "--batches", "2")  # fmt: skip
-    assert code == 0, err
-    assert "clips/s" in out and "frames/s" in out and "1 workers, batch 2, 4 frames/clip" in out
-    assert resolve_dataset("toy", tmp_path / "elsewhere") == tmp_path / "elsewhere" / "toy"
-    assert resolve_dataset(str(root)) == root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,7 +38,7 @@ SCRIPT = textwrap.dedent(
             return getattr(self.inner, name)
 
         def __call__(self, *args, **kwargs):
-            if trainer.runtime.rank == 1 and self.inner.step == fail_at:
+            if trainer.runtime.rank == 1 and self.inner.updates == fail_at:
                 raise RuntimeError(f"rank 1 crashed at step {fail_at}")
             return self.inner(*args, **kwargs)
 
@@ -158,3 +159,25 @@ def test_a_preempted_torchrun_job_saves_on_every_rank_and_resumes_as_if_never_st
         model_weights(tmp_path / "preempted/checkpoints/last.pt"),
         model_weights(tmp_path / "reference/checkpoints/last.pt"),
     )
+
+
+@pytest.mark.slow
+def test_two_process_eval_gathers_every_clip_for_calibration_and_early_decisions(trained_tiny, toy_data, tmp_path):
+    """Each rank evaluates its shard; the calibration and the decision curves cover every clip once,
+    as one process computes them."""
+    args = ["recipes/tiny.yaml", "eval.policies=[learned]"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launch, "-m", "glitr_cli", "eval", *args, "--out", str(tmp_path / "two")]
+    env = torchrun_env({"GLITR_DATA": str(toy_data)})
+    done = subprocess.run(cmd, cwd=trained_tiny, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cmd = [sys.executable, "-m", "glitr_cli", "eval", *args, "--out", str(tmp_path / "one")]
+    done = subprocess.run(cmd, cwd=trained_tiny, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, one = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("two", "one"))
+    assert two["clips"] == one["clips"] == 8
+    for key in ("temperature", "ece", "ece_calibrated", "nll", "nll_calibrated"):
+        assert two["calibration"][key] == pytest.approx(one["calibration"][key], rel=1e-6)
+    for name in ("learned", "teacher"):
+        for key, values in one["early"]["curves"][name].items():
+            assert two["early"]["curves"][name][key] == pytest.approx(values, rel=1e-6), (name, key)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
-from conftest import run_cli
+from conftest import panels_drawn, run_cli
 from PIL import Image
+from rich.console import Console
 
 from glitr_cli.demo import run_demo, scaled_epochs
 from glitr_cli.engine.loading import load_student
@@ -14,7 +17,11 @@ from glitr_cli.engine.loading import load_student
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "demo"
-    res = run_demo(out, quick=True, gifs=2)
+    screen = io.StringIO()
+    res = run_demo(out, quick=True, gifs=2, console=Console(file=screen, width=80))
+    headers = [line for line in screen.getvalue().splitlines() if line.startswith("demo ")]
+    assert [h[:8] for h in headers] == [f"demo {i}/5" for i in range(1, 6)]
+    assert all(re.fullmatch(r"demo \d/5 · [^…]+ · \d+ s ─+", h) for h in headers), headers  # whole in 80 columns
 
     assert res.teacher.is_file() and res.student.is_file()
     assert (out / "data" / "val_videofolder.txt").is_file()
@@ -29,10 +36,13 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     for gif in res.gifs:
         with Image.open(gif) as im:
             assert im.n_frames == t
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert captured.err.count("teacher from random weights (model.pretrained: null)") == 1  # said, once
     assert "learned glimpses at t=" in printed and str(res.student) in printed
     curves = [res.teacher.parents[1] / "curves.png", res.student.parents[1] / "curves.png"]
     assert all(c.is_file() and str(c) in printed for c in curves)
+    assert all(panels_drawn(c) == [True] * 4 for c in curves)  # one epoch of 2 steps, logged and drawn
     assert "the glimpse holds the whole target at" in printed
 
     # a rerun (through the CLI) finds every stage done and rewrites nothing

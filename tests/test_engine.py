@@ -306,7 +306,7 @@ def test_metrics_are_strict_json_and_every_validation_redraws_the_curves(tmp_pat
     assert len(train) == 8 and all(isinstance(r["loc_mse"], float) for r in train[4:])
     assert (run / "curves.png").read_bytes() != first
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "curves.png", "metrics.jsonl", "recipe.yaml"]
-    plot_curves([], tmp_path / "empty.png")  # no record yet (fewer steps than train.log_every): empty axes
+    plot_curves([], tmp_path / "empty.png")  # no record yet (before the first epoch ends): empty axes
     assert Image.open(tmp_path / "empty.png").size == (1000, 700)
 
 
@@ -469,7 +469,7 @@ from glitr_cli.runtime import Runtime
 recipe = load_recipe("toy_teacher", ["train.keep_freed_memory=" + sys.argv[1], "train.threads=1"])
 Runtime.from_recipe(recipe, device="cpu").apply()
 torch.manual_seed(0)
-loss = build_objective(recipe, [str(i) for i in range(8)], None).loss.train()
+loss = build_objective(recipe, [str(i) for i in range(8)], None).loss_module.train()
 frames, labels = torch.randn(2, 8, 3, 112, 112), torch.arange(2)
 values = []
 for _ in range(3):

@@ -12,13 +12,13 @@ from conftest import read_metrics
 from rich.console import Console
 
 from glitr_cli.data.dataset import build_dataset
-from glitr_cli.engine.evaluation import covered_fraction, predict_clips, run_eval
+from glitr_cli.engine.evaluation import covered_by_step, predict_clips, run_eval
 from glitr_cli.engine.loading import load_student
+from glitr_cli.engine.online import visualize
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr, glimpse_area_fraction
 from glitr_cli.recipe import load_recipe, resolve_recipe
 from glitr_cli.runtime import Runtime
-from glitr_cli.visualize import visualize
 
 
 @pytest.fixture()
@@ -54,6 +54,18 @@ def test_student_eval_json_plot_and_baselines(in_project, tmp_path):
     assert saved["glimpse_area"] == pytest.approx(0.25)
     assert saved["policies"]["center"]["covered_area"] == pytest.approx(0.25, abs=0.05)
     assert saved["policies"]["random"]["covered_area"] > saved["policies"]["center"]["covered_area"]
+    # calibration of the learned policy, and early decisions of every source with its own temperatures
+    calibration, early = saved["calibration"], saved["early"]
+    assert calibration["of"] == "learned" and calibration["bins"] == 15
+    assert all(len(calibration[k]) == 4 for k in ("temperature", "ece", "ece_calibrated", "nll", "nll_calibrated"))
+    assert set(early["curves"]) == {"learned", "center", "random", "teacher"}
+    assert early["thresholds"][0] < 1 / 8  # 8 classes: the top probability always reaches it
+    for name, curve in early["curves"].items():
+        top1 = (saved["teacher"] if name == "teacher" else saved["policies"][name])["top1"]
+        assert curve["last_step_accuracy"] == pytest.approx(top1[-1])
+        assert curve["accuracy"][0] == pytest.approx(top1[0]) and curve["mean_frames"][0] == 1.0
+        assert all(1 <= f <= 4 for f in curve["mean_frames"])
+    assert (tmp_path / "early.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_random_policy_is_seeded(in_project, tmp_path):
@@ -78,7 +90,7 @@ def test_eval_of_a_missing_checkpoint_names_the_training_command(in_project, tmp
         run_eval(recipe)
 
 
-def test_covered_fraction():
+def test_covered_share_of_the_frame_by_step():
     model = build_glitr(
         num_classes=3, num_frames=2, img_size=112, glimpse_size=3, embed_dim=32, depth=1, num_heads=2,
         temporal_depth=1, temporal_heads=2,
@@ -86,11 +98,11 @@ def test_covered_fraction():
     nominal = glimpse_area_fraction(112, 16, 3)
     assert nominal == pytest.approx((48 / 112) ** 2)
     centre = torch.zeros(1, 2, 2)
-    assert covered_fraction(model, centre, (112, 112)).item() == pytest.approx(nominal, rel=0.05)
+    assert covered_by_step(model, centre, (112, 112))[0].tolist() == pytest.approx([nominal] * 2, rel=0.05)
     apart = torch.tensor([[[-0.6, -0.6], [0.6, 0.6]]])  # two glimpses that do not overlap
-    assert covered_fraction(model, apart, (112, 112)).item() == pytest.approx(2 * nominal, rel=0.05)
+    assert covered_by_step(model, apart, (112, 112))[0].tolist() == pytest.approx([nominal, 2 * nominal], rel=0.05)
     outside = torch.tensor([[[3.0, 3.0], [3.0, 3.0]]])
-    assert covered_fraction(model, outside, (112, 112)).item() == 0.0
+    assert covered_by_step(model, outside, (112, 112))[0].tolist() == [0.0, 0.0]
 
 
 def test_eval_and_visualize_give_the_same_probabilities(in_project, tmp_path):

@@ -12,9 +12,9 @@ import torch
 
 from glitr_cli.data.toy import ToyConfig, render_clip, sample_clip
 from glitr_cli.data.transforms import CentreCrop, eval_transform
-from glitr_cli.data.video import decode_video, encode_video
+from glitr_cli.data.video import encode_video, iter_video_frames
 from glitr_cli.engine.loading import load_student
-from glitr_cli.export import INPUTS, OUTPUTS, STATE, OnnxPredictor, cached_step, step_metadata
+from glitr_cli.engine.onnx import INPUTS, OUTPUTS, STATE, OnnxPredictor, cached_step, step_metadata
 from glitr_cli.model import OnlinePredictor
 
 ort = pytest.importorskip("onnxruntime")
@@ -26,7 +26,7 @@ def toy_clip(tmp_path, student, frames: int, seed: int = 3) -> torch.Tensor:
     """A real toy clip of `frames` frames at the student's evaluation size, through VP9: (N, 3, H, W) uint8."""
     cfg = ToyConfig(num_frames=frames, size=student.resize)
     pixels = render_clip(sample_clip(np.random.default_rng(seed), cfg, "ring", "up"), cfg)
-    video = np.stack(decode_video(encode_video(tmp_path / "clip.webm", pixels, "vp9")))
+    video = np.stack(list(iter_video_frames(encode_video(tmp_path / "clip.webm", pixels, "vp9"))))
     return torch.from_numpy(video).permute(0, 3, 1, 2)
 
 
@@ -91,7 +91,7 @@ def test_onnx_predictor_matches_the_pytorch_predictor(exported_tiny, tmp_path, c
         a, b = reference.step(frame[None]), exported.step(frame[None])
         for field in ("location", "probs", "next_location"):  # the logits: log-probabilities here
             torch.testing.assert_close(getattr(b, field), getattr(a, field), atol=1e-4, rtol=0)
-        assert (exported.steps, exported.frames) == (reference.steps, reference.frames)
+        assert (exported.t, exported.frames) == (reference.t, reference.frames)
 
 
 def test_export_mistakes_exit_2(trained_tiny, tmp_path, glitr):

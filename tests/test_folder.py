@@ -141,7 +141,7 @@ def test_a_class_without_videos_and_stray_files_are_one_line_errors(tmp_path, gl
     with pytest.raises(GlitrError, match="an image directly in the class folder"):
         scan_class_folders(src)
     code, _, err = glitr("prepare-data", "folder", "--out", tmp_path / "out")
-    assert code == 2 and "needs --src DIR" in err
+    assert code == 2 and "Missing option '--src'" in err
 
 
 def test_every_class_with_one_clip_leaves_no_validation_clips(tmp_path):
@@ -224,9 +224,9 @@ def test_csv_mistakes_are_one_line_errors_naming_file_and_line(tmp_path, glitr, 
 
 def test_options_of_other_datasets_are_refused(tmp_path, glitr):
     code, _, err = glitr("prepare-data", "folder", "--src", tmp_path, "--toy-train", "3")
-    assert code == 2 and "--num-train does not apply to `glitr prepare-data folder`" in err
+    assert code == 2 and "No such option: --toy-train" in err
     code, _, err = glitr("prepare-data", "toy", "--out", tmp_path / "t", "--csv", tmp_path / "x.csv")
-    assert code == 2 and "--csv does not apply to `glitr prepare-data toy`" in err
+    assert code == 2 and "No such option: --csv" in err and "prepare-data toy --help" in err
     code, _, err = glitr("prepare-data", "folder", "--src", tmp_path, "--val-fraction", "1")
     assert code == 2 and "--val-fraction must lie strictly between 0 and 1" in err
 

@@ -5,7 +5,7 @@ from model_helpers import clips, tiny_glitr
 
 from glitr_cli.data.toy import ToyConfig, render_clip, sample_clip
 from glitr_cli.data.transforms import CentreCrop, eval_transform
-from glitr_cli.data.video import decode_video, encode_video
+from glitr_cli.data.video import encode_video, iter_video_frames
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import OnlinePredictor
 
@@ -83,7 +83,7 @@ def test_restart_equals_a_reset_after_t_steps():
         ref = reference.step(x[:, i])
         torch.testing.assert_close(out.location, ref.location, rtol=0, atol=0)
         torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
-    assert (predictor.frames, predictor.steps) == (2 * t + 2, 2)
+    assert (predictor.frames, predictor.t) == (2 * t + 2, 2)
     first = model.initial_location(2)
     torch.testing.assert_close(outs[t - 1].next_location, first, rtol=0, atol=0)  # says where the new window looks
 
@@ -96,7 +96,7 @@ def test_sliding_runs_the_heads_over_the_last_t_features():
     x = clips(batch=2, frames=3 * t).double()
     predictor = OnlinePredictor(model, batch_size=2, context="sliding")
     outs = [predictor.step(x[:, i]) for i in range(x.shape[1])]
-    assert (predictor.frames, predictor.steps) == (3 * t, t)
+    assert (predictor.frames, predictor.t) == (3 * t, t)
     with torch.no_grad():
         feats = torch.stack([model.backbone(x[:, i], out.location) for i, out in enumerate(outs)], 1)  # (B, 3T, D)
         for i in range(t, 3 * t):
@@ -116,7 +116,7 @@ def test_glimpse_only_input_equals_full_frames(tmp_path, context):
     for seed, (shape, direction) in enumerate([("square", "left"), ("ring", "down")]):
         frames = render_clip(sample_clip(np.random.default_rng(seed), cfg, shape, direction), cfg)[:, 8:56]
         path = encode_video(tmp_path / f"{seed}.webm", frames, "vp9", fps=12)
-        videos.append(np.stack(decode_video(path)))
+        videos.append(np.stack(list(iter_video_frames(path))))
     source = torch.from_numpy(np.stack(videos)).permute(0, 1, 4, 2, 3)  # (2, 12, 3, 48, 64) uint8
     model = tiny_glitr(img_size=40)
     size, resize = model.img_size, 48

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from data_helpers import encode_video, make_frames, truncate
 
 from glitr_cli.data.dataset import build_dataset
+from glitr_cli.engine.decisions import calibrate, decision_steps
 from glitr_cli.engine.evaluation import predict_clips
 from glitr_cli.engine.loading import load_student
 from glitr_cli.recipe import load_recipe, resolve_recipe
@@ -50,7 +53,7 @@ def test_predictions_on_a_split_are_evals_clip_by_clip(in_project, toy_data, tmp
     assert len(records) == len(dataset) == p.shape[0] == 8
     names = student.class_names
     for i, (r, record) in enumerate(zip(records, dataset.records, strict=True)):
-        assert r["clip"] == f"{split}/{record.id}" and r["id"] == record.id
+        assert r["clip"] == str(toy_data / "toy" / "frames" / record.id) and r["id"] == record.id
         assert r["label"] == dataset.class_names[record.label]
         assert r["top"][0][0] == names[int(p[i, -1].argmax())]  # eval's top-1 at the last step
         assert len(r["steps"]) == 4 and len(r["top"]) == 5
@@ -125,3 +128,92 @@ def test_mistakes_are_one_line_errors(in_project, tmp_path, glitr):
         code, _, err = glitr("predict", *args)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert message in err
+
+
+def eval_logits(checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """`glitr eval`'s per-clip logits (N, T, C) and labels (N,) of the tiny student on the val split,
+    through eval's own dataset, loader and batched pass."""
+    recipe = resolve_recipe(load_recipe("recipes/tiny.yaml"))
+    runtime = Runtime.from_recipe(recipe)
+    model = load_student(checkpoint).model
+    logits, labels = [], []
+    for clips, y in runtime.loader(build_dataset(recipe.data, "val", train=False), batch_size=recipe.eval.batch_size):
+        logits.append(predict_clips(model, clips, runtime).logits.float())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def test_decisions_are_evals_clip_by_clip(in_project, toy_data, tmp_path, glitr):
+    checkpoint = in_project / "runs/tiny/checkpoints/last.pt"
+    split = f"{toy_data / 'toy'}:val"
+    code, _, err = glitr("eval", "recipes/tiny.yaml", "eval.policies=[learned]", "--out", tmp_path / "eval")
+    assert code == 0, err
+    evaluation = tmp_path / "eval" / "eval.json"
+    result = json.loads(evaluation.read_text())
+    curve, chosen = result["early"]["curves"]["learned"], result["early"]["chosen"]
+    assert chosen is not None and (tmp_path / "eval" / "early.png").is_file()
+    i = result["early"]["thresholds"].index(chosen["threshold"])
+    assert (curve["mean_frames"][i], curve["accuracy"][i]) == (chosen["mean_frames"], chosen["accuracy"])
+
+    # without --decide: the threshold eval chose, and eval's figures for it
+    out = tmp_path / "chosen.jsonl"
+    code, _, summary = glitr("predict", checkpoint, split, "--calibration", evaluation, "--out", out)
+    assert code == 0, summary
+    records = read_jsonl(out)
+    assert f"decided at tau = {chosen['threshold']:g} after {chosen['mean_frames']:.2f} frames" in summary
+    assert np.mean([r["decided_at"] for r in records]) == pytest.approx(chosen["mean_frames"])
+    assert np.mean([r["decided"][0] == r["label"] for r in records]) == pytest.approx(chosen["accuracy"])
+
+    # a threshold that splits the clips: predict's decided_at is eval's decision step, clip by clip
+    logits, labels = eval_logits(checkpoint)
+    probs = calibrate(logits, result["calibration"]["temperature"])  # (N, T, C)
+    confidence = probs.amax(-1)  # (N, T)
+    first = confidence[:, 0].sort().values
+    tau = round(float(first[3] + first[4]) / 2, 6)  # halfway: no clip near it
+    steps = decision_steps(confidence, tau)
+    assert len(set(steps.tolist())) > 1  # not every clip decided at the same step
+    out = tmp_path / "tau.jsonl"
+    code, _, summary = glitr("predict", checkpoint, split, "--calibration", evaluation, "--decide", tau, "-o", out)
+    assert code == 0, summary
+    records = read_jsonl(out)
+    names = load_student(checkpoint).class_names
+    for r, step, p in zip(records, steps.tolist(), probs, strict=True):
+        assert r["decided_at"] == step + 1
+        assert r["decided"][0] == names[int(p[step].argmax())]
+        assert r["decided"][1] == pytest.approx(float(p[step].max()), abs=1e-5)
+        for t, s in enumerate(r["steps"]):  # calibrated probabilities throughout
+            assert s["top"][0][1] == pytest.approx(float(p[t].max()), abs=1e-5)
+
+    # CSV: the decided step's row is marked
+    code, _, err = glitr(
+        "predict", checkpoint, split, "--calibration", evaluation, "--decide", tau, "-o", tmp_path / "p.csv"
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
+    assert [int(row["step"]) for row in rows if row["decided"] == "1"] == [step + 1 for step in steps.tolist()]
+
+
+def test_calibrated_finds_the_run_s_evaluation(in_project, toy_data, tmp_path, glitr):
+    # the demo's layout: DIR/glitr/checkpoints/last.pt, its evaluation in DIR/eval.json
+    checkpoint = tmp_path / "demo" / "glitr" / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    shutil.copy(in_project / "runs/tiny/checkpoints/last.pt", checkpoint)
+    split = f"{toy_data / 'toy'}:val"
+    code, _, err = glitr("predict", checkpoint, split, "--calibrated", "-o", tmp_path / "p.jsonl")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--calibrated: no eval.json in {checkpoint.parents[1]} or {checkpoint.parents[2]}" in err.replace("\n", "")
+    args = ("eval.policies=[learned]", "eval.teacher=false", "--checkpoint", checkpoint, "--out", tmp_path / "demo")
+    code, _, err = glitr("eval", "recipes/tiny.yaml", *args)
+    assert code == 0, err
+    result = json.loads((tmp_path / "demo" / "eval.json").read_text())
+    code, _, summary = glitr("predict", checkpoint, split, "--calibrated", "-o", tmp_path / "p.jsonl")
+    assert code == 0, summary
+    assert f"decided at tau = {result['early']['chosen']['threshold']:g}" in summary
+    assert all("decided_at" in r for r in read_jsonl(tmp_path / "p.jsonl"))
+    # the evaluation of one checkpoint does not calibrate another
+    code, _, err = glitr(
+        "predict", in_project / "runs/tiny/checkpoints/last.pt", split, "--calibration", tmp_path / "demo/eval.json"
+    )
+    assert code == 2 and "evaluates" in err and "evaluate this checkpoint" in err
+    code, _, err = glitr("predict", checkpoint, split, "--decide", "1.5")
+    assert code == 2 and "--decide must be a probability in (0, 1], got 1.5" in err

@@ -25,8 +25,8 @@ from data_helpers import (
 from PIL import Image
 
 from glitr_cli.data.dataset import VideoFolderDataset
-from glitr_cli.data.prepare import prepare_dataset
-from glitr_cli.data.video import decode_video
+from glitr_cli.data.prepare import prepare_jester, prepare_ssv2
+from glitr_cli.data.video import iter_video_frames
 from glitr_cli.errors import GlitrError
 from glitr_cli.paths import data_root
 
@@ -63,7 +63,7 @@ def test_ssv2_official_layout_several_codecs(tmp_path, glitr):
         want = (256, 341) if vid == "102" else (341, 256)  # short side 256, aspect kept
         assert _frame_sizes(out / "frames" / vid) == {want}
     # the JPEGs hold the decoded video, resized
-    ref = decode_video(src / "20bn-something-something-v2" / "101.webm", short_side=256)
+    ref = list(iter_video_frames(src / "20bn-something-something-v2" / "101.webm", short_side=256))
     jpg = np.asarray(Image.open(out / "frames" / "101" / "000004.jpg")).astype(float)
     assert np.abs(jpg - ref[3]).mean() < 3.0
     assert not any(p.name.startswith(".") for p in (out / "frames").iterdir())
@@ -73,7 +73,7 @@ def test_ssv2_newer_label_layout_with_videos_in_src(tmp_path):
     src, out = tmp_path / "dl", tmp_path / "out"
     make_ssv2_download(src, [("7", "train", 1, "vp9", (32, 48), 5), ("8", "validation", 2, "vp9", (32, 48), 6)],
                        layout="new", in_subdir=False)  # fmt: skip
-    s = prepare_dataset("ssv2", src, out, workers=1, progress=False, short_side=0)  # 0: native size
+    s = prepare_ssv2(src, out, workers=1, progress=False, short_side=0)  # 0: native size
     assert s.ok and s.done == 2 and s.listed == {"train": 1, "val": 1, "test": 0}
     assert (out / "train_videofolder.txt").read_text() == "7 5 1\n"
     assert (out / "val_videofolder.txt").read_text() == "8 6 2\n"
@@ -119,7 +119,7 @@ def test_killed_preparation_resumes_to_the_same_output(tmp_path, glitr):
         src, [(str(i), "train" if i < 10 else "validation", i % 3, "vp9", (96, 128), 24) for i in range(12)]
     )
     reference = tmp_path / "reference"
-    assert prepare_dataset("ssv2", src, reference, workers=1, progress=False).ok
+    assert prepare_ssv2(src, reference, workers=1, progress=False).ok
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -228,12 +228,12 @@ def test_jester_frames_elsewhere_missing_folder_and_resize(tmp_path):
     elsewhere = tmp_path / "frames"
     frames.rename(elsewhere)
     (src / "jester-v1-validation.csv").write_text("12;No gesture\n13;Swiping Left\n")  # 13 has no folder
-    s = prepare_dataset("jester", src, tmp_path / "out", workers=2, progress=False, frames=elsewhere)
+    s = prepare_jester(src, tmp_path / "out", workers=2, progress=False, frames=elsewhere)
     assert s.failed == [("13", f"{elsewhere / '13'}: frame folder missing")]
     assert (tmp_path / "out" / "val_videofolder.txt").read_text() == "12 4 1\n"
     assert "13\t" in (tmp_path / "out" / "failed.txt").read_text()
     # asked to resize: frames are copied to <out>/frames/<id>/%06d.jpg
-    s = prepare_dataset("jester", src, tmp_path / "small", workers=2, progress=False, frames=elsewhere, short_side=64)
+    s = prepare_jester(src, tmp_path / "small", workers=2, progress=False, frames=elsewhere, short_side=64)
     assert s.done == 3 and len(s.failed) == 1
     assert sorted(p.name for p in (tmp_path / "small" / "frames" / "10").iterdir()) == [
         f"{i:06d}.jpg" for i in range(1, 6)
@@ -243,23 +243,19 @@ def test_jester_frames_elsewhere_missing_folder_and_resize(tmp_path):
     assert ds[0][0].shape == (4, 3, 64, 90)
 
 
-def test_decode_video_helper_and_options(tmp_path, monkeypatch):
+def test_video_decoding_and_options(tmp_path, monkeypatch):
     path = encode_video(tmp_path / "clip.mkv", make_frames(6, 32, 48), "h264-mkv")
-    frames = decode_video(path)
+    frames = list(iter_video_frames(path))
     assert len(frames) == 6 and frames[0].shape == (32, 48, 3) and frames[0].dtype == np.uint8
-    assert decode_video(path, short_side=64)[0].shape == (64, 96, 3)
+    assert list(iter_video_frames(path, short_side=64))[0].shape == (64, 96, 3)
     bad = tmp_path / "bad.webm"
     bad.write_bytes(b"\x1a\x45\xdf\xa3 not really")
     with pytest.raises(GlitrError, match="bad.webm: cannot open as a video"):
-        decode_video(bad)
+        list(iter_video_frames(bad))
     monkeypatch.setenv("GLITR_DATA", str(tmp_path / "d"))
     assert data_root() == tmp_path / "d"
     monkeypatch.delenv("GLITR_DATA")
     assert data_root() == Path("data")
-    with pytest.raises(GlitrError, match="--frames does not apply to `glitr prepare-data ssv2`"):
-        prepare_dataset("ssv2", tmp_path, tmp_path, frames=tmp_path)
-    with pytest.raises(GlitrError, match="unknown dataset 'kinetics'"):
-        prepare_dataset("kinetics", None, None)
 
 
 def _one_error_line(code: int, err: str, *needles: str) -> None:

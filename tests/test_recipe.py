@@ -14,6 +14,8 @@ from glitr_cli.engine.build import build_objective
 from glitr_cli.errors import GlitrError
 from glitr_cli.paths import recipe_names
 from glitr_cli.recipe import (
+    ORIGINAL_VALUES,
+    PAPER_RECIPES,
     Recipe,
     load_recipe,
     recipe_from_dict,
@@ -60,6 +62,26 @@ def test_shipped_recipes_load_and_show_their_command(name):
     assert lines[1].startswith(f"# override example: glitr {command} recipes/{name}.yaml ")
     # the override example itself is valid
     load_recipe(path, lines[1].split(f"recipes/{name}.yaml ", 1)[1].split())
+
+
+def test_every_key_says_what_it_does():
+    def check(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help", "").strip(), f"{prefix}{f.name} has no help in recipe.py"
+            if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+                check(f.default_factory, f"{prefix}{f.name}.")
+
+    check(Recipe, "")
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_keep_the_original_where_an_option_deviates(name):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    for key, original in ORIGINAL_VALUES.items():
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == original, f"{name}: {key} is {value!r}, the original computes {original!r}"
 
 
 def test_paper_settings():
@@ -137,6 +159,18 @@ def test_overrides(tmp_path):
     assert r.optim.classifier.base == Recipe().optim.classifier.base  # siblings untouched
 
 
+def test_a_key_that_holds_text_takes_the_text_as_typed(tmp_path):
+    path = write(tmp_path, "kind: teacher\n")
+    for text in ("off", "no", "yes", "on", "1e5", "0x10", "2024-01-01"):  # YAML: a bool, number or date
+        assert load_recipe(path, [f"name={text}"]).name == text
+        assert load_recipe(path, [f"model.pretrained={text}"]).model.pretrained == text
+    r = load_recipe(path, ["model.pretrained=null", "output_dir='runs/a b'", "train.compile=on", "data.workers=2"])
+    assert r.model.pretrained is None and r.output_dir == "runs/a b"  # null and quotes as YAML reads them
+    assert r.train.compile is True and r.data.workers == 2  # bool and number keys keep YAML's reading
+    with pytest.raises(GlitrError, match=r"'train.compile' in override 'train.compile=off-ish' expects bool"):
+        load_recipe(path, ["train.compile=off-ish"])
+
+
 def test_override_errors(tmp_path):
     path = write(tmp_path, "kind: teacher\n")
     with pytest.raises(GlitrError, match=r"unknown key 'optim.epoc' in override 'optim.epoc=3'; did you mean"):
@@ -204,7 +238,7 @@ def test_paper_teacher_recipes_build_with_random_weights_only_when_allowed(name,
     assert model.backbone.embed_dim == 384 and len(model.backbone.blocks) == 12 and model.num_classes == PAPER[name]
     assert model.classifier.temporal_embed.shape[-1] == 768 and model.classifier.depth == 4
     # a missing VideoMAE under allow_random_init drops the distillation term, never distils from noise
-    assert objective.loss.videomae is None
+    assert objective.loss_module.videomae is None
     assert ("distillation term is DROPPED" in printed) == (name == "ssv2_teacher")
 
 
@@ -231,3 +265,13 @@ def test_paper_glitr_recipes_build_from_their_teacher(name, tmp_path, monkeypatc
     assert student.kind == "glitr" and student.model.glimpse_size == 6
     for key, value in teacher.model.state_dict().items():  # the student starts as its teacher
         assert torch.equal(student.model.state_dict()[key], value), key
+
+
+def test_renamed_keys_still_load_with_a_warning(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("eval: {cuda_graphs: false}\n")
+    assert load_recipe(old).eval.online_cuda_graphs is False
+    assert load_recipe(old, ["eval.cuda_graphs=true"]).eval.online_cuda_graphs is True
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"'eval.cuda_graphs' in {old} is now called 'eval.online_cuda_graphs'" in err
+    assert "'eval.cuda_graphs' in override 'eval.cuda_graphs=true' is now called" in err

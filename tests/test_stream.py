@@ -17,12 +17,15 @@ import time
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
+import torch
 from conftest import REPO
 from data_helpers import make_frames
 from rich.console import Console
 
 from glitr_cli.data.video import encode_video
+from glitr_cli.engine.decisions import decision_steps
 from glitr_cli.stream import default_every, source_format, stream
 
 FPS = 25
@@ -47,10 +50,10 @@ def read_lines(path: Path) -> tuple[list[dict], dict]:
 
 @pytest.fixture()
 def server(tmp_path: Path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www; yields its base URL."""
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www without range requests; yields its base URL."""
     root = tmp_path / "www"
     root.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(root))
+    handler = functools.partial(_WholeFiles, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -62,7 +65,15 @@ def server(tmp_path: Path):
         thread.join()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _WholeFiles(http.server.SimpleHTTPRequestHandler):
+    """Sends the whole file whatever the request asks, as a server without range requests does."""
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            del self.headers["Range"]
+        return ok
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
         pass
 
@@ -147,6 +158,29 @@ def test_http_stream_gives_the_file_s_predictions(trained_tiny, tmp_path, glitr,
     ]
     assert [r["step"] for r in file_records] == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]  # restart after T = 4
     assert [r["window"] for r in file_records] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_an_mp4_indexed_at_its_end_over_http_without_ranges_says_why(trained_tiny, tmp_path, glitr, server):
+    url, root = server
+    noise = np.random.default_rng(0).integers(0, 256, (25, 48, 64, 3), dtype=np.uint8)  # barely compressible
+    late = encode_video(root / "late.mp4", noise, "h264", fps=FPS, options={"preset": "ultrafast"})
+    data = late.read_bytes()
+    assert data.index(b"moov") > data.index(b"mdat") > 0  # the index after 70 kB of frames
+    args = ("-c", checkpoint(trained_tiny), "--as-fast-as-possible", "--jsonl", tmp_path / "x.jsonl")
+    code, _, err = glitr("stream", f"{url}/late.mp4", *args)
+    line = err.strip().splitlines()[-1]  # after the line that says what is streamed
+    assert code == 2 and line.startswith("error:") and "Traceback" not in err, err
+    assert "decoding failed after 0 frames" in line and "range requests" in line and "-movflags +faststart" in line
+    # the advice works: the same frames with the index in front stream from the same server
+    with av.open(str(late)) as src, av.open(str(root / "early.mp4"), "w", options={"movflags": "+faststart"}) as dst:
+        stream_out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream_out
+                dst.mux(packet)
+    code, _, err = glitr("stream", f"{url}/early.mp4", *args)
+    assert code == 0 and "done: 25 frames read" in err, err
+    assert "each frame also waited for the model to finish the one before" in err  # the latency, explained
 
 
 def test_sources_that_cannot_be_opened_exit_2_with_one_line(trained_tiny, tmp_path, glitr, server):
@@ -312,3 +346,46 @@ def test_glimpse_only_reads_the_window_and_predicts_as_the_whole_frame(trained_t
     assert summary["pixels_read_per_frame"] <= 34 * 34
     code, _, err = glitr("stream", video, "-c", ckpt, "--glimpse-only", "--backend", "onnx")
     assert code == 2 and "--glimpse-only runs on the PyTorch backend" in err
+
+
+def test_the_decision_line_comes_at_the_first_step_over_the_threshold_and_can_end_the_stream(
+    trained_tiny, tmp_path, glitr
+):
+    video = clip(tmp_path, 2.0)
+    common = ("-c", checkpoint(trained_tiny), "--every", 2, "--as-fast-as-possible")
+    # a threshold never reached: the T-th step decides, and the sliding context never decides again
+    code, _, err = glitr("stream", video, *common, "--decide", 1.0, "--jsonl", tmp_path / "never.jsonl")
+    assert code == 0, err
+    lines = [json.loads(line) for line in (tmp_path / "never.jsonl").read_text().splitlines()]
+    decisions = [i for i, line in enumerate(lines) if "decision" in line]
+    assert decisions == [4]  # right after the line of the 4th frame (T = 4)
+    decision = lines[4]["decision"]
+    assert decision["frame"] == lines[3]["frame"] and decision["step"] == 4 and decision["reached"] is False
+    assert [decision["class"], decision["p"]] == lines[3]["top"][0]
+    assert lines[-1]["summary"]["decisions"] == 1 and lines[-1]["summary"]["stopped_on_decision"] is False
+    records = [line for line in lines if "frame" in line]
+
+    # a threshold the first T - 1 steps reach: the decision follows the first frame that reaches it
+    confidence = torch.tensor([[r["top"][0][1] for r in records[:4]]])  # (1, T)
+    tau = float(confidence[0, 1:3].max()) - 5e-7  # below the rounded probability of that step
+    first = int(decision_steps(confidence, tau)[0])
+    assert first < 3
+    out = tmp_path / "stop.jsonl"
+    code, _, err = glitr("stream", video, *common, "--decide", tau, "--stop-on-decision", "--jsonl", out)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["frame"] for r in lines[: first + 1]] == [r["frame"] for r in records[: first + 1]]
+    decision, summary = lines[first + 1]["decision"], lines[first + 2]["summary"]
+    assert len(lines) == first + 3  # the frames up to the decision, the decision, the summary
+    assert decision["frame"] == records[first]["frame"] and decision["step"] == first + 1 and decision["reached"]
+    assert decision["class"] == records[first]["top"][0][0] and decision["threshold"] == tau
+    assert summary["stopped_on_decision"] is True and summary["interrupted"] is False
+    assert summary["frames_processed"] == first + 1 and summary["decisions"] == 1
+    assert "stopped at the decision" in err and err.rstrip().endswith("; 1 decision")
+    # a slower model: the reader has decoded the next frames meanwhile; ending there drops none of them
+    slow = dict(checkpoint=checkpoint(trained_tiny), every=2, as_fast_as_possible=True, step_delay=0.1)
+    summary = stream(str(video), **slow, decide=tau, stop_on_decision=True, jsonl=tmp_path / "slow.jsonl")
+    assert summary["frames_processed"] == first + 1 and summary["frames_dropped"] == 0
+
+    code, _, err = glitr("stream", video, *common, "--stop-on-decision")
+    assert code == 2 and "--stop-on-decision needs a threshold" in err

@@ -25,7 +25,7 @@ from glitr_cli.data.toy import (
     target_in_glimpse,
     target_revealed,
 )
-from glitr_cli.data.video import decode_video
+from glitr_cli.data.video import iter_video_frames
 from glitr_cli.errors import GlitrError
 
 
@@ -145,7 +145,7 @@ def test_prepare_data_toy_takes_the_ssv2_path(tmp_path, glitr):
     rendered = make_clip(cfg, videos[0]).astype(float)
     jpg = np.stack([np.asarray(Image.open(out / "frames" / "1" / f"{i:06d}.jpg")) for i in range(1, 17)]).astype(float)
     assert 10 * np.log10(255**2 / ((jpg - rendered) ** 2).mean()) > 28
-    assert len(decode_video(dl / "20bn-something-something-v2" / "1.webm")) == 16
+    assert len(list(iter_video_frames(dl / "20bn-something-something-v2" / "1.webm"))) == 16
     ds = VideoFolderDataset(out, "val", num_frames=8)
     clip, label = ds[0]
     assert clip.shape == (8, 3, 112, 112) and 0 <= label < 8 and ds.num_classes == 8

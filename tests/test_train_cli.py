@@ -139,6 +139,23 @@ def test_missing_inputs_name_the_command_that_makes_them(project, glitr, tmp_pat
     assert "glitr prepare-data toy" in line
 
 
+def test_a_missing_checkpoint_names_what_exists_or_what_writes_it(project, glitr):
+    """A typo suggests the file meant; a missing checkpoint names a command that exists: the run's
+    saved recipe once the run has begun, else a recipe of the run's name, else RECIPE name=RUN."""
+    line = one_error_line(glitr("eval", "recipes/tiny.yaml", "--checkpoint", "runs/mine/checkpoints/last.pt"))
+    assert "glitr train-glitr RECIPE name=mine" in line  # no recipes/mine.yaml here, and none shipped
+    line = one_error_line(glitr("eval", "recipes/tiny.yaml", "--checkpoint", "runs/toy/checkpoints/last.pt"))
+    assert "glitr train-glitr recipes/toy.yaml" in line  # the shipped recipe of that name
+    (project / "runs/mine").mkdir(parents=True)
+    (project / "runs/mine/recipe.yaml").write_text("kind: glitr\n")
+    line = one_error_line(glitr("eval", "recipes/tiny.yaml", "--checkpoint", "runs/mine/checkpoints/last.pt"))
+    assert "glitr train-glitr runs/mine/recipe.yaml" in line  # the run's own recipe
+    (project / "runs/mine/checkpoints").mkdir()
+    (project / "runs/mine/checkpoints/last.pt").write_bytes(b"")
+    line = one_error_line(glitr("eval", "recipes/tiny.yaml", "--checkpoint", "runs/mien/checkpoints/lst.pt"))
+    assert "checkpoint runs/mien/checkpoints/lst.pt not found; did you mean runs/mine/checkpoints/last.pt?" in line
+
+
 def test_wrong_kind_and_bad_checkpoint_exit_2(project, glitr):
     line = one_error_line(glitr("train-teacher", "recipes/tiny.yaml"))
     assert "run it with: glitr train-glitr recipes/tiny.yaml" in line
@@ -146,3 +163,22 @@ def test_wrong_kind_and_bad_checkpoint_exit_2(project, glitr):
     bad.write_bytes(b"PK\x03\x04 truncated")
     line = one_error_line(glitr("train-teacher", "recipes/tiny_teacher.yaml", "--resume", "bad.pt"))
     assert "bad.pt" in line and "not a readable PyTorch checkpoint" in line
+
+
+def test_progress_written_to_a_file_reads_as_plain_lines(project):
+    """Piped into a file (a cluster job's log), training reports plain lines with the step, loss, speed,
+    elapsed time and ETA while the epoch runs, not only a bar's last state when it ends."""
+    log = project / "train.log"
+    with open(log, "w") as f:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        overrides = ["optim.epochs=1", "log.progress=true", "log.progress_every=0"]
+        cmd = [sys.executable, "-m", "glitr_cli", "train-teacher", "recipes/tiny_teacher.yaml", *overrides]
+        assert subprocess.run(cmd, cwd=project, env=env, stdout=f, stderr=subprocess.STDOUT).returncode == 0
+    lines = log.read_text().splitlines()
+    progress = [i for i, line in enumerate(lines) if line.startswith("epoch 1/1 ")]
+    steps = [lines[i].split()[2] for i in progress]
+    assert steps == ["1/4", "2/4", "3/4", "4/4"], lines
+    first = lines[progress[0]]
+    assert "loss " in first and "clips/s" in first and "elapsed 0:00:" in first and " eta 0:" in first, first
+    end_of_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1: val top-1"))
+    assert progress[-1] < end_of_epoch and "━" not in log.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import av
@@ -16,12 +17,11 @@ from PIL import Image
 
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from glitr_cli.data.video import decode_video
+from glitr_cli.data.video import iter_video_frames
 from glitr_cli.engine.checkpoint import save_checkpoint
-from glitr_cli.errors import GlitrError
-from glitr_cli.model import OnlinePredictor, extract_glimpse
-from glitr_cli.recipe import DataConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
-from glitr_cli.visualize import (
+from glitr_cli.engine.decisions import decision_steps
+from glitr_cli.engine.online import (
+    DECIDED,
     DIM,
     OUTLINE,
     CropGeometry,
@@ -32,6 +32,9 @@ from glitr_cli.visualize import (
     to_display,
     visualize,
 )
+from glitr_cli.errors import GlitrError
+from glitr_cli.model import OnlinePredictor, extract_glimpse
+from glitr_cli.recipe import DataConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
 
 T, IMG, RESIZE = TINY["num_frames"], TINY["img_size"], 36
 CLASSES = ["Square moving left", "Square moving right", "Ring moving up", "Ring moving down"]
@@ -169,7 +172,7 @@ def test_h264_default_frames_and_drawing(assets, tmp_path):
     assert all(len(s["top"]) == 3 and s["top"][0][0] in CLASSES for s in steps)
     assert all(s["top"][0][1] >= s["top"][1][1] >= s["top"][2][1] for s in steps)
 
-    video = decode_video(assets["mp4"])
+    video = list(iter_video_frames(assets["mp4"]))
     locs = reference(assets["ckpt"], [video[s["index"]] for s in steps])
     gif = gif_frames(out)
     assert len(gif) == T
@@ -196,7 +199,7 @@ def test_vp9_odd_size_every_restarts_after_t(assets, tmp_path):
     )
     steps = result["frames"]
     assert [s["index"] for s in steps] == list(range(0, 13, 2))  # 7 steps: a window of T=5, then a restart
-    video = decode_video(assets["webm"])
+    video = list(iter_video_frames(assets["webm"]))
     locs = reference(assets["ckpt"], [video[i] for i in range(0, 13, 2)])
     init = tuple(load_student(assets["ckpt"]).model.initial_location(1)[0].tolist())
     assert steps[0]["location"] == pytest.approx(init, abs=1e-5)
@@ -215,7 +218,7 @@ def test_every_slides_past_t_by_default(assets, tmp_path):
     result = visualize(assets["webm"], checkpoint=assets["ckpt"], out=tmp_path / "g.gif", every=2)
     steps = result["frames"]
     assert len(steps) == 7 > T
-    video = decode_video(assets["webm"])
+    video = list(iter_video_frames(assets["webm"]))
     locs = reference(assets["ckpt"], [video[i] for i in range(0, 13, 2)], context="sliding")
     for s, loc in zip(steps, locs, strict=True):
         assert s["location"] == pytest.approx(loc, abs=1e-5)
@@ -261,7 +264,7 @@ def test_one_frame_video(assets, tmp_path):
 def test_mp4_output_and_jpeg_folder(assets, tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()
-    video = decode_video(assets["webm"])
+    video = list(iter_video_frames(assets["webm"]))
     for i, f in enumerate(video):
         Image.fromarray(f).save(folder / f"{i + 1:06d}.jpg", quality=95)
     out = tmp_path / "g.mp4"
@@ -341,10 +344,10 @@ def test_checkpoint_written_by_the_trainer(trained_tiny, assets, tmp_path, monke
         load_student("runs/tiny_teacher/checkpoints/last.pt")
 
 
-def test_the_readme_python_example_runs(trained_tiny, monkeypatch, capsys):
-    """The README's "Using a trained model from Python" block, run as written on a trained student."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Using a trained model from Python", 1)[1]
+def test_the_docs_python_example_runs(trained_tiny, monkeypatch, capsys):
+    """docs/online.md's "Using a trained model from Python" block, run as written on a trained student."""
+    page = (Path(__file__).parents[1] / "docs" / "online.md").read_text()
+    section = page.split("## Using a trained model from Python", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(trained_tiny)
     exec(code.replace("runs/demo/glitr/checkpoints/last.pt", "runs/tiny/checkpoints/last.pt"), {})
@@ -355,10 +358,10 @@ def test_the_readme_python_example_runs(trained_tiny, monkeypatch, capsys):
         assert any(line.startswith(f"{name} ") for name in student.class_names) and "next glimpse at" in line
 
 
-def test_the_readme_glimpse_only_example_runs(trained_tiny, monkeypatch, capsys):
-    """The README's glimpse-only block (after the first one, which it reuses), run as written."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Using a trained model from Python", 1)[1]
+def test_the_docs_glimpse_only_example_runs(trained_tiny, monkeypatch, capsys):
+    """docs/online.md's glimpse-only block (after the first one, which it reuses), run as written."""
+    page = (Path(__file__).parents[1] / "docs" / "online.md").read_text()
+    section = page.split("## Using a trained model from Python", 1)[1]
     first, rest = section.split("```python\n", 2)[1:]
     code = first.split("```", 1)[0] + rest.split("```", 1)[0]
     monkeypatch.chdir(trained_tiny)
@@ -366,3 +369,38 @@ def test_the_readme_glimpse_only_example_runs(trained_tiny, monkeypatch, capsys)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     student = load_student("runs/tiny/checkpoints/last.pt")
     assert last.endswith(f"after {3 * student.num_frames} frames")
+
+
+def test_decide_marks_the_step_that_decides_with_calibrated_probabilities(assets, tmp_path, glitr):
+    plain = visualize(assets["mp4"], checkpoint=assets["ckpt"], out=tmp_path / "plain.gif")["frames"]
+    # the run's own evaluation results (RUN/eval.json), as `glitr eval` writes them for this checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(assets["ckpt"].parents[1], run)
+    temperatures = [0.5, 0.4, 0.3, 0.2, 0.1]  # sharper with every step
+    evaluation = {"kind": "glitr", "steps": T, "checkpoint": str(run / "checkpoints/last.pt")}
+    evaluation |= {"calibration": {"temperature": temperatures}, "early": {"chosen": None}}
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    calibrated = visualize(
+        assets["mp4"], checkpoint=run / "checkpoints/last.pt", out=tmp_path / "c.gif", calibrated=True
+    )["frames"]
+    confidence = []
+    for a, b, temperature in zip(plain, calibrated, temperatures, strict=True):
+        log_p = torch.tensor([p for _, p in a["top"]]).log()  # the top 3 of 4 classes: their order is kept
+        assert [n for n, _ in b["top"]] == [n for n, _ in a["top"]] and "decided" not in b  # no threshold chosen
+        sharper = (log_p / temperature).exp()
+        assert b["top"][1][1] / b["top"][0][1] == pytest.approx(float(sharper[1] / sharper[0]), rel=1e-4)
+        confidence.append(b["top"][0][1])
+
+    tau = max(confidence[1:3]) - 5e-7
+    first = int(decision_steps(torch.tensor([confidence]), tau)[0])
+    out = tmp_path / "d.gif"
+    code, _, err = glitr(
+        "visualize", assets["mp4"], "-c", run / "checkpoints/last.pt", "--calibrated", "--decide", tau,
+        "--out", out, "--json", tmp_path / "d.json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"decided at tau = {tau:g} at step {first + 1}" in err.replace("\n", " ")
+    steps = json.loads((tmp_path / "d.json").read_text())["frames"]
+    assert [i for i, s in enumerate(steps) if s.get("decided")] == [first]
+    for i, frame in enumerate(gif_frames(out)):  # a frame of DECIDED around the picture of that step only
+        assert (np.abs(frame[1, 1] - np.array(DECIDED)).max() == 0) == (i == first)

@@ -4,8 +4,8 @@ Stages per item: the list-file record -> frame indices (`glitr_cli.data.sampling
 corrupt frame is replaced by its nearest readable neighbour and counted) -> uint8 clip
 (T, 3, H, W) -> transform (normalised float32 (T, 3, H', W')).
 
-JPEG decoding uses `torchvision.io.decode_jpeg` (libjpeg-turbo; faster than Pillow, with identical
-pixels), with Pillow as the fallback where torchvision's decoder is unavailable. With `encoded=True`
+JPEG decoding uses `torchvision.io.decode_jpeg` (libjpeg-turbo, the same pixels as Pillow), with
+Pillow as the fallback where torchvision's decoder is unavailable. With `encoded=True`
 (`data.decode_on: device`) an item holds the frames' JPEG bytes instead (`JpegClip`), and the
 training process decodes a whole batch at once on its device (`VideoFolderDataset.decode`: nvJPEG
 on CUDA, the same libjpeg-turbo decoder on the CPU).
@@ -13,6 +13,7 @@ on CUDA, the same libjpeg-turbo decoder on the CPU).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import io
 import logging
@@ -99,9 +100,22 @@ class JpegClip(NamedTuple):
 
 
 def _prepare_hint(root: Path, name: str | None) -> str:
+    """The command that prepares dataset `name` (from its glitr_dataset.json, or `root`'s name) into `root`:
+    your own clips unless the name is one `prepare-data` knows."""
     if name not in DATASETS:
-        name = root.name if root.name in DATASETS else "{" + ",".join(DATASETS) + "}"
-    return f"glitr prepare-data {name} --out {root}"
+        name = root.name if root.name in DATASETS else None
+    return f"glitr prepare-data {name} --out {root}" if name else f"glitr prepare-data folder --src DIR --out {root}"
+
+
+def _no_dataset(root: Path) -> str:
+    """Why there is no dataset at `root` to read, the prepared ones beside it (the closest name first)
+    and the command that prepares one there."""
+    folders = root.parent.iterdir() if root.parent.is_dir() else []
+    beside = sorted(p.name for p in folders if (p / "category.txt").is_file())
+    close = difflib.get_close_matches(root.name, beside, n=1)
+    meant = f"did you mean {root.parent / close[0]}? " if close else ""
+    others = f"prepared in {root.parent}: {', '.join(beside)}; " if beside else ""
+    return f"no dataset at {root} (data.dataset, data.root); {meant}{others}prepare one: {_prepare_hint(root, None)}"
 
 
 class VideoFolderDataset(Dataset):
@@ -131,7 +145,6 @@ class VideoFolderDataset(Dataset):
         num_frames: int,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         train: bool = False,
-        decoder: str = "auto",
         sampling: Sampling = "original",
         min_frames: int = 1,
         encoded: bool = False,
@@ -154,7 +167,6 @@ class VideoFolderDataset(Dataset):
         self.sampler = FrameSampler(num_frames, sampling)
         self.transform = transform
         self.train = train
-        self.decoder = decoder
         if encoded and _tv_decode_jpeg is None:
             raise GlitrError("data.decode_on=device needs torchvision's decode_jpeg, which this torchvision lacks")
         self.encoded = encoded
@@ -180,23 +192,13 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    @property
-    def replaced_frames(self) -> int:
-        """Frames replaced by a readable neighbour so far, over all worker processes."""
-        return int(self.damage[:, 0].sum())
-
-    @property
-    def unreadable_videos(self) -> int:
-        """Clips returned black because no frame of the video could be read."""
-        return int(self.damage[:, 1].sum())
-
     def frame_path(self, record: VideoRecord, index: int) -> Path:
         """Path of 0-based frame `index` of a video."""
         return self.frames_dir / record.id / (self.template % (index + 1))
 
     def _read(self, path: Path) -> torch.Tensor | None:
         try:
-            return decode_jpeg_bytes(path.read_bytes(), self.decoder)
+            return decode_jpeg_bytes(path.read_bytes())
         except (OSError, RuntimeError, ValueError) as e:  # missing, unreadable, corrupt
             if self._logged < 10:
                 self._logged += 1
@@ -289,6 +291,8 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> VideoFolderDat
     "device" (the training step transforms them), and JPEG files (`JpegClip`) when `cfg.decode_on` is
     "device". A missing or unprepared dataset names `glitr prepare-data`."""
     assert cfg.root is not None, "resolve the recipe first"
+    if not Path(cfg.root).is_dir():
+        raise GlitrError(_no_dataset(Path(cfg.root)))
     if train:
         transform = None if cfg.augment_on == "device" else clip_train_transform(cfg)
     else:

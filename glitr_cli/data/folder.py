@@ -1,31 +1,18 @@
 """`glitr prepare-data folder`: your own clips to the TSM frame folders the dataset class reads.
 
-Two layouts of `src`, each clip a video file (any container and codec PyAV decodes) or a folder
-of JPEG/PNG frames:
+Each clip is a video file (anything PyAV decodes) or a folder of JPEG/PNG frames, laid out in class
+folders `src/<class>/<clip>` (or under split folders `src/{train,val,test}/<class>/<clip>`), or listed in
+a CSV of `path,label[,split]` lines (paths relative to `src`, a header line allowed). Classes are the
+sorted class names, unless every CSV label is an integer: then label i is class i. Without `val` clips,
+`val_fraction` of each class's training clips is drawn for validation with `seed`; each class's draw
+depends only on the seed, the class and its clips, so adding a class leaves the others' splits alone.
 
-- class folders: `src/<class>/<clip>`, or the same under split folders
-  `src/{train,val,test}/<class>/<clip>`;
-- a CSV (`--csv FILE`): lines `path,label[,split]`, paths relative to `src`, a header line
-  `path,label[,split]` allowed, split one of train, val, test or empty.
-
-Classes are the sorted class names, unless every CSV label is an integer: then label i is class i
-(named "i"). When no clip is given to `val`, a validation split of `val_fraction` of the training
-clips is drawn per class (stratified) with `seed`; each class's draw depends only on the seed,
-the class and its clips, so adding a class leaves the others' splits alone.
-
-Stages: find the clips and their labels (`scan_class_folders` or `read_clip_csv`), assign the
-splits (`assign_splits`), then the SSv2 preparation's own workers decode every clip into
-`<out>/frames/<id>/000001.jpg ...` (parallel, resumable, failures listed in `failed.txt`) and its
-writer lays out `category.txt`, `{train,val,test}_videofolder.txt` and `glitr_dataset.json`.
-`sources.txt` maps each id back to its clip: `<id>\\t<split>\\t<path relative to src>`.
-
-A clip's id is its path relative to `src` with `/` written `__` (`train__walk__clip1.mp4`); a path
-holding characters other than letters, digits, `.`, `_` and `-` (or `__` in a name) gets them
-replaced by `_` and a short hash of the path appended, so ids are unique, stable across reruns and
-never need quoting.
-
-Hidden entries (a name starting with `.`) and files with a non-video suffix (`.txt`, `.json`,
-`.csv`, `.md`, archives) are not clips. This module imports no torch.
+The clips then take the SSv2 preparation's path (`extract_all`, `write_outputs`: parallel, resumable,
+failures in `failed.txt`); `sources.txt` maps each id back to its clip (`<id>\\t<split>\\t<path>`). A
+clip's id is its path relative to `src` with `/` written `__`; a path with other characters than
+letters, digits, `.`, `_` and `-` (or `__` in a name) gets them replaced by `_` and a short hash of the
+path appended, so ids are unique, stable across reruns and never need quoting. Hidden entries and files
+with a non-video suffix are not clips. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -38,13 +25,12 @@ import time
 from csv import reader as csv_reader
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from glitr_cli.data.formats import DatasetInfo, SplitEntry
-from glitr_cli.data.parallel import default_workers
 from glitr_cli.data.prepare import (
     NOT_VIDEO_SUFFIXES,
     PrepareSummary,
+    checked_options,
     extract_all,
     prepare_settings,
     record_settings,
@@ -245,7 +231,9 @@ def assign_splits(clips: list[Clip], val_fraction: float, seed: int) -> dict[str
 
 def prepare_folder(
     src: Path,
-    out: Path,
+    out: Path | None = None,
+    *,
+    root: Path | None = None,
     workers: int = 0,
     csv: Path | None = None,
     val_fraction: float = 0.2,
@@ -254,13 +242,12 @@ def prepare_folder(
     quality: int = 95,
     progress: bool = True,
 ) -> PrepareSummary:
-    """Prepare the clips under `src` (class folders, or the `csv` listing) into `out`; see the
+    """Prepare the clips under `src` (class folders, or the `csv` listing) into `out`, by default
+    `<root>/<name of src>` (`root`: the data root), so `src` clips/mine gives the dataset `mine`; see the
     module docstring. Frames are resized to short side `short_side` (None or 0 keeps them)."""
     t0 = time.perf_counter()
-    workers = workers or default_workers()
-    short_side = short_side or None
-    if short_side is not None and short_side < 8:
-        raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
+    workers, short_side = checked_options(workers, short_side, quality)
+    out = out if out is not None else (root if root is not None else data_root()) / src.resolve().name
     if not 0 < val_fraction < 1:
         raise GlitrError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
     if csv is not None:
@@ -291,37 +278,3 @@ def prepare_folder(
     entries = {s: [SplitEntry(c.id, index[c.label], c.line) for c in splits[s]] for s in SPLIT_NAMES}
     listed = write_outputs(out, class_names, entries, counts, failed, DatasetInfo("folder"))
     return PrepareSummary("folder", out, done, skipped, failed, listed, time.perf_counter() - t0)
-
-
-_OPTIONS = {"short_side", "quality", "csv", "val_fraction", "seed"}
-
-
-def prepare_folder_dataset(
-    src: Path | None,
-    out: Path | None = None,
-    workers: int = 0,
-    *,
-    root: Path | None = None,
-    progress: bool = True,
-    **opts: Any,
-) -> PrepareSummary:
-    """`glitr prepare-data folder`: `prepare_folder` with the command's defaults and checks.
-
-    `src` is required; `out` defaults to `<root>/<name of src>` (`root` = `data_root()`), so
-    `--src clips/mine` gives the dataset `data.dataset=mine`. Options that are None are ignored;
-    options of the other datasets are an error."""
-    opts = {k: v for k, v in opts.items() if v is not None}
-    bad = sorted(set(opts) - _OPTIONS)
-    if bad:
-        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-        raise GlitrError(f"{flags} does not apply to `glitr prepare-data folder`")
-    if src is None:
-        raise GlitrError(
-            "`glitr prepare-data folder` needs --src DIR: DIR/<class>/<video>, or a --csv listing DIR's clips"
-        )
-    if workers < 0:
-        raise GlitrError(f"--workers must be 0 (automatic) or more, got {workers}")
-    if "quality" in opts and not 1 <= opts["quality"] <= 100:
-        raise GlitrError(f"--quality must lie in 1..100, got {opts['quality']}")
-    out = out if out is not None else (root if root is not None else data_root()) / src.resolve().name
-    return prepare_folder(src, out, workers, progress=progress, **opts)

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console
+
+from glitr_cli.progress import ProgressLine
 
 
 def default_workers() -> int:
@@ -28,22 +30,13 @@ def map_tasks(
     description: str,
     threads: bool = False,
 ) -> Iterator[Any]:
-    """Run `fn` over `tasks` (in-process for workers <= 1), yielding results as they finish,
-    with a rich progress bar. At most 4 tasks per worker are in flight."""
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress or not tasks,
-        transient=False,
-    )
-    with bar:
-        tid = bar.add_task(description, total=len(tasks))
+    """Run `fn` over `tasks` (in-process for workers <= 1), yielding results as they finish, with
+    progress. At most 4 tasks per worker are in flight."""
+    with ProgressLine(Console(), description, len(tasks), enabled=progress) as bar:
         if workers <= 1 or len(tasks) <= 1:
             for t in tasks:
                 yield fn(t)
-                bar.advance(tid)
+                bar.advance()
             return
         pool: Executor
         if threads:
@@ -62,7 +55,7 @@ def map_tasks(
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     yield f.result()
-                    bar.advance(tid)
+                    bar.advance()
                     nxt = next(it, None)
                     if nxt is not None:
                         pending.add(pool.submit(fn, nxt))

@@ -14,7 +14,6 @@ This module imports no torch, so worker processes start quickly.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -26,7 +25,6 @@ from typing import Any
 from PIL import Image
 
 from glitr_cli.data.formats import (
-    DATASETS,
     DatasetInfo,
     SplitEntry,
     VideoRecord,
@@ -39,8 +37,8 @@ from glitr_cli.data.formats import (
     write_list,
 )
 from glitr_cli.data.parallel import default_workers, map_tasks
-from glitr_cli.data.toy import TOY_FLAGS, ToyConfig, generate_toy, settings_conflict, toy_settings
-from glitr_cli.data.video import iter_clip_frames, resized_size
+from glitr_cli.data.toy import TOY_FLAGS, ToyConfig, generate_toy, read_record, settings_conflict, toy_settings
+from glitr_cli.data.video import iter_clip_frames
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json, atomic_write_text
 from glitr_cli.paths import data_root
@@ -115,30 +113,6 @@ def _extract_video(task: tuple[str, str, str, int | None, int]) -> tuple[str, in
     return vid, n, None
 
 
-def _resize_frame_folder(task: tuple[str, str, str, str, int, int]) -> tuple[str, int, str | None]:
-    """Worker: copy one Jester frame folder resized to `<frames_root>/<id>/%06d.jpg`."""
-    vid, src_dir, template, frames_root, short_side, quality = task
-    root = Path(frames_root)
-    tmp = root / f"{PARTIAL_PREFIX}{vid}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    n = _count_jpegs(Path(src_dir))
-    try:
-        if n == 0:
-            raise GlitrError(f"{src_dir}: no JPEG frames")
-        for i in range(1, n + 1):
-            with Image.open(Path(src_dir) / (template % i)) as im:
-                im = im.convert("RGB")
-                w, h = resized_size(im.width, im.height, short_side)
-                im.resize((w, h), Image.Resampling.BICUBIC).save(tmp / f"{i:06d}.jpg", quality=quality)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return vid, 0, " ".join(f"{src_dir}: {e}".split())
-    os.rename(tmp, root / vid)
-    return vid, n, None
-
-
 def _check_frame_folder(task: tuple[str, str, str]) -> tuple[str, int, str | None]:
     """Worker: count the frames of one Jester folder and check that it starts at frame 1."""
     vid, folder, template = task
@@ -151,6 +125,29 @@ def _check_frame_folder(task: tuple[str, str, str]) -> tuple[str, int, str | Non
     if not (p / (template % 1)).is_file():
         return vid, 0, f"{p}: frames are not numbered from {template % 1}"
     return vid, n, None
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def checked_options(workers: int, short_side: int | None, quality: int) -> tuple[int, int | None]:
+    """The worker count (0: `default_workers()`) and short side (0 or None: native size) to use, after
+    checking them and the JPEG quality."""
+    if workers < 0:
+        raise GlitrError(f"--workers must be 0 (automatic) or more, got {workers}")
+    if not 1 <= quality <= 100:
+        raise GlitrError(f"--quality must lie in 1..100, got {quality}")
+    if short_side and short_side < 8:
+        raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
+    return workers or default_workers(), short_side or None
+
+
+def default_paths(name: str, src: Path | None, out: Path | None, root: Path | None) -> tuple[Path, Path]:
+    """(src, out) with their defaults: `<root>/<name>/download` and `<root>/<name>`, `root` the data root;
+    a toy download goes into `<out>/download`."""
+    base = (root if root is not None else data_root()) / name
+    out = out if out is not None else base
+    return (src if src is not None else out / "download" if name == "toy" else base / "download"), out
 
 
 # ----------------------------------------------------------------------------- settings
@@ -168,14 +165,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to continue `out` when its recorded settings differ from `settings` (one line naming the
     option and both values); a folder without a record (new, or prepared before records) passes."""
     record = out / SETTINGS_FILE
-    if not record.is_file():
+    old = read_record(record, f"prepare into another --out, or remove {out}")
+    if old is None:
         return
-    try:
-        old = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError):
-        old = None
-    if not isinstance(old, dict):
-        raise GlitrError(f"{record} is not a settings record: prepare into another --out, or remove {out}")
 
     def flat(d: dict[str, Any]) -> dict[str, Any]:  # the toy settings beside the others, as the options set them
         toy = d.get("toy") if isinstance(d.get("toy"), dict) else {}
@@ -303,8 +295,10 @@ def _index_videos(dirs: Iterable[Path]) -> dict[str, Path]:
 
 
 def prepare_ssv2(
-    src: Path,
-    out: Path,
+    src: Path | None = None,
+    out: Path | None = None,
+    *,
+    root: Path | None = None,
     workers: int = 0,
     short_side: int | None = 256,
     quality: int = 95,
@@ -321,10 +315,8 @@ def prepare_ssv2(
     (None keeps the native size) and written as JPEG with `quality`. `toy`: the toy generator
     settings the download was made with, recorded with the others."""
     t0 = time.perf_counter()
-    workers = workers or default_workers()
-    short_side = short_side or None  # 0 keeps the native size
-    if short_side is not None and short_side < 8:
-        raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
+    workers, short_side = checked_options(workers, short_side, quality)
+    src, out = default_paths(name, src, out, root)
     files = _ssv2_label_files(src)
     missing = [k for k in ("labels", "train", "validation") if files[k] is None]
     if missing:
@@ -374,8 +366,10 @@ def _jester_missing(src: Path, what: str) -> GlitrError:
 
 
 def prepare_jester(
-    src: Path,
-    out: Path,
+    src: Path | None = None,
+    out: Path | None = None,
+    *,
+    root: Path | None = None,
     workers: int = 0,
     frames: Path | None = None,
     short_side: int | None = None,
@@ -387,10 +381,8 @@ def prepare_jester(
     Frames stay where they are (`src/20bn-jester-v1/<id>/%05d.jpg`, or `frames`) unless
     `short_side` is given, in which case they are copied resized to `<out>/frames/<id>/`."""
     t0 = time.perf_counter()
-    workers = workers or default_workers()
-    short_side = short_side or None
-    if short_side is not None and short_side < 8:
-        raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
+    workers, short_side = checked_options(workers, short_side, quality)
+    src, out = default_paths("jester", src, out, root)
     csv = {k: src / f"jester-v1-{k}.csv" for k in ("labels", "train", "validation", "test")}
     missing = [p.name for k, p in csv.items() if k != "test" and not p.is_file()]
     if missing:
@@ -409,10 +401,12 @@ def prepare_jester(
     template = "%05d.jpg"
     record_settings(out, prepare_settings("jester", short_side, quality if short_side else None))
     ids = list(dict.fromkeys(e.id for entries in splits.values() for e in entries))
-    counts: dict[str, int] = {}
-    failed: list[tuple[str, str]] = []
-    done = skipped = 0
-    if short_side is None:
+    if short_side is not None:  # copied resized into <out>/frames/, like the frames of a video
+        jobs = [(vid, frame_dir / vid) for vid in ids]
+        counts, failed, done, skipped = extract_all("jester", out, jobs, workers, short_side, quality, progress)
+        info = DatasetInfo("jester")
+    else:
+        counts, failed, skipped = {}, [], 0
         checks = [(vid, str(frame_dir / vid), template) for vid in ids]
         for vid, n, reason in map_tasks(
             _check_frame_folder, checks, workers, progress, "jester: counting frames", threads=True
@@ -423,23 +417,6 @@ def prepare_jester(
                 failed.append((vid, reason))
         done = len(counts)
         info = DatasetInfo("jester", _frames_info_dir(frame_dir, out), template)
-    else:
-        out_frames = out / "frames"
-        out_frames.mkdir(parents=True, exist_ok=True)
-        todo = []
-        for vid in ids:
-            if (out_frames / vid).is_dir():
-                counts[vid] = _count_jpegs(out_frames / vid)
-            else:
-                todo.append((vid, str(frame_dir / vid), template, str(out_frames), short_side, quality))
-        skipped = len(counts)
-        for vid, n, reason in map_tasks(_resize_frame_folder, todo, workers, progress, "jester: resizing frames"):
-            if reason is None:
-                counts[vid] = n
-            else:
-                failed.append((vid, reason))
-        done = len(todo) - len(failed)
-        info = DatasetInfo("jester")
     pos = {vid: i for i, vid in enumerate(ids)}
     failed.sort(key=lambda f: pos[f[0]])  # the CSV order, whatever order the workers finished in
     listed = write_outputs(out, class_names, splits, counts, failed, info)
@@ -450,87 +427,29 @@ def prepare_jester(
 
 
 def prepare_toy(
-    src: Path,
-    out: Path,
+    out: Path | None = None,
+    src: Path | None = None,
+    *,
+    root: Path | None = None,
     workers: int = 0,
     short_side: int | None = None,
     quality: int = 95,
     progress: bool = True,
     **toy_options: Any,
 ) -> PrepareSummary:
-    """Generate the toy dataset's raw videos and SSv2 JSON files in `src`, then run the
-    SSv2 preparation on them into `out` (frames at their native size unless `short_side`).
-    `toy_options` are `ToyConfig` fields (seed, num_train, num_val, num_test, num_frames,
-    size, shapes, directions, distractors)."""
+    """Generate the toy dataset's raw videos and SSv2 JSON files in `src` (default `<out>/download`), then
+    run the SSv2 preparation on them into `out` (frames at their native size unless `short_side`).
+    `toy_options` are `ToyConfig` fields (seed, num_train, num_val, num_test, num_frames, size, shapes,
+    directions, distractors)."""
     t0 = time.perf_counter()
-    workers = workers or default_workers()
+    workers, short_side = checked_options(workers, short_side, quality)
+    src, out = default_paths("toy", src, out, root)
     config = ToyConfig.from_options(**toy_options)
-    if short_side is not None and 0 < short_side < 8:
-        raise GlitrError(f"--short-side must be at least 8 pixels, got {short_side}")
     settings = toy_settings(config)
     _check_settings(out, prepare_settings("toy", short_side, quality, settings))  # before the download is touched
     generate_toy(src, config, workers=workers, progress=progress)
     summary = prepare_ssv2(
-        src, out, workers, short_side=short_side, quality=quality, progress=progress, name="toy", toy=settings
+        src, out, workers=workers, short_side=short_side, quality=quality, progress=progress, name="toy", toy=settings
     )
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-# ----------------------------------------------------------------------------- entry point
-
-_OPTIONS = {
-    "ssv2": {"short_side", "quality", "videos"},
-    "jester": {"frames", "short_side", "quality"},
-    "toy": {
-        "short_side",
-        "quality",
-        "seed",
-        "num_train",
-        "num_val",
-        "num_test",
-        "num_frames",
-        "size",
-        "shapes",
-        "directions",
-        "distractors",
-    },
-}
-
-
-def prepare_dataset(
-    name: str,
-    src: Path | None = None,
-    out: Path | None = None,
-    workers: int = 0,
-    *,
-    root: Path | None = None,
-    progress: bool = True,
-    **opts: Any,
-) -> PrepareSummary:
-    """Prepare dataset `name` (ssv2, jester or toy) from `src` into `out`.
-
-    Defaults: `<root>/<name>/download` and `<root>/<name>` with `root` = `data_root()`;
-    for toy with only `out` given, the raw videos go to `<out>/download`. `workers` 0 means
-    `default_workers()`. Options that are None are ignored; other options that do not
-    apply to `name` are an error."""
-    if name not in DATASETS:
-        raise GlitrError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
-    opts = {k: v for k, v in opts.items() if v is not None}
-    bad = sorted(set(opts) - _OPTIONS[name])
-    if bad:
-        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-        raise GlitrError(f"{flags} does not apply to `glitr prepare-data {name}`")
-    if workers < 0:
-        raise GlitrError(f"--workers must be 0 (automatic) or more, got {workers}")
-    if "quality" in opts and not 1 <= opts["quality"] <= 100:
-        raise GlitrError(f"--quality must lie in 1..100, got {opts['quality']}")
-    base = (root if root is not None else data_root()) / name
-    out = out if out is not None else base
-    if src is None:
-        src = out / "download" if name == "toy" else base / "download"
-    if name == "ssv2":
-        return prepare_ssv2(src, out, workers, progress=progress, **opts)
-    if name == "jester":
-        return prepare_jester(src, out, workers, progress=progress, **opts)
-    return prepare_toy(src, out, workers, progress=progress, **opts)

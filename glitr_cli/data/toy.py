@@ -1,26 +1,18 @@
-"""The generated `toy` action dataset (DESIGN.md §5): a small, real video dataset in which
-*where to look* decides the answer.
+"""The generated `toy` action dataset: a small, real video dataset in which *where to look* decides the
+answer.
 
-Each clip has a static textured background, grey distractor shapes wandering at random and
-one coloured target. The target starts near the centre as a plain dot, leaves the central
-region in one of the directions and shows its shape only once it is entirely outside the
-central region (3/7 of the frame side, 48 px of 112: what a centred 3-patch glimpse covers).
-The label is shape x direction. The default shapes are a filled square and a ring (the same
-square with a hole): their outlines are the same, so a glimpse must hold the target's middle
-to tell them apart, from whichever side it comes.
-
-Consequence, checked by the tests: every nuisance (background, colour, path, distractors)
-is drawn from the random stream before and independently of the shape, so two clips that
-differ only in shape are pixel-identical inside the central region. A fixed centre glimpse
-of 3 patches therefore sees the direction but never the shape; it cannot tell any class from
-the classes that share its direction. The toy recipes' 4-patch glimpse (64 px) reaches 8 px
-beyond that region, so a centred one sees at most a strip of the shape's near edge, and only
-while the target is close to the region (with square and ring, a strip of their common
-outline); a model that follows the target sees it whole.
+Each clip has a static textured background, grey distractor shapes wandering at random and one
+coloured target. The target starts near the centre as a plain dot, leaves the central region in one of
+the directions and shows its shape only once it is entirely outside that region (3/7 of the frame
+side: what a centred 3-patch glimpse covers). The label is shape x direction; the default shapes, a
+filled square and a ring, share their outline, so a glimpse must hold the target's middle to tell them
+apart. Every nuisance (background, colour, path, distractors) is drawn before and independently of the
+shape, so two clips that differ only in shape are pixel-identical inside the central region: a fixed
+centre glimpse sees the direction but never the shape, a model that follows the target sees it whole.
 
 The generator writes SSv2-format files (`something-something-v2-*.json` and
-`20bn-something-something-v2/<id>.webm`, VP9), and `prepare-data toy` runs the SSv2
-preparation on them, so the toy takes exactly the path of the real data.
+`20bn-something-something-v2/<id>.webm`, VP9), and `prepare-data toy` runs the SSv2 preparation on
+them, so the toy takes exactly the path of the real data.
 """
 
 from __future__ import annotations
@@ -395,6 +387,20 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def read_record(record: Path, remedy: str) -> dict[str, Any] | None:
+    """The settings a preparation recorded in `record`, None when there is no such file; a file that is
+    no record is an error that says `remedy`."""
+    if not record.is_file():
+        return None
+    try:
+        old = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise GlitrError(f"{record} is not a settings record: {remedy}")
+    return old
+
+
 def settings_conflict(old: dict[str, Any], new: dict[str, Any], flags: dict[str, str]) -> tuple[str, str, str] | None:
     """The first setting in which recorded settings `old` differ from `new`: (the option that sets
     it, its recorded value, its value now); None when they agree."""
@@ -413,13 +419,8 @@ def generate_toy(download: Path, cfg: ToyConfig, workers: int = 1, progress: boo
     with other settings is an error rather than a silent mix."""
     settings = toy_settings(cfg)
     record = download / SETTINGS_FILE
-    if record.is_file():
-        try:
-            old = json.loads(record.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if not isinstance(old, dict):
-            raise GlitrError(f"{record} is not a toy settings record: remove {download} or choose another --out")
+    old = read_record(record, f"remove {download} or choose another --out")
+    if old is not None:
         conflict = settings_conflict(old, settings, TOY_FLAGS)
         if conflict is not None:
             flag, there, now = conflict

@@ -135,11 +135,6 @@ def iter_clip_frames(path: Path | str, short_side: int | None = None) -> Iterato
     return iter_video_frames(path, short_side)
 
 
-def decode_video(path: Path | str, short_side: int | None = None) -> list[np.ndarray]:
-    """All frames of a video as uint8 RGB arrays (H, W, 3); see `iter_video_frames`."""
-    return list(iter_video_frames(path, short_side))
-
-
 # ------------------------------------------------------------------------------------------------ encoding
 
 

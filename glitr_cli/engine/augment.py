@@ -1,7 +1,7 @@
 """The training data path: the loader and, with `data.augment_on: device`, the work moved to the device.
 
 The training transform (RandAugment on the full frame, then the random-resized crop) costs far
-more CPU time than decoding the JPEGs (README, "Speed"), so a GPU that trains at hundreds of clips/s
+more CPU time than decoding the JPEGs, so a GPU that trains at hundreds of clips/s
 can outrun the loader workers of a normal host. With `data.augment_on: device` the workers only
 decode (uint8 clips, pinned) and the transform runs on the device in the training process, clip by
 clip; with `data.decode_on: device` as well, the workers only read the JPEG files and the training

@@ -1,9 +1,11 @@
 """Building what a recipe names: the models with their starting weights, and the objective.
 
-Pretrained inputs (iBOT T_f, VideoMAE, an SSv2 teacher for Jester, a GliTr teacher for the
-student) must exist; when one is missing the run stops with one line naming the file and, for
-our own runs, the command that produces it. `model.allow_random_init=true` turns a missing
-pretrained file into a loud warning and random weights instead (for smoke tests).
+Pretrained inputs (iBOT T_f or timm's weights, VideoMAE, an SSv2 teacher for Jester, a GliTr
+teacher for the student) must be there; when one is missing the run stops with one line naming
+the file and, for our own runs, the command that produces it (timm weights that are not cached
+while the hub cannot be reached: the ways on). `model.allow_random_init=true` turns a teacher's
+missing starting weights into one loud warning and random weights instead (smoke tests, machines
+without a network).
 """
 
 from __future__ import annotations
@@ -13,12 +15,24 @@ from pathlib import Path
 import torch.nn as nn
 from rich.console import Console
 
-from glitr_cli.engine.loading import build_model, load_run_checkpoint, model_from_checkpoint, producing_command
+from glitr_cli.engine.loading import (
+    build_model,
+    checkpoint_recipe,
+    geometry_mismatch,
+    load_run_checkpoint,
+    model_from_checkpoint,
+    producing_command,
+)
 from glitr_cli.engine.objectives import Objective, student_objective, teacher_objective
 from glitr_cli.errors import GlitrError, warn
 from glitr_cli.model import GliTr
 from glitr_cli.model.videomae import load_videomae
-from glitr_cli.model.weights import init_student_from_teacher, load_backbone, load_jester_teacher_init
+from glitr_cli.model.weights import (
+    WeightsUnavailable,
+    init_student_from_teacher,
+    load_backbone,
+    load_jester_teacher_init,
+)
 from glitr_cli.recipe import ModelConfig, Recipe
 
 
@@ -54,13 +68,22 @@ def init_teacher_weights(model: GliTr, cfg: ModelConfig, *, console: Console | N
         ckpt = load_run_checkpoint(cfg.init_from, produced_by="train-teacher")
         load_jester_teacher_init(model, ckpt["model"], str(cfg.init_from))
         return
-    if cfg.pretrained is None:  # the recipe asks for random T_f weights (the toy recipes)
+    if cfg.pretrained is None:  # the recipe asks for random T_f weights (the toy recipes; the trainer says so)
         return
     if _is_file_source(cfg.pretrained) and not _present(
         cfg.pretrained, "pretrained backbone", "model.pretrained", cfg.allow_random_init, console
     ):
         return
-    load_backbone(model, cfg.pretrained)
+    try:
+        load_backbone(model, cfg.pretrained)
+    except WeightsUnavailable:
+        if not cfg.allow_random_init:
+            raise
+        warn(
+            console,
+            f"timm weights {cfg.pretrained} are not cached and the hub cannot be reached; model.pretrained is "
+            "IGNORED and the weights are RANDOM (model.allow_random_init)",
+        )
 
 
 def build_videomae_teacher(
@@ -102,6 +125,10 @@ def build_objective(recipe: Recipe, class_names: list[str], console: Console | N
         raise GlitrError(f"objective.teacher={path} is a {ckpt['kind']} checkpoint, not a teacher")
     if list(ckpt["class_names"]) != list(class_names):
         raise GlitrError(f"teacher {path} was trained on other classes than the dataset {r.data.root} holds")
+    mismatch = geometry_mismatch(checkpoint_recipe(ckpt, path), r, weights=True)
+    if mismatch is not None:
+        what, fix = mismatch
+        raise GlitrError(f"teacher {path} was {what}; the student starts from its weights, so set {fix}")
     teacher = model_from_checkpoint(ckpt, path)
     student = build_model(r.model, **geometry)
     init_student_from_teacher(student, teacher)

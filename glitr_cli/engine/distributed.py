@@ -69,6 +69,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_named(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum every tensor of `parts` over ranks in one collective (as float64); returns them by name."""
+    flat = all_reduce_sum(torch.cat([t.to(torch.float64).flatten() for t in parts.values()]))
+    return dict(zip(parts, flat.split([t.numel() for t in parts.values()]), strict=True))
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Maximum over ranks (a no-op in one process); returns the same tensor."""
     if dist.is_initialized():
@@ -83,15 +89,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:

@@ -11,6 +11,12 @@ teacher). Written as `eval.json` and plotted as `accuracy.png`:
 `glimpse_area` is the fraction of the frame one glimpse covers; `covered_area` the mean
 fraction of the frame that the union of a clip's T glimpses covered.
 
+Early decisions (`engine/decisions.py`): `"calibration"` holds, for the learned policy, a
+temperature per step fitted on the evaluated split and the ECE (15 bins) and NLL at every step
+before and after it; `"early"` the decision rule over a grid of thresholds for every policy and the
+teacher (each calibrated with its own temperatures) and the chosen threshold, plotted as
+`early.png`. `glitr predict`, `stream` and `visualize` read both back (`read_calibration`).
+
 These are the numbers of ONE checkpoint. The paper reports another: for every t, the best top-1
 over the per-epoch validations of the whole run. When the run's `metrics.jsonl` holds those
 validations, `eval.json` also has `"best_over_epochs": {"top1": [...], "epoch": [...], "of":
@@ -20,22 +26,36 @@ of the plot.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from glitr_cli.data.dataset import build_dataset
-from glitr_cli.engine.distributed import ShardSampler, all_reduce_sum, init_distributed
-from glitr_cli.engine.loading import load_run_checkpoint, model_from_checkpoint
+from glitr_cli.engine.checkpoint import LAST
+from glitr_cli.engine.decisions import (
+    EARLY_PLOT_FILE,
+    Calibration,
+    analyse,
+    calibration_table,
+    check_threshold,
+    early_table,
+    plot_early,
+)
+from glitr_cli.engine.distributed import ShardSampler, all_gather_objects, all_reduce_sum, init_distributed
+from glitr_cli.engine.loading import checkpoint_recipe, geometry_mismatch, load_run_checkpoint, model_from_checkpoint
 from glitr_cli.engine.metrics import METRICS_FILE, best_over_epochs, topk_correct
 from glitr_cli.errors import GlitrError, warn
 from glitr_cli.files import atomic_write, atomic_write_json
 from glitr_cli.model import GliTr, OnlinePredictor, StudentOutput, glimpse_area_fraction, glimpse_mask
 from glitr_cli.model.glitr import POLICIES
+from glitr_cli.paths import RECIPE_FILE, run_of
+from glitr_cli.progress import track
 from glitr_cli.recipe import COMMANDS, Recipe, resolve_recipe
 from glitr_cli.runtime import Runtime, stop_workers
 
@@ -43,12 +63,36 @@ EVAL_FILE = "eval.json"
 PLOT_FILE = "accuracy.png"
 
 
-def covered_fraction(model: GliTr, locs: torch.Tensor, frame_size: tuple[int, int]) -> torch.Tensor:
-    """Per clip, the fraction of the frame inside at least one of its glimpses: locs (B, T, 2) -> (B,)."""
+def covered_by_step(model: GliTr, locs: torch.Tensor, frame_size: tuple[int, int]) -> torch.Tensor:
+    """Per clip and step t, the fraction of the frame inside at least one of its glimpses 1..t:
+    locs (B, T, 2) -> (B, T)."""
     b, t = locs.shape[:2]
     side = model.backbone.glimpse_pixels
     mask = glimpse_mask(locs.flatten(0, 1).float(), frame_size, (side, side), model.backbone.glimpse_scale)
-    return mask.view(b, t, *frame_size).amax(dim=1).mean(dim=(1, 2))  # (B,)
+    return mask.view(b, t, *frame_size).cummax(dim=1).values.mean(dim=(2, 3))  # (B, T)
+
+
+class ClipOutputs:
+    """What `evaluate_policies` keeps per clip for the early decisions, on the CPU: each source's
+    logits (B, T, C) and share of the frame covered up to each step (B, T) (None: full frames)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, name: str, logits: torch.Tensor, covered: torch.Tensor | None = None) -> None:
+        self.sources.setdefault(name, []).append((logits.cpu(), None if covered is None else covered.cpu()))
+
+    def gather(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+        """Every rank's clips: {source: (logits (N, T, C), covered (N, T) or None)}, labels (N,)."""
+        ranks = all_gather_objects((self.sources, self.labels))
+        labels = torch.cat([y for _, labels in ranks for y in labels])
+        out = {}
+        for name in self.sources:
+            batches = [batch for sources, _ in ranks for batch in sources[name]]
+            covered = None if batches[0][1] is None else torch.cat([c for _, c in batches])
+            out[name] = (torch.cat([z for z, _ in batches]), covered)
+        return out, labels
 
 
 @torch.no_grad()
@@ -83,9 +127,11 @@ def evaluate_policies(
     teacher: GliTr | None,
     runtime: Runtime,
     seed: int,
+    outputs: ClipOutputs | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5 at every step t of `model` under each glimpse policy (and of `teacher` on full
-    frames) over `loader` (every rank its shard), reduced over ranks."""
+    frames) over `loader` (every rank its shard), reduced over ranks; `outputs` also keeps each
+    clip's logits and covered frame."""
     device = runtime.device
     t = (teacher if teacher is not None else model).num_frames
     names = [*policies, *(["teacher"] if teacher is not None else [])]
@@ -103,12 +149,19 @@ def evaluate_policies(
         frame_size = tuple(clips.shape[-2:])
         for i, policy in enumerate(policies):
             out = predict_clips(model, clips, runtime, policy, generator)
+            covered_t = covered_by_step(model, out.locs, frame_size)  # (B, T)
             correct[i] += topk_correct(out.logits.float(), labels).double()
-            covered[i] += covered_fraction(model, out.locs, frame_size).sum().double()
+            covered[i] += covered_t[:, -1].sum().double()
+            if outputs is not None:
+                outputs.add(policy, out.logits.float(), covered_t)
         if teacher is not None:
             with runtime.autocast():
                 logits = teacher.forward_teacher(clips).logits
             correct[-1] += topk_correct(logits.float(), labels).double()
+            if outputs is not None:
+                outputs.add("teacher", logits.float())
+        if outputs is not None:
+            outputs.labels.append(labels.cpu())
         total += labels.shape[0]
     for tensor in (correct, covered, total):
         all_reduce_sum(tensor)
@@ -144,7 +197,17 @@ def plot_accuracy(result: dict[str, Any], path: Path, title: str = "") -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
-def result_table(result: dict[str, Any]) -> Table:
+def result_table(result: dict[str, Any]) -> Group:
+    """The accuracy table, and when there, the calibration and early-decision tables."""
+    tables = [accuracy_table(result)]
+    if result.get("calibration"):
+        tables.append(calibration_table(result["calibration"]))
+    if result.get("early"):
+        tables.append(early_table(result["early"], result["steps"]))
+    return Group(*tables)
+
+
+def accuracy_table(result: dict[str, Any]) -> Table:
     t = result["steps"]
     cols = sorted({1, (t + 1) // 2, t})
     table = Table(title=f"accuracy after t frames ({result['clips']} clips)")
@@ -163,6 +226,15 @@ def result_table(result: dict[str, Any]) -> Table:
         top5 = f"{100 * e['top5'][-1]:.2f}" if e["top5"] else "-"
         table.add_row(name, *[f"{100 * e['top1'][c - 1]:.2f}" for c in cols], top5, seen)
     return table
+
+
+def own_recipe_command(checkpoint: Path) -> str:
+    """The `glitr eval` command that evaluates `checkpoint` with the recipe its run saved (RUN/recipe.yaml,
+    whose output folder is the run's own: its last.pt needs no --checkpoint)."""
+    saved = run_of(checkpoint) / RECIPE_FILE
+    if not saved.is_file():
+        return f"glitr eval RECIPE --checkpoint {checkpoint}"
+    return f"glitr eval {saved}" + ("" if checkpoint.name == LAST else f" --checkpoint {checkpoint}")
 
 
 def run_eval(
@@ -184,14 +256,15 @@ def run_eval(
     if ckpt["kind"] != r.kind:
         raise GlitrError(
             f"{path} is a {ckpt['kind']} checkpoint, but recipe {r.name} is a {r.kind} recipe; "
-            "evaluate it with the recipe it was trained with"
+            f"evaluate it with the recipe it was trained with: {own_recipe_command(path)}"
+        )
+    mismatch = geometry_mismatch(checkpoint_recipe(ckpt, str(path)), r, weights=False)
+    if mismatch is not None:
+        what, fix = mismatch
+        raise GlitrError(
+            f"{path} was {what}; evaluate it with its own recipe: {own_recipe_command(path)} (or set {fix})"
         )
     model = model_from_checkpoint(ckpt, str(path)).to(runtime.device)
-    if (model.num_frames, model.img_size) != (r.data.num_frames, r.data.img_size):
-        raise GlitrError(
-            f"{path} was trained on {model.num_frames} frames of {model.img_size} px, the recipe reads "
-            f"{r.data.num_frames} of {r.data.img_size}; evaluate it with its own recipe"
-        )
     unknown = [p for p in r.eval.policies if p not in POLICIES]
     if unknown:
         raise GlitrError(f"eval.policies: unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
@@ -211,11 +284,18 @@ def run_eval(
 
     sampler = ShardSampler(len(dataset), rank=runtime.rank, world_size=runtime.world_size)
     loader = runtime.loader(dataset, batch_size=r.eval.batch_size, sampler=sampler)
+    outputs = ClipOutputs()
     try:
         policies, seed = list(r.eval.policies), r.eval.seed + runtime.rank
-        result = evaluate_policies(model, loader, policies=policies, teacher=teacher, runtime=runtime, seed=seed)
+        # progress on stderr, beside the table on `console`; a caller that silences the table silences both
+        shown = runtime.is_main and r.log.progress and console.file is sys.stdout
+        batches = track(loader, "evaluating", len(loader), Console(stderr=True), r.log.progress_every, enabled=shown)
+        result = evaluate_policies(
+            model, batches, policies=policies, teacher=teacher, runtime=runtime, seed=seed, outputs=outputs
+        )
     finally:
         stop_workers(loader)
+    clips, labels = outputs.gather()
     result = {
         "steps": result["steps"],
         "policies": result["policies"],
@@ -233,9 +313,73 @@ def run_eval(
         of = "teacher" if ckpt["kind"] == "teacher" else "learned"
         result["best_over_epochs"] = {"of": of, "split": r.data.val_split, **best}
     if runtime.is_main:
+        calibration, early = analyse(clips, labels)
+        if calibration is not None:
+            result["calibration"], result["early"] = calibration, early
         out = Path(out_dir) if out_dir is not None else run_dir
         atomic_write_json(out / EVAL_FILE, result)
-        plot_accuracy(result, out / PLOT_FILE, title=f"{r.name} ({r.eval.split})")
+        plots = [out / PLOT_FILE]
+        plot_accuracy(result, plots[0], title=f"{r.name} ({r.eval.split})")
+        if early is not None:
+            top1 = {name: e["top1"] for name, e in result["policies"].items()}
+            plots.append(out / EARLY_PLOT_FILE)
+            plot_early(early, top1, plots[1], title=f"{r.name} ({r.eval.split}): early decisions")
         console.print(result_table(result))
-        console.print(f"wrote {out / EVAL_FILE} and {out / PLOT_FILE}", highlight=False)
+        console.print(f"wrote {out / EVAL_FILE}, {', '.join(str(p) for p in plots)}", highlight=False)
     return result
+
+
+def decision_settings(
+    checkpoint: str | Path,
+    num_frames: int,
+    *,
+    calibrated: bool = False,
+    calibration: str | Path | None = None,
+    decide: float | None = None,
+    console: Console | None = None,
+) -> tuple[Calibration | None, float | None]:
+    """What `--calibrated`, `--calibration PATH` and `--decide TAU` ask of `predict`, `stream` and
+    `visualize`: the calibration (None: the model's own probabilities) and the decision threshold
+    (None: no decisions). Without `decide` the threshold is the one `glitr eval` chose, when its
+    results are used."""
+    check_threshold(decide)
+    found = None
+    if calibrated or calibration is not None:
+        found = read_calibration(checkpoint, num_frames, calibration, console)
+    return found, decide if decide is not None else (found.threshold if found is not None else None)
+
+
+def read_calibration(
+    checkpoint: str | Path, num_frames: int, path: str | Path | None = None, console: Console | None = None
+) -> Calibration:
+    """The temperatures and chosen threshold `glitr eval` wrote for a student checkpoint: from `path`
+    (an eval.json), else from the checkpoint's run: RUN/eval.json (where `glitr eval` writes by
+    default; RUN holds checkpoints/), else the one in the folder above RUN (where `glitr demo` writes
+    it). Results of another checkpoint are refused; results older than the checkpoint are used with a
+    warning (the checkpoint may have been trained further since)."""
+    checkpoint = Path(checkpoint)
+    if path is None:
+        run = checkpoint.parent.parent
+        found = [p for p in (run / EVAL_FILE, run.parent / EVAL_FILE) if p.is_file()]
+        if not found:
+            raise GlitrError(
+                f"--calibrated: no {EVAL_FILE} in {run} or {run.parent}; evaluate the run first "
+                "(`glitr eval RECIPE`) or name the evaluation results with --calibration PATH"
+            )
+        path = found[0]
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GlitrError(f"--calibration {path}: not readable as evaluation results ({e})") from None
+    if not isinstance(result, dict) or result.get("kind") != "glitr":
+        raise GlitrError(f"--calibration {path}: not the evaluation results of a GliTr student (`glitr eval`)")
+    evaluated = Path(str(result.get("checkpoint", "")))
+    if evaluated.is_file() and checkpoint.is_file() and not evaluated.samefile(checkpoint):
+        raise GlitrError(
+            f"{path} evaluates {evaluated}, not {checkpoint}; evaluate this checkpoint "
+            "(`glitr eval RECIPE --checkpoint CKPT`) and pass its eval.json with --calibration"
+        )
+    if checkpoint.is_file() and checkpoint.stat().st_mtime > path.stat().st_mtime:
+        warn(console, f"{path} is older than {checkpoint}; rerun `glitr eval` if it was trained further")
+    return Calibration.from_result(result, path, num_frames)

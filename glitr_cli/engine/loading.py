@@ -15,12 +15,24 @@ from typing import Any
 import yaml
 
 from glitr_cli.data.sampling import FrameSampler
-from glitr_cli.engine.checkpoint import load_checkpoint
+from glitr_cli.engine.checkpoint import LAST, load_checkpoint
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import GliTr, build_glitr
 from glitr_cli.model.weights import load_state_dict_checked
-from glitr_cli.paths import RUNS_DIR
-from glitr_cli.recipe import ModelConfig, Recipe, recipe_from_dict
+from glitr_cli.paths import RECIPE_FILE, RUNS_DIR, closest_existing, recipe_names, run_of
+from glitr_cli.recipe import ModelConfig, Recipe, recipe_from_dict, recipe_value
+
+# what a model reads (frames per clip, frame size), and the other recipe keys that shape its weights
+DATA_GEOMETRY = ("data.num_frames", "data.img_size")
+MODEL_GEOMETRY = (
+    "model.backbone",
+    "model.embed_dim",
+    "model.depth",
+    "model.patch_size",
+    "model.stem",
+    "model.temporal_dim",
+    "model.temporal_depth",
+)
 
 
 def build_model(
@@ -47,20 +59,52 @@ def build_model(
 
 
 def producing_command(path: str | Path, command: str) -> str:
-    """`glitr <command> recipes/<name>.yaml` when `path` lies in runs/<name>/, else a generic hint."""
+    """The command that writes checkpoint `path` of run runs/<name>/: the run's saved recipe when the
+    run has begun, else recipes/<name>.yaml when that file or a shipped recipe of that name exists,
+    else any recipe named for the run."""
     parts = Path(path).parts
-    if RUNS_DIR in parts and parts.index(RUNS_DIR) + 1 < len(parts):
-        return f"glitr {command} recipes/{parts[parts.index(RUNS_DIR) + 1]}.yaml"
-    return f"glitr {command} RECIPE"
+    if RUNS_DIR not in parts or parts.index(RUNS_DIR) + 1 >= len(parts):
+        return f"glitr {command} RECIPE"
+    name = parts[parts.index(RUNS_DIR) + 1]
+    saved = Path(*parts[: parts.index(RUNS_DIR) + 2]) / RECIPE_FILE
+    if saved.is_file():
+        return f"glitr {command} {saved}"
+    if Path("recipes", name + ".yaml").is_file() or name in recipe_names():
+        return f"glitr {command} recipes/{name}.yaml"
+    return f"glitr {command} RECIPE name={name}"
 
 
 def load_run_checkpoint(path: str | Path, *, produced_by: str) -> dict[str, Any]:
-    """A checkpoint of one of our runs; a missing one names the command that writes it."""
+    """A checkpoint of one of our runs; a missing one names the file it was likely meant to be, else the
+    command that writes it."""
     if not Path(path).is_file():
+        meant = closest_existing(path)
+        if meant is not None and meant.is_file():
+            raise GlitrError(f"checkpoint {path} not found; did you mean {meant}?")
         raise GlitrError(f"checkpoint {path} not found; produce it first: {producing_command(path, produced_by)}")
     with warnings.catch_warnings():  # a plain pickle makes torch warn before it refuses the file: one line only
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         return load_checkpoint(path)
+
+
+def geometry_mismatch(trained: Recipe, recipe: Recipe, *, weights: bool) -> tuple[str, str] | None:
+    """How `recipe` differs from `trained` (a checkpoint's recipe) in what the model reads and, with
+    `weights`, in the other keys that shape its weights: (what differs, the overrides that make
+    `recipe` agree), or None when they agree."""
+    keys = DATA_GEOMETRY + (MODEL_GEOMETRY if weights else ())
+    values = {k: (recipe_value(trained, k), recipe_value(recipe, k)) for k in (*keys, "data.resize")}
+    differ = [k for k in keys if values[k][0] != values[k][1]]
+    if not differ:
+        return None
+    if "data.img_size" in differ and values["data.resize"][0] != values["data.resize"][1]:
+        differ.append("data.resize")  # evaluation's short side goes with the crop
+    t, r = trained.data, recipe.data
+    if (t.num_frames, t.img_size) != (r.num_frames, r.img_size):
+        what = f"trained on {t.num_frames} frames of {t.img_size} px, the recipe reads {r.num_frames} of {r.img_size}"
+    else:
+        what = "built with " + ", ".join(f"{k} {values[k][0]}, the recipe has {values[k][1]}" for k in differ)
+    fix = " ".join(f"{k}={'null' if values[k][0] is None else values[k][0]}" for k in differ)
+    return what, fix
 
 
 def checkpoint_recipe(ckpt: dict[str, Any], source: str) -> Recipe:
@@ -113,7 +157,9 @@ def load_student(path: str | Path) -> Student:
     """Load a GliTr student checkpoint written by `glitr train-glitr`; anything else is a GlitrError."""
     path = Path(path)
     if path.is_dir():
-        raise GlitrError(f"--checkpoint {path} is a folder; pass a checkpoint file such as {path}/checkpoints/last.pt")
+        inside = [p for p in (path / "checkpoints" / LAST, path / LAST) if p.is_file()]
+        example = inside[0] if inside else Path("RUN", "checkpoints", LAST)
+        raise GlitrError(f"{path} is a folder, not a checkpoint file; pass one such as {example}")
     ckpt = load_run_checkpoint(path, produced_by="train-glitr")
     if ckpt["kind"] != "glitr":
         raise GlitrError(
@@ -126,7 +172,7 @@ def load_student(path: str | Path) -> Student:
 
 def _run_kind(ckpt: Path) -> str | None:
     """The `kind:` in the run's recipe.yaml beside checkpoints/ (None when unknown)."""
-    recipe = ckpt.parent.parent / "recipe.yaml"
+    recipe = run_of(ckpt) / RECIPE_FILE
     try:
         data = yaml.safe_load(recipe.read_text())
     except (OSError, yaml.YAMLError):

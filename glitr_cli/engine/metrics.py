@@ -20,15 +20,6 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write, atomic_write_text
@@ -44,22 +35,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     top = logits.topk(k_max, dim=-1).indices  # (B, T, k)
     hit = top == labels[:, None, None]  # (B, T, k)
     return torch.stack([hit[..., : min(k, c)].any(-1).sum(0) for k in ks]).float()  # (len(ks), T)
-
-
-def make_progress(console: Console, enabled: bool) -> Progress:
-    """Rich progress bar with clips/s and ETA; `enabled` False shows nothing (other ranks, tests)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
 
 
 class MetricsLogger:
@@ -176,16 +151,17 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
 
     fig = Figure(figsize=(10, 7), dpi=100)  # no pyplot: no GUI backend, no global figure state
     (loss_ax, lr_ax), (acc_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
+    dot = "o" if len(train) == 1 else None  # a line through one record draws nothing
     for ax, curves in ((loss_ax, losses), (lr_ax, lrs)):
         for name, values in curves.items():
-            ax.plot(epochs, values, label=name, lw=2 if name == "loss" else 1)
+            ax.plot(epochs, values, label=name, lw=2 if name == "loss" else 1, marker=dot)
         finite = [v for values in curves.values() for v in values if math.isfinite(v)]
         if finite and min(finite) > 0:
             ax.set_yscale("log")
     if train:
         steps = len(train[0]["top1"])
-        acc_ax.plot(epochs, series(lambda r: 100 * r["top1"][-1]), label=f"training, t={steps}")
-        speed_ax.plot(epochs, series(lambda r: r["clips_per_s"]))
+        acc_ax.plot(epochs, series(lambda r: 100 * r["top1"][-1]), label=f"training, t={steps}", marker=dot)
+        speed_ax.plot(epochs, series(lambda r: r["clips_per_s"]), marker=dot)
     if val:
         steps = len(val[0]["top1"])
         val_epochs = [r["epoch"] for r in val]

@@ -26,7 +26,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 @dataclass
 class Objective:
     kind: str  # "teacher" | "glitr"
-    loss: nn.Module  # (frames (B, T, 3, H, W), target) -> dict(loss, <scalars>, logits (B, T, C))
+    loss_module: nn.Module  # (frames (B, T, 3, H, W), target) -> dict(loss, <scalars>, logits (B, T, C))
     model: GliTr  # the weights that are trained, saved and evaluated
     prepare: Callable[[torch.Tensor, torch.Tensor], Batch]  # (clips, labels) -> (frames, target)
     scalars: tuple[str, ...]  # loss components logged besides "loss"
@@ -55,7 +55,7 @@ def teacher_objective(
     smoothing = 0.0 if mix.active else cfg.label_smoothing
     return Objective(
         kind="teacher",
-        loss=TeacherObjective(model, videomae, label_smoothing=smoothing),
+        loss_module=TeacherObjective(model, videomae, label_smoothing=smoothing),
         model=model,
         prepare=mix if mix.active else _labels_as_is,
         scalars=("cls", "distill", "loc_mse", "loc_kld"),
@@ -67,7 +67,7 @@ def student_objective(student: GliTr, teacher: GliTr, cfg: ObjectiveConfig) -> O
     """GliTr student learning from its frozen teacher: L_cls + spatial + temporal consistency."""
     return Objective(
         kind="glitr",
-        loss=StudentObjective(student, teacher, label_smoothing=cfg.label_smoothing),
+        loss_module=StudentObjective(student, teacher, label_smoothing=cfg.label_smoothing),
         model=student,
         prepare=_labels_as_is,
         scalars=("cls", "spatial", "temporal"),
@@ -76,9 +76,9 @@ def student_objective(student: GliTr, teacher: GliTr, cfg: ObjectiveConfig) -> O
 
 def reference_objective(objective: Objective) -> Objective:
     """The same objective computed by the plain reference path (same models, targets and scalars)."""
-    loss = objective.loss
+    loss = objective.loss_module
     if isinstance(loss, StudentObjective):
         plain: nn.Module = PlainStudentObjective(loss.student, loss.teacher, loss.label_smoothing)
     else:
         plain = PlainTeacherObjective(loss.model, loss.videomae, loss.label_smoothing)
-    return replace(objective, loss=plain, separable=())
+    return replace(objective, loss_module=plain, separable=())

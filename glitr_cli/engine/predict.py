@@ -1,30 +1,25 @@
 """`glitr predict`: a trained GliTr's classes and glimpse locations for your clips, one record per clip.
 
-Inputs: a video file (anything PyAV decodes), a folder (searched recursively: every video file,
-and every folder of images as one clip), or a prepared split written `DIR:split` (`data/toy:val`).
+Inputs: video files, folders (searched recursively: every video file, and every folder of images as
+one clip) and prepared splits written `DIR:split`. Every clip is preprocessed as evaluation does it (a
+prepared split through evaluation's own dataset, a video through the same frame choice and transform)
+and the student's batched glimpse pass runs under the checkpoint recipe's runtime, so a prepared split
+gets exactly the numbers `glitr eval` computes.
 
-Every clip is preprocessed as evaluation does it: a prepared split through `glitr eval`'s own
-dataset (`build_dataset(..., train=False)`), a video through the same frame choice (the recipe's
-`data.sampling`, `Student.sampler`) and the same transform (`eval_transform`:
-short side `data.resize`, centre crop `data.img_size`). The student's batched glimpse pass
-(`predict_clips`) runs under the checkpoint recipe's runtime, so a prepared split gets exactly
-the numbers `glitr eval` computes.
+Output, JSON lines (`.jsonl`), one object per clip: `{"clip": ..., "top": [[class, p], ...], "steps":
+[{"location": [x, y], "top": [...]}, ...T...]}`, `top` the top-k after the last step; a clip of a
+prepared split is named by the frame folder it was read from (`DIR/frames/<id>`, itself an input of
+`predict` and `visualize`) and also carries `"id"` and, when labelled, `"label"`. A location lies in
+[-1, 1] over the model input, (-1, -1) its top-left pixel centre. Or CSV (`.csv`), one row per clip and
+step: `clip,label,step,x,y,top1,p1,...,topk,pk`. A clip that cannot be read is listed with the reason
+in `failed.txt` beside the output and the others are predicted; the output is written atomically once
+all are done.
 
-Output, JSON lines (`.jsonl`), one object per clip:
-
-    {"clip": "clips/a.mp4", "top": [["cat", 0.91], ...],
-     "steps": [{"location": [x, y], "top": [["cat", 0.55], ...]}, ...T...]}
-
-`top` is the top-k after the last step, `steps[t]` the glimpse location of step t and the top-k
-after it. A clip of a prepared split is named `DIR:split/<id>` and also carries `"id"` and, when
-labelled, `"label"`. A location (x, y) lies in [-1, 1] over the model's input (the centre crop):
-(-1, -1) its top-left pixel centre, (1, 1) its bottom-right one, as in `glitr visualize`.
-
-Or CSV (`.csv`), one row per clip and step: `clip,label,step,x,y,top1,p1,...,topk,pk`; the row
-with step T is the final prediction.
-
-A clip that cannot be read is listed with the reason in `failed.txt` beside the output and the
-others are predicted; the output is written atomically once all are done.
+Calibration and early decisions (`engine/decisions.py`): with the temperatures `glitr eval` fitted
+(`calibrated`, or `calibration` naming its eval.json) every probability is the calibrated one. With a
+decision threshold (`decide`, by default the one `glitr eval` chose when its results are used) each
+record also has `"decided_at": t` (1-based, the first step whose top probability reached it, else T)
+and `"decided": [class, p]`; a CSV gets a last column `decided`, 1 on that row.
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import Dataset
 
 from glitr_cli.data.dataset import SPLITS, VideoFolderDataset, build_dataset
@@ -48,10 +42,12 @@ from glitr_cli.data.folder import find_clips
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import eval_transform
 from glitr_cli.data.video import FrameSource
-from glitr_cli.engine.evaluation import predict_clips
+from glitr_cli.engine.decisions import calibrate, decision_steps
+from glitr_cli.engine.evaluation import decision_settings, predict_clips
 from glitr_cli.engine.loading import Student, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
+from glitr_cli.progress import ProgressLine
 from glitr_cli.recipe import DataConfig
 from glitr_cli.runtime import Runtime, stop_workers
 
@@ -92,7 +88,8 @@ def resolve_inputs(specs: list[str], data: DataConfig) -> tuple[list[ClipRef], l
             dataset = build_dataset(dataclasses.replace(data, root=root), split, train=False)
             for i, record in enumerate(dataset.records):
                 label = None if record.label is None else dataset.class_names[record.label]
-                refs.append(ClipRef(f"{spec}/{record.id}", split=len(splits), index=i, id=record.id, label=label))
+                name = str(dataset.frames_dir / record.id)
+                refs.append(ClipRef(name, split=len(splits), index=i, id=record.id, label=label))
             splits.append(dataset)
         elif path.is_file():
             refs.append(ClipRef(str(path), path))
@@ -104,8 +101,16 @@ def resolve_inputs(specs: list[str], data: DataConfig) -> tuple[list[ClipRef], l
                 raise GlitrError(f"{spec}: no video files or frame folders in it")
             refs += [ClipRef(str(p), p) for p in found]
         else:
+            root, colon, split = spec.rpartition(":")
+            if colon and root and (Path(root) / "category.txt").is_file():  # a prepared dataset, another split
+                there = [f"{root}:{s}" for s in SPLITS if _has_clips(Path(root) / f"{s}_videofolder.txt")]
+                raise GlitrError(f"{spec}: {root} has no split {split!r}; its splits: {', '.join(there)}")
             raise GlitrError(f"{spec}: no such video file or folder (a prepared split is written DIR:split)")
     return refs, splits
+
+
+def _has_clips(list_file: Path) -> bool:
+    return list_file.is_file() and list_file.stat().st_size > 0
 
 
 def read_clip(path: Path, sampler: FrameSampler) -> torch.Tensor:
@@ -150,8 +155,11 @@ def collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[l
     return [i for i, _ in ok], clips, failed
 
 
-def clip_record(ref: ClipRef, probs: torch.Tensor, locs: torch.Tensor, class_names: list[str], k: int) -> dict:
-    """The output record of one clip from its per-step probabilities (T, C) and locations (T, 2)."""
+def clip_record(
+    ref: ClipRef, probs: torch.Tensor, locs: torch.Tensor, class_names: list[str], k: int, decided: int | None = None
+) -> dict:
+    """The output record of one clip from its per-step probabilities (T, C) and locations (T, 2), and
+    the step (0-based) that decided it, if any."""
     top_p, top_c = probs.topk(k, dim=-1)  # (T, k)
 
     def top(t: int) -> list[list[Any]]:
@@ -163,6 +171,9 @@ def clip_record(ref: ClipRef, probs: torch.Tensor, locs: torch.Tensor, class_nam
     if ref.label is not None:
         record["label"] = ref.label
     record["top"] = top(probs.shape[0] - 1)
+    if decided is not None:
+        record["decided_at"] = decided + 1
+        record["decided"] = top(decided)[0]
     record["steps"] = [{"location": [round(v, 6) for v in locs[t].tolist()], "top": top(t)} for t in range(len(locs))]
     return record
 
@@ -174,11 +185,14 @@ def format_jsonl(records: list[dict]) -> str:
 def format_csv(records: list[dict], k: int) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["clip", "label", "step", "x", "y", *[f"{c}{i}" for i in range(1, k + 1) for c in ("top", "p")]])
+    decided = any("decided_at" in r for r in records)
+    columns = [f"{c}{i}" for i in range(1, k + 1) for c in ("top", "p")]
+    writer.writerow(["clip", "label", "step", "x", "y", *columns, *(["decided"] if decided else [])])
     for r in records:
         for t, step in enumerate(r["steps"], start=1):
             tops = [v for name, p in step["top"] for v in (name, p)]
-            writer.writerow([r["clip"], r.get("label", ""), t, *step["location"], *tops])
+            marks = [int(r["decided_at"] == t)] if decided else []
+            writer.writerow([r["clip"], r.get("label", ""), t, *step["location"], *tops, *marks])
     return buf.getvalue()
 
 
@@ -192,6 +206,9 @@ class PredictSummary:
     failed: list[tuple[str, str]]
     labelled: int = 0
     correct: int = 0
+    threshold: float | None = None  # the decision threshold, when deciding
+    mean_decided_at: float = 0.0  # over the predicted clips
+    decided_correct: int = 0  # labelled clips whose decided class is right
 
     @property
     def ok(self) -> bool:
@@ -208,6 +225,10 @@ class PredictSummary:
         lines = [f"wrote {self.out}: {self.predicted} clips predicted, {failed}"]
         if self.labelled:
             lines[0] += f"; top-1 at the last step on the {self.labelled} labelled clips: {self.accuracy:.2%}"
+        if self.threshold is not None:
+            lines.append(f"decided at tau = {self.threshold:g} after {self.mean_decided_at:.2f} frames on average")
+            if self.labelled:
+                lines[-1] += f"; top-1 of the decisions: {self.decided_correct / self.labelled:.2%}"
         lines += [f"  failed {name}: {reason}" for name, reason in self.failed[:max_failures]]
         if len(self.failed) > max_failures:
             lines.append(f"  ... and {len(self.failed) - max_failures} more")
@@ -224,12 +245,16 @@ def predict(
     batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
+    calibrated: bool = False,
+    calibration: str | Path | None = None,
+    decide: float | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> PredictSummary:
     """Predict every clip `inputs` name with the GliTr student in `checkpoint`; write `out` (.jsonl or
     .csv) and, when clips fail, `failed.txt` beside it. `batch_size` and `workers` default to the
-    checkpoint recipe's `eval.batch_size` and `data.workers`."""
+    checkpoint recipe's `eval.batch_size` and `data.workers`. `calibrated`, `calibration` and `decide`:
+    see the module docstring and `decision_settings`."""
     console = console or Console(stderr=True)
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -243,6 +268,9 @@ def predict(
     if not inputs:
         raise GlitrError("name at least one INPUT: a video file, a folder of videos, or a prepared split DIR:split")
     student: Student = load_student(checkpoint)
+    found, threshold = decision_settings(
+        checkpoint, student.num_frames, calibrated=calibrated, calibration=calibration, decide=decide, console=console
+    )
     data = student.recipe.data
     refs, splits = resolve_inputs(inputs, data)
     runtime = Runtime.from_recipe(student.recipe, device=device)
@@ -256,26 +284,21 @@ def predict(
     loader = runtime.loader(dataset, batch_size=batch_size or student.recipe.eval.batch_size, collate_fn=collate)
     records: list[dict | None] = [None] * len(refs)
     failed: list[tuple[int, str]] = []
-    bar = Progress(
-        TextColumn("predicting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not progress,
-    )
-    with bar:
-        task = bar.add_task("predicting", total=len(refs))
+    every = student.recipe.log.progress_every
+    with ProgressLine(console, "predicting", len(refs), enabled=progress, every=every) as bar:
         try:
             for positions, clips, batch_failed in loader:
                 failed += batch_failed
                 if clips is not None:
                     result = predict_clips(model, clips, runtime)
-                    probs = result.logits.float().softmax(-1).cpu()  # (B, T, C)
+                    logits = result.logits.float().cpu()  # (B, T, C)
+                    probs = logits.softmax(-1) if found is None else calibrate(logits, found.temperatures)
                     locs = result.locs.float().cpu()  # (B, T, 2)
+                    decided = None if threshold is None else decision_steps(probs.amax(-1), threshold).tolist()
                     for j, i in enumerate(positions):
-                        records[i] = clip_record(refs[i], probs[j], locs[j], student.class_names, k)
-                bar.advance(task, len(positions) + len(batch_failed))
+                        at = None if decided is None else decided[j]
+                        records[i] = clip_record(refs[i], probs[j], locs[j], student.class_names, k, at)
+                bar.advance(len(positions) + len(batch_failed))
         finally:
             stop_workers(loader)
 
@@ -288,5 +311,9 @@ def predict(
     labelled = [r for r in done if "label" in r]
     correct = sum(r["top"][0][0] == r["label"] for r in labelled)
     summary = PredictSummary(out, len(done), named, len(labelled), correct)
+    if threshold is not None:
+        summary.threshold = threshold
+        summary.mean_decided_at = float(np.mean([r["decided_at"] for r in done])) if done else 0.0
+        summary.decided_correct = sum(r["decided"][0] == r["label"] for r in labelled)
     console.print(summary.describe(), highlight=False, soft_wrap=True, markup=False)
     return summary

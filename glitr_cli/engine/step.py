@@ -33,7 +33,7 @@ Observer = Callable[[dict[str, torch.Tensor], torch.Tensor], None]
 
 class TrainStep:
     """`step(micro_batches)` takes `optim.accum_steps` micro-batches (clips, labels[, seeds]) and makes
-    one optimiser update; `step.step` counts the updates made (the schedule is a function of it).
+    one optimiser update; `updates` counts the updates made.
 
     `augment` (uint8 clips, seeds) -> float clips runs the training transform on the device."""
 
@@ -49,9 +49,9 @@ class TrainStep:
         self.objective, self.runtime, self.optim = objective, runtime, optim
         self.model = objective.model
         self.augment = augment
-        objective.loss.to(runtime.device)
+        objective.loss_module.to(runtime.device)
         self.model.set_grad_checkpointing(runtime.grad_checkpointing)
-        module: nn.Module = objective.loss
+        module: nn.Module = objective.loss_module
         self.ddp: DistributedDataParallel | None = None
         if runtime.distributed:
             on_cuda = runtime.device.type == "cuda"
@@ -78,7 +78,7 @@ class TrainStep:
             epochs=optim.epochs,
         )
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-        self.step = 0
+        self.updates = 0  # optimiser updates made; the schedule is a function of it
 
     def __call__(self, micro_batches: Iterator[tuple], observe: Observer | None = None) -> dict[str, Any]:
         """One update from the next `accum_steps` micro-batches; `observe(out, labels)` sees each
@@ -86,10 +86,10 @@ class TrainStep:
         rates used and, when clipping, the gradient norm."""
         device = self.runtime.device
         accum = self.optim.accum_steps
-        lrs = self.schedule.apply(self.optimizer, self.step)
-        held = self.schedule.held(self.step)
+        lrs = self.schedule.apply(self.optimizer, self.updates)
+        held = self.schedule.held(self.updates)
         if self.leave_out_held:
-            self.objective.loss.leave_out = held & set(self.objective.separable)
+            self.objective.loss_module.leave_out = held & set(self.objective.separable)
         for a in range(accum):
             clips, labels, *seeds = next(micro_batches)
             if self.augment is not None:
@@ -132,14 +132,14 @@ class TrainStep:
             for p, grad in dropped:
                 p.grad = grad  # the graph's backward keeps adding into this storage
         self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a graph keeps writing into the same .grad
-        self.step += 1
+        self.updates += 1
         return norm
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step}
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
+        self.updates = state["step"]

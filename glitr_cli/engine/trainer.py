@@ -23,7 +23,6 @@ which the CLI turns into one line and exit code 75 (`errors.PREEMPTED_EXIT_CODE`
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -35,6 +34,7 @@ from rich.console import Console
 
 from glitr_cli.data.dataset import build_dataset
 from glitr_cli.engine.augment import training_data
+from glitr_cli.engine.bad_data import BAD_CLIPS_FILE, COUNTS, BadData
 from glitr_cli.engine.build import build_objective
 from glitr_cli.engine.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glitr_cli.engine.distributed import (
@@ -42,22 +42,22 @@ from glitr_cli.engine.distributed import (
     ShardSampler,
     all_gather_objects,
     all_reduce_max,
+    all_reduce_named,
     all_reduce_sum,
     barrier,
     init_distributed,
     seed_everything,
 )
 from glitr_cli.engine.evaluation import evaluate_policies
-from glitr_cli.engine.metrics import MetricsLogger, make_progress, read_records, topk_correct
+from glitr_cli.engine.metrics import MetricsLogger, topk_correct
 from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError, Preempted, warn
-from glitr_cli.files import atomic_write_text
 from glitr_cli.model.weights import load_state_dict_checked
+from glitr_cli.paths import RECIPE_FILE
+from glitr_cli.progress import ProgressLine
 from glitr_cli.recipe import COMMANDS, Recipe, recipe_to_dict, resolve_recipe, save_recipe
 from glitr_cli.runtime import Runtime, stop_workers
 
-RECIPE_FILE = "recipe.yaml"
-BAD_CLIPS_FILE = "bad_clips.jsonl"  # per epoch, every training clip with unreadable frames
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # recipe keys that may change between a run and its resumption without a warning
@@ -73,6 +73,25 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
         elif va != vb:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+class Window:
+    """What the trainer sums between two metrics records: the loss terms `keys` (per micro-batch), the
+    correct predictions at each step t, clips, micro-batches and the last gradient norm."""
+
+    def __init__(self, keys: tuple[str, ...], num_frames: int, device: torch.device) -> None:
+        self.keys = keys
+        self.sums = torch.zeros(len(keys), device=device)
+        self.correct = torch.zeros(num_frames, device=device)
+        self.clips = self.micro = 0
+        self.grad_norm: float | None = None
+        self.start = time.perf_counter()
+
+    def observe(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        self.sums += torch.stack([out[k].detach().float() for k in self.keys])
+        self.correct += topk_correct(out["logits"].detach(), labels, ks=(1,))[0]
+        self.clips += labels.shape[0]
+        self.micro += 1
 
 
 class Trainer:
@@ -169,21 +188,21 @@ class Trainer:
             config=recipe_to_dict(r),
         )
         self.metrics.truncate_after(self.step)
-        self._forget_bad_clips_after(self.epoch)
+        self.bad_data = BadData(
+            self.train_set,
+            self.run_dir,
+            max_fraction=r.data.max_bad_fraction,
+            epoch_clips=self.steps_per_epoch * opt.batch_size,
+            is_main=runtime.is_main,
+        )
+        self.bad_data.forget_after(self.epoch)
         barrier()
         self._ready = True
-
-    def _forget_bad_clips_after(self, epoch: int) -> None:
-        """A resumed run lists the bad clips of the epochs it trains again afresh."""
-        path = self.run_dir / BAD_CLIPS_FILE
-        if self.runtime.is_main and path.is_file():
-            kept = [c for c in read_records(path) if c["epoch"] <= epoch]
-            atomic_write_text(path, "".join(json.dumps(c) + "\n" for c in kept))
 
     @property
     def step(self) -> int:
         """Optimiser steps taken."""
-        return self.train_step.step
+        return self.train_step.updates
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -192,37 +211,33 @@ class Trainer:
         r = self.recipe
         clips_per_rank = r.optim.batch_size // self.runtime.world_size  # per optimiser step
         self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * clips_per_rank)
-        self._damage_at_start = self.train_set.damage.clone()
-        self.objective.loss.train()
+        self.bad_data.start_epoch()
+        self.objective.loss_module.train()
         batches = iter(self.loader)
-        keys = ("loss", *self.objective.scalars)
-        window = self._new_window(len(keys))
-
-        def observe(out: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-            window["sums"] += torch.stack([out[k].detach().float() for k in keys])
-            window["correct"] += topk_correct(out["logits"].detach(), labels, ks=(1,))[0]
-            window["clips"] += labels.shape[0]
-            window["micro"] += 1
-
-        with make_progress(self.console, self.runtime.is_main and r.log.progress) as progress:
-            task = progress.add_task(
-                f"epoch {self.epoch + 1}/{r.optim.epochs}",
-                total=self.steps_per_epoch,
-                completed=self.step_in_epoch,
-                info="",
-            )
+        window = Window(("loss", *self.objective.scalars), r.data.num_frames, self.runtime.device)
+        progress = ProgressLine(
+            self.console,
+            f"epoch {self.epoch + 1}/{r.optim.epochs}",
+            self.steps_per_epoch,
+            completed=self.step_in_epoch,
+            enabled=self.runtime.is_main and r.log.progress,
+            every=r.log.progress_every,
+        )
+        logged = False  # in this epoch: an epoch that log_every does not reach is logged at its end
+        with progress:
             while self.step_in_epoch < self.steps_per_epoch:
                 if max_steps is not None and self.step >= max_steps:
                     return False
-                result = self.train_step(batches, observe)
+                result = self.train_step(batches, window.observe)
                 self.step_in_epoch += 1
-                if result["grad_norm"] is not None:
-                    window["grad_norm"] = result["grad_norm"]
-                if self.step % r.train.log_every == 0:
-                    progress.update(task, info=self._log_train(window, keys, result["lr"]))
-                    window = self._new_window(len(keys))
-                progress.advance(task)
                 last_in_epoch = self.step_in_epoch == self.steps_per_epoch
+                window.grad_norm = result["grad_norm"] if result["grad_norm"] is not None else window.grad_norm
+                info = None
+                if self.step % r.train.log_every == 0 or (last_in_epoch and not logged):
+                    info = self._log_train(window, result["lr"])
+                    window = Window(window.keys, r.data.num_frames, self.runtime.device)
+                    logged = True
+                progress.advance(info=info)
                 if self.stop_requested():
                     self.save()
                     raise self.preempted()
@@ -233,96 +248,39 @@ class Trainer:
         self.step_in_epoch = 0
         return True
 
-    def _new_window(self, n_keys: int) -> dict[str, Any]:
+    def _log_train(self, window: Window, lrs: dict[str, float]) -> str:
+        """Reduce the window over ranks, write one metrics record; returns the progress text."""
         device = self.runtime.device
-        return {
-            "sums": torch.zeros(n_keys, device=device),
-            "correct": torch.zeros(self.recipe.data.num_frames, device=device),
-            "clips": 0,
-            "micro": 0,
-            "start": time.perf_counter(),
-        }
-
-    def _log_train(self, window: dict[str, Any], keys: tuple[str, ...], lrs: dict[str, float]) -> str:
-        """Reduce the window over ranks, write one metrics record; returns the progress-bar text."""
-        counts = torch.tensor([window["micro"], window["clips"]], dtype=torch.float64, device=self.runtime.device)
-        damage = self._damage_counts()
-        sums = all_reduce_sum(torch.cat([window["sums"].double(), window["correct"].double(), counts, damage]))
-        n_keys = len(keys)
-        micro, clips = sums[-5].item(), sums[-4].item()
-        bad = self._check_bad_data(sums[-3:])
-        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        counts = {"micro": torch.tensor(float(window.micro), device=device)}
+        counts["clips"] = torch.tensor(float(window.clips), device=device)
+        losses = dict(zip(window.keys, window.sums, strict=True))
+        totals = all_reduce_named({**losses, **counts, "correct": window.correct, "bad": self.bad_data.counts(device)})
+        bad = self.bad_data.check(totals["bad"], self.epoch + 1, self.recipe.data.root)
+        micro, clips = totals["micro"].item(), totals["clips"].item()
         record: dict[str, Any] = {
             "split": "train",
             "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
             "step": self.step,
+            **{k: totals[k].item() / micro for k in window.keys},
+            "lr": lrs,
+            "top1": (totals["correct"] / clips).tolist(),
+            "clips_per_s": clips / max(time.perf_counter() - window.start, 1e-9),
         }
-        record.update({k: sums[i].item() / micro for i, k in enumerate(keys)})
-        record["lr"] = lrs
-        record["top1"] = (sums[n_keys:-5] / clips).tolist()
-        record["clips_per_s"] = clips / elapsed
-        if "grad_norm" in window:
-            record["grad_norm"] = window["grad_norm"]
+        if window.grad_norm is not None:
+            record["grad_norm"] = window.grad_norm
         self.metrics.log(record)
         info = f"loss {record['loss']:.4f} · top1@T {record['top1'][-1]:.3f} · {record['clips_per_s']:.1f} clips/s"
         return info + (f" · {bad} bad clips" if bad else "")
 
-    # ----------------------------------------------------------------------------------------- bad data
-
-    def _epoch_damage(self) -> torch.Tensor:
-        """Per clip of this rank's training set: [frames replaced, times unreadable] in this epoch."""
-        return self.train_set.damage - self._damage_at_start
-
-    def _damage_counts(self) -> torch.Tensor:
-        """[clips with unreadable frames, frames replaced, unreadable clips] in this epoch, on this rank."""
-        d = self._epoch_damage()
-        counts = [(d.sum(1) > 0).sum(), d[:, 0].sum(), (d[:, 1] > 0).sum()]
-        return torch.tensor([int(c) for c in counts], dtype=torch.float64, device=self.runtime.device)
-
-    def _damaged_clips(self) -> list[dict[str, Any]]:
-        """Every rank's damaged clips of this epoch, worst first (collective)."""
-        d = self._epoch_damage()
-        mine = [
-            {"id": self.train_set.records[i].id, "replaced_frames": int(d[i, 0]), "unreadable": bool(d[i, 1])}
-            for i in d.sum(1).nonzero().flatten().tolist()
-        ]
-        clips = [c for rank in all_gather_objects(mine) for c in rank]
-        return sorted(clips, key=lambda c: (not c["unreadable"], -c["replaced_frames"], c["id"]))
-
-    def _check_bad_data(self, totals: torch.Tensor) -> int:
-        """Stop the run when more clips had unreadable frames than `data.max_bad_fraction` of an epoch
-        allows (`totals`: the all-reduced `_damage_counts`); returns the number of such clips."""
-        bad = int(totals[0].item())
-        r = self.recipe
-        epoch_clips = self.steps_per_epoch * r.optim.batch_size
-        if bad > r.data.max_bad_fraction * epoch_clips:
-            worst = self._damaged_clips()
-            self._write_bad_clips(worst)
-            shown = ", ".join(
-                f"{c['id']} ({'unreadable' if c['unreadable'] else str(c['replaced_frames']) + ' frames replaced'})"
-                for c in worst[:5]
-            )
-            raise GlitrError(
-                f"{bad} training clips of epoch {self.epoch + 1} had unreadable frames, more than "
-                f"data.max_bad_fraction={r.data.max_bad_fraction} of {epoch_clips} allows; worst: {shown} "
-                f"(all in {self.run_dir / BAD_CLIPS_FILE}; check the frames under {r.data.root})"
-            )
-        return bad
-
     def _end_epoch_data(self) -> None:
         """Count the epoch's bad data in metrics.jsonl and list its clips in bad_clips.jsonl (collective)."""
-        totals = all_reduce_sum(self._damage_counts())
-        bad = self._check_bad_data(totals)
-        record = dict(zip(("bad_clips", "replaced_frames", "unreadable_clips"), map(int, totals.tolist()), strict=True))
+        totals = all_reduce_sum(self.bad_data.counts(self.runtime.device))
+        bad = self.bad_data.check(totals, self.epoch + 1, self.recipe.data.root)
+        record = dict(zip(COUNTS, map(int, totals.tolist()), strict=True))
         self.metrics.log({"split": "data", "epoch": self.epoch + 1, "step": self.step, **record})
         if bad:
-            self._write_bad_clips(self._damaged_clips())
+            self.bad_data.write(self.bad_data.clips(), self.epoch + 1)
             self.say(f"epoch {self.epoch + 1}: {bad} clips had unreadable frames (listed in {BAD_CLIPS_FILE})")
-
-    def _write_bad_clips(self, clips: list[dict[str, Any]]) -> None:
-        if self.runtime.is_main:
-            with open(self.run_dir / BAD_CLIPS_FILE, "a") as f:
-                f.writelines(json.dumps({"epoch": self.epoch + 1, **c}) + "\n" for c in clips)
 
     # ----------------------------------------------------------------------------------------- evaluation
 
@@ -340,7 +298,7 @@ class Trainer:
                 seed=self.recipe.eval.seed,
             )
         finally:
-            self.objective.loss.train()
+            self.objective.loss_module.train()
         scores = result["policies"]["learned"] if student else result["teacher"]
         return {"top1": scores["top1"], "top5": scores["top5"], "clips": result["clips"]}
 
@@ -422,10 +380,13 @@ class Trainer:
             self.say(f"{r.name}: already trained for {r.optim.epochs} epochs ({self.ckpt_dir / LAST})")
             self.metrics.close()
             return None
+        start = ""  # a teacher asked for random weights says so once (a missing file or hub has warned)
+        if r.kind == "teacher" and self.step == 0 and r.model.pretrained is None and r.model.init_from is None:
+            start = " from random weights (model.pretrained: null)"
         self.say(
-            f"{r.name}: {r.kind} on {self.runtime.device} x{self.runtime.world_size}, {len(self.train_set)} clips, "
-            f"{self.steps_per_epoch} steps/epoch of {r.optim.batch_size} clips, {r.optim.epochs} epochs "
-            f"-> {self.run_dir}"
+            f"{r.name}: {r.kind}{start} on {self.runtime.device} x{self.runtime.world_size}, "
+            f"{len(self.train_set)} clips, {self.steps_per_epoch} steps/epoch of {r.optim.batch_size} clips, "
+            f"{r.optim.epochs} epochs -> {self.run_dir}"
         )
         try:
             while self.epoch < r.optim.epochs:

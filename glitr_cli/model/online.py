@@ -37,7 +37,7 @@ CONTEXTS = ("sliding", "restart")
 
 class StepOutput(NamedTuple):
     location: torch.Tensor  # (B, 2) where this frame's glimpse was taken
-    logits: torch.Tensor  # (B, C) class logits given every frame so far
+    logits: torch.Tensor | None  # (B, C) class logits given every frame so far (None: ONNX gives probs only)
     probs: torch.Tensor  # (B, C) their softmax
     next_location: torch.Tensor  # (B, 2) where the next frame's glimpse will be taken
 
@@ -48,7 +48,7 @@ class OnlinePredictor:
     `amp_dtype` (CUDA only) runs each step under autocast to that dtype; `cuda_graphs` captures
     the steps as CUDA graphs when the model is on a CUDA device (ignored elsewhere). `context`
     (None, "sliding" or "restart") says what follows the T-th step (see the module docstring).
-    `frames` counts the frames fed since `reset`, `steps` the ones in the current context
+    `frames` counts the frames fed since `reset`, `t` the ones in the current context
     (at most T).
     """
 
@@ -78,7 +78,7 @@ class OnlinePredictor:
         self._new_window()
 
     def _new_window(self) -> None:
-        self.steps = 0
+        self.t = 0
         self._feats: list[torch.Tensor] = []  # sliding: the last T glimpse features, each (B, D)
         self._cls_cache.length = self._loc_cache.length = 0  # storage stays: captured graphs point at it
         with torch.no_grad():
@@ -154,17 +154,17 @@ class OnlinePredictor:
             frame = crop
         if frame.shape[0] != self.batch_size:
             raise GlitrError(f"expected a batch of {self.batch_size} frames, got {frame.shape[0]}")
-        if self.steps >= model.num_frames:
+        if self.t >= model.num_frames:
             if self.context is None:
                 raise GlitrError(f"this model was trained for {model.num_frames} steps; call reset() to start again")
             if self.context == "restart":
                 self._new_window()
-        if box is None and self.steps < model.num_frames and self.cuda_graphs and frame.device.type == "cuda":
+        if box is None and self.t < model.num_frames and self.cuda_graphs and frame.device.type == "cuda":
             return self._replay(frame)
         loc = self._next.to(device=frame.device, dtype=frame.dtype)
-        if self.steps < model.num_frames:
+        if self.t < model.num_frames:
             logits, self._next, feat = self._compute(frame, loc, box)
-            self.steps += 1
+            self.t += 1
         else:
             logits, self._next, feat = self._slide(frame, loc, box)
         self._keep(feat)
@@ -174,7 +174,7 @@ class OnlinePredictor:
         self.frames += 1
         if self.context == "sliding":
             self._feats = [*self._feats, feat][-self.model.num_frames :]
-        if self.context == "restart" and self.steps == self.model.num_frames:  # the next frame opens a new window
+        if self.context == "restart" and self.t == self.model.num_frames:  # the next frame opens a new window
             self._next = self.model.initial_location(self.batch_size).to(self._next).clone()
 
     def _replay(self, frame: torch.Tensor) -> StepOutput:
@@ -184,10 +184,10 @@ class OnlinePredictor:
             self._graph_key = key
         self._static_loc.copy_(self._next)  # the graphs carry it from step to step; an eager step may come between
         self._static_frame.copy_(frame)
-        graph, (loc, logits, nxt, feat) = self._graphs[self.steps]
+        graph, (loc, logits, nxt, feat) = self._graphs[self.t]
         graph.replay()
-        self.steps += 1
-        self._cls_cache.length = self._loc_cache.length = self.steps  # for eager steps that follow
+        self.t += 1
+        self._cls_cache.length = self._loc_cache.length = self.t  # for eager steps that follow
         self._next = nxt.clone()
         logits = logits.clone()
         self._keep(feat.clone())

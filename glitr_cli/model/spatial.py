@@ -133,10 +133,10 @@ def conv_stem(embed_dim: int, patch_size: int) -> ConvStem:
     """A convolutional patch embedding: 3x3 stride-2 convs + GELU down to the patch grid, then 1x1 to D.
 
     "Early convolutions help transformers see better" (Xiao et al., NeurIPS 2021): a ViT with
-    this stem instead of one linear projection per patch trains far faster from random weights
-    (on the toy set, ~90 % validation accuracy in 300 steps where the linear stem is still at
-    chance). It maps (N, 3, H, W) to (N, D, H/p, W/p) like the projection it replaces, so
-    glimpses (g*p pixels -> g x g tokens) work unchanged. No normalisation layers: full frames
+    this stem instead of one linear projection per patch trains far faster from random weights,
+    which is what a small dataset without pretrained weights needs. It maps (N, 3, H, W) to
+    (N, D, H/p, W/p) like the projection it replaces, so glimpses (g*p pixels -> g x g tokens) work
+    unchanged. No normalisation layers: full frames
     and glimpses go through the same weights. `patch_size` must be a power of two.
     """
     n = patch_size.bit_length() - 1

@@ -1,19 +1,27 @@
 """Loading and converting weights: our checkpoints, the original GliTr layout, iBOT, timm.
 
 Every file is read with `torch.load(..., weights_only=True)`; a file that does not fit the
-model is one `GlitrError` listing the missing, unexpected and misshaped keys.
+model is one `GlitrError` listing the missing, unexpected and misshaped keys. timm's pretrained
+weights come from the Hugging Face Hub through its local cache; when the hub cannot be reached
+they come from the cache alone, and weights that are not there are a `WeightsUnavailable` at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
-from collections.abc import Mapping
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import constants as hub
 from timm.layers import resample_abs_pos_embed
 
 from glitr_cli.errors import GlitrError
@@ -30,6 +38,13 @@ _ORIGINAL_PREFIXES = (
     ("temporal_head.", "classifier."),
     ("temploc_head.", "locator."),
 )
+
+
+HUB_CHECK_TIMEOUT_S = 3.0  # a hub (or proxy) that does not accept a connection this quickly counts as unreachable
+
+
+class WeightsUnavailable(GlitrError):
+    """timm weights that cannot be had here: not in the local cache, and the hub cannot be reached."""
 
 
 # released checkpoints (VideoMAE's plain training path) store their `args` as a Namespace: plain data
@@ -141,9 +156,71 @@ def _fit_backbone(model: GliTr, sd: Mapping[str, torch.Tensor]) -> StateDict:
     return sd
 
 
+def hub_address() -> tuple[str, int]:
+    """(host, port) that a download from the Hugging Face Hub connects to: the proxy set for it
+    (HTTPS_PROXY and the like), else the hub itself (HF_ENDPOINT, default huggingface.co)."""
+    url = urllib.parse.urlsplit(hub.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
+    """Whether the hub (or its proxy) accepts a connection within `timeout` seconds, name lookup
+    included; False at once in huggingface_hub's offline mode (HF_HUB_OFFLINE=1).
+
+    One connection and no request: an online machine pays a round trip, an offline one learns it
+    now rather than after huggingface_hub's retries of every file."""
+    if hub.HF_HUB_OFFLINE:
+        return False
+    connected: list[bool] = []
+
+    def connect() -> None:  # in a thread: a name lookup does not obey the socket's timeout
+        with contextlib.suppress(OSError, ValueError), socket.create_connection(hub_address(), timeout=timeout):
+            connected.append(True)
+
+    thread = threading.Thread(target=connect, name="glitr-hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(connected)
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub's own offline mode (what HF_HUB_OFFLINE=1 sets at import) for the block:
+    downloads come from the local cache only and fail at once when the file is not there."""
+    before, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def timm_pretrained(name: str) -> StateDict:
+    """timm's pretrained weights `name` (no classifier head), downloaded once into the local cache;
+    when the hub cannot be reached, from the cache only, and a `WeightsUnavailable` if they are not there."""
+    if not timm.is_model(name):
+        raise GlitrError(f"model.pretrained={name}: neither a file nor a timm model name (timm.list_pretrained())")
+    online = hub_reachable()
+    try:
+        with contextlib.nullcontext() if online else hub_offline():
+            return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+    except Exception as e:
+        if online:
+            raise GlitrError(f"timm pretrained weights {name!r} could not be loaded: {e}") from None
+        raise WeightsUnavailable(
+            f"timm pretrained weights {name!r} (model.pretrained) are not in the local cache and "
+            f"{hub.ENDPOINT} cannot be reached; ways on: a local weights file, model.pretrained=PATH.pth; "
+            "a trained GliTr teacher, model.init_from=runs/NAME/checkpoints/last.pt; "
+            "or random weights, model.allow_random_init=true"
+        ) from None
+
+
 def load_backbone(model: GliTr, source: str | Path) -> None:
     """Initialise T_f from an iBOT/DeiT-style checkpoint file (weights under `state_dict`,
-    `model`, `teacher` or bare) or, for a name that is not a file, from timm's pretrained weights."""
+    `model`, `teacher` or bare) or, for a name that is not a file, from timm's pretrained weights
+    (`timm_pretrained`)."""
     if Path(source).suffix in (".pth", ".pt", ".bin") or Path(source).exists():
         obj = read_checkpoint(source)
         sd = obj
@@ -154,10 +231,7 @@ def load_backbone(model: GliTr, source: str | Path) -> None:
         if not isinstance(sd, Mapping):
             raise GlitrError(f"{source}: expected a ViT state dict, found {type(sd).__name__}")
     else:
-        try:
-            sd = timm.create_model(str(source), pretrained=True, num_classes=0).state_dict()
-        except Exception as e:
-            raise GlitrError(f"timm pretrained weights {source!r} could not be loaded: {e}") from None
+        sd = timm_pretrained(str(source))
     load_state_dict_checked(model.backbone, _fit_backbone(model, sd), str(source))
 
 

@@ -1,30 +1,21 @@
-"""`glitr visualize`: watch a trained GliTr look at a video, one glimpse per frame.
+"""Running a trained GliTr online over a video, one glimpse per frame, and drawing what it does.
 
-Stages: find and load a GliTr (student) checkpoint, open the video (any file PyAV decodes, or
-a folder of JPEG/PNG frames), choose the frames, preprocess each one like evaluation (short
-side resized to the recipe's `data.resize`, centre crop `data.img_size`, ImageNet
-normalisation), feed them one at a time to the online predictor, and draw every step on the
-*original* frame: the frame dimmed outside the glimpse, the glimpse outline, the trail of
-earlier glimpse centres, and the current top-3 classes. The result is a GIF, or an MP4 when
-the output name ends in `.mp4`, with one output frame per model step.
+`run_steps` is the online driver (`glitr visualize`, `glitr stream`): each frame is preprocessed like
+evaluation (short side `data.resize`, centre crop `data.img_size`, ImageNet normalisation) and fed to
+the online predictor; after T steps the predictor's `context` decides: "sliding" predicts from the
+last T glimpses, "restart" starts a new window at the learned first location. `render_step` draws a
+step on the *original* frame (dimmed outside the glimpse, its outline, the trail of earlier centres,
+the top-3 classes); `visualize` writes them as a GIF or an MP4.
 
-Which frames: by default the T frames evaluation uses (one in each of T segments, placed as the
-checkpoint's `data.sampling` says, T = its `data.num_frames`; a video shorter than T repeats
-frames). With `every=N` every Nth frame is fed online, as a camera would. The model was
-trained on T steps; what follows the T-th is the predictor's `context`. "sliding" (the
-default) keeps the last T glimpse features and predicts from them, so the trail shows the last
-T glimpses and steps after T read "step k · last T". "restart" resets the predictor after each
-T steps (the next glimpse is taken at the learned initial location, the trail is cleared, the
-class evidence starts again) and the output frame says "restart"; steps are numbered k/T within
-their window.
+Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the glimpse
+centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2, s = glimpse_size /
+grid, the share of the frame a glimpse spans. Model-input pixels map back to the source frame through
+the centre crop (a shift) and the resize (a scale per axis). Boxes are in source-frame pixels whose
+integers are pixel centres; locations are not clamped, so a box can reach outside the frame.
 
-Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the
-glimpse centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2,
-s = glimpse_size / grid (DESIGN §2). Model-input pixels map back to the source frame through
-the centre crop (a shift) and the resize (a scale per axis). Boxes (`--json`) are in
-source-frame pixel coordinates whose integers are pixel centres: x = 0 is the middle of the
-first column, x = W - 1 that of the last. Locations are not clamped, so a box can reach
-outside the frame.
+Early decisions (`engine/decisions.py`): with calibration the probabilities are those of the
+temperatures `glitr eval` fitted; with a decision threshold the step that decides is marked: a green
+frame around the picture and "decided" after the step count.
 """
 
 from __future__ import annotations
@@ -43,7 +34,8 @@ from rich.console import Console
 from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.transforms import CentreCrop, denormalize, eval_resize, eval_transform
 from glitr_cli.data.video import FrameSource, VideoWriter
-from glitr_cli.engine.evaluation import online_predictor
+from glitr_cli.engine.decisions import Calibration, OnlineDecider
+from glitr_cli.engine.evaluation import decision_settings, online_predictor
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_json
@@ -59,7 +51,8 @@ RESTART = (255, 80, 80)
 PANEL_BG = (24, 24, 28)
 TEXT = (235, 235, 235)
 BAR = (70, 110, 200)
-INKS = (OUTLINE, TRAIL, RESTART, TEXT, BAR)  # drawn in exact colours, also in GIFs
+DECIDED = (60, 220, 90)  # the frame of the step that decided
+INKS = (OUTLINE, TRAIL, RESTART, TEXT, BAR, DECIDED)  # drawn in exact colours, also in GIFs
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -137,11 +130,11 @@ def step_frames(source: FrameSource, sampler: FrameSampler, every: int | None) -
 
 
 @dataclass
-class Step:
+class OnlineStep:
     """One model step, everything the drawing and the JSON need."""
 
     index: int  # source frame index
-    step: int  # 1-based step within the current window
+    t: int  # 1-based step within the current window (sliding: the frames so far)
     window: int  # 1-based window (a new one starts after every T steps)
     location: tuple[float, float]
     box: tuple[float, float, float, float]  # source pixels
@@ -167,19 +160,17 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 
 def render_step(
     frame: np.ndarray,
-    step: Step,
+    step: OnlineStep,
     trail: list[tuple[float, float]],
     num_frames: int,
     size: int,
     palette: bool = False,
+    decided: bool = False,
 ) -> Image.Image:
-    """Draw one step: the frame (longer side `size` px, 0 = native) dimmed outside the glimpse,
-    the outline, the trail of earlier centres in this window, the glimpse crop when present,
-    and a panel with the step and the top classes underneath.
-
-    With `palette` the result is a 256-colour image (for GIF) whose drawing colours are exact:
-    the pictures are quantised to the first 256 - len(INKS) entries, the inks fill the rest.
-    """
+    """One step drawn on its frame (longer side `size` px, 0 = native), the glimpse crop beside it when
+    present, and a panel with the step and the top classes; `decided` marks the step that decided. With
+    `palette` a 256-colour image (for GIF) whose drawing colours are exact: the pictures take the first
+    256 - len(INKS) entries, the inks the rest."""
     h, w = frame.shape[:2]
     dw, dh = display_size(w, h, size)
     img = Image.fromarray(frame)
@@ -226,16 +217,20 @@ def render_step(
     draw.line([(cx - 3, cy), (cx + 3, cy)], fill=ink[OUTLINE], width=1)
     draw.line([(cx, cy - 3), (cx, cy + 3)], fill=ink[OUTLINE], width=1)
     draw.rectangle([round(x0), round(y0), round(x1), round(y1)], outline=ink[OUTLINE], width=2)
+    if decided:
+        draw.rectangle([0, 0, dw - 1, dh - 1], outline=ink[DECIDED], width=3)
     canvas.paste(view, (0, 0))
 
     draw = ImageDraw.Draw(canvas)
     y = dh + 3
-    count = f"{step.step}/{num_frames}" if step.step <= num_frames else f"{step.step} · last {num_frames}"
+    count = f"{step.t}/{num_frames}" if step.t <= num_frames else f"{step.t} · last {num_frames}"
     head = f"step {count} · frame {step.index}"
     draw.text((4, y), head, fill=ink[TEXT], font=font)
-    if step.window > 1 and step.step == 1:
+    if step.window > 1 and step.t == 1:
         restart = f"restart (window {step.window})"
         draw.text((8 + draw.textlength(head, font=font), y), restart, fill=ink[RESTART], font=font)
+    elif decided:
+        draw.text((8 + draw.textlength(head, font=font), y), "decided", fill=ink[DECIDED], font=font)
     for name, p in step.top:
         y += line
         draw.rectangle([4, y + 1, 4 + round(p * (width - 8)), y + line - 2], fill=ink[BAR])
@@ -243,9 +238,9 @@ def render_step(
     return canvas
 
 
-def next_trail(trail: list[tuple[float, float]], step: Step, num_frames: int) -> list[tuple[float, float]]:
+def next_trail(trail: list[tuple[float, float]], step: OnlineStep, num_frames: int) -> list[tuple[float, float]]:
     """The trail drawn after `step`: the glimpse centres the model still holds (at most T - 1), `step`'s
-    own the last. Callers start a new trail when a step is the first of its window (`step.step` 1)."""
+    own the last. Callers start a new trail when a step is the first of its window (`step.t` 1)."""
     centre = ((step.box[0] + step.box[2]) / 2, (step.box[1] + step.box[3]) / 2)
     return [*trail, centre][-(num_frames - 1) :] if num_frames > 1 else []
 
@@ -273,18 +268,15 @@ def run_steps(
     top_k: int = 3,
     predictor: Any = None,
     glimpse_only: bool = False,
-) -> Iterator[tuple[np.ndarray, Step]]:
-    """Feed (index, frame) pairs to the online predictor one at a time; yields (frame, Step).
-
-    Each frame is preprocessed like evaluation and the predictor runs under `runtime` like
-    evaluation. After T steps the predictor's `context` decides: "restart" starts a new window
-    (step 1 again), "sliding" keeps the last T frames (steps go on counting). With `side_by_side`
-    each Step carries the glimpse as the model saw it (denormalised, uint8); `top_k` classes each.
-    `predictor` replaces evaluation's online predictor: one with its `step`, `steps`, `frames`,
-    `glimpse_scale` and `glimpse_pixels`, such as `export.OnnxPredictor` (the student may then have no
-    model). With `glimpse_only` each frame is brought to evaluation's size (its resize) and the predictor
-    reads only the pixels of its `next_box()` (`Step.pixels_read`), as a source that delivers just that
-    window would; the numbers equal the whole-frame path's."""
+    calibration: Calibration | None = None,
+) -> Iterator[tuple[np.ndarray, OnlineStep]]:
+    """Feed (index, frame) pairs to the online predictor one at a time, under `runtime` as evaluation;
+    yields (frame, OnlineStep) with `top_k` classes. With `side_by_side` each step carries the glimpse as
+    the model saw it. `predictor` replaces evaluation's online predictor: one with `step`, `t`, `frames`,
+    `glimpse_scale` and `glimpse_pixels` (`OnnxPredictor`; the student may then have no model). With
+    `glimpse_only` the predictor reads only the pixels of its `next_box()` from the frame at evaluation's
+    size, as a source that delivers just that window would (the numbers equal the whole-frame path's).
+    With `calibration` the probabilities are calibrated with the temperature of their step."""
     if glimpse_only and side_by_side:
         raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
     transform = eval_transform(student.img_size, student.resize)
@@ -309,9 +301,11 @@ def run_steps(
         else:
             x = transform(pixels).to(runtime.device)  # (1, 3, S, S)
             out = predictor.step(x)
-        window += predictor.steps == 1  # the first step, or the first after a restart
+        window += predictor.t == 1  # the first step, or the first after a restart
+        number = predictor.frames if context == "sliding" else predictor.t
         loc = out.location[0].float()
-        probs, classes = out.probs[0].float().topk(k)
+        probs = out.probs[0] if calibration is None else calibration.probs(out.logits[0].float(), number)
+        probs, classes = probs.float().topk(k)
         glimpse = None
         if side_by_side:
             crop = extract_glimpse(x, loc[None], (side, side), scale)[0]  # (3, g, g), normalised
@@ -320,9 +314,9 @@ def run_steps(
         geometry = CropGeometry.of(w, h, student.resize, student.img_size)
         yield (
             frame,
-            Step(
+            OnlineStep(
                 index=index,
-                step=predictor.frames if context == "sliding" else predictor.steps,
+                t=number,
                 window=window,
                 location=location,
                 box=glimpse_box(location, geometry, scale),
@@ -347,15 +341,13 @@ def visualize(
     runs: str | Path | None = None,
     console: Console | None = None,
     context: str = "sliding",
+    calibrated: bool = False,
+    calibration: str | Path | None = None,
+    decide: float | None = None,
 ) -> dict[str, Any]:
-    """Run a GliTr student online over `video` and write the glimpse animation to `out`.
-
-    `checkpoint` defaults to the newest GliTr checkpoint under `runs` (runs/). `every` None
-    feeds the T evaluation frames, else every `every`-th frame; after T steps `context`
-    "sliding" predicts from the last T frames, "restart" starts the stream again (see the
-    module docstring). `size` is the longer side of the drawn frame
-    (0 = the source size). Returns the `--json` record {"frames": [...]}.
-    """
+    """`glitr visualize`: run a GliTr student online over `video` (by default its T evaluation frames,
+    else every `every`-th frame) and write the glimpse animation to `out`; returns the `--json` record
+    (the step that decided, with `calibrated`, `calibration` or `decide`, has `"decided": true`)."""
     console = console or Console(stderr=True)
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -373,6 +365,10 @@ def visualize(
         checkpoint = find_checkpoint(runs)
         console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
     student = load_student(checkpoint)
+    found, threshold = decision_settings(
+        checkpoint, student.num_frames, calibrated=calibrated, calibration=calibration, decide=decide, console=console
+    )
+    decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
     runtime = Runtime.from_recipe(student.recipe, device=device)  # the precision evaluation uses
     runtime.apply()
 
@@ -382,13 +378,19 @@ def visualize(
     images: list[Image.Image] = []
     writer = VideoWriter(tmp, fps, "h264") if mp4 else None
     record: list[dict[str, Any]] = []
+    decisions: list[str] = []
     trail: list[tuple[float, float]] = []
     frames = step_frames(source, student.sampler, every)
     try:
-        for frame, step in run_steps(student, frames, runtime, side_by_side, context):
-            if step.step == 1:
+        for frame, step in run_steps(student, frames, runtime, side_by_side, context, calibration=found):
+            if step.t == 1:
                 trail = []
-            image = render_step(frame, step, trail, student.num_frames, size, palette=not mp4)
+            decision = None if decider is None else decider.update(step.t, step.window, *step.top[0])
+            if decision is not None:
+                decisions.append(f"step {step.t} (frame {step.index}): {decision.name} {decision.p:.0%}")
+            image = render_step(
+                frame, step, trail, student.num_frames, size, palette=not mp4, decided=decision is not None
+            )
             if writer is not None:
                 writer.write(np.asarray(image.convert("RGB")))
             else:
@@ -400,6 +402,7 @@ def visualize(
                     "location": [round(v, 6) for v in step.location],
                     "box": [round(v, 2) for v in step.box],
                     "top": [[name, round(p, 6)] for name, p in step.top],
+                    **({"decided": True} if decision is not None else {}),
                 }
             )
         if not record:  # only reachable through a decoder that yields nothing without an error
@@ -428,7 +431,8 @@ def visualize(
         )
     console.print(
         f"wrote {out}: {len(record)} steps of {student.path}{restarts}"
-        + (f"; glimpses in {json_path}" if json_path is not None else ""),
+        + (f"; glimpses in {json_path}" if json_path is not None else "")
+        + (f"; decided at tau = {threshold:g} at {', '.join(decisions)}" if decisions else ""),
         highlight=False,
         soft_wrap=True,
     )

@@ -344,9 +344,9 @@ def exported_student(predictor: OnnxPredictor) -> Student:
 
 
 class OnnxPredictor:
-    """An exported step (`glitr export`'s file, its bytes, or `from_model`) run by ONNX Runtime on the CPU, with
+    """An exported step (`glitr export`'s file, or its bytes) run by ONNX Runtime on the CPU, with
     `OnlinePredictor`'s interface for one stream of whole model inputs: `step(frame (1, 3, S, S))` ->
-    `StepOutput`, `steps` (in the current context, at most T), `frames` (since the start). `context`
+    `StepOutput`, `t` (steps in the current context, at most T), `frames` (since the start). `context`
     "restart" starts from a new state after T steps, which is what `OnlinePredictor(context="restart")`
     computes; "sliding" is the graph itself. `threads` is ONNX Runtime's intra-op thread count, the threads
     that share one step's operators (0: its default, one per physical core).
@@ -398,19 +398,13 @@ class OnnxPredictor:
             self._binding.bind_ortvalue_output(name, wrap(array))
         self.reset()
 
-    @classmethod
-    def from_model(cls, model: GliTr, context: str = "sliding", threads: int = 0, int8: bool = False) -> OnnxPredictor:
-        """Export `model`'s step in memory (int8 linear layers with `int8`) and run it."""
-        proto = step_program(model)
-        return cls((quantize_int8(proto) if int8 else proto).SerializeToString(), context, threads)
-
     def reset(self) -> None:
         """Start a new stream."""
         self.frames = 0
         self._new_window()
 
     def _new_window(self) -> None:
-        self.steps = 0
+        self.t = 0
         self._current = 0
         for array in self._states[0].values():
             array.fill(0)
@@ -418,7 +412,7 @@ class OnnxPredictor:
     def step(self, frame: torch.Tensor, location: torch.Tensor | None = None) -> StepOutput:
         """One frame (1, 3, S, S); `location` (1, 2), when given, replaces where the step before chose to
         look next (open-loop comparisons; a new stream's first glimpse stays at the learned location)."""
-        if self.context == "restart" and self.steps == self.num_frames:
+        if self.context == "restart" and self.t == self.num_frames:
             self._new_window()
         state, values = self._states[self._current], self._state_values[self._current]
         if location is not None:
@@ -431,7 +425,7 @@ class OnnxPredictor:
             binding.bind_ortvalue_output("next_location" if name == "location" else f"next_{name}", written[name])
         self.session.run_with_iobinding(binding)
         self._current = 1 - self._current
-        self.steps = min(self.steps + 1, self.num_frames)
+        self.t = min(self.t + 1, self.num_frames)
         self.frames += 1
         out = self._outputs
         probs = torch.from_numpy(out["probs"].copy())
@@ -439,6 +433,6 @@ class OnnxPredictor:
         if self.frames == 1:
             self._first = loc  # the learned first location, where every new window looks first
         nxt = torch.from_numpy(self._states[self._current]["location"].copy())
-        if self.context == "restart" and self.steps == self.num_frames:
+        if self.context == "restart" and self.t == self.num_frames:
             nxt = self._first.clone()
-        return StepOutput(loc, probs.log(), probs, nxt)
+        return StepOutput(loc, None, probs, nxt)
