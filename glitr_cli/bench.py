@@ -308,26 +308,30 @@ def inference(s: Setup, m: Measurements, online_batch: int) -> None:
 
 def exported_online(s: Setup, m: Measurements, stream: torch.Tensor) -> None:
     """One stream's first T frames `stream` (T, 1, 3, S, S) through the step `glitr export` writes (float32,
-    and int8 as `--int8` writes it) in ONNX Runtime with every core this process may use, as `glitr stream`
-    runs it, and through the eager PyTorch step with as many threads; the bytes of weights each step reads,
-    this machine's memory read bandwidth, and how often int8's top-1 agrees with the float PyTorch step's
+    and int8 as `--int8` writes it) in ONNX Runtime, with the recipe's threads (as the eager step above)
+    and with every core this process may use (`..._all_cores`, what `glitr stream` runs by default), the
+    eager PyTorch step with every core too; the bytes of weights each step reads, this machine's memory
+    read bandwidth with both thread counts, and how often int8's top-1 agrees with the float PyTorch step's
     (open loop: every step looks where the float step chose; on these random weights, not a trained
     model's: `scripts/int8_accuracy.py` measures that)."""
     student, runtime, t, cores = s.objectives["student"].model.eval(), s.runtime, len(stream), available_cores()
-    m.online_threads |= {"pytorch": runtime.threads, "onnx": cores}
-    proto = step_program(student)
-    steps = {"onnx": proto, "onnx_int8": quantize_int8(proto)}
+    m.online_threads |= {"recipe": runtime.threads, "all_cores": cores}
+    protos = {"onnx": step_program(student)}
+    protos["onnx_int8"] = quantize_int8(protos["onnx"])
     m.weight_bytes["pytorch"] = sum(p.numel() * p.element_size() for p in student.parameters())
-    m.weight_bytes |= {name: _initializer_bytes(step) for name, step in steps.items()}
-    predictors = {name: OnnxPredictor(step.SerializeToString(), threads=cores) for name, step in steps.items()}
-    for name, predictor in predictors.items():
-        m.time(f"online_ms_per_frame_b1_{name}", _stream(predictor, stream), t, "ms/frame")
+    m.weight_bytes |= {name: _initializer_bytes(proto) for name, proto in protos.items()}
+    steps = {name: proto.SerializeToString() for name, proto in protos.items()}
+    runs = {runtime.threads: ""} | ({cores: "_all_cores"} if cores != runtime.threads else {})
+    for threads, suffix in runs.items():
+        for name, step in steps.items():
+            run = _stream(OnnxPredictor(step, threads=threads), stream)
+            m.time(f"online_ms_per_frame_b1_{name}{suffix}", run, t, "ms/frame")
+        m.values[f"memory_read_gb_per_s_{threads}_threads"] = (memory_read_gb_per_s(threads), "GB/s")
     if cores != runtime.threads:
         with _threads(cores):
             eager = _stream(online_predictor(student, replace(runtime, threads=cores)), stream)
             m.time("online_ms_per_frame_b1_all_cores", eager, t, "ms/frame")
-    for threads in sorted({runtime.threads, cores}):
-        m.values[f"memory_read_gb_per_s_{threads}_threads"] = (memory_read_gb_per_s(threads), "GB/s")
+    predictors = {name: OnnxPredictor(step, threads=runtime.threads) for name, step in steps.items()}
     reference, exact, fast = online_predictor(student, runtime), predictors["onnx"], predictors["onnx_int8"]
     for predictor in (reference, exact, fast):
         predictor.reset()
@@ -439,7 +443,7 @@ def derived(
     against the median of what it is compared with: per kind the FLOP/s of its step (and their share of
     the GPU's `peak` FLOP/s), its speed-up over the plain path, its ms per clip and the share of the
     synthetic speed that end-to-end training from the dataset reaches. Per online step at batch 1 (eager
-    PyTorch with the recipe's threads and with every core, the exported float32 and int8 steps): its
+    PyTorch, the exported float32 and int8 steps, each with the recipe's threads and with every core): its
     GFLOP/s, its memory bound (`weight_bytes` read once per frame at the read bandwidth measured with its
     `online_threads`) and its time over that bound, its speed-up over the eager step."""
     out: dict[str, dict[str, Any]] = {}
@@ -465,10 +469,9 @@ def derived(
             out[f"{kind}_train_data_fraction"] = figure([c / synthetic for c in fed], "of synthetic")
     weight_bytes, threads = weight_bytes or {}, online_threads or {}
     runs = {  # suffix: (whose weights, threads)
-        "": ("pytorch", threads.get("pytorch")),
-        "_all_cores": ("pytorch", threads.get("onnx")),
-        "_onnx": ("onnx", threads.get("onnx")),
-        "_onnx_int8": ("onnx_int8", threads.get("onnx")),
+        f"{backend}{cores}": (weights, threads.get("all_cores" if cores else "recipe"))
+        for backend, weights in (("", "pytorch"), ("_onnx", "onnx"), ("_onnx_int8", "onnx_int8"))
+        for cores in ("", "_all_cores")
     }
     for suffix, (weights, n) in runs.items():
         if f"online_ms_per_frame_b1{suffix}" not in values:

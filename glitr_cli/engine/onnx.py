@@ -366,6 +366,10 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # between operators the workers sleep rather than spin: a spinning worker holds a core that the
+        # stream's reader (decoding) or another process needs, and every operator then waits for the
+        # worker the scheduler put aside
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = step if isinstance(step, bytes) else str(step)
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
