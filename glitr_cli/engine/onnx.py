@@ -1,7 +1,7 @@
 """`glitr export`: a GliTr student's online step as an ONNX graph.
 
-The graph is `model.online.StepGraph`, the sliding predictor's step with its state passed in and out
-(ONNX Runtime, or any ONNX engine, keeps no state between calls):
+The graph is `model.online.StepGraph`, the online step with its state passed in and out (ONNX Runtime,
+or any ONNX engine, keeps no state between calls); every shape is fixed:
 
     inputs   frame          float32 (B, 3, S, S)  the normalised model input (evaluation's resize,
                             centre crop, ImageNet normalisation); with --crop instead the pixels of
@@ -11,24 +11,26 @@ The graph is `model.online.StepGraph`, the sliding predictor's step with its sta
              count          int64 (1,)            frames seen so far (0 for a new stream)
              location       float32 (B, 2)        where to look (next_location of the previous step;
                                                   ignored while count is 0: the learned first location)
+             cls_cache, loc_cache  float32 (2, depth, B, heads, T, head_dim)  T_c's and T_l's keys and
+                                                  values (zeros for a new stream)
     outputs  probs          float32 (B, C)        class probabilities given every frame in the context
              glimpse_location float32 (B, 2)      where this frame's glimpse was taken
              next_location  float32 (B, 2)        where the next one will be taken
              next_box       int64 (B, 4)          the model-input pixels (x0, y0, x1, y1), end exclusive,
                                                   that the next glimpse reads
-             next_features, next_count            the state for the next call
+             next_features, next_count, next_cls_cache, next_loc_cache   the state for the next call
 
-The model's metadata (`metadata_props`) holds the class names, T, S, the recipe's resize, the input
-kind, the precision and `first_box`, the box a new stream's first glimpse reads (what a --crop caller
-cuts first).
+While count < T, T_c and T_l take one token against their caches; from the T-th frame on they re-run
+over the last T features (the sliding context): the two branches of an ONNX `If`. The model's metadata
+(`metadata_props`) holds what online use needs without the checkpoint: the class names, the recipe,
+T, S, the resize, the glimpse geometry, the input kind, the precision and `first_box`, the box a new
+stream's first glimpse reads (what a --crop caller cuts first). `cached_step` keeps a checkpoint's
+export beside it for `glitr stream --backend onnx`.
 
-`--int8` (`quantize_int8`) is ONNX Runtime's dynamic quantization of the graph: the weights of every
-linear layer (MatMul, Gemm) stored as 7-bit integers in int8, one scale per output channel, and their
-inputs quantized to uint8 per tensor at run time; convolutions, attention products, norms and the
-glimpse sampler stay float32. It is an approximation of the float model (README, "Speed"), for CPUs
-where the float step is too slow.
+`--int8` (`quantize_int8`): int8 linear layers, an approximation of the float model for CPUs where the
+float step is too slow.
 
-`OnnxPredictor` runs the step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
+`OnnxPredictor` runs a step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
 --backend onnx`, `glitr bench`).
 """
 
