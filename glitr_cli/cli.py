@@ -341,7 +341,7 @@ def export(
     crop: bool = typer.Option(False, "--crop", help="Take the pixels of next_box instead of the whole model input."),
     batch_size: int = typer.Option(1, "--batch-size", help="Streams per call (fixed in the graph)."),
     int8: bool = typer.Option(
-        False, "--int8", help="int8 linear layers (dynamic quantization): faster on a CPU, approximate."
+        False, "--int8", help="int8 linear layers (ONNX Runtime only): faster on a CPU, approximate."
     ),
 ) -> None:
     """The online step (frame and state in; probabilities, next location and state out) as ONNX."""
