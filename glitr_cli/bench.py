@@ -4,16 +4,19 @@ The models have random weights and the recipe's geometry; everything runs under 
 One function per suite: `training` times the trainer's own optimiser step (`TrainStep`) of the teacher
 and the student on synthetic clips, and the same step over the plain path of `model/reference.py` (the
 original's algorithm: float32, unfused attention everywhere); `inference` times evaluation's batched
-pass, the online predictor and, on a CPU with ONNX Runtime installed, the step `glitr export` writes;
+pass, the online predictor and, on a CPU with ONNX Runtime installed, the step `glitr export` writes
+(`exported_online`);
 `data` (`--data`) feeds the step from the recipe's prepared training split through the trainer's own
 loader, then times the loader's stages one after another on one batch it delivered. `derived` turns
-the timings into the reported ratios (speed-ups, FLOP/s, the share of the synthetic speed).
+the timings into the reported ratios (speed-ups, FLOP/s, the share of the synthetic speed, the online
+step's distance to its memory bound).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import platform
 import statistics
 import time
@@ -33,12 +36,12 @@ from glitr_cli.engine.distributed import ResumableSampler
 from glitr_cli.engine.evaluation import online_predictor, predict_clips
 from glitr_cli.engine.loading import build_model
 from glitr_cli.engine.objectives import Objective, reference_objective, student_objective, teacher_objective
-from glitr_cli.engine.onnx import OnnxPredictor, onnx_runtime_available
+from glitr_cli.engine.onnx import OnnxPredictor, onnx_runtime_available, quantize_int8, step_program
 from glitr_cli.engine.step import TrainStep
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import GliTr, OnlinePredictor
 from glitr_cli.recipe import Recipe, load_recipe, resolve_recipe
-from glitr_cli.runtime import PREFETCH_FACTOR, Runtime, stop_workers
+from glitr_cli.runtime import PREFETCH_FACTOR, Runtime, available_cores, stop_workers
 
 # dense bf16 tensor-core peaks (FLOP/s) of GPUs whose figures are public
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
@@ -111,6 +114,27 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def memory_read_gb_per_s(threads: int, mib: int = 256, repeats: int = 5) -> list[float]:
+    """This machine's memory read bandwidth with `threads` threads, GB/s: sums of a float32 tensor of `mib`
+    MiB, far larger than the caches, `repeats` times."""
+    x = torch.ones(mib * 2**18)
+    with _threads(threads):
+        x.sum()
+        seconds = time_calls(x.sum, torch.device("cpu"), 0, repeats)
+    return [x.numel() * 4 / s / 1e9 for s in seconds]
+
+
+@contextlib.contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    """PyTorch's CPU threads set to `threads` for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def saved_for_backward_mib(fn: Callable[[], Any], exclude: set[int]) -> float:
     """MiB of distinct tensors autograd keeps for the backward pass during one call of `fn` (the
     activation memory that gradient checkpointing trades for recomputation), on any device; storages
@@ -140,6 +164,9 @@ class Measurements:
     saved_mib: dict[str, float] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # what one online step reads, per backend
+    online_threads: dict[str, int] = field(default_factory=dict)  # per backend
+    agreement: dict[str, float] = field(default_factory=dict)  # int8's decisions against the float step's
 
     def time(self, name: str, fn: Callable[[], Any], work: float, unit: str) -> None:
         """`work` per second of each call of `fn`, or for a unit "ms/...", milliseconds per unit of work.
@@ -257,9 +284,7 @@ def training(s: Setup, m: Measurements, baseline: bool) -> None:
 
 def inference(s: Setup, m: Measurements, online_batch: int) -> None:
     """Evaluation's batched pass, the online predictor (batch 1 and `online_batch`, with and without CUDA
-    graphs) and, on a CPU, the exported step in ONNX Runtime (float32 and int8). The ONNX step is the
-    sliding one (T_c and T_l over all T slots, a stream's steady state), the PyTorch one a stream's first
-    T frames."""
+    graphs) over a stream's first T frames, the FLOPs of its step, and on a CPU `exported_online`."""
     student, runtime = s.objectives["student"].model.eval(), s.runtime
     t, size, n = s.recipe.data.num_frames, s.recipe.data.img_size, s.batch["student"]
     m.time("eval_clips_per_s", lambda: predict_clips(student, s.clips[:n], runtime), n, "clips/s")
@@ -270,14 +295,68 @@ def inference(s: Setup, m: Measurements, online_batch: int) -> None:
     for batch, rt, name, unit in runs:
         stream = torch.randn(t, batch, 3, size, size).to(rt.device)
         m.time(name, _stream(online_predictor(student, rt, batch), stream), t * batch, unit)
+    stream = s.clips[:1].transpose(0, 1)  # (T, 1, 3, S, S): one stream
+    eager = online_predictor(student, replace(runtime, eval_graphs=False))
+    m.flops["online_step"] = count_flops(_stream(eager, stream)) // t
     if runtime.device.type == "cpu" and onnx_runtime_available():
-        frames = torch.randn(t, 1, 3, size, size)
-        for int8, name in ((False, "online_ms_per_frame_b1_onnx"), (True, "online_ms_per_frame_b1_onnx_int8")):
-            m.time(name, _stream(OnnxPredictor(student, threads=runtime.threads, int8=int8), frames), t, "ms/frame")
+        exported_online(s, m, stream)
     one, centre = s.clips[:1, 0], s.clips.new_zeros(1, 2)
     with torch.no_grad():
         m.flops["backbone_per_glimpse"] = count_flops(lambda: student.backbone(one, centre))
         m.flops["backbone_per_full_frame"] = count_flops(lambda: student.backbone(one))
+
+
+def exported_online(s: Setup, m: Measurements, stream: torch.Tensor) -> None:
+    """One stream's first T frames `stream` (T, 1, 3, S, S) through the step `glitr export` writes (float32,
+    and int8 as `--int8` writes it) in ONNX Runtime, with the recipe's threads (as the eager step above)
+    and with every core this process may use (`..._all_cores`, what `glitr stream` runs by default), the
+    eager PyTorch step with every core too; the bytes of weights each step reads, this machine's memory
+    read bandwidth with both thread counts, and how often int8's top-1 agrees with the float PyTorch step's
+    (open loop: every step looks where the float step chose; on these random weights, not a trained
+    model's: `scripts/int8_accuracy.py` measures that)."""
+    student, runtime, t, cores = s.objectives["student"].model.eval(), s.runtime, len(stream), available_cores()
+    m.online_threads |= {"recipe": runtime.threads, "all_cores": cores}
+    protos = {"onnx": step_program(student)}
+    protos["onnx_int8"] = quantize_int8(protos["onnx"])
+    m.weight_bytes["pytorch"] = sum(p.numel() * p.element_size() for p in student.parameters())
+    m.weight_bytes |= {name: _initializer_bytes(proto) for name, proto in protos.items()}
+    steps = {name: proto.SerializeToString() for name, proto in protos.items()}
+    runs = {runtime.threads: ""} | ({cores: "_all_cores"} if cores != runtime.threads else {})
+    for threads, suffix in runs.items():
+        for name, step in steps.items():
+            run = _stream(OnnxPredictor(step, threads=threads), stream)
+            m.time(f"online_ms_per_frame_b1_{name}{suffix}", run, t, "ms/frame")
+        m.values[f"memory_read_gb_per_s_{threads}_threads"] = (memory_read_gb_per_s(threads), "GB/s")
+    if cores != runtime.threads:
+        with _threads(cores):
+            eager = _stream(online_predictor(student, replace(runtime, threads=cores)), stream)
+            m.time("online_ms_per_frame_b1_all_cores", eager, t, "ms/frame")
+    predictors = {name: OnnxPredictor(step, threads=runtime.threads) for name, step in steps.items()}
+    reference, exact, fast = online_predictor(student, runtime), predictors["onnx"], predictors["onnx_int8"]
+    for predictor in (reference, exact, fast):
+        predictor.reset()
+    location, agree, int8_diff, onnx_diff = None, [], [], []
+    for frame in stream:
+        ref = reference.step(frame)
+        a, b = exact.step(frame, location=location), fast.step(frame, location=location)
+        agree.append(float(b.probs.argmax() == ref.probs.argmax()))
+        int8_diff.append(float((b.probs - ref.probs).abs().mean()))
+        onnx_diff.append(float((a.probs - ref.probs).abs().max()))
+        location = ref.next_location
+    m.agreement = {
+        "int8_top1_agreement": statistics.mean(agree),
+        "int8_mean_abs_prob_diff": statistics.mean(int8_diff),
+        "onnx_max_abs_prob_diff": max(onnx_diff),
+    }
+
+
+def _initializer_bytes(proto: Any) -> int:
+    """Bytes of the weights (initializers) of an ONNX model: what one step reads at batch 1."""
+    import onnx
+
+    return sum(
+        math.prod(w.dims) * onnx.helper.tensor_dtype_to_np_dtype(w.data_type).itemsize for w in proto.graph.initializer
+    )
 
 
 def _stream(predictor: Any, frames: torch.Tensor) -> Callable[[], None]:
@@ -353,13 +432,20 @@ def figure(values: list[float], unit: str) -> dict[str, Any]:
 
 
 def derived(
-    values: dict[str, tuple[list[float], str]], flops: dict[str, int], batch: dict[str, int], peak: float | None
+    values: dict[str, tuple[list[float], str]],
+    flops: dict[str, int],
+    batch: dict[str, int],
+    peak: float | None,
+    weight_bytes: dict[str, int] | None = None,
+    online_threads: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The figures computed from measured ones (`values`: name -> (per-repeat values, unit)), each repeat
     against the median of what it is compared with: per kind the FLOP/s of its step (and their share of
     the GPU's `peak` FLOP/s), its speed-up over the plain path, its ms per clip and the share of the
-    synthetic speed that end-to-end training from the dataset reaches; the eager online step's speed-up
-    from ONNX Runtime."""
+    synthetic speed that end-to-end training from the dataset reaches. Per online step at batch 1 (eager
+    PyTorch, the exported float32 and int8 steps, each with the recipe's threads and with every core): its
+    GFLOP/s, its memory bound (`weight_bytes` read once per frame at the read bandwidth measured with its
+    `online_threads`) and its time over that bound, its speed-up over the eager step."""
     out: dict[str, dict[str, Any]] = {}
 
     def median(name: str) -> float:
@@ -381,11 +467,25 @@ def derived(
             out[f"{kind}_train_step_ms_per_clip"] = figure([1000 / c for c in clips], "ms/clip")
             synthetic, fed = statistics.median(clips), values[f"{kind}_train_clips_per_s_data"][0]
             out[f"{kind}_train_data_fraction"] = figure([c / synthetic for c in fed], "of synthetic")
-    for suffix in ("onnx", "onnx_int8"):
-        if f"online_ms_per_frame_b1_{suffix}" in values and "online_ms_per_frame_b1" in values:
+    weight_bytes, threads = weight_bytes or {}, online_threads or {}
+    runs = {  # suffix: (whose weights, threads)
+        f"{backend}{cores}": (weights, threads.get("all_cores" if cores else "recipe"))
+        for backend, weights in (("", "pytorch"), ("_onnx", "onnx"), ("_onnx_int8", "onnx_int8"))
+        for cores in ("", "_all_cores")
+    }
+    for suffix, (weights, n) in runs.items():
+        if f"online_ms_per_frame_b1{suffix}" not in values:
+            continue
+        ms = values[f"online_ms_per_frame_b1{suffix}"][0]
+        if "online_step" in flops:
+            out[f"online_gflop_per_s_b1{suffix}"] = figure([flops["online_step"] / v / 1e6 for v in ms], "GFLOP/s")
+        if weights in weight_bytes and f"memory_read_gb_per_s_{n}_threads" in values:
+            bound = weight_bytes[weights] / max(values[f"memory_read_gb_per_s_{n}_threads"][0]) / 1e6  # ms
+            out[f"online_memory_bound_ms_b1{suffix}"] = figure([bound], "ms/frame")
+            out[f"online_over_memory_bound_b1{suffix}"] = figure([v / bound for v in ms], "x")
+        if suffix and "online_ms_per_frame_b1" in values:
             eager = median("online_ms_per_frame_b1")
-            onnx = values[f"online_ms_per_frame_b1_{suffix}"][0]
-            out[f"online_b1_speedup_{suffix}"] = figure([eager / v for v in onnx], "x")
+            out[f"online_b1_speedup{suffix}"] = figure([eager / v for v in ms], "x")
     return out
 
 
@@ -407,7 +507,8 @@ def run_bench(recipe_path: str | Path, overrides: list[str] | None, settings: Be
         data(s, m)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else ""
     peak = next((flops for key, flops in PEAK_BF16.items() if key in name), None)
-    results = {k: figure(*v) for k, v in m.values.items()} | derived(m.values, m.flops, s.batch, peak)
+    online = derived(m.values, m.flops, s.batch, peak, m.weight_bytes, m.online_threads)
+    results = {k: figure(*v) for k, v in m.values.items()} | online
     out: dict[str, Any] = {
         "device": device_name(rt.device),
         "recipe": str(recipe_path),
@@ -424,6 +525,9 @@ def run_bench(recipe_path: str | Path, overrides: list[str] | None, settings: Be
         "saved_for_backward_mib": m.saved_mib,
         "failures": m.failures,
     }
+    if m.weight_bytes:
+        out |= {"online_weight_bytes": m.weight_bytes, "online_threads": m.online_threads}
+        out["online_agreement"] = m.agreement
     if settings.data:
         cfg = resolve_recipe(recipe).data
         out["data"] = {
@@ -457,6 +561,10 @@ def result_table(result: dict[str, Any]) -> Table:
         table.add_row(f"peak_memory_{name}", f"{mib:.0f}", "", "", "MiB")
     for name, mib in result["saved_for_backward_mib"].items():
         table.add_row(f"saved_for_backward_{name}", f"{mib:.1f}", "", "", "MiB")
+    for name, size in result.get("online_weight_bytes", {}).items():
+        table.add_row(f"online_weights_read_per_frame_{name}", f"{size / 1e6:.1f}", "", "", "MB")
+    for name, value in result.get("online_agreement", {}).items():
+        table.add_row(f"online_{name}", f"{value:.3g}", "", "", "open loop, these random weights")
     for name, why in result["failures"].items():
         table.add_row(name, "failed", "", "", why)
     if "data" in result:

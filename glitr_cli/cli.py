@@ -287,7 +287,11 @@ def stream(
         show_default=False,
     ),
     checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", "-c", help="GliTr checkpoint (default: the newest under runs/)."
+        None,
+        "--checkpoint",
+        "-c",
+        help="GliTr checkpoint (default: the newest under runs/); with --backend onnx or onnx-int8 also a file "
+        "that glitr export wrote.",
     ),
     jsonl: str = typer.Option("-", "--jsonl", help="One JSON line per processed frame, then the summary; - : stdout."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Also draw the processed frames into this .mp4."),
@@ -312,6 +316,9 @@ def stream(
     glimpse_only: bool = typer.Option(
         False, "--glimpse-only", help="Read only the window each glimpse needs; report its pixels against the frame's."
     ),
+    threads: int = typer.Option(
+        0, "--threads", help="CPU threads of the step (PyTorch's, or ONNX Runtime's intra-op threads); 0: every core."
+    ),
     calibrated: bool = typer.Option(False, "--calibrated", help=_CALIBRATED_HELP),
     calibration: Path | None = typer.Option(None, "--calibration", metavar="EVAL_JSON", help=_CALIBRATION_HELP),
     decide: float | None = typer.Option(
@@ -334,7 +341,7 @@ def export(
     crop: bool = typer.Option(False, "--crop", help="Take the pixels of next_box instead of the whole model input."),
     batch_size: int = typer.Option(1, "--batch-size", help="Streams per call (fixed in the graph)."),
     int8: bool = typer.Option(
-        False, "--int8", help="int8 linear layers (dynamic quantization): faster on a CPU, approximate."
+        False, "--int8", help="int8 linear layers (ONNX Runtime only): faster on a CPU, approximate."
     ),
 ) -> None:
     """The online step (frame and state in; probabilities, next location and state out) as ONNX."""

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,10 +42,10 @@ from glitr_cli.engine.decisions import Calibration, OnlineDecider
 from glitr_cli.engine.evaluation import decision_settings
 from glitr_cli.engine.loading import Student, find_checkpoint, load_student
 from glitr_cli.engine.online import next_trail, render_step, run_steps
-from glitr_cli.engine.onnx import OnnxPredictor
+from glitr_cli.engine.onnx import OnnxPredictor, cached_step, exported_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.model.online import CONTEXTS
-from glitr_cli.runtime import Runtime
+from glitr_cli.runtime import Runtime, available_cores
 
 NETWORK_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "rtmp://", "rtmps://", "udp://", "tcp://", "srt://")
 DEVICE_PREFIXES = ("avfoundation:", "dshow:")  # `FORMAT:DEVICE`, the device string PyAV's format expects
@@ -292,6 +292,7 @@ def stream(
     runs: str | Path | None = None,
     step_delay: float = 0.0,
     glimpse_only: bool = False,
+    threads: int = 0,
     calibrated: bool = False,
     calibration: str | Path | None = None,
     decide: float | None = None,
@@ -305,7 +306,9 @@ def stream(
     is slept after every step: a slower model, to see how the stream copes (drops, latency). Ctrl-C
     stops the stream and still writes the summary. `backend` "onnx" runs the step `glitr export` writes
     with ONNX Runtime on the CPU instead of PyTorch (the same numbers up to float rounding), "onnx-int8"
-    the step of `glitr export --int8` (int8 linear layers: an approximation). `calibrated`,
+    the step of `glitr export --int8` (int8 linear layers: an approximation); `checkpoint` is then either
+    such a file or a `.pt` checkpoint, whose export is cached beside it. `threads` is the CPU threads of the
+    step (PyTorch's, or ONNX Runtime's intra-op threads); 0: every core this process may use. `calibrated`,
     `calibration`, `decide` and `stop_on_decision`: the early decisions (see the module docstring).
     """
     console = console or Console(stderr=True)
@@ -326,12 +329,24 @@ def stream(
         raise GlitrError(f"--glimpse-only runs on the PyTorch backend; drop --backend {backend}")
     if onnx and device not in ("auto", "cpu"):
         raise GlitrError(f"--backend {backend} runs on the CPU; drop --device {device}")
+    if onnx and (calibrated or calibration is not None):
+        raise GlitrError(f"--calibrated needs the logits: the PyTorch backend; drop --backend {backend}")
+    if threads < 0:
+        raise GlitrError(f"--threads must be 0 (every core) or more, got {threads}")
     container = open_source(source)  # before the model: a wrong source answers at once
     try:
         if checkpoint is None:
             checkpoint = find_checkpoint(runs)
             console.print(f"using the newest GliTr checkpoint: {checkpoint}", highlight=False, soft_wrap=True)
-        student = load_student(checkpoint)
+        threads = threads or available_cores()
+        predictor = None
+        if onnx:
+            predictor = onnx_predictor(checkpoint, backend, context, threads, console)
+            student = exported_student(predictor)
+        elif Path(checkpoint).suffix.lower() == ".onnx":
+            raise GlitrError(f"--checkpoint {checkpoint}: an exported step runs with --backend onnx (or onnx-int8)")
+        else:
+            student = load_student(checkpoint)
         found, threshold = decision_settings(
             checkpoint,
             student.num_frames,
@@ -343,11 +358,8 @@ def stream(
         if stop_on_decision and threshold is None:
             raise GlitrError("--stop-on-decision needs a threshold: --decide TAU, or the one --calibrated finds")
         decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
-        runtime = Runtime.from_recipe(student.recipe, device="cpu" if onnx else device)
+        runtime = replace(Runtime.from_recipe(student.recipe, device="cpu" if onnx else device), threads=threads)
         runtime.apply()
-        predictor = None
-        if onnx:
-            predictor = OnnxPredictor(student.model, context, runtime.threads, int8=backend == "onnx-int8")
         fps = frame_rate(container)
         if every is None:
             every = default_every(fps or 25.0, student.num_frames, student.recipe.data.dataset)
@@ -389,6 +401,24 @@ def stream(
         lines.flush()
     console.print(describe(summary, paced=not as_fast_as_possible), highlight=False, soft_wrap=True)
     return summary
+
+
+def onnx_predictor(checkpoint: str | Path, backend: str, context: str, threads: int, console: Console) -> OnnxPredictor:
+    """The step of `backend` ("onnx" float32, "onnx-int8") for `checkpoint`: an exported file itself, or
+    a `.pt` checkpoint's export, cached beside it (`export.cached_step`)."""
+    int8 = backend == "onnx-int8"
+    path = Path(checkpoint)
+    step: Path | bytes = path
+    if path.suffix.lower() != ".onnx":
+        step = cached_step(path, int8=int8, notice=lambda text: console.print(text, highlight=False, soft_wrap=True))
+    elif not path.is_file():
+        raise GlitrError(f"--checkpoint {path}: no such file")
+    predictor = OnnxPredictor(step, context, threads)
+    precision = predictor.metadata.get("precision")
+    if precision != ("int8" if int8 else "float32"):
+        other = "onnx-int8" if precision == "int8" else "onnx"
+        raise GlitrError(f"--checkpoint {path} holds the {precision} step: run it with --backend {other}")
+    return predictor
 
 
 def _run(

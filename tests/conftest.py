@@ -154,3 +154,21 @@ def tiny_recipe(tmp: Path, toy_data: Path, kind: str = "teacher", *overrides: st
     objective = TEACHER_OBJECTIVE if kind == "teacher" else STUDENT_OBJECTIVE
     path.write_text(TINY.format(kind=kind, objective=objective))
     return load_recipe(path, [f"data.root={toy_data / 'toy'}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def exported_tiny(trained_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the trained tiny student's last.pt whose online steps (float32 and int8) are exported and
+    cached beside it (`last.pt.step.onnx`, `last.pt.step-int8.onnx`), as `glitr stream --backend onnx`
+    leaves them (shared, read-only)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import shutil
+
+    from glitr_cli.engine.onnx import cached_step
+
+    folder = tmp_path_factory.mktemp("exported")
+    checkpoint = Path(shutil.copy2(trained_tiny / "runs" / "tiny" / "checkpoints" / "last.pt", folder / "last.pt"))
+    for int8 in (False, True):
+        cached_step(checkpoint, int8=int8)
+    return checkpoint

@@ -96,9 +96,19 @@ def test_bench_command_prints_and_writes_figures(tmp_path, monkeypatch, capsys):
     assert names <= set(result["results"])
     assert all(fig["min"] > 0 for fig in result["results"].values())
     assert 0 < result["flops"]["backbone_per_glimpse"] < result["flops"]["backbone_per_full_frame"]
-    # the exported step in ONNX Runtime, when the export packages are installed (they are in dev)
-    onnx = {f"online_{name}_{kind}" for name in ("ms_per_frame_b1", "b1_speedup") for kind in ("onnx", "onnx_int8")}
+    # the online step's arithmetic; the exported step in ONNX Runtime, when the export packages are installed
+    # (they are in dev), with its memory bound, and int8's agreement with the float step
+    assert result["flops"]["online_step"] > 0 and result["results"]["online_gflop_per_s_b1"]["median"] > 0
+    names = ("ms_per_frame_b1", "b1_speedup", "gflop_per_s_b1", "memory_bound_ms_b1", "over_memory_bound_b1")
+    onnx = {f"online_{name}_{kind}" for name in names for kind in ("onnx", "onnx_int8")}
     assert (onnx <= set(result["results"])) == onnx_runtime_available()
+    if onnx_runtime_available():
+        weights = result["online_weight_bytes"]
+        assert weights["onnx_int8"] < weights["onnx"] / 2 and abs(weights["onnx"] / weights["pytorch"] - 1) < 0.05
+        assert result["online_agreement"]["onnx_max_abs_prob_diff"] < 1e-4
+        assert 0 <= result["online_agreement"]["int8_top1_agreement"] <= 1
+        assert any(name.startswith("memory_read_gb_per_s_") for name in result["results"])
+        assert "online_weights_read_per_frame_onnx_int8" in stdout
 
 
 @pytest.mark.slow

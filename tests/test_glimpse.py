@@ -85,3 +85,25 @@ def test_read_box_holds_every_pixel_a_glimpse_reads(hw, scale):
     torch.testing.assert_close(
         extract_glimpse_from_box(crops, boxes, loc, (h, w), size, scale), full, atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.parametrize("hw,scale", [((32, 32), (0.5, 0.5)), ((224, 224), (6 / 14, 6 / 14)), ((24, 40), (0.5, 0.25))])
+def test_separable_sampling_equals_grid_sample(hw, scale):
+    """The exported graph's sampler (two matrix products) gives `extract_glimpse`'s glimpses, inside the
+    frame, across its edges and outside it, from the whole frame and from the read box alone, for one image
+    shared by every location (the position-embedding table) too."""
+    from glitr_cli.model.glimpse import extract_glimpse_separable
+
+    h, w = hw
+    g = torch.Generator().manual_seed(1)
+    frames = torch.randn(16, 3, h, w, generator=g, dtype=torch.float64)
+    loc = torch.cat([torch.rand(12, 2, generator=g, dtype=torch.float64) * 2.6 - 1.3, torch.tensor([[5.0, 0.0]] * 4)])
+    size = (12, 10)
+    full = extract_glimpse(frames, loc, size, scale)
+    torch.testing.assert_close(extract_glimpse_separable(frames, loc, size, scale), full, atol=1e-12, rtol=0)
+    boxes = glimpse_read_box(loc, (h, w), scale)
+    crops = _cut(frames, boxes)
+    from_box = extract_glimpse_separable(crops, loc, size, scale, (h, w), boxes[:, :2])
+    torch.testing.assert_close(from_box, full, atol=1e-9, rtol=0)
+    shared = extract_glimpse_separable(frames[:1], loc, size, scale)
+    torch.testing.assert_close(shared, extract_glimpse(frames[:1].expand(16, -1, -1, -1), loc, size, scale))

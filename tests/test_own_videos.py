@@ -134,4 +134,12 @@ def test_own_videos_from_clips_to_predictions_without_a_network(tmp_path, monkey
     pytest.importorskip("onnxscript")  # the export extra
     code, out, err = glitr("export", checkpoint, "-o", "mine.onnx")
     assert code == 0 and Path("mine.onnx").is_file(), err
-    # streaming mine.onnx itself (stream --backend onnx -c mine.onnx) belongs here once stream takes it
+    code, _, err = glitr("stream", "clips/mine/jump/0.mp4", "-c", "mine.onnx", "--backend", "onnx", "--every", "2",
+                         "--as-fast-as-possible", "--jsonl", "stream_onnx.jsonl")  # fmt: skip
+    assert code == 0 and "done: 10 frames read, 5 processed" in err, err
+    lines = [[json.loads(r) for r in Path(f).read_text().splitlines()] for f in ("stream.jsonl", "stream_onnx.jsonl")]
+    for a, b in zip(*lines, strict=True):
+        if "frame" not in a:  # the summary
+            continue  # the exported file predicts what the checkpoint does
+        assert a["frame"] == b["frame"] and [n for n, _ in a["top"]] == [n for n, _ in b["top"]]
+        assert [p for _, p in a["top"]] == pytest.approx([p for _, p in b["top"]], abs=1e-4)

@@ -235,24 +235,28 @@ def test_stream_is_in_the_help(glitr):
 
 
 @pytest.mark.parametrize(
-    ("backend", "context", "box_tol", "prob_tol"),
+    ("backend", "step", "context", "box_tol", "prob_tol"),
     [
-        ("onnx", "sliding", 0.02, 1e-4),
-        ("onnx", "restart", 0.02, 1e-4),
-        ("onnx-int8", "sliding", 0.5, 0.02),  # an approximation: boxes within half a source pixel
+        ("onnx", "last.pt", "sliding", 0.02, 1e-4),
+        ("onnx", "last.pt", "restart", 0.02, 1e-4),
+        ("onnx", "last.pt.step.onnx", "sliding", 0.02, 1e-4),  # the file `glitr export` writes
+        ("onnx-int8", "last.pt", "sliding", 0.5, 0.02),  # an approximation: boxes within half a source pixel
     ],
 )
-def test_onnx_backends_give_the_pytorch_predictions(trained_tiny, tmp_path, glitr, backend, context, box_tol, prob_tol):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+def test_onnx_backends_give_the_pytorch_predictions(
+    exported_tiny, tmp_path, glitr, backend, step, context, box_tol, prob_tol
+):
+    """The exported step, from a checkpoint (its export cached beside it: not exported again) or from the
+    exported file itself, writes PyTorch's lines: the first T frames through T_c's and T_l's caches, the
+    rest sliding or restarting."""
     video = clip(tmp_path, 1.6)
     results = []
-    for name in ("pytorch", backend):
+    for name, ckpt in (("pytorch", exported_tiny), (backend, exported_tiny.with_name(step))):
         out = tmp_path / f"{name}.jsonl"
         args = ("--every", 3, "--context", context, "--top-k", 8, "--as-fast-as-possible", "--jsonl", out)
-        code, _, err = glitr("stream", video, "-c", checkpoint(trained_tiny), "--backend", name, *args)
+        code, _, err = glitr("stream", video, "-c", ckpt, "--backend", name, "--threads", 1, *args)
         assert code == 0, err
-        assert f"{name} on cpu" in err
+        assert f"{name} on cpu" in err and "exporting" not in err
         results.append(read_lines(out)[0])
     torch_records, onnx_records = results
     assert len(torch_records) == len(onnx_records) == 14  # 40 frames, every 3rd
@@ -272,6 +276,28 @@ def test_onnx_backend_runs_on_the_cpu_only(trained_tiny, tmp_path, glitr):
         "stream", clip(tmp_path, 0.4), "-c", checkpoint(trained_tiny), "--backend", "onnx", "--device", "cuda"
     )
     assert code == 2 and "runs on the CPU" in err
+
+
+def test_exported_files_that_do_not_fit_the_backend_are_one_line(exported_tiny, tmp_path, glitr):
+    video = clip(tmp_path, 0.4)
+    float_step, int8_step = (
+        exported_tiny.with_name("last.pt.step.onnx"),
+        exported_tiny.with_name("last.pt.step-int8.onnx"),
+    )
+    not_onnx = tmp_path / "notes.onnx"
+    not_onnx.write_text("not a model")
+    cases = [
+        ((float_step,), "an exported step runs with --backend onnx"),
+        ((float_step, "--backend", "onnx-int8"), "holds the float32 step: run it with --backend onnx"),
+        ((int8_step, "--backend", "onnx"), "holds the int8 step: run it with --backend onnx-int8"),
+        ((not_onnx, "--backend", "onnx"), "not an ONNX model ONNX Runtime can run"),
+        ((tmp_path / "missing.onnx", "--backend", "onnx"), "no such file"),
+    ]
+    for (ckpt, *args), message in cases:
+        code, _, err = glitr("stream", video, "-c", ckpt, *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = glitr("stream", video, "-c", float_step, "--backend", "onnx", "--threads", -1)
+    assert code == 2 and "--threads" in err
 
 
 def test_capture_devices_open_through_their_pyav_format(trained_tiny, tmp_path, glitr):

@@ -44,3 +44,23 @@ def test_locator_head_and_initial_location():
     assert loc.head.bias is None
     torch.testing.assert_close(loc.head.weight, 0.1 * plain.head.weight)
     assert loc.init_loc.shape == (1, 1, 2) and loc.init_loc.abs().sum() == 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_slot_cache_steps_equal_one_causal_pass(fused):
+    """The exported step's cache: fixed max_len slots passed in and out, the position a tensor; each step
+    gives the causal pass's output at that position and writes its keys and values into that slot only."""
+    from glitr_cli.model.temporal import SlotKVCache
+
+    m = _model(fused)
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    full = m(x)
+    attn = m.blocks[0].attn
+    keys = values = torch.zeros(m.depth, 3, attn.num_heads, 6, attn.head_dim, dtype=torch.float64)
+    for t in range(6):
+        cache = SlotKVCache(keys, values, torch.tensor([t]))
+        torch.testing.assert_close(m.step(x[:, t], cache), full[:, t], rtol=1e-12, atol=1e-12)
+        new_keys, values = cache.stacked()
+        assert torch.equal(new_keys[:, :, :, :t], keys[:, :, :, :t]) and not new_keys[:, :, :, t].eq(0).all()
+        assert new_keys[:, :, :, t + 1 :].eq(0).all()
+        keys = new_keys

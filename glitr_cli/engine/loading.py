@@ -130,7 +130,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> GliTr:
 class Student:
     """A trained GliTr student (on the CPU, in eval mode) with what online use needs."""
 
-    model: GliTr
+    model: GliTr | None  # None: an exported step (`export.exported_student`), run by its own predictor
     path: Path
     class_names: list[str]
     recipe: Recipe  # the resolved recipe it was trained with (sizes, precision, CUDA graphs)

@@ -272,20 +272,19 @@ def run_steps(
 ) -> Iterator[tuple[np.ndarray, OnlineStep]]:
     """Feed (index, frame) pairs to the online predictor one at a time, under `runtime` as evaluation;
     yields (frame, OnlineStep) with `top_k` classes. With `side_by_side` each step carries the glimpse as
-    the model saw it. `predictor` replaces evaluation's online predictor (`OnnxPredictor`). With
+    the model saw it. `predictor` replaces evaluation's online predictor: one with `step`, `t`, `frames`,
+    `glimpse_scale` and `glimpse_pixels` (`OnnxPredictor`; the student may then have no model). With
     `glimpse_only` the predictor reads only the pixels of its `next_box()` from the frame at evaluation's
     size, as a source that delivers just that window would (the numbers equal the whole-frame path's).
     With `calibration` the probabilities are calibrated with the temperature of their step."""
     if glimpse_only and side_by_side:
         raise GlitrError("glimpse-only input has no whole frame to cut the side-by-side glimpse from")
-    model = student.model.to(runtime.device)
     transform = eval_transform(student.img_size, student.resize)
     resize = eval_resize(student.resize)  # glimpse-only: the frame at evaluation's size, not cropped
-    scale = model.backbone.glimpse_scale
-    side = model.backbone.glimpse_pixels
     k = min(top_k, len(student.class_names))
     if predictor is None:
-        predictor = online_predictor(model, runtime, context=context)
+        predictor = online_predictor(student.model.to(runtime.device), runtime, context=context)
+    scale, side = predictor.glimpse_scale, predictor.glimpse_pixels
     window = 0
     for index, frame in frames:
         h, w = frame.shape[:2]

@@ -1,7 +1,7 @@
 """`glitr export`: a GliTr student's online step as an ONNX graph.
 
-The graph is `model.online.StepGraph`, the sliding predictor's step with its state passed in and out
-(ONNX Runtime, or any ONNX engine, keeps no state between calls):
+The graph is `model.online.StepGraph`, the online step with its state passed in and out (ONNX Runtime,
+or any ONNX engine, keeps no state between calls); every shape is fixed:
 
     inputs   frame          float32 (B, 3, S, S)  the normalised model input (evaluation's resize,
                             centre crop, ImageNet normalisation); with --crop instead the pixels of
@@ -11,48 +11,66 @@ The graph is `model.online.StepGraph`, the sliding predictor's step with its sta
              count          int64 (1,)            frames seen so far (0 for a new stream)
              location       float32 (B, 2)        where to look (next_location of the previous step;
                                                   ignored while count is 0: the learned first location)
+             cls_cache, loc_cache  float32 (2, depth, B, heads, T, head_dim)  T_c's and T_l's keys and
+                                                  values (zeros for a new stream)
     outputs  probs          float32 (B, C)        class probabilities given every frame in the context
              glimpse_location float32 (B, 2)      where this frame's glimpse was taken
              next_location  float32 (B, 2)        where the next one will be taken
              next_box       int64 (B, 4)          the model-input pixels (x0, y0, x1, y1), end exclusive,
                                                   that the next glimpse reads
-             next_features, next_count            the state for the next call
+             next_features, next_count, next_cls_cache, next_loc_cache   the state for the next call
 
-The model's metadata (`metadata_props`) holds the class names, T, S, the recipe's resize, the input
-kind, the precision and `first_box`, the box a new stream's first glimpse reads (what a --crop caller
-cuts first).
+While count < T, T_c and T_l take one token against their caches; from the T-th frame on they re-run
+over the last T features (the sliding context): the two branches of an ONNX `If`. The model's metadata
+(`metadata_props`) holds what online use needs without the checkpoint: the class names, the recipe,
+T, S, the resize, the glimpse geometry, the input kind, the precision and `first_box`, the box a new
+stream's first glimpse reads (what a --crop caller cuts first). `cached_step` keeps a checkpoint's
+export beside it for `glitr stream --backend onnx`.
 
-`--int8` (`quantize_int8`) is ONNX Runtime's dynamic quantization of the graph: the weights of every
-linear layer (MatMul, Gemm) stored as 7-bit integers in int8, one scale per output channel, and their
-inputs quantized to uint8 per tensor at run time; convolutions, attention products, norms and the
-glimpse sampler stay float32. It is an approximation of the float model, for CPUs where the float
-step is too slow.
+`--int8` (`quantize_int8`): int8 linear layers, an approximation of the float model for CPUs where the
+float step is too slow.
 
-`OnnxPredictor` runs the step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
+`OnnxPredictor` runs a step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
 --backend onnx`, `glitr bench`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
+import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from glitr_cli.engine.loading import load_student
+from glitr_cli import __version__
+from glitr_cli.engine.loading import Student, load_student
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write
 from glitr_cli.model import GliTr
 from glitr_cli.model.online import CONTEXTS, StepGraph, StepOutput
+from glitr_cli.recipe import recipe_from_dict, recipe_to_dict
 
-INPUTS = ("frame", "features", "count", "location")
-OUTPUTS = ("probs", "glimpse_location", "next_location", "next_box", "next_features", "next_count")
-OPSET = 20  # affine_grid and grid_sample as ONNX ops
+STATE = ("features", "count", "location", "cls_cache", "loc_cache")  # each fed back from next_{name}
+INPUTS = ("frame", *STATE)
+OUTPUTS = (
+    "probs",
+    "glimpse_location",
+    "next_location",
+    "next_box",
+    "next_features",
+    "next_count",
+    "next_cls_cache",
+    "next_loc_cache",
+)
+OPSET = 23  # scaled_dot_product_attention as ONNX's Attention
+FORMAT = 2  # the step's inputs, outputs and metadata; a file of another format is exported again
 
 
 def onnx_runtime_available() -> bool:
@@ -70,19 +88,20 @@ def require_onnx() -> None:
 
 
 def step_program(model: GliTr, *, crop: bool = False, batch_size: int = 1) -> Any:
-    """`model`'s sliding step (`StepGraph`) as an ONNX ModelProto, traced from a float32 copy with the
-    explicit attention path (plain ONNX ops); `model` itself is left as it was."""
+    """`model`'s online step (`StepGraph`) as an ONNX ModelProto, traced from a float32 copy with the
+    explicit attention path (plain ONNX ops), its linear weights stored transposed (`fold_weight_transposes`)
+    and its geometry in the metadata; `model` itself is left as it was."""
     require_onnx()
     model = copy.deepcopy(model).float()
-    model.set_fused_attn(False)
+    model.set_fused_attn(True)  # one ONNX Attention node per attention layer
+    model.backbone.set_separable_sampling(True)
     graph = StepGraph(model, crop=crop).eval()
-    s, t, d = model.img_size, model.num_frames, model.backbone.embed_dim
     if crop:
         x0, y0, x1, y1 = graph.first_box(batch_size)[0].tolist()
         image = torch.zeros(batch_size, 3, y1 - y0, x1 - x0)
     else:
-        image = torch.zeros(batch_size, 3, s, s)
-    args = (image, torch.zeros(batch_size, t, d), torch.zeros(1, dtype=torch.long), torch.zeros(batch_size, 2))
+        image = torch.zeros(batch_size, 3, model.img_size, model.img_size)
+    args = (image, *graph.new_state(batch_size).values())
     with torch.no_grad():
         program = torch.onnx.export(
             graph,
@@ -93,35 +112,172 @@ def step_program(model: GliTr, *, crop: bool = False, batch_size: int = 1) -> An
             dynamo=True,
             verbose=False,
         )
-    return program.model_proto
+    proto = fold_weight_transposes(program.model_proto)
+    backbone = model.backbone
+    _set_metadata(
+        proto,
+        format=str(FORMAT),
+        num_frames=str(model.num_frames),
+        img_size=str(model.img_size),
+        input="crop" if crop else "frame",
+        precision="float32",
+        first_box=json.dumps(graph.first_box(batch_size)[0].tolist()),
+        glimpse_scale=json.dumps(backbone.glimpse_scale),
+        glimpse_pixels=str(backbone.glimpse_pixels),
+    )
+    return proto
+
+
+def _graphs(graph: Any) -> Iterator[Any]:
+    """`graph` and every subgraph in it (the branches of an `If`), outermost first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _graphs(attribute.g)
+
+
+def fold_weight_transposes(proto: Any) -> Any:
+    """`proto` with each weight stored once, in the layout its products read: every 2-D weight that is only
+    ever transposed (a linear layer's (out, in) weight, which the exporter multiplies as `x @ Transpose(W)`)
+    stored transposed, (in, out), its Transpose nodes gone, and the copies of a weight that the exporter
+    folded into each branch of the step's `If` (small ones) merged into one. Done here rather than by a
+    runtime's optimiser: ONNX Runtime's constant folding would give each branch its own copy, and its
+    quantizer only quantizes a product whose weight is an initializer."""
+    from onnx import numpy_helper
+
+    weights = {w.name: w for w in proto.graph.initializer}
+    users: dict[str, set[str]] = {}
+    for graph in _graphs(proto.graph):
+        for node in graph.node:
+            for name in node.input:
+                users.setdefault(name, set()).add(node.op_type)
+    folded = {name for name, w in weights.items() if len(w.dims) == 2 and users.get(name) == {"Transpose"}}
+    renamed: dict[str, str] = {}  # a Transpose's output, or a weight's copy -> the weight that replaces it
+    for graph in list(_graphs(proto.graph)):
+        for i in reversed(range(len(graph.node))):  # deleting in place keeps the subgraphs' messages in place
+            node = graph.node[i]
+            if node.op_type == "Transpose" and node.input[0] in folded:
+                renamed[node.output[0]] = node.input[0]
+                del graph.node[i]
+    for name in folded:
+        weights[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights[name]).T.copy(), name))
+    first: dict[tuple, str] = {}
+    for name, w in weights.items():
+        array = numpy_helper.to_array(w)
+        original = first.setdefault((array.dtype.str, array.shape, array.tobytes()), name)
+        if original != name:
+            renamed[name] = original
+            proto.graph.initializer.remove(w)
+    for graph in _graphs(proto.graph):
+        for node in graph.node:
+            node.input[:] = [renamed.get(name, name) for name in node.input]
+        stale = [v for v in graph.value_info if v.name in renamed or v.name in folded]  # shapes changed
+        for v in stale:
+            graph.value_info.remove(v)
+    return proto
+
+
+def _set_metadata(proto: Any, **entries: str) -> None:
+    for key, value in entries.items():
+        for entry in proto.metadata_props:
+            if entry.key == key:
+                entry.value = value
+                break
+        else:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
 
 
 def quantize_int8(proto: Any) -> Any:
-    """`proto` with int8 linear layers (ONNX Runtime's dynamic quantization, per-channel weights), after
-    the pre-processing ONNX Runtime asks for (shape inference, graph optimisation)."""
+    """`proto` with int8 linear layers, each kind with ONNX Runtime's quantizer that keeps its decisions best
+    (`scripts/int8_accuracy.py` compares them); the metadata says `precision` int8.
+
+    - T_f (the main graph, 37 tokens a step): dynamic quantization, the weights in int8 with one scale per
+      output channel, the input in uint8 with one scale per call, computed at run time.
+    - T_c and T_l (the branches of the `If`, one token a step; the products are reads of the weights): blocks
+      of 32 weights in int8 with one scale each (`MatMulNBits`, 8 bits), the input quantized per block of 32
+      as well. One scale for the whole input vector loses too much of the token to its largest values.
+
+    7-bit weights in T_f (`reduce_range`) and int8 activations in the blocks: the int8 products of x86 CPUs
+    without VNNI add pairs of them in 16 bits, which 8-bit weights times uint8 inputs overflow. Convolutions,
+    attention products, norms and the glimpse sampler stay float32."""
     import onnx
 
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError:
         raise GlitrError("int8 quantization needs onnxruntime: pip install 'glitr[export]'") from None
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw, ready, out = Path(tmp, "float.onnx"), Path(tmp, "ready.onnx"), Path(tmp, "int8.onnx")
+    weights = {w.name for w in proto.graph.initializer if len(w.dims) == 2}
+    main = {node.name for node in proto.graph.node}
+    linear = {  # products with a linear layer's weight (not of activations, nor with the sampler's tables)
+        node.name
+        for graph in _graphs(proto.graph)
+        for node in graph.node
+        if node.op_type == "MatMul" and node.input[1] in weights
+    }
+    others = [node.name for graph in _graphs(proto.graph) for node in graph.node if node.op_type == "MatMul"]
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantizers():
+        raw, out = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
         onnx.save(proto, raw)
-        quant_pre_process(raw, ready, skip_symbolic_shape=True)
-        # 7-bit weights (reduce_range): the int8 products of x86 CPUs without VNNI add pairs of them in 16 bits,
-        # which full-range weights overflow
         quantize_dynamic(
-            ready, out, ["MatMul", "Gemm"], per_channel=True, reduce_range=True, weight_type=QuantType.QInt8
+            raw,
+            out,
+            ["MatMul"],
+            per_channel=True,
+            reduce_range=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=[name for name in others if name not in linear & main],
         )
-        return onnx.load(out)
+        blocks = MatMulNBitsQuantizer(
+            onnx.load(out),
+            bits=8,
+            block_size=32,
+            is_symmetric=True,
+            accuracy_level=4,  # int8 products of the quantized input blocks
+            nodes_to_exclude=[name for name in others if name not in linear - main],
+        )
+        blocks.process()
+        quantized = blocks.model.model
+    _set_metadata(quantized, **{**{e.key: e.value for e in proto.metadata_props}, "precision": "int8"})
+    return quantized
+
+
+@contextlib.contextmanager
+def _quiet_quantizers() -> Iterator[None]:
+    """ONNX Runtime's quantizers log through the root logger (advice for other models, progress lines)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def student_step(
+    student: Student, *, crop: bool = False, batch_size: int = 1, int8: bool = False, source: str = ""
+) -> Any:
+    """`student`'s online step as an ONNX ModelProto (int8 linear layers with `int8`), its metadata holding
+    what online use needs: class names, recipe, geometry. `source` (`cached_step`) records which checkpoint
+    file it came from."""
+    proto = step_program(student.model, crop=crop, batch_size=batch_size)
+    if int8:
+        proto = quantize_int8(proto)
+    _set_metadata(
+        proto,
+        class_names=json.dumps(student.class_names),
+        resize=str(student.resize),
+        recipe=json.dumps(recipe_to_dict(student.recipe)),
+        checkpoint=str(student.path),
+        source=source,
+    )
+    return proto
 
 
 def export_onnx(
     checkpoint: str | Path, out: str | Path, *, crop: bool = False, batch_size: int = 1, int8: bool = False
-) -> dict[str, Any]:
+) -> dict[str, str]:
     """Write `checkpoint`'s online step to `out` (ONNX, int8 linear layers with `int8`); returns the
     metadata written with it."""
     require_onnx()
@@ -130,40 +286,77 @@ def export_onnx(
         raise GlitrError(f"--out {out}: the output must end in .onnx")
     if batch_size < 1:
         raise GlitrError(f"--batch-size must be 1 or more, got {batch_size}")
-    student = load_student(checkpoint)
-    proto = step_program(student.model, crop=crop, batch_size=batch_size)
-    if int8:
-        proto = quantize_int8(proto)
-    model = student.model
-    metadata = {
-        "class_names": json.dumps(student.class_names),
-        "num_frames": str(model.num_frames),
-        "img_size": str(model.img_size),
-        "resize": str(student.resize),
-        "input": "crop" if crop else "frame",
-        "precision": "int8" if int8 else "float32",
-        "first_box": json.dumps(StepGraph(model).first_box(batch_size)[0].tolist()),
-        "checkpoint": str(student.path),
-    }
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    proto = student_step(load_student(checkpoint), crop=crop, batch_size=batch_size, int8=int8)
     atomic_write(out, lambda f: f.write(proto.SerializeToString()))
-    return metadata
+    return {e.key: e.value for e in proto.metadata_props}
+
+
+def _source_key(checkpoint: Path) -> str:
+    """What identifies a checkpoint file's contents for the cache: its size and modification time, and the
+    glitr version and step format that exported it."""
+    stat = checkpoint.stat()
+    return json.dumps({"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "glitr": __version__, "format": FORMAT})
+
+
+def cached_step(checkpoint: str | Path, *, int8: bool = False, notice: Callable[[str], Any] = print) -> Path | bytes:
+    """The exported step of a `.pt` checkpoint (float32, or int8 with `int8`), from a cache beside it
+    (`last.pt` -> `last.pt.step.onnx`, `last.pt.step-int8.onnx`). It is exported (`notice` says so) when
+    the cache is missing or was exported from a checkpoint file of another size or modification time; where
+    nothing can be written beside the checkpoint, the step comes back as bytes, exported again next time."""
+    require_onnx()
+    checkpoint = Path(checkpoint)
+    student = None if checkpoint.is_file() else load_student(checkpoint)  # the loader's message when missing
+    cache = checkpoint.with_name(f"{checkpoint.name}.step{'-int8' if int8 else ''}.onnx")
+    key = _source_key(checkpoint)
+    if cache.is_file() and step_metadata(cache).get("source") == key:
+        return cache
+    notice(f"exporting the {'int8 ' if int8 else ''}online step of {checkpoint} to {cache} (once per checkpoint)")
+    data = student_step(student or load_student(checkpoint), int8=int8, source=key).SerializeToString()
+    try:
+        atomic_write(cache, lambda f: f.write(data))
+    except OSError as e:
+        notice(f"cannot keep it beside the checkpoint ({e.strerror or e}): exported again at the next start")
+        return data
+    return cache
+
+
+def step_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an ONNX file (empty when it is no readable ONNX model)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except (OSError, DecodeError):
+        return {}
+    return {e.key: e.value for e in proto.metadata_props}
 
 
 # ------------------------------------------------------------------------------------- running it
 
 
-class OnnxPredictor:
-    """The exported sliding step run by ONNX Runtime, with `OnlinePredictor`'s interface for one stream
-    of whole model inputs: `step(frame (1, 3, S, S))` -> `StepOutput`, `t` (in the current context,
-    at most T), `frames` (since the start). `context` "restart" starts from a new state after T steps,
-    which is what `OnlinePredictor(context="restart")` computes; "sliding" is the graph itself.
-    `threads` sets ONNX Runtime's intra-op threads (0: its default); `int8` runs the graph of
-    `glitr export --int8`."""
+def exported_student(predictor: OnnxPredictor) -> Student:
+    """The `Student` an exported step file stands for, from its metadata: class names and recipe, no model
+    (the step runs in `predictor` alone)."""
+    meta, name = predictor.metadata, predictor.name
+    if "recipe" not in meta or "class_names" not in meta:
+        raise GlitrError(f"{name}: holds no recipe or class names (an older `glitr export`?); export it again")
+    recipe = recipe_from_dict(json.loads(meta["recipe"]), f"the recipe stored in {name}")
+    return Student(None, Path(name), json.loads(meta["class_names"]), recipe)
 
-    def __init__(self, model: GliTr, context: str = "sliding", threads: int = 0, int8: bool = False) -> None:
+
+class OnnxPredictor:
+    """An exported step (`glitr export`'s file, or its bytes) run by ONNX Runtime on the CPU, with
+    `OnlinePredictor`'s interface for one stream of whole model inputs: `step(frame (1, 3, S, S))` ->
+    `StepOutput`, `t` (steps in the current context, at most T), `frames` (since the start). `context`
+    "restart" starts from a new state after T steps, which is what `OnlinePredictor(context="restart")`
+    computes; "sliding" is the graph itself. `threads` is ONNX Runtime's intra-op thread count, the threads
+    that share one step's operators (0: its default, one per physical core).
+
+    The state stays in two sets of buffers that ONNX Runtime reads and writes in place (IO binding): each
+    step reads one set and writes the other, so nothing is copied between steps."""
+
+    def __init__(self, step: str | Path | bytes, context: str = "sliding", threads: int = 0) -> None:
         try:
             import onnxruntime as ort  # optional, like the exporter
         except ImportError:
@@ -171,14 +364,44 @@ class OnnxPredictor:
         if context not in CONTEXTS:
             raise GlitrError(f"unknown context {context!r}; expected one of {', '.join(CONTEXTS)}")
         self.context = context
-        self.num_frames, self._dim = model.num_frames, model.backbone.embed_dim
+        self.name = "the exported step" if isinstance(step, bytes) else str(step)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        proto = step_program(model, batch_size=1)
-        if int8:
-            proto = quantize_int8(proto)
-        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # between operators the workers sleep rather than spin: a spinning worker holds a core that the
+        # stream's reader (decoding) or another process needs, and every operator then waits for the
+        # worker the scheduler put aside
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        source = step if isinstance(step, bytes) else str(step)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, NoSuchFile, Fail, ...)
+            reason = str(e).splitlines()[0]
+            raise GlitrError(f"{self.name}: not an ONNX model ONNX Runtime can run ({reason})") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if list(inputs) != list(INPUTS) or outputs != list(OUTPUTS) or self.metadata.get("format") != str(FORMAT):
+            raise GlitrError(f"{self.name}: not an online step of this glitr's `glitr export`; export it again")
+        if self.metadata.get("input") != "frame" or inputs["frame"].shape[0] != 1:
+            raise GlitrError(
+                f"{self.name}: runs here as one stream of whole frames; export it without --crop and --batch-size"
+            )
+        self.num_frames = int(self.metadata["num_frames"])
+        self.glimpse_scale = tuple(json.loads(self.metadata["glimpse_scale"]))
+        self.glimpse_pixels = int(self.metadata["glimpse_pixels"])
+
+        def buffer(arg: Any) -> np.ndarray:
+            return np.zeros(arg.shape, np.int64 if arg.type == "tensor(int64)" else np.float32)
+
+        # two sets of state buffers and one of outputs, each wrapped once as an OrtValue (no copy)
+        self._states = [{name: buffer(inputs[name]) for name in STATE} for _ in range(2)]
+        self._outputs = {name: buffer(self.session.get_outputs()[OUTPUTS.index(name)]) for name in OUTPUTS[:2]}
+        wrap = ort.OrtValue.ortvalue_from_numpy
+        self._state_values = [{name: wrap(a) for name, a in state.items()} for state in self._states]
+        self._binding = self.session.io_binding()
+        for name, array in self._outputs.items():
+            self._binding.bind_ortvalue_output(name, wrap(array))
         self.reset()
 
     def reset(self) -> None:
@@ -188,18 +411,34 @@ class OnnxPredictor:
 
     def _new_window(self) -> None:
         self.t = 0
-        self._state = {
-            "features": np.zeros((1, self.num_frames, self._dim), np.float32),
-            "count": np.zeros(1, np.int64),
-            "location": np.zeros((1, 2), np.float32),
-        }
+        self._current = 0
+        for array in self._states[0].values():
+            array.fill(0)
 
-    def step(self, frame: torch.Tensor) -> StepOutput:
+    def step(self, frame: torch.Tensor, location: torch.Tensor | None = None) -> StepOutput:
+        """One frame (1, 3, S, S); `location` (1, 2), when given, replaces where the step before chose to
+        look next (open-loop comparisons; a new stream's first glimpse stays at the learned location)."""
         if self.context == "restart" and self.t == self.num_frames:
             self._new_window()
-        image = frame.detach().float().cpu().numpy()
-        probs, loc, nxt, _, features, count = self.session.run(None, {"frame": image, **self._state})
-        self._state = {"features": features, "count": count, "location": nxt}
+        state, values = self._states[self._current], self._state_values[self._current]
+        if location is not None:
+            state["location"][:] = location.detach().float().cpu().numpy()
+        written = self._state_values[1 - self._current]
+        binding = self._binding
+        binding.bind_cpu_input("frame", np.ascontiguousarray(frame.detach().float().cpu().numpy()))
+        for name in STATE:
+            binding.bind_ortvalue_input(name, values[name])
+            binding.bind_ortvalue_output("next_location" if name == "location" else f"next_{name}", written[name])
+        self.session.run_with_iobinding(binding)
+        self._current = 1 - self._current
         self.t = min(self.t + 1, self.num_frames)
         self.frames += 1
-        return StepOutput(torch.from_numpy(loc), None, torch.from_numpy(probs), torch.from_numpy(nxt))
+        out = self._outputs
+        probs = torch.from_numpy(out["probs"].copy())
+        loc = torch.from_numpy(out["glimpse_location"].copy())
+        if self.frames == 1:
+            self._first = loc  # the learned first location, where every new window looks first
+        nxt = torch.from_numpy(self._states[self._current]["location"].copy())
+        if self.context == "restart" and self.t == self.num_frames:
+            nxt = self._first.clone()
+        return StepOutput(loc, None, probs, nxt)

@@ -42,6 +42,45 @@ def extract_glimpse(
     return F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
+def sample_pixels(loc: torch.Tensor, scale: float, samples: int, pixels: int) -> torch.Tensor:
+    """Where a glimpse's samples fall along one axis of `pixels` pixels, in pixels (integers are pixel centres),
+    for locations `loc` (N,) on that axis: what `extract_glimpse`'s grid says, (N, samples)."""
+    base = torch.linspace(-1, 1, samples, dtype=loc.dtype, device=loc.device)
+    return (loc[:, None] + scale * base + 1) / 2 * (pixels - 1)
+
+
+def bilinear_matrix(positions: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Bilinear interpolation along one axis as a matrix: sample positions (N, g) in pixels -> weights
+    (N, g, pixels), max(0, 1 - |position - pixel|): the two pixels around each sample, none outside the axis
+    (zeros padding)."""
+    grid = torch.arange(pixels, dtype=positions.dtype, device=positions.device)
+    return (1 - (positions[..., None] - grid).abs()).clamp(min=0)
+
+
+def extract_glimpse_separable(
+    images: torch.Tensor,
+    loc: torch.Tensor,
+    size: tuple[int, int],
+    scale: tuple[float, float],
+    frame_size: tuple[int, int] | None = None,
+    origin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`extract_glimpse` as two matrix products, the same samples up to float rounding: a glimpse's grid is
+    axis-aligned, so bilinear sampling is `rows @ image @ columns^T` with the weights of `bilinear_matrix`.
+    Cheaper than a general sampler where one is slow (ONNX Runtime's GridSample and the affine_grid it
+    needs). `images` (N or 1, C, H, W); with `origin` (N, 2) they are crops whose first pixel is (x, y) of
+    frames of `frame_size` (H, W), as `extract_glimpse_from_box` takes them. Returns (N, C, size[0], size[1])."""
+    h, w = images.shape[-2:]
+    frame_h, frame_w = frame_size or (h, w)
+    loc = loc.to(images.dtype)
+    xs = sample_pixels(loc[:, 0], scale[0], size[1], frame_w)  # (N, gx)
+    ys = sample_pixels(loc[:, 1], scale[1], size[0], frame_h)  # (N, gy)
+    if origin is not None:
+        xs, ys = xs - origin[:, :1].to(xs), ys - origin[:, 1:].to(ys)
+    rows, columns = bilinear_matrix(ys, h)[:, None], bilinear_matrix(xs, w)[:, None]  # (N, 1, g, H or W)
+    return rows @ images @ columns.transpose(-1, -2)
+
+
 READ_MARGIN = 1e-3  # pixels: covers the float rounding of the sample positions in grid_sample
 
 

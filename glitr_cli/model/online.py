@@ -28,8 +28,9 @@ from typing import NamedTuple
 import torch
 
 from glitr_cli.errors import GlitrError
-from glitr_cli.model.glimpse import extract_glimpse_from_box, glimpse_read_box
+from glitr_cli.model.glimpse import extract_glimpse_from_box, extract_glimpse_separable, glimpse_read_box
 from glitr_cli.model.glitr import GliTr
+from glitr_cli.model.temporal import SlotKVCache
 
 CONTEXTS = ("sliding", "restart")
 
@@ -87,6 +88,14 @@ class OnlinePredictor:
         if self.amp_dtype is None or device.type != "cuda":
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
+
+    @property
+    def glimpse_scale(self) -> tuple[float, float]:
+        return self.model.backbone.glimpse_scale
+
+    @property
+    def glimpse_pixels(self) -> int:
+        return self.model.backbone.glimpse_pixels
 
     def next_box(self) -> torch.Tensor:
         """The pixels the next step reads: (B, 4) int64 boxes (x0, y0, x1, y1), end exclusive, in the
@@ -211,19 +220,21 @@ class OnlinePredictor:
 
 
 class StepGraph(torch.nn.Module):
-    """The sliding predictor's step as one fixed-shape function, for export (ONNX): no caches, no Python
-    state. The state is the last T glimpse features, the number of frames seen and the next location:
+    """The online step as one fixed-shape function, for export (ONNX): no Python state. The state is the
+    last T glimpse features, the number of frames seen, the next location and T_c's and T_l's KV caches:
 
-        (frame (B, 3, S, S) or crop (B, 3, h, w), features (B, T, D), count (1,) int64, location (B, 2))
+        (frame (B, 3, S, S) or crop (B, 3, h, w), features (B, T, D), count (1,) int64, location (B, 2),
+         cls_cache, loc_cache (2, depth, B, heads, T, head_dim): keys and values of T_c, of T_l)
         -> (probs (B, C), glimpse_location (B, 2), next_location (B, 2), next_box (B, 4) int64,
-            next_features (B, T, D), next_count (1,) int64)
+            next_features, next_count, next_cls_cache, next_loc_cache: the state for the next call)
 
-    A new stream starts from zeros: with `count` 0 the glimpse is taken at the learned first location
-    whatever `location` holds. With `crop` the image is the box of `glimpse_read_box` at that location
-    (`next_box` of the step before; for a new stream `first_box()`), as `OnlinePredictor.step(crop=...)`
-    takes it. T_c and T_l run over all T feature slots at every step; causal attention makes the output at
-    slot min(count, T - 1) depend on the slots before it only, so this computes what
-    `OnlinePredictor(context="sliding")` computes.
+    A new stream starts from zeros (`new_state`): with `count` 0 the glimpse is taken at the learned first
+    location whatever `location` holds. With `crop` the image is the box of `glimpse_read_box` at that
+    location (`next_box` of the step before; for a new stream `first_box()`), as `OnlinePredictor.step(crop=...)`
+    takes it. While `count` < T, T_c and T_l take the new glimpse feature as one token against their
+    caches (`SlotKVCache`), what `OnlinePredictor` computes; from the T-th frame on they re-run over the
+    last T features at positions 1..T, what `OnlinePredictor(context="sliding")` computes (the caches
+    then pass through unchanged). The two paths are the branches of one `torch.cond` (an ONNX `If`).
     """
 
     def __init__(self, model: GliTr, crop: bool = False) -> None:
@@ -238,8 +249,30 @@ class StepGraph(torch.nn.Module):
             self.model.initial_location(batch_size).detach(), (s, s), self.model.backbone.glimpse_scale
         )
 
+    def new_state(self, batch_size: int = 1) -> dict[str, torch.Tensor]:
+        """A new stream's state, zeros: features, count, location, cls_cache, loc_cache."""
+        model, t = self.model, self.model.num_frames
+
+        def cache(module: torch.nn.Module) -> torch.Tensor:
+            attn = module.blocks[0].attn
+            return torch.zeros(2, module.depth, batch_size, attn.num_heads, t, attn.head_dim)
+
+        return {
+            "features": torch.zeros(batch_size, t, model.backbone.embed_dim),
+            "count": torch.zeros(1, dtype=torch.long),
+            "location": torch.zeros(batch_size, 2),
+            "cls_cache": cache(model.classifier),
+            "loc_cache": cache(model.locator),
+        }
+
     def forward(
-        self, image: torch.Tensor, features: torch.Tensor, count: torch.Tensor, location: torch.Tensor
+        self,
+        image: torch.Tensor,
+        features: torch.Tensor,
+        count: torch.Tensor,
+        location: torch.Tensor,
+        cls_cache: torch.Tensor,
+        loc_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         model = self.model
         t, s = model.num_frames, model.img_size
@@ -247,16 +280,37 @@ class StepGraph(torch.nn.Module):
         if self.crop:
             backbone, side = model.backbone, model.backbone.glimpse_pixels
             box = glimpse_read_box(loc, (s, s), backbone.glimpse_scale)
-            glimpses = extract_glimpse_from_box(image, box, loc, (s, s), (side, side), backbone.glimpse_scale)
-            feat = backbone.encode_glimpses(glimpses, loc)[:, None]  # (B, 1, D)
+            scale = backbone.glimpse_scale
+            if backbone.separable_sampling:
+                glimpses = extract_glimpse_separable(image, loc, (side, side), scale, (s, s), box[:, :2])
+            else:
+                glimpses = extract_glimpse_from_box(image, box, loc, (s, s), (side, side), scale)
+            feat = backbone.encode_glimpses(glimpses, loc)  # (B, D)
         else:
-            feat = model.backbone(image, loc)[:, None]  # (B, 1, D)
+            feat = model.backbone(image, loc)  # (B, D)
         slots = torch.arange(t, device=image.device)[None, :, None]  # (1, T, 1)
-        written = torch.where(slots == count, feat, features)  # fewer than T seen: fill slot `count`
-        shifted = torch.cat([features[:, 1:], feat], dim=1)  # T seen: drop the oldest
+        written = torch.where(slots == count, feat[:, None], features)  # fewer than T seen: fill slot `count`
+        shifted = torch.cat([features[:, 1:], feat[:, None]], dim=1)  # T seen: drop the oldest
         features = torch.where(count >= t, shifted, written)  # (B, T, D)
-        last = torch.clamp(count, max=t - 1)  # (1,)
-        logits = model.classifier(features).index_select(1, last)[:, 0]  # (B, C)
-        nxt = model.locator(features).index_select(1, last)[:, 0]  # (B, 2)
+
+        def cached(
+            feat: torch.Tensor, features: torch.Tensor, count: torch.Tensor, cls: torch.Tensor, lc: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
+            cls_slots, loc_slots = SlotKVCache(cls[0], cls[1], count), SlotKVCache(lc[0], lc[1], count)
+            logits = model.classifier.step(feat, cls_slots)  # (B, C)
+            nxt = model.locator.step(feat, loc_slots)  # (B, 2)
+            return logits, nxt, torch.stack(cls_slots.stacked()), torch.stack(loc_slots.stacked())
+
+        def sliding(
+            feat: torch.Tensor, features: torch.Tensor, count: torch.Tensor, cls: torch.Tensor, lc: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
+            logits, nxt = model.classifier(features)[:, -1], model.locator(features)[:, -1]
+            # both branches return new tensors of the same layout: no views (of the inputs or each other)
+            fresh = [x.clone(memory_format=torch.contiguous_format) for x in (logits, nxt, cls, lc)]
+            return tuple(fresh)
+
+        logits, nxt, cls_cache, loc_cache = torch.cond(
+            count[0] < t, cached, sliding, (feat, features, count, cls_cache, loc_cache)
+        )
         box = glimpse_read_box(nxt, (s, s), model.backbone.glimpse_scale)
-        return logits.softmax(dim=-1), loc, nxt, box, features, count + 1
+        return logits.softmax(dim=-1), loc, nxt, box, features, count + 1, cls_cache, loc_cache

@@ -15,7 +15,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from glitr_cli.errors import GlitrError
-from glitr_cli.model.glimpse import extract_glimpse, glimpse_theta
+from glitr_cli.model.glimpse import extract_glimpse, extract_glimpse_separable, glimpse_theta
 
 
 class SpatialEncoder(nn.Module):
@@ -45,6 +45,7 @@ class SpatialEncoder(nn.Module):
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)  # (n_h, n_w)
         self.glimpse_size = glimpse_size
         self.grad_checkpointing = False
+        self.separable_sampling = False  # `set_separable_sampling`
 
     @property
     def glimpse_scale(self) -> tuple[float, float]:
@@ -62,6 +63,12 @@ class SpatialEncoder(nn.Module):
     def set_fused_attn(self, enabled: bool) -> None:
         for block in self.blocks:
             block.attn.fused_attn = enabled
+
+    def set_separable_sampling(self, enabled: bool) -> None:
+        """Sample glimpses and their position embeddings with `extract_glimpse_separable` (two matrix products)
+        instead of `grid_sample`: the same numbers up to float rounding, for an exported graph (`glitr export`),
+        where a general sampler is slow."""
+        self.separable_sampling = enabled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them (only where the weights
@@ -90,7 +97,8 @@ class SpatialEncoder(nn.Module):
         if loc is None:
             return self._encode(self._patch_tokens(images) + self.pos_embed[:, 1:])
         side = self.glimpse_pixels
-        return self.encode_glimpses(extract_glimpse(images, loc, (side, side), self.glimpse_scale), loc)
+        extract = extract_glimpse_separable if self.separable_sampling else extract_glimpse
+        return self.encode_glimpses(extract(images, loc, (side, side), self.glimpse_scale), loc)
 
     def encode_glimpses(self, glimpses: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         """Encode glimpses (N, 3, g*p, g*p) already cut at `loc` (N, 2) -> (N, D)."""
@@ -101,6 +109,9 @@ class SpatialEncoder(nn.Module):
         n_h, n_w = self.grid_size
         g = self.glimpse_size
         table = self.pos_embed[:, 1:].reshape(1, n_h, n_w, -1).permute(0, 3, 1, 2)  # (1, D, n_h, n_w)
+        if self.separable_sampling:
+            pos = extract_glimpse_separable(table, loc, (g, g), self.glimpse_scale)  # (N, D, g, g)
+            return pos.flatten(2).transpose(1, 2)  # (N, g*g, D)
         table = table.expand(loc.shape[0], -1, -1, -1)
         theta = glimpse_theta(loc.to(table.dtype), self.glimpse_scale)
         grid = F.affine_grid(theta, [loc.shape[0], table.shape[1], g, g], align_corners=True)

@@ -70,6 +70,33 @@ class StaticKVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+class SlotKVCache:
+    """A cache of `max_len` slots passed into a stateless step and out of it (an exported graph keeps no
+    state): `keys` and `values` (depth, B, heads, max_len, head_dim) and the slot `position` (1,) int64
+    the step writes. Every shape is fixed: the step's query attends over all slots, those after
+    `position` masked out (`visible`), so it computes what a `StaticKVCache` of `position` steps does.
+    After the step `keys` and `values` are the new cache (`stacked`)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor) -> None:
+        self.keys, self.values = list(keys.unbind(0)), list(values.unbind(0))
+        self.position = position
+        slots = torch.arange(keys.shape[3], device=keys.device)
+        self.written = (slots == position)[:, None]  # (max_len, 1): the slot this step writes
+        self.visible = (slots <= position)[None]  # (1, max_len): the slots its query sees
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer] = torch.where(self.written, k, self.keys[layer])  # k (B, H, 1, hd) into its slot
+        self.values[layer] = torch.where(self.written, v, self.values[layer])
+        return self.keys[layer], self.values[layer]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache after the step: keys and values (depth, B, heads, max_len, head_dim)."""
+        return torch.stack(self.keys), torch.stack(self.values)
+
+
+Cache = KVCache | StaticKVCache | SlotKVCache
+
+
 class CausalAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused_attn: bool = True) -> None:
         super().__init__()
@@ -81,16 +108,18 @@ class CausalAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | StaticKVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, c = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, t, hd)
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, H, past + t, hd)
+            k, v = cache.append(layer, k, v)  # (B, H, past + t, hd); a SlotKVCache: (B, H, max_len, hd)
         past = k.shape[2] - t
         # query i (absolute position past + i) may see keys 0..past + i
         mask = None
-        if t > 1:
+        if isinstance(cache, SlotKVCache):
+            mask = cache.visible
+        elif t > 1:
             mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -114,7 +143,7 @@ class CausalBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | StaticKVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), cache, layer))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -183,12 +212,16 @@ class TemporalTransformer(nn.Module):
                 x = block(x)
         return self.head(self.norm(x))
 
-    def step(self, x: torch.Tensor, cache: KVCache | StaticKVCache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         """Append one time step (B, in_dim) to `cache` and return its output (B, out_dim)."""
-        t = len(cache)
-        if t >= self.max_len:
-            raise ValueError(f"the temporal transformer holds at most {self.max_len} steps")
-        x = self.input_proj(x[:, None]) + self.temporal_embed[:, t : t + 1]  # (B, 1, dim)
+        if isinstance(cache, SlotKVCache):
+            embed = self.temporal_embed.index_select(1, cache.position)  # (1, 1, dim)
+        else:
+            t = len(cache)
+            if t >= self.max_len:
+                raise ValueError(f"the temporal transformer holds at most {self.max_len} steps")
+            embed = self.temporal_embed[:, t : t + 1]
+        x = self.input_proj(x[:, None]) + embed  # (B, 1, dim)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         return self.head(self.norm(x))[:, 0]
