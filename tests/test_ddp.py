@@ -182,4 +182,4 @@ def test_two_process_eval_gathers_every_clip_for_calibration_and_early_decisions
         assert two["calibration"][key] == pytest.approx(one["calibration"][key], rel=1e-4)
     for name in ("learned", "teacher"):
         for key, values in one["early"]["curves"][name].items():
-            assert two["early"]["curves"][name][key] == pytest.approx(values, rel=1e-6), (name, key)
+            assert two["early"]["curves"][name][key] == pytest.approx(values, rel=1e-4), (name, key)
