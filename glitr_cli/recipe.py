@@ -1,11 +1,7 @@
-"""Recipes: one YAML file describes a whole run; every default lives in the dataclasses below.
-
-Precedence is YAML, then `section.key=value` overrides from the command line. Unknown keys and
-values of the wrong type are a `GlitrError` naming the key, where it came from and the closest
-valid key. `resolve_recipe` fills the paths that default to the project layout (data from
-`data/<dataset>/`, output to `runs/<name>/`, a GliTr run's teacher from
-`runs/<name>_teacher/checkpoints/last.pt`); the resolved recipe is what a run saves. Every key is a
-`setting(default, help)`; `recipe_reference` turns the schema into the reference docs/recipes.md.
+"""Recipes: one YAML file describes a whole run; every default lives in the dataclasses below, each key a
+`setting(default, help)` from which `recipe_reference` writes docs/recipes.md. YAML, then
+`section.key=value` overrides; a wrong key or value is a `GlitrError` naming it. `resolve_recipe` fills
+the layout defaults (docs/training.md#recipes-overrides-and-runs); the resolved recipe is what a run saves.
 """
 
 from __future__ import annotations

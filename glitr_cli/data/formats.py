@@ -1,21 +1,6 @@
-"""Label and list file formats: SSv2 JSON, Jester CSV, TSM list files and `category.txt`.
-
-Every parser validates what it reads and raises `GlitrError` naming the file, the line and
-what was expected, so a broken download is reported in one line instead of a traceback.
-
-Formats (as the official downloads and the TSM generators write them):
-
-- SSv2 labels JSON: ``{"Approaching something with your camera": "0", ...}`` — class
-  name to index (a string or an int). Class indices follow these numbers.
-- SSv2 split JSON (train/validation): a list of ``{"id": "78687", "template":
-  "Holding [something] next to [something]", ...}``; the class is the template with the
-  square brackets removed. The test JSON lists only ``{"id": ...}``.
-- Jester CSV (``;``-separated): ``jester-v1-labels.csv`` one class per line;
-  ``jester-v1-{train,validation}.csv`` lines ``<id>;<class>``; ``jester-v1-test.csv``
-  lines ``<id>``. Class indices are the alphabetical order of the names (as TSM did).
-- TSM list file ``{train,val,test}_videofolder.txt``: ``<id> <num_frames> <label>`` per
-  line (``<id> <num_frames>`` for the unlabelled test split).
-- ``category.txt``: one class name per line, line i is class i (0-based).
+"""Label and list file formats: SSv2 JSON, Jester CSV, TSM list files and `category.txt`, as the official
+downloads and the TSM generators write them (docs/training.md#download-the-datasets). Every parser
+raises a `GlitrError` naming the file, the line and what was expected.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""`glitr prepare-data`: official downloads (and the generated toy set) to TSM frame folders.
-
-Stages: find the label files and videos, parse them (`formats`), decode every video with
-PyAV in parallel workers into `<out>/frames/<id>/000001.jpg ...`, then write `category.txt`,
-`{train,val,test}_videofolder.txt`, `failed.txt` and `glitr_dataset.json`.
-
-Resumable: each video is written into `<out>/frames/.partial-<id>/` and renamed to
-`<out>/frames/<id>/` only when complete, so a rerun skips finished videos and redoes
-half-written ones. A video that cannot be decoded is listed in `failed.txt` with the
-reason, left out of the list files, and does not stop the others.
-
+"""`glitr prepare-data`: official downloads (and the generated toy set) to TSM frame folders
+(docs/training.md#prepare-the-data). Each video is decoded into `<out>/frames/.partial-<id>/` and
+renamed to `<out>/frames/<id>/` only when complete, so a rerun skips finished videos and redoes
+half-written ones; a video that cannot be decoded goes to `failed.txt` and does not stop the others.
 This module imports no torch, so worker processes start quickly.
 """
 
@@ -307,13 +300,9 @@ def prepare_ssv2(
     name: str = "ssv2",
     toy: dict[str, Any] | None = None,
 ) -> PrepareSummary:
-    """Prepare Something-Something-V2 (or anything in its layout, such as `toy`).
-
-    `src` holds the label JSON files (old `something-something-v2-*.json` names or the
-    newer `labels/*.json`) and the videos (`20bn-something-something-v2/<id>.*` or `<id>.*`
-    in `src`, or in `videos`). Frames are resized so their short side is `short_side`
-    (None keeps the native size) and written as JPEG with `quality`. `toy`: the toy generator
-    settings the download was made with, recorded with the others."""
+    """Prepare Something-Something-V2 (or anything in its layout, such as `toy`) from `src`
+    (docs/training.md#download-the-datasets; the videos in `videos` if given), frames at short side
+    `short_side` (None: native size) as JPEG of `quality`; `toy` is recorded with the settings."""
     t0 = time.perf_counter()
     workers, short_side = checked_options(workers, short_side, quality)
     src, out = default_paths(name, src, out, root)
