@@ -262,8 +262,6 @@ def prepare_folder(
     atomic_write_text(out / SOURCES_FILE, "".join(f"{c.id}\t{s}\t{c.rel}\n" for s in SPLIT_NAMES for c in splits[s]))
     jobs = [(c.id, c.path) for c in ordered]
     counts, failed, done, skipped = extract_all("folder", out, jobs, workers, short_side, quality, progress)
-    pos = {c.id: i for i, c in enumerate(ordered)}
-    failed.sort(key=lambda f: pos[f[0]])  # clip order, whatever order the workers finished in
     entries = {s: [SplitEntry(c.id, index[c.label], c.line) for c in splits[s]] for s in SPLIT_NAMES}
     listed = write_outputs(out, class_names, entries, counts, failed, DatasetInfo("folder"))
     return PrepareSummary("folder", out, done, skipped, failed, listed, time.perf_counter() - t0)
