@@ -175,14 +175,5 @@ def denormalize(
 
 def clip_train_transform(cfg: DataConfig) -> ClipTrainTransform:
     """The training transform a recipe's `data` section describes."""
-    return train_transform(
-        cfg.img_size,
-        randaug_m=cfg.randaug_m,
-        randaug_n=cfg.randaug_n,
-        randaug_mstd=cfg.randaug_mstd,
-        scale=cfg.scale,
-        ratio=cfg.ratio,
-        erase_prob=cfg.erase_prob,
-        randaug_prob=cfg.randaug_prob,
-        crop_resize=cfg.crop_resize,
-    )
+    keys = ("randaug_m", "randaug_n", "randaug_mstd", "randaug_prob", "scale", "ratio", "crop_resize", "erase_prob")
+    return train_transform(cfg.img_size, **{k: getattr(cfg, k) for k in keys})
