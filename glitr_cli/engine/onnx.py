@@ -30,16 +30,7 @@ from glitr_cli.recipe import recipe_from_dict, recipe_to_dict
 
 STATE = ("features", "count", "location", "cls_cache", "loc_cache")  # each fed back from next_{name}
 INPUTS = ("frame", *STATE)
-OUTPUTS = (
-    "probs",
-    "glimpse_location",
-    "next_location",
-    "next_box",
-    "next_features",
-    "next_count",
-    "next_cls_cache",
-    "next_loc_cache",
-)
+OUTPUTS = ("probs", "glimpse_location", "next_location", "next_box", *(f"next_{s}" for s in STATE if s != "location"))
 OPSET = 23  # scaled_dot_product_attention as ONNX's Attention
 FORMAT = 2  # the step's inputs, outputs and metadata; a file of another format is exported again
 
@@ -149,15 +140,14 @@ def fold_weight_transposes(proto: Any) -> Any:
     return proto
 
 
+def _metadata(proto: Any) -> dict[str, str]:
+    return {e.key: e.value for e in proto.metadata_props}
+
+
 def _set_metadata(proto: Any, **entries: str) -> None:
-    for key, value in entries.items():
-        for entry in proto.metadata_props:
-            if entry.key == key:
-                entry.value = value
-                break
-        else:
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+    import onnx
+
+    onnx.helper.set_model_props(proto, {**_metadata(proto), **entries})
 
 
 def quantize_int8(proto: Any) -> Any:
@@ -205,7 +195,7 @@ def quantize_int8(proto: Any) -> Any:
         )
         blocks.process()
         quantized = blocks.model.model
-    _set_metadata(quantized, **{**{e.key: e.value for e in proto.metadata_props}, "precision": "int8"})
+    _set_metadata(quantized, **{**_metadata(proto), "precision": "int8"})
     return quantized
 
 
@@ -252,7 +242,7 @@ def export_onnx(
         raise GlitrError(f"--batch-size must be 1 or more, got {batch_size}")
     proto = student_step(load_student(checkpoint), crop=crop, batch_size=batch_size, int8=int8)
     atomic_write(out, lambda f: f.write(proto.SerializeToString()))
-    return {e.key: e.value for e in proto.metadata_props}
+    return _metadata(proto)
 
 
 def _source_key(checkpoint: Path) -> str:
@@ -293,7 +283,7 @@ def step_metadata(path: str | Path) -> dict[str, str]:
         proto = onnx.load(path, load_external_data=False)
     except (OSError, DecodeError):
         return {}
-    return {e.key: e.value for e in proto.metadata_props}
+    return _metadata(proto)
 
 
 # ------------------------------------------------------------------------------------- running it
