@@ -1,15 +1,7 @@
-"""`glitr bench`: speed figures for a recipe's models, against the plain reference path.
-
-The models have random weights and the recipe's geometry; everything runs under the recipe's `Runtime`.
-One function per suite: `training` times the trainer's own optimiser step (`TrainStep`) of the teacher
-and the student on synthetic clips, and the same step over the plain path of `model/reference.py` (the
-original's algorithm: float32, unfused attention everywhere); `inference` times evaluation's batched
-pass, the online predictor and, on a CPU with ONNX Runtime installed, the step `glitr export` writes
-(`exported_online`);
-`data` (`--data`) feeds the step from the recipe's prepared training split through the trainer's own
-loader, then times the loader's stages one after another on one batch it delivered. `derived` turns
-the timings into the reported ratios (speed-ups, FLOP/s, the share of the synthetic speed, the online
-step's distance to its memory bound).
+"""`glitr bench`: speed figures for a recipe's models (random weights, the recipe's geometry and
+`Runtime`), against the plain reference path of `model/reference.py`. One function per suite
+(`training`, `inference` with `exported_online`, `data`), `derived` for the ratios computed from the
+timings. What each figure means: docs/speed.md.
 """
 
 from __future__ import annotations
@@ -307,13 +299,10 @@ def inference(s: Setup, m: Measurements, online_batch: int) -> None:
 
 
 def exported_online(s: Setup, m: Measurements, stream: torch.Tensor) -> None:
-    """One stream's first T frames `stream` (T, 1, 3, S, S) through the step `glitr export` writes (float32,
-    and int8 as `--int8` writes it) in ONNX Runtime, with the recipe's threads (as the eager step above)
-    and with every core this process may use (`..._all_cores`, what `glitr stream` runs by default), the
-    eager PyTorch step with every core too; the bytes of weights each step reads, this machine's memory
-    read bandwidth with both thread counts, and how often int8's top-1 agrees with the float PyTorch step's
-    (open loop: every step looks where the float step chose; on these random weights, not a trained
-    model's: `scripts/int8_accuracy.py` measures that)."""
+    """One stream's first T frames `stream` (T, 1, 3, S, S) through the exported float32 and int8 steps in
+    ONNX Runtime and the eager step, with the recipe's threads and with every core; the weight bytes each
+    step reads, the memory read bandwidth, and int8's open-loop top-1 agreement with the float step on
+    these random weights (`scripts/int8_accuracy.py` measures a trained model's)."""
     student, runtime, t, cores = s.objectives["student"].model.eval(), s.runtime, len(stream), available_cores()
     m.online_threads |= {"recipe": runtime.threads, "all_cores": cores}
     protos = {"onnx": step_program(student)}
@@ -440,12 +429,10 @@ def derived(
     online_threads: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The figures computed from measured ones (`values`: name -> (per-repeat values, unit)), each repeat
-    against the median of what it is compared with: per kind the FLOP/s of its step (and their share of
-    the GPU's `peak` FLOP/s), its speed-up over the plain path, its ms per clip and the share of the
-    synthetic speed that end-to-end training from the dataset reaches. Per online step at batch 1 (eager
-    PyTorch, the exported float32 and int8 steps, each with the recipe's threads and with every core): its
-    GFLOP/s, its memory bound (`weight_bytes` read once per frame at the read bandwidth measured with its
-    `online_threads`) and its time over that bound, its speed-up over the eager step."""
+    against the median of what it is compared with: per kind FLOP/s (and share of the GPU's `peak`),
+    speed-up over the plain path, ms per clip and the data-fed share of the synthetic speed; per online step
+    at batch 1, GFLOP/s, the memory bound (`weight_bytes` at the bandwidth measured with its
+    `online_threads`), the time over it and the speed-up over the eager step (docs/speed.md)."""
     out: dict[str, dict[str, Any]] = {}
 
     def median(name: str) -> float:

@@ -1,11 +1,7 @@
-"""Recipes: one YAML file describes a whole run; every default lives in the dataclasses below.
-
-Precedence is YAML, then `section.key=value` overrides from the command line. Unknown keys and
-values of the wrong type are a `GlitrError` naming the key, where it came from and the closest
-valid key. `resolve_recipe` fills the paths that default to the project layout (data from
-`data/<dataset>/`, output to `runs/<name>/`, a GliTr run's teacher from
-`runs/<name>_teacher/checkpoints/last.pt`); the resolved recipe is what a run saves. Every key is a
-`setting(default, help)`; `recipe_reference` turns the schema into the reference docs/recipes.md.
+"""Recipes: one YAML file describes a whole run; every default lives in the dataclasses below, each key a
+`setting(default, help)` from which `recipe_reference` writes docs/recipes.md. YAML, then
+`section.key=value` overrides; a wrong key or value is a `GlitrError` naming it. `resolve_recipe` fills
+the layout defaults (docs/training.md#recipes-overrides-and-runs); the resolved recipe is what a run saves.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,15 +27,17 @@ from glitr_cli.progress import PROGRESS_EVERY
 COMMANDS = {"teacher": "train-teacher", "glitr": "train-glitr"}  # the command that trains each recipe kind
 
 
-def setting(default: Any, help: str) -> Any:
-    """A recipe key with its default and one line on what it does (`recipe_reference` prints both).
-
-    A list default is copied for every recipe; a dataclass type is a section of that type."""
+def setting(default: Any, help: str, within: str | None = None) -> Any:
+    """A recipe key with its default, one line on what it does and, for a number, the interval it must lie
+    in (`[` and `]` include the bound, `(` and `)` exclude it, `inf` is none; every element of a sequence
+    must lie in it, None passes). `recipe_reference` prints all three. A list default is copied for every
+    recipe; a dataclass type is a section of that type."""
+    metadata = {"help": help, "within": within}
     if isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help})
+        return field(default_factory=default, metadata=metadata)
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -51,30 +50,40 @@ class DataConfig:
     )
     train_split: str = setting("train", "list the training clips come from (train, val or test)")
     val_split: str = setting("val", "list validated on during training")
-    num_frames: int = setting(16, "T: frames per clip, one from each of T equal segments (TSN sampling)")
+    num_frames: int = setting(16, "T: frames per clip, one from each of T equal segments (TSN sampling)", "[1, inf)")
     sampling: Literal["original", "whole_clip"] = setting(
         "original", "where the segments lie: the release's (the last N mod T frames never trained on) or the whole clip"
     )
-    min_train_frames: int = setting(3, "the training list drops clips with fewer frames; evaluation keeps them")
-    img_size: int = setting(224, "side of the square model input: the training crop and evaluation's centre crop")
-    resize: int = setting(256, "evaluation: the short side the frames are resized to before the centre crop")
-    randaug_m: float = setting(7, "RandAugment magnitude on the 0-10 scale; the same ops for every frame of a clip")
-    randaug_n: int = setting(4, "RandAugment ops drawn per clip; 0 turns RandAugment off")
-    randaug_mstd: float = setting(0.5, "standard deviation of the per-clip magnitude, drawn around randaug_m")
-    randaug_prob: float = setting(0.5, "probability that each drawn op is applied")
+    min_train_frames: int = setting(
+        3, "the training list drops clips with fewer frames; evaluation keeps them", "[0, inf)"
+    )
+    img_size: int = setting(
+        224, "side of the square model input: the training crop and evaluation's centre crop", "[1, inf)"
+    )
+    resize: int = setting(
+        256, "evaluation: the short side the frames are resized to before the centre crop", "[1, inf)"
+    )
+    randaug_m: float = setting(
+        7, "RandAugment magnitude on the 0-10 scale; the same ops for every frame of a clip", "[0, 10]"
+    )
+    randaug_n: int = setting(4, "RandAugment ops drawn per clip; 0 turns RandAugment off", "[0, inf)")
+    randaug_mstd: float = setting(
+        0.5, "standard deviation of the per-clip magnitude, drawn around randaug_m", "[0, inf)"
+    )
+    randaug_prob: float = setting(0.5, "probability that each drawn op is applied", "[0, 1]")
     scale: tuple[float, float] = setting(
-        (0.08, 1.0), "random-resized crop: range of the crop's share of the frame area"
+        (0.08, 1.0), "random-resized crop: range of the crop's share of the frame area", "(0, 1]"
     )
     ratio: tuple[float, float] = setting(
-        (0.75, 1.3333333333333333), "random-resized crop: range of the crop's aspect ratio (width / height)"
+        (0.75, 1.3333333333333333), "random-resized crop: range of the crop's aspect ratio (width / height)", "(0, inf)"
     )
     crop_resize: Literal["original", "antialiased"] = setting(
         "original",
         "how the crop is resized: the normalised frames bilinearly (the release), or uint8 bicubic antialiased",
     )
-    erase_prob: float = setting(0.0, "probability of random erasing (a box of random values) per clip")
+    erase_prob: float = setting(0.0, "probability of random erasing (a box of random values) per clip", "[0, 1]")
     workers: int | Literal["auto"] = setting(
-        "auto", "loader processes per training process; auto: the cores the training process leaves free"
+        "auto", "loader processes per training process; auto: the cores the training process leaves free", "[0, inf)"
     )
     decode_on: Literal["loader", "device"] = setting(
         "loader", "device: the training process decodes the batch's JPEGs on its device (needs augment_on: device)"
@@ -92,18 +101,18 @@ class ModelConfig:
     """GliTr's geometry and where its starting weights come from; null keeps the timm model's value."""
 
     backbone: str = setting("vit_small_patch16_224", "timm ViT that T_f is built as (DeiT-S geometry by default)")
-    embed_dim: int | None = setting(None, "T_f's feature size; null: the backbone's")
-    depth: int | None = setting(None, "T_f's blocks; null: the backbone's")
-    num_heads: int | None = setting(None, "T_f's attention heads; null: the backbone's")
-    patch_size: int | None = setting(None, "T_f's patch side in pixels; null: the backbone's")
+    embed_dim: int | None = setting(None, "T_f's feature size; null: the backbone's", "[1, inf)")
+    depth: int | None = setting(None, "T_f's blocks; null: the backbone's", "[1, inf)")
+    num_heads: int | None = setting(None, "T_f's attention heads; null: the backbone's", "[1, inf)")
+    patch_size: int | None = setting(None, "T_f's patch side in pixels; null: the backbone's", "[1, inf)")
     stem: Literal["patch", "conv"] = setting(
         "patch", "T_f's patch embedding: one linear patch projection (the original) or a convolutional stem"
     )
-    temporal_dim: int | None = setting(None, "feature size of T_c and T_l; null: 2 x embed_dim")
-    temporal_depth: int = setting(4, "blocks of T_c and of T_l")
-    temporal_heads: int = setting(6, "attention heads of T_c and T_l")
-    glimpse_size: int = setting(6, "glimpse side in patches (6 patches of 16 px: 96x96 pixels)")
-    drop_path: float = setting(0.1, "stochastic depth rate of T_f, T_c and T_l (their last block's)")
+    temporal_dim: int | None = setting(None, "feature size of T_c and T_l; null: 2 x embed_dim", "[1, inf)")
+    temporal_depth: int = setting(4, "blocks of T_c and of T_l", "[1, inf)")
+    temporal_heads: int = setting(6, "attention heads of T_c and T_l", "[1, inf)")
+    glimpse_size: int = setting(6, "glimpse side in patches (6 patches of 16 px: 96x96 pixels)", "[1, inf)")
+    drop_path: float = setting(0.1, "stochastic depth rate of T_f, T_c and T_l (their last block's)", "[0, 1)")
     fused_attn: bool = setting(True, "attention through scaled_dot_product_attention instead of an explicit softmax")
     pretrained: str | None = setting(
         None, "teacher: T_f's starting weights, an iBOT/ViT .pth file or a timm model name; null: random"
@@ -123,11 +132,11 @@ class ModelConfig:
 class ObjectiveConfig:
     """What the loss sees: the targets (smoothing, mixup/cutmix) and the models it learns from."""
 
-    label_smoothing: float = setting(0.0, "share of the target spread evenly over the classes")
-    mixup: float = setting(0.0, "teacher: mixup's Beta alpha; 0: off")
-    cutmix: float = setting(0.0, "teacher: cutmix's Beta alpha, the same box on every frame; 0: off")
-    mixup_prob: float = setting(1.0, "probability that a batch is mixed at all")
-    mixup_switch_prob: float = setting(0.5, "probability of cutmix instead of mixup when both are on")
+    label_smoothing: float = setting(0.0, "share of the target spread evenly over the classes", "[0, 1)")
+    mixup: float = setting(0.0, "teacher: mixup's Beta alpha; 0: off", "[0, inf)")
+    cutmix: float = setting(0.0, "teacher: cutmix's Beta alpha, the same box on every frame; 0: off", "[0, inf)")
+    mixup_prob: float = setting(1.0, "probability that a batch is mixed at all", "[0, 1]")
+    mixup_switch_prob: float = setting(0.5, "probability of cutmix instead of mixup when both are on", "[0, 1]")
     videomae: str | None = setting(None, "teacher: VideoMAE checkpoint whose predictions it distils; null: none")
     teacher: str | None = setting(
         None, "student: its teacher's checkpoint; null: runs/<name>_teacher/checkpoints/last.pt"
@@ -139,14 +148,15 @@ class GroupLR:
     """Learning rate of one module: held at 0 for `hold_epochs`, then a per-iteration cosine from
     `base` to `floor` whose first `warmup_epochs` are a linear warm-up from `warmup_start`."""
 
-    base: float = setting(1e-5, "peak learning rate, scaled by optim.batch_size / optim.lr_batch")
-    floor: float = setting(1e-7, "learning rate at the end of the cosine (not scaled)")
-    warmup_epochs: float = setting(0.0, "epochs of linear warm-up at the start of the cosine")
-    warmup_start: float = setting(1e-6, "learning rate the warm-up starts from (not scaled)")
+    base: float = setting(1e-5, "peak learning rate, scaled by optim.batch_size / optim.lr_batch", "[0, inf)")
+    floor: float = setting(1e-7, "learning rate at the end of the cosine (not scaled)", "[0, inf)")
+    warmup_epochs: float = setting(0.0, "epochs of linear warm-up at the start of the cosine", "[0, inf)")
+    warmup_start: float = setting(1e-6, "learning rate the warm-up starts from (not scaled)", "[0, inf)")
     hold_epochs: float = setting(
         0.0,
         "epochs the module is held still first: no update, no AdamW state, and for the teacher's locator no "
         "location losses; the warm-up and cosine run over the rest",
+        "[0, inf)",
     )
 
 
@@ -154,19 +164,19 @@ class GroupLR:
 class OptimConfig:
     """AdamW with one parameter group per module (T_f backbone, T_c classifier, T_l locator)."""
 
-    epochs: int = setting(10, "passes over the training split")
-    batch_size: int = setting(64, "global batch: all processes and accumulation steps together")
+    epochs: int = setting(10, "passes over the training split", "[1, inf)")
+    batch_size: int = setting(64, "global batch: all processes and accumulation steps together", "[1, inf)")
     accum_steps: int = setting(
-        1, "gradient accumulation steps; each process's batch is batch_size / (processes x accum_steps)"
+        1, "gradient accumulation steps; each process's batch is batch_size / (processes x accum_steps)", "[1, inf)"
     )
-    lr_batch: int = setting(128, "reference batch: learning rate = base x batch_size / lr_batch")
-    weight_decay: float = setting(0.05, "AdamW weight decay")
+    lr_batch: int = setting(128, "reference batch: learning rate = base x batch_size / lr_batch", "[1, inf)")
+    weight_decay: float = setting(0.05, "AdamW weight decay", "[0, inf)")
     exclude_from_decay: bool = setting(
         True, "no weight decay on norms, biases, embeddings and the initial location; false: on all (the original)"
     )
-    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas")
-    eps: float = setting(1e-8, "AdamW's epsilon")
-    clip_grad: float | None = setting(None, "largest global gradient norm; null: no clipping")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas", "[0, 1)")
+    eps: float = setting(1e-8, "AdamW's epsilon", "(0, inf)")
+    clip_grad: float | None = setting(None, "largest global gradient norm; null: no clipping", "(0, inf)")
     fused: bool = setting(True, "AdamW's fused kernel when the parameters are on a GPU (the same update)")
     backbone: GroupLR = setting(GroupLR, "learning rate of T_f, the spatial encoder")
     classifier: GroupLR = setting(GroupLR, "learning rate of T_c, the temporal classifier")
@@ -178,7 +188,7 @@ class TrainConfig:
     """How the loop runs: seed, device, precision, checkpoint and evaluation cadence."""
 
     seed: int = setting(
-        0, "seed of the run's random draws: initial weights, clip order, augmentation, mixup, drop-path"
+        0, "seed of the run's random draws: initial weights, clip order, augmentation, mixup, drop-path", "[0, inf)"
     )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N; under torchrun: cuda:LOCAL_RANK")
     precision: Literal["bf16", "fp16", "fp32"] = setting("bf16", "autocast on CUDA; a CPU always runs fp32")
@@ -190,11 +200,17 @@ class TrainConfig:
     keep_freed_memory: bool = setting(
         True, "glibc: reuse freed host memory for new tensors instead of fresh pages each time"
     )
-    threads: int = setting(0, "PyTorch CPU threads; 0: $OMP_NUM_THREADS, else the cores the loader workers leave free")
-    checkpoint_every: int = setting(0, "also save every N optimiser steps; 0: only at the end of each epoch")
-    keep_last: int = setting(3, "numbered checkpoints kept besides last.pt; 0: keep all")
-    eval_every: int = setting(1, "validate every N epochs; 0: never during training")
-    log_every: int = setting(10, "write a metrics.jsonl record every N optimiser steps, and at least one per epoch")
+    threads: int = setting(
+        0, "PyTorch CPU threads; 0: $OMP_NUM_THREADS, else the cores the loader workers leave free", "[0, inf)"
+    )
+    checkpoint_every: int = setting(
+        0, "also save every N optimiser steps; 0: only at the end of each epoch", "[0, inf)"
+    )
+    keep_last: int = setting(3, "numbered checkpoints kept besides last.pt; 0: keep all", "[0, inf)")
+    eval_every: int = setting(1, "validate every N epochs; 0: never during training", "[0, inf)")
+    log_every: int = setting(
+        10, "write a metrics.jsonl record every N optimiser steps, and at least one per epoch", "[1, inf)"
+    )
 
 
 @dataclass
@@ -203,7 +219,9 @@ class LogConfig:
 
     progress: bool = setting(True, "progress: a live bar on a terminal, else plain lines")
     progress_every: float = setting(
-        PROGRESS_EVERY, "seconds between the plain progress lines written where the output is not a terminal"
+        PROGRESS_EVERY,
+        "seconds between the plain progress lines written where the output is not a terminal",
+        "[0, inf)",
     )
     tensorboard: bool = setting(
         False, "also write TensorBoard events to <run>/tensorboard (pip install glitr[tensorboard])"
@@ -217,11 +235,11 @@ class EvalConfig:
     """`glitr eval`: which policies, on which split, with what batch."""
 
     split: str = setting("val", "list to evaluate on (train, val or test)")
-    batch_size: int = setting(16, "clips per batch and process")
+    batch_size: int = setting(16, "clips per batch and process", "[1, inf)")
     policies: list[str] = setting(
         ["learned", "center", "random"], "glimpse policies: learned (T_l's), center (fixed), random"
     )
-    seed: int = setting(0, "seed of the random policy's locations")
+    seed: int = setting(0, "seed of the random policy's locations", "[0, inf)")
     teacher: bool = setting(True, "a GliTr run also reports its teacher's full-frame accuracy")
     online_cuda_graphs: bool = setting(
         True, "online inference (visualize, stream, bench) replays CUDA graphs on a GPU; glitr eval never does"
@@ -373,58 +391,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-# The range of every numeric key, as an interval: `[` and `]` include the bound, `(` and `)` exclude
-# it, `inf` is no bound; a sequence's every element must lie in it, None (where allowed) passes. A
-# key not listed is not numeric, or is checked where it is used (names, paths, policies).
-_LR_RANGES = {k: "[0, inf)" for k in ("base", "floor", "warmup_epochs", "warmup_start", "hold_epochs")}
-RANGES: dict[str, str] = {
-    "data.num_frames": "[1, inf)",
-    "data.min_train_frames": "[0, inf)",
-    "data.img_size": "[1, inf)",
-    "data.resize": "[1, inf)",
-    "data.randaug_m": "[0, 10]",
-    "data.randaug_n": "[0, inf)",
-    "data.randaug_mstd": "[0, inf)",
-    "data.randaug_prob": "[0, 1]",
-    "data.scale": "(0, 1]",
-    "data.ratio": "(0, inf)",
-    "data.erase_prob": "[0, 1]",
-    "data.workers": "[0, inf)",
-    "model.embed_dim": "[1, inf)",
-    "model.depth": "[1, inf)",
-    "model.num_heads": "[1, inf)",
-    "model.patch_size": "[1, inf)",
-    "model.temporal_dim": "[1, inf)",
-    "model.temporal_depth": "[1, inf)",
-    "model.temporal_heads": "[1, inf)",
-    "model.glimpse_size": "[1, inf)",
-    "model.drop_path": "[0, 1)",
-    "objective.label_smoothing": "[0, 1)",
-    "objective.mixup": "[0, inf)",
-    "objective.cutmix": "[0, inf)",
-    "objective.mixup_prob": "[0, 1]",
-    "objective.mixup_switch_prob": "[0, 1]",
-    "optim.epochs": "[1, inf)",
-    "optim.batch_size": "[1, inf)",
-    "optim.accum_steps": "[1, inf)",
-    "optim.lr_batch": "[1, inf)",
-    "optim.weight_decay": "[0, inf)",
-    "optim.betas": "[0, 1)",
-    "optim.eps": "(0, inf)",
-    "optim.clip_grad": "(0, inf)",
-    **{f"optim.{group}.{k}": r for group in ("backbone", "classifier", "locator") for k, r in _LR_RANGES.items()},
-    "train.seed": "[0, inf)",
-    "train.threads": "[0, inf)",
-    "train.checkpoint_every": "[0, inf)",
-    "train.keep_last": "[0, inf)",
-    "train.eval_every": "[0, inf)",
-    "train.log_every": "[1, inf)",
-    "log.progress_every": "[0, inf)",
-    "eval.batch_size": "[1, inf)",
-    "eval.seed": "[0, inf)",
-}
-
-
 def recipe_value(recipe: Recipe, key: str) -> Any:
     """The value of dotted `key` (`data.img_size`) in `recipe`."""
     value: Any = recipe
@@ -433,8 +399,18 @@ def recipe_value(recipe: Recipe, key: str) -> Any:
     return value
 
 
+def _intervals(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, value, interval) of every key of `section` that has an interval."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _intervals(value, f"{prefix}{f.name}.")
+        elif f.metadata["within"] is not None:
+            yield prefix + f.name, value, f.metadata["within"]
+
+
 def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
-    """Every numeric value of `recipe` inside its range (`RANGES`), and the few values that must fit
+    """Every numeric value of `recipe` inside its interval (`setting`), and the few values that must fit
     together; a value out of range is a `GlitrError` naming the key, where it was set (`source` or
     the last override that set it), what it expects and what it got."""
 
@@ -445,10 +421,9 @@ def check_ranges(recipe: Recipe, source: str, overrides: list[str]) -> None:
                 return f"override '{override}'"
         return source
 
-    for key, interval in RANGES.items():
+    for key, value, interval in _intervals(recipe):
         low_text, high_text = interval[1:-1].split(",")
         low, high = float(low_text), float(high_text)
-        value = recipe_value(recipe, key)
         for v in value if isinstance(value, tuple) else (value,):
             if v is None or isinstance(v, str):  # None or a named value ('auto')
                 continue
@@ -681,7 +656,8 @@ def recipe_reference() -> str:
                 default, values = "", "a section"
             else:
                 default = _yaml_value(f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                values = _type_name(tp).replace("|", "\\|") + (f", {RANGES[keys[0]]}" if keys[0] in RANGES else "")
+                within = f.metadata["within"]
+                values = _type_name(tp).replace("|", "\\|") + (f", {within}" if within else "")
             out.append(f"| `{keys[0]}` | {default} | {values} | {f.metadata['help']} |")
 
     shipped = {name: _flat(yaml.safe_load(packaged_recipe(name).read_text())) for name in recipe_names()}

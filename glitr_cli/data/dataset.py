@@ -1,14 +1,8 @@
-"""Frame-folder video dataset (the TSM layout) with TSN sampling and robust JPEG decoding.
-
-Stages per item: the list-file record -> frame indices (`glitr_cli.data.sampling`) -> JPEG decode (a missing or
-corrupt frame is replaced by its nearest readable neighbour and counted) -> uint8 clip
-(T, 3, H, W) -> transform (normalised float32 (T, 3, H', W')).
-
-JPEG decoding uses `torchvision.io.decode_jpeg` (libjpeg-turbo, the same pixels as Pillow), with
-Pillow as the fallback where torchvision's decoder is unavailable. With `encoded=True`
-(`data.decode_on: device`) an item holds the frames' JPEG bytes instead (`JpegClip`), and the
-training process decodes a whole batch at once on its device (`VideoFolderDataset.decode`: nvJPEG
-on CUDA, the same libjpeg-turbo decoder on the CPU).
+"""Frame-folder video dataset (the TSM layout): a list record -> frame indices (`data.sampling`) -> the
+JPEGs decoded (torchvision's libjpeg-turbo, Pillow's pixels; a missing or corrupt frame replaced by its
+nearest readable neighbour and counted) -> uint8 clip (T, 3, H, W) -> transform. With `encoded=True`
+(`data.decode_on: device`) an item holds the JPEG bytes (`JpegClip`) and the training process decodes
+the batch on its device (`VideoFolderDataset.decode`).
 """
 
 from __future__ import annotations
@@ -119,24 +113,13 @@ def _no_dataset(root: Path) -> str:
 
 
 class VideoFolderDataset(Dataset):
-    """A prepared dataset: `<root>/{split}_videofolder.txt`, `<root>/category.txt` and JPEG
-    frames at `<root>/<frames_dir>/<id>/<template % i>` (i 1-based; `frames/` and
-    `%06d.jpg` unless `glitr_dataset.json` says otherwise, as for in-place Jester).
-
-    `__getitem__(i)` returns `(clip, label)`: `clip` is `transform(uint8 (T, 3, H, W))`
-    (the uint8 clip itself when `transform` is None; a normalised float32 (T, 3, H', W')
-    with the transforms of `glitr_cli.data.transforms`; with `encoded`, the `JpegClip` of its
-    frames' files, which `decode` turns into uint8 clips), `label` the class index (-1 for
-    the unlabelled test split). T = `num_frames`, picked by `sampler` (a `FrameSampler` of the
-    `sampling` mode: one random frame per segment when `train`, otherwise fixed frames). Clips with
-    fewer than `min_frames` frames are left out of `records` and counted in `dropped_clips`.
-
-    Missing or corrupt frames are replaced by the nearest readable frame of the same video; a
-    video with no readable frame at all gives a black clip. Both are counted per clip in
-    `damage` (clip index -> [frames replaced, times unreadable]), in shared memory so that the
-    counts of DataLoader workers reach the training process (each clip is read by one worker at
-    a time: a sampler yields an index once per epoch). With `encoded`, the training process
-    counts them in `decode`, which reads a clip with an unreadable file the same way."""
+    """A prepared dataset: `<root>/{split}_videofolder.txt`, `<root>/category.txt` and JPEG frames at
+    `<root>/<frames_dir>/<id>/<template % i>` (i 1-based; `glitr_dataset.json` may move them, as for
+    in-place Jester). An item is `(transform(uint8 clip (T, 3, H, W)), label)` (label -1 for the unlabelled
+    test split; with `encoded`, the clip's `JpegClip`); clips shorter than `min_frames` are left out and
+    counted in `dropped_clips`. Unreadable frames are replaced by the nearest readable frame of the video (a
+    black clip when none is) and counted per clip in `damage` (clip index -> [frames replaced, times
+    unreadable]), in shared memory so that the loader workers' counts reach the training process."""
 
     def __init__(
         self,

@@ -1,18 +1,7 @@
-"""`glitr prepare-data folder`: your own clips to the TSM frame folders the dataset class reads.
-
-Each clip is a video file (anything PyAV decodes) or a folder of JPEG/PNG frames, laid out in class
-folders `src/<class>/<clip>` (or under split folders `src/{train,val,test}/<class>/<clip>`), or listed in
-a CSV of `path,label[,split]` lines (paths relative to `src`, a header line allowed). Classes are the
-sorted class names, unless every CSV label is an integer: then label i is class i. Without `val` clips,
-`val_fraction` of each class's training clips is drawn for validation with `seed`; each class's draw
-depends only on the seed, the class and its clips, so adding a class leaves the others' splits alone.
-
-The clips then take the SSv2 preparation's path (`extract_all`, `write_outputs`: parallel, resumable,
-failures in `failed.txt`); `sources.txt` maps each id back to its clip (`<id>\\t<split>\\t<path>`). A
-clip's id is its path relative to `src` with `/` written `__`; a path with other characters than
-letters, digits, `.`, `_` and `-` (or `__` in a name) gets them replaced by `_` and a short hash of the
-path appended, so ids are unique, stable across reruns and never need quoting. Hidden entries and files
-with a non-video suffix are not clips. This module imports no torch.
+"""`glitr prepare-data folder`: your own clips (video files or frame folders, in class folders or listed
+in a CSV) to the TSM frame folders the dataset class reads; layouts, splits and clip ids:
+docs/own-videos.md. The clips then take the SSv2 preparation's path (`extract_all`, `write_outputs`);
+`sources.txt` maps each id back to its clip (`<id>\\t<split>\\t<path>`). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -273,8 +262,6 @@ def prepare_folder(
     atomic_write_text(out / SOURCES_FILE, "".join(f"{c.id}\t{s}\t{c.rel}\n" for s in SPLIT_NAMES for c in splits[s]))
     jobs = [(c.id, c.path) for c in ordered]
     counts, failed, done, skipped = extract_all("folder", out, jobs, workers, short_side, quality, progress)
-    pos = {c.id: i for i, c in enumerate(ordered)}
-    failed.sort(key=lambda f: pos[f[0]])  # clip order, whatever order the workers finished in
     entries = {s: [SplitEntry(c.id, index[c.label], c.line) for c in splits[s]] for s in SPLIT_NAMES}
     listed = write_outputs(out, class_names, entries, counts, failed, DatasetInfo("folder"))
     return PrepareSummary("folder", out, done, skipped, failed, listed, time.perf_counter() - t0)

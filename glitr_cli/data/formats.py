@@ -1,21 +1,6 @@
-"""Label and list file formats: SSv2 JSON, Jester CSV, TSM list files and `category.txt`.
-
-Every parser validates what it reads and raises `GlitrError` naming the file, the line and
-what was expected, so a broken download is reported in one line instead of a traceback.
-
-Formats (as the official downloads and the TSM generators write them):
-
-- SSv2 labels JSON: ``{"Approaching something with your camera": "0", ...}`` — class
-  name to index (a string or an int). Class indices follow these numbers.
-- SSv2 split JSON (train/validation): a list of ``{"id": "78687", "template":
-  "Holding [something] next to [something]", ...}``; the class is the template with the
-  square brackets removed. The test JSON lists only ``{"id": ...}``.
-- Jester CSV (``;``-separated): ``jester-v1-labels.csv`` one class per line;
-  ``jester-v1-{train,validation}.csv`` lines ``<id>;<class>``; ``jester-v1-test.csv``
-  lines ``<id>``. Class indices are the alphabetical order of the names (as TSM did).
-- TSM list file ``{train,val,test}_videofolder.txt``: ``<id> <num_frames> <label>`` per
-  line (``<id> <num_frames>`` for the unlabelled test split).
-- ``category.txt``: one class name per line, line i is class i (0-based).
+"""Label and list file formats: SSv2 JSON, Jester CSV, TSM list files and `category.txt`, as the official
+downloads and the TSM generators write them (docs/training.md#download-the-datasets). Every parser
+raises a `GlitrError` naming the file, the line and what was expected.
 """
 
 from __future__ import annotations
@@ -30,6 +15,8 @@ from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
 
 DATASETS = ("ssv2", "jester", "toy")  # what `glitr prepare-data` knows by name
+_DECODER = json.JSONDecoder()
+_SPACE = json.decoder.WHITESPACE  # the json module's own pattern of the whitespace between values
 
 
 @dataclass(frozen=True)
@@ -75,43 +62,31 @@ def _json_error(path: Path, e: json.JSONDecodeError, what: str) -> GlitrError:
 
 
 def _json_array_items(path: Path, what: str) -> list[tuple[int, Any]]:
-    """Parse a top-level JSON array, returning (line, item) pairs so errors can name a line."""
+    """Parse a top-level JSON array item by item (`raw_decode`), returning (line, item) pairs so that
+    errors can name the line of the item."""
     text = _read_text(path, what)
-    dec = json.JSONDecoder()
-    ws = " \t\r\n"
-    pos = 0
-    n = len(text)
-    while pos < n and text[pos] in ws:
-        pos += 1
-    if pos < n and text[pos] == "\ufeff":  # a byte-order mark left by some editors
-        pos += 1
-    if pos >= n or text[pos] != "[":
+    pos = _SPACE.match(text).end()
+    pos += text.startswith("\ufeff", pos)  # a byte-order mark left by some editors
+    if not text.startswith("[", pos):
         raise GlitrError(f"{path}:{_line_of(text, pos)}: expected a JSON list of videos ({what})")
     pos += 1
     items: list[tuple[int, Any]] = []
-    while True:
-        while pos < n and text[pos] in ws:
-            pos += 1
-        if pos < n and text[pos] == "]" and not items:
-            pos += 1
-            break
+    while items or not text.startswith("]", _SPACE.match(text, pos).end()):
+        pos = _SPACE.match(text, pos).end()
         try:
-            item, end = dec.raw_decode(text, pos)
+            item, end = _DECODER.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise _json_error(path, e, what) from None
         items.append((_line_of(text, pos), item))
-        pos = end
-        while pos < n and text[pos] in ws:
-            pos += 1
-        if pos < n and text[pos] == ",":
-            pos += 1
-            continue
-        if pos < n and text[pos] == "]":
-            pos += 1
+        pos = _SPACE.match(text, end).end()
+        if not text.startswith(",", pos):
             break
+        pos += 1
+    pos = _SPACE.match(text, pos).end()
+    if not text.startswith("]", pos):
         raise GlitrError(f"{path}:{_line_of(text, pos)}: malformed JSON in {what} (expected ',' or ']')")
-    if text[pos:].strip():
-        raise GlitrError(f"{path}:{_line_of(text, pos)}: malformed JSON in {what} (extra data after the list)")
+    if text[pos + 1 :].strip():
+        raise GlitrError(f"{path}:{_line_of(text, pos + 1)}: malformed JSON in {what} (extra data after the list)")
     return items
 
 
@@ -126,14 +101,12 @@ def template_to_class(template: str) -> str:
 def parse_ssv2_labels(path: Path) -> list[str]:
     """Read an SSv2 labels JSON (class name -> index) into the class names in index order."""
     text = _read_text(path, "SSv2 labels file")
-    pairs: list[tuple[str, Any]] = []
     try:
-        obj = json.loads(text, object_pairs_hook=lambda kv: kv)
+        pairs = json.loads(text, object_pairs_hook=lambda kv: kv)  # [(name, index), ...] in file order
     except json.JSONDecodeError as e:
         raise _json_error(path, e, "SSv2 labels file") from None
-    if not isinstance(obj, list) or (obj and not isinstance(obj[0], tuple)):
-        raise GlitrError(f"{path}:1: expected a JSON object mapping class names to indices, got {type(obj).__name__}")
-    pairs = obj
+    if not isinstance(pairs, list) or (pairs and not isinstance(pairs[0], tuple)):
+        raise GlitrError(f"{path}:1: expected a JSON object mapping class names to indices, got {type(pairs).__name__}")
 
     def line_of_key(key: str) -> int:
         pos = text.find(json.dumps(key))

@@ -1,14 +1,7 @@
-"""`glitr prepare-data`: official downloads (and the generated toy set) to TSM frame folders.
-
-Stages: find the label files and videos, parse them (`formats`), decode every video with
-PyAV in parallel workers into `<out>/frames/<id>/000001.jpg ...`, then write `category.txt`,
-`{train,val,test}_videofolder.txt`, `failed.txt` and `glitr_dataset.json`.
-
-Resumable: each video is written into `<out>/frames/.partial-<id>/` and renamed to
-`<out>/frames/<id>/` only when complete, so a rerun skips finished videos and redoes
-half-written ones. A video that cannot be decoded is listed in `failed.txt` with the
-reason, left out of the list files, and does not stop the others.
-
+"""`glitr prepare-data`: official downloads (and the generated toy set) to TSM frame folders
+(docs/training.md#prepare-the-data). Each video is decoded into `<out>/frames/.partial-<id>/` and
+renamed to `<out>/frames/<id>/` only when complete, so a rerun skips finished videos and redoes
+half-written ones; a video that cannot be decoded goes to `failed.txt` and does not stop the others.
 This module imports no torch, so worker processes start quickly.
 """
 
@@ -200,6 +193,10 @@ def write_outputs(
     failed: list[tuple[str, str]],
     info: DatasetInfo,
 ) -> dict[str, int]:
+    """Write the list files, `category.txt`, `failed.txt` (`failed` sorted in place into the order of the
+    split files, whatever order the workers finished in) and `glitr_dataset.json` last."""
+    order = {vid: i for i, vid in enumerate(dict.fromkeys(e.id for entries in splits.values() for e in entries))}
+    failed.sort(key=lambda f: order[f[0]])
     out.mkdir(parents=True, exist_ok=True)
     failed_path = out / "failed.txt"
     if failed:
@@ -307,13 +304,9 @@ def prepare_ssv2(
     name: str = "ssv2",
     toy: dict[str, Any] | None = None,
 ) -> PrepareSummary:
-    """Prepare Something-Something-V2 (or anything in its layout, such as `toy`).
-
-    `src` holds the label JSON files (old `something-something-v2-*.json` names or the
-    newer `labels/*.json`) and the videos (`20bn-something-something-v2/<id>.*` or `<id>.*`
-    in `src`, or in `videos`). Frames are resized so their short side is `short_side`
-    (None keeps the native size) and written as JPEG with `quality`. `toy`: the toy generator
-    settings the download was made with, recorded with the others."""
+    """Prepare Something-Something-V2 (or anything in its layout, such as `toy`) from `src`
+    (docs/training.md#download-the-datasets; the videos in `videos` if given), frames at short side
+    `short_side` (None: native size) as JPEG of `quality`; `toy` is recorded with the settings."""
     t0 = time.perf_counter()
     workers, short_side = checked_options(workers, short_side, quality)
     src, out = default_paths(name, src, out, root)
@@ -334,22 +327,13 @@ def prepare_ssv2(
     if not index:
         where = videos if videos is not None else src / SSV2_VIDEO_DIR
         raise _ssv2_missing(src, f"no video files in {where}")
-    jobs: list[tuple[str, Path]] = []
-    failed: list[tuple[str, str]] = []
-    seen: dict[str, None] = {}
-    for entries in splits.values():
-        for e in entries:
-            if e.id in seen:
-                continue
-            seen[e.id] = None
-            if e.id in index:
-                jobs.append((e.id, index[e.id]))
-            else:
-                failed.append((e.id, f"no video file {e.id}.* in {' or '.join(str(d) for d in video_dirs)}"))
+    ids = list(dict.fromkeys(e.id for entries in splits.values() for e in entries))
+    jobs = [(vid, index[vid]) for vid in ids if vid in index]
+    where = " or ".join(str(d) for d in video_dirs)
+    failed = [(vid, f"no video file {vid}.* in {where}") for vid in ids if vid not in index]
     record_settings(out, prepare_settings(name, short_side, quality, toy))
     counts, decode_failed, done, skipped = extract_all(name, out, jobs, workers, short_side, quality, progress)
-    pos = {vid: i for i, vid in enumerate(seen)}
-    failed = sorted(failed + decode_failed, key=lambda f: pos[f[0]])  # the order of the split files
+    failed += decode_failed
     listed = write_outputs(out, class_names, splits, counts, failed, DatasetInfo(name))
     return PrepareSummary(name, out, done, skipped, failed, listed, time.perf_counter() - t0)
 
@@ -417,8 +401,6 @@ def prepare_jester(
                 failed.append((vid, reason))
         done = len(counts)
         info = DatasetInfo("jester", _frames_info_dir(frame_dir, out), template)
-    pos = {vid: i for i, vid in enumerate(ids)}
-    failed.sort(key=lambda f: pos[f[0]])  # the CSV order, whatever order the workers finished in
     listed = write_outputs(out, class_names, splits, counts, failed, info)
     return PrepareSummary("jester", out, done, skipped, failed, listed, time.perf_counter() - t0)
 

@@ -1,14 +1,8 @@
-"""RandAugment on uint8 clips, as the released GliTr drew it: timm's `rand-m7-n4-mstd0.5-inc1`.
-
-The op set is timm's "increasing" one (every op grows stronger with the magnitude); each op's
-argument follows timm 0.4.9's formula from a magnitude on the 0-10 scale, and the ops reproduce
-Pillow's (which timm applied to each frame): point ops exactly, the geometric ones (rotate, shear,
-translate) as bicubic resampling with a grey fill of 128 in Pillow's pixel-centre convention, by
-PyTorch's bicubic kernel, which is not quite Pillow's. Statistics that Pillow takes per image
-(autocontrast's range, equalize's histogram, contrast's mean) are taken per frame.
-
-A clip is one uint8 tensor (T, 3, H, W) on any device; `RandAugment` draws its ops, magnitudes
-and signs once per clip and applies them to every frame with `apply_op`.
+"""RandAugment on uint8 clips, as the released GliTr drew it: timm's `rand-m7-n4-mstd0.5-inc1` (its
+"increasing" op set, timm 0.4.9's argument formulas). The ops reproduce Pillow's, which timm applied to
+each frame: point ops exactly, rotate, shear and translate by PyTorch's bicubic kernel (not quite
+Pillow's; docs/training.md#what-still-differs-from-the-original) with a grey fill of 128; per-image
+statistics are taken per frame. `RandAugment` draws its ops, magnitudes and signs once per clip.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""Which frames of a clip the model sees: T segments, one frame from each (TSN sampling).
-
-Two samplers, named by the recipe's `data.sampling`:
-
-- `original`, the released GliTr code's: training cuts T segments of `N // T` frames from the
-  first frame and draws one frame uniformly in each, so the last `N mod T` frames are never
-  trained on; evaluation takes frame `int(tick / 2 + tick * k)` with `tick = N / T`.
-- `whole_clip`: T segments `[k N // T, (k + 1) N // T)` that cover the whole clip; training draws
-  one frame in each, evaluation takes each segment's centre.
-
-A clip shorter than T (N < T) trains on all its frames, then its last one repeated. Indices are
-0-based.
+"""Which frames of a clip the model sees: T segments, one frame from each (TSN sampling), as the release
+does (`original`) or covering the whole clip (`whole_clip`): docs/training.md#deliberate-deviations.
+Indices are 0-based.
 """
 
 from __future__ import annotations

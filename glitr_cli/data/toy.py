@@ -1,18 +1,7 @@
 """The generated `toy` action dataset: a small, real video dataset in which *where to look* decides the
-answer.
-
-Each clip has a static textured background, grey distractor shapes wandering at random and one
-coloured target. The target starts near the centre as a plain dot, leaves the central region in one of
-the directions and shows its shape only once it is entirely outside that region (3/7 of the frame
-side: what a centred 3-patch glimpse covers). The label is shape x direction; the default shapes, a
-filled square and a ring, share their outline, so a glimpse must hold the target's middle to tell them
-apart. Every nuisance (background, colour, path, distractors) is drawn before and independently of the
-shape, so two clips that differ only in shape are pixel-identical inside the central region: a fixed
-centre glimpse sees the direction but never the shape, a model that follows the target sees it whole.
-
-The generator writes SSv2-format files (`something-something-v2-*.json` and
-`20bn-something-something-v2/<id>.webm`, VP9), and `prepare-data toy` runs the SSv2 preparation on
-them, so the toy takes exactly the path of the real data.
+answer (docs/demo.md#what-it-does). Every nuisance is drawn before and independently of the shape, so
+two clips that differ only in shape are pixel-identical inside the central region. It is written in
+SSv2's format (VP9 `.webm` videos, the JSON files) and prepared as SSv2 is: the path of the real data.
 """
 
 from __future__ import annotations

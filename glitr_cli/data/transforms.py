@@ -1,13 +1,8 @@
-"""Clip transforms: a clip is one tensor (T, 3, H, W), and every random parameter is drawn once
-per clip, so all its frames get the same augmentation.
-
-Training (the released GliTr/VideoMAE recipe): RandAugment `rand-m7-n4-mstd0.5-inc1` on the
-uint8 frames (`glitr_cli.data.randaugment`), then a random-resized crop (scale 0.08-1, ratio
-3/4-4/3) and ImageNet normalisation, optional random erasing, no horizontal flip (left/right
-changes the label in SSv2 and Jester). `data.crop_resize` chooses the crop: `original` (the
-release's) normalises the frames and resizes the box bilinearly without antialiasing;
-`antialiased` resizes the uint8 box bicubically with antialiasing, then normalises. Evaluation:
-resize the short side (bicubic, antialiased), centre crop, normalise.
+"""Clip transforms on one tensor (T, 3, H, W), every random parameter drawn once per clip so all its frames
+get the same augmentation. Training (the released GliTr/VideoMAE recipe): RandAugment on the uint8
+frames, a random-resized crop (`data.crop_resize`), ImageNet normalisation, optional random erasing, no
+horizontal flip (left/right changes the label in SSv2 and Jester). Evaluation: resize the short side
+(bicubic, antialiased), centre crop, normalise.
 """
 
 from __future__ import annotations
@@ -180,14 +175,5 @@ def denormalize(
 
 def clip_train_transform(cfg: DataConfig) -> ClipTrainTransform:
     """The training transform a recipe's `data` section describes."""
-    return train_transform(
-        cfg.img_size,
-        randaug_m=cfg.randaug_m,
-        randaug_n=cfg.randaug_n,
-        randaug_mstd=cfg.randaug_mstd,
-        scale=cfg.scale,
-        ratio=cfg.ratio,
-        erase_prob=cfg.erase_prob,
-        randaug_prob=cfg.randaug_prob,
-        crop_resize=cfg.crop_resize,
-    )
+    keys = ("randaug_m", "randaug_n", "randaug_mstd", "randaug_prob", "scale", "ratio", "crop_resize", "erase_prob")
+    return train_transform(cfg.img_size, **{k: getattr(cfg, k) for k in keys})

@@ -1,12 +1,5 @@
 """The engine: training, evaluation, online use, checkpoints and the public API for trained models.
-
-`train` and `evaluate` are what the CLI calls: load a recipe, apply overrides, run, tidy up the
-process group. The submodules: trainer (the loop), step (one optimiser step), bad_data (clips with
-unreadable frames), objectives (what differs between teacher and student), build (models and
-objectives with their starting weights), loading (trained models back from checkpoints:
-`load_student`), evaluation, decisions (calibration and early decisions), predict, online (the online
-driver and its drawing), onnx (the exported step), optim, checkpoint, mixup, augment, graphs, metrics,
-distributed.
+`train` and `evaluate` are what the CLI calls; the submodules are mapped in docs/architecture.md.
 """
 
 from __future__ import annotations

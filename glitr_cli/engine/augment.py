@@ -1,14 +1,8 @@
-"""The training data path: the loader and, with `data.augment_on: device`, the work moved to the device.
-
-The training transform (RandAugment on the full frame, then the random-resized crop) costs far
-more CPU time than decoding the JPEGs, so a GPU that trains at hundreds of clips/s
-can outrun the loader workers of a normal host. With `data.augment_on: device` the workers only
-decode (uint8 clips, pinned) and the transform runs on the device in the training process, clip by
-clip; with `data.decode_on: device` as well, the workers only read the JPEG files and the training
-process decodes each batch in one call on the device (`VideoFolderDataset.decode`, nvJPEG on CUDA).
-Each clip's random parameters are drawn from a CPU generator seeded from the clip's own seed, so
-runs stay reproducible and resumable as with loader-side augmentation (the noise of random erasing,
-drawn on the device, is the one exception).
+"""The training data path: the loader and, with `data.augment_on: device` (and `data.decode_on: device`),
+the transform (and the JPEG decoding) moved from the loader workers to the training process's device,
+for GPUs that outrun the workers (docs/speed.md#feeding-the-gpu). Each clip's random parameters come
+from a CPU generator seeded from the clip's own seed, so runs stay reproducible and resumable as with
+loader-side augmentation (random erasing's noise, drawn on the device, is the exception).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Training clips with unreadable frames: counted per epoch, listed in `bad_clips.jsonl`, and a stop when
-there are too many.
-
-The dataset counts, per clip, the frames it replaced by a readable neighbour and the times it found no
-readable frame at all (`VideoFolderDataset.damage`, in shared memory so the loader workers' counts reach
-the training process); an epoch's counts are the difference from its start.
+"""Training clips with unreadable frames: counted per epoch (the difference of the dataset's shared-memory
+counts, `VideoFolderDataset.damage`, from the epoch's start), listed in `bad_clips.jsonl`, and a stop
+when there are too many.
 """
 
 from __future__ import annotations

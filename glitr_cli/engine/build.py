@@ -1,11 +1,6 @@
-"""Building what a recipe names: the models with their starting weights, and the objective.
-
-Pretrained inputs (iBOT T_f or timm's weights, VideoMAE, an SSv2 teacher for Jester, a GliTr
-teacher for the student) must be there; when one is missing the run stops with one line naming
-the file and, for our own runs, the command that produces it (timm weights that are not cached
-while the hub cannot be reached: the ways on). `model.allow_random_init=true` turns a teacher's
-missing starting weights into one loud warning and random weights instead (smoke tests, machines
-without a network).
+"""Building what a recipe names: the models with their starting weights, and the objective. A missing
+pretrained input stops the run with one line naming the file and the command that makes it;
+`model.allow_random_init=true` turns a teacher's missing weights into one warning and random weights.
 """
 
 from __future__ import annotations

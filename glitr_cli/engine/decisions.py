@@ -1,23 +1,8 @@
-"""Early decisions: when has GliTr seen enough of a clip to name its action?
-
-GliTr predicts after every frame t. An online user needs a decision, taken as soon as the model is
-sure enough, and a confidence that means what it says. This module holds the pieces, as functions
-on tensors that `glitr eval`, `predict`, `stream` and `visualize` share:
-
-- Calibration per step. The probabilities after step t come from a model trained with label
-  smoothing and distillation; they are not calibrated. `calibration_error` is the expected
-  calibration error (ECE): the top probability in 15 equal-width bins, the gap between each bin's
-  accuracy and its mean top probability, weighted by the bin's share of the clips.
-  `fit_temperature` finds the temperature T_t of step t that minimises the negative
-  log-likelihood of softmax(z / T_t) on the evaluated split; dividing by a positive temperature
-  never changes the top class, only how sure the model says it is.
-- The rule. A clip is decided at the first step whose top (calibrated) probability reaches the
-  threshold tau, else at its last step (`decision_steps`; `OnlineDecider` for frames that arrive
-  one at a time).
-- The curve. For a grid of thresholds (`THRESHOLDS`): the accuracy of the decisions, the mean
-  number of frames until the decision, the share of clips decided before the last step and the
-  share of the frame the glimpses read until then (`early_curve`). `choose_threshold` takes the
-  threshold with the fewest frames whose accuracy is within `TOLERANCE` of the last step's.
+"""Early decisions: when has GliTr seen enough of a clip to name its action? Per-step calibration (ECE,
+one fitted temperature per step), the rule (decide at the first step whose top probability reaches
+tau, else at the last), its curve over a grid of thresholds and the chosen threshold, as tensor
+functions that `glitr eval`, `predict`, `stream` and `visualize` share. What each means:
+docs/online.md#early-decisions.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""One process or many: the process group of a `torchrun` job, samplers, seeding, reductions.
-
-`torchrun` sets RANK, WORLD_SIZE and LOCAL_RANK (read by `Runtime`); without them this is a single
-process. The backend is nccl on CUDA and gloo on the CPU. The training sampler shards one seeded
-permutation per epoch across ranks (DistributedSampler), can start part-way through an epoch
-(resume), and hands every clip a seed derived from (seed, epoch, position) so that its random
-augmentation does not depend on data-loader workers, restarts or timing.
+"""One process or many: the process group of a `torchrun` job (nccl on CUDA, gloo on the CPU), samplers,
+seeding, reductions. The training sampler shards one seeded permutation per epoch, can start part-way
+through an epoch (resume), and hands every clip a seed from (seed, epoch, position), so its augmentation
+depends on neither the loader workers, restarts nor timing.
 """
 
 from __future__ import annotations

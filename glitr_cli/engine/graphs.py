@@ -1,11 +1,7 @@
-"""A training micro-step (forward + backward) captured once as a CUDA graph and replayed.
-
-The student's step is a loop of T small glimpse passes: on a GPU its time goes to launching
-thousands of small kernels, not to the arithmetic. Captured as one CUDA graph, a step costs
-one launch. The graph computes the same numbers as the eager step; what changes is memory
-management: inputs are copied into fixed buffers, outputs live in fixed buffers (overwritten
-by the next replay), and every parameter's `.grad` keeps fixed storage that the backward pass
-accumulates into, so gradients must be zeroed in place (`zero_grad(set_to_none=False)`).
+"""A training micro-step (forward + backward) captured once as a CUDA graph and replayed: the student's
+step is T small glimpse passes whose time on a GPU goes to kernel launches. The numbers are the eager
+step's; inputs are copied into fixed buffers, outputs are overwritten by the next replay, and every
+`.grad` keeps fixed storage, so gradients must be zeroed in place (`zero_grad(set_to_none=False)`).
 """
 
 from __future__ import annotations

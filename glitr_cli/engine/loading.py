@@ -7,8 +7,9 @@ Every file is read with `weights_only=True`; a missing checkpoint names the comm
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +39,11 @@ MODEL_GEOMETRY = (
 def build_model(
     cfg: ModelConfig, *, num_classes: int, num_frames: int, img_size: int, drop_path: float | None = None
 ) -> GliTr:
-    """GliTr with random weights in the geometry of `cfg`."""
-    return build_glitr(
-        num_classes=num_classes,
-        num_frames=num_frames,
-        img_size=img_size,
-        glimpse_size=cfg.glimpse_size,
-        backbone=cfg.backbone,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        patch_size=cfg.patch_size,
-        temporal_dim=cfg.temporal_dim,
-        temporal_depth=cfg.temporal_depth,
-        temporal_heads=cfg.temporal_heads,
-        drop_path=cfg.drop_path if drop_path is None else drop_path,
-        fused_attn=cfg.fused_attn,
-        stem=cfg.stem,
-    )
+    """GliTr with random weights in the geometry of `cfg` (the keys `build_glitr` takes by the same name)."""
+    geometry = {k: v for k, v in asdict(cfg).items() if k in inspect.signature(build_glitr).parameters}
+    if drop_path is not None:
+        geometry["drop_path"] = drop_path
+    return build_glitr(num_classes=num_classes, num_frames=num_frames, img_size=img_size, **geometry)
 
 
 def producing_command(path: str | Path, command: str) -> str:

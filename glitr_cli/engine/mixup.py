@@ -1,9 +1,6 @@
-"""Mixup and CutMix for clips, and label-smoothed soft targets.
-
-A batch is mixed with itself in reverse order (clip i with clip B-1-i) using one λ ~ Beta(α, α)
-per batch. CutMix pastes one box, the *same box in every frame*, so the pasted region moves
-with nothing and λ stays the true area fraction. Randomness comes from torch's global
-generator, which checkpoints save and restore.
+"""Mixup and CutMix for clips, and label-smoothed soft targets. A batch is mixed with itself reversed, one
+λ ~ Beta(α, α) per batch; CutMix pastes the same box in every frame, so λ is the true area fraction.
+The draws come from torch's global generator, which checkpoints save.
 """
 
 from __future__ import annotations

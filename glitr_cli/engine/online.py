@@ -1,21 +1,9 @@
 """Running a trained GliTr online over a video, one glimpse per frame, and drawing what it does.
 
-`run_steps` is the online driver (`glitr visualize`, `glitr stream`): each frame is preprocessed like
-evaluation (short side `data.resize`, centre crop `data.img_size`, ImageNet normalisation) and fed to
-the online predictor; after T steps the predictor's `context` decides: "sliding" predicts from the
-last T glimpses, "restart" starts a new window at the learned first location. `render_step` draws a
-step on the *original* frame (dimmed outside the glimpse, its outline, the trail of earlier centres,
-the top-3 classes); `visualize` writes them as a GIF or an MP4.
-
-Coordinates. A location l = (x, y) in [-1, 1] (affine_grid, align_corners=True) puts the glimpse
-centre at model-input pixel (l + 1) / 2 * (S - 1) with half-width s * (S - 1) / 2, s = glimpse_size /
-grid, the share of the frame a glimpse spans. Model-input pixels map back to the source frame through
-the centre crop (a shift) and the resize (a scale per axis). Boxes are in source-frame pixels whose
-integers are pixel centres; locations are not clamped, so a box can reach outside the frame.
-
-Early decisions (`engine/decisions.py`): with calibration the probabilities are those of the
-temperatures `glitr eval` fitted; with a decision threshold the step that decides is marked: a green
-frame around the picture and "decided" after the step count.
+`run_steps` is the online driver (`glitr visualize`, `glitr stream`): frames preprocessed as evaluation
+does, fed to the online predictor one at a time; `render_step` draws a step on the *source* frame and
+`visualize` writes the steps as a GIF or an MP4. Boxes are in source-frame pixels whose integers are
+pixel centres (the location convention: `model/glimpse.py`); what is drawn: docs/online.md.
 """
 
 from __future__ import annotations

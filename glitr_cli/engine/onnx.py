@@ -1,37 +1,8 @@
-"""`glitr export`: a GliTr student's online step as an ONNX graph.
-
-The graph is `model.online.StepGraph`, the online step with its state passed in and out (ONNX Runtime,
-or any ONNX engine, keeps no state between calls); every shape is fixed:
-
-    inputs   frame          float32 (B, 3, S, S)  the normalised model input (evaluation's resize,
-                            centre crop, ImageNet normalisation); with --crop instead the pixels of
-                            the box the previous step returned as next_box (B, 3, h, w), zeros outside
-                            the model input
-             features       float32 (B, T, D)     the last T glimpse features (zeros for a new stream)
-             count          int64 (1,)            frames seen so far (0 for a new stream)
-             location       float32 (B, 2)        where to look (next_location of the previous step;
-                                                  ignored while count is 0: the learned first location)
-             cls_cache, loc_cache  float32 (2, depth, B, heads, T, head_dim)  T_c's and T_l's keys and
-                                                  values (zeros for a new stream)
-    outputs  probs          float32 (B, C)        class probabilities given every frame in the context
-             glimpse_location float32 (B, 2)      where this frame's glimpse was taken
-             next_location  float32 (B, 2)        where the next one will be taken
-             next_box       int64 (B, 4)          the model-input pixels (x0, y0, x1, y1), end exclusive,
-                                                  that the next glimpse reads
-             next_features, next_count, next_cls_cache, next_loc_cache   the state for the next call
-
-While count < T, T_c and T_l take one token against their caches; from the T-th frame on they re-run
-over the last T features (the sliding context): the two branches of an ONNX `If`. The model's metadata
-(`metadata_props`) holds what online use needs without the checkpoint: the class names, the recipe,
-T, S, the resize, the glimpse geometry, the input kind, the precision and `first_box`, the box a new
-stream's first glimpse reads (what a --crop caller cuts first). `cached_step` keeps a checkpoint's
-export beside it for `glitr stream --backend onnx`.
-
-`--int8` (`quantize_int8`): int8 linear layers, an approximation of the float model for CPUs where the
-float step is too slow.
-
-`OnnxPredictor` runs a step with ONNX Runtime behind `OnlinePredictor`'s interface (`glitr stream
---backend onnx`, `glitr bench`).
+"""`glitr export`: a GliTr student's online step (`model.online.StepGraph`, the state passed in and out)
+as an ONNX graph with fixed shapes, its metadata holding what online use needs without the checkpoint;
+`quantize_int8` for `--int8`, `cached_step` for `glitr stream -c last.pt --backend onnx`, and
+`OnnxPredictor`, the step run by ONNX Runtime behind `OnlinePredictor`'s interface. The inputs, outputs
+and metadata: docs/online.md#onnx-export.
 """
 
 from __future__ import annotations
@@ -59,16 +30,7 @@ from glitr_cli.recipe import recipe_from_dict, recipe_to_dict
 
 STATE = ("features", "count", "location", "cls_cache", "loc_cache")  # each fed back from next_{name}
 INPUTS = ("frame", *STATE)
-OUTPUTS = (
-    "probs",
-    "glimpse_location",
-    "next_location",
-    "next_box",
-    "next_features",
-    "next_count",
-    "next_cls_cache",
-    "next_loc_cache",
-)
+OUTPUTS = ("probs", "glimpse_location", "next_location", "next_box", *(f"next_{s}" for s in STATE if s != "location"))
 OPSET = 23  # scaled_dot_product_attention as ONNX's Attention
 FORMAT = 2  # the step's inputs, outputs and metadata; a file of another format is exported again
 
@@ -178,30 +140,22 @@ def fold_weight_transposes(proto: Any) -> Any:
     return proto
 
 
+def _metadata(proto: Any) -> dict[str, str]:
+    return {e.key: e.value for e in proto.metadata_props}
+
+
 def _set_metadata(proto: Any, **entries: str) -> None:
-    for key, value in entries.items():
-        for entry in proto.metadata_props:
-            if entry.key == key:
-                entry.value = value
-                break
-        else:
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+    import onnx
+
+    onnx.helper.set_model_props(proto, {**_metadata(proto), **entries})
 
 
 def quantize_int8(proto: Any) -> Any:
-    """`proto` with int8 linear layers, each kind with ONNX Runtime's quantizer that keeps its decisions best
-    (`scripts/int8_accuracy.py` compares them); the metadata says `precision` int8.
-
-    - T_f (the main graph, 37 tokens a step): dynamic quantization, the weights in int8 with one scale per
-      output channel, the input in uint8 with one scale per call, computed at run time.
-    - T_c and T_l (the branches of the `If`, one token a step; the products are reads of the weights): blocks
-      of 32 weights in int8 with one scale each (`MatMulNBits`, 8 bits), the input quantized per block of 32
-      as well. One scale for the whole input vector loses too much of the token to its largest values.
-
-    7-bit weights in T_f (`reduce_range`) and int8 activations in the blocks: the int8 products of x86 CPUs
-    without VNNI add pairs of them in 16 bits, which 8-bit weights times uint8 inputs overflow. Convolutions,
-    attention products, norms and the glimpse sampler stay float32."""
+    """`proto` with int8 linear layers, each kind with the ONNX Runtime quantizer that keeps its decisions
+    best (docs/online.md#int8): T_f (the main graph) dynamically, 7-bit weights per output channel; T_c and
+    T_l (the `If` branches, one token a step) as `MatMulNBits` blocks of 32, whose per-block input scales
+    keep the token from being lost to its largest values. 7 bits and signed block inputs because the int8
+    products of x86 CPUs without VNNI add pairs in 16 bits, which 8-bit weights times uint8 inputs overflow."""
     import onnx
 
     try:
@@ -241,7 +195,7 @@ def quantize_int8(proto: Any) -> Any:
         )
         blocks.process()
         quantized = blocks.model.model
-    _set_metadata(quantized, **{**{e.key: e.value for e in proto.metadata_props}, "precision": "int8"})
+    _set_metadata(quantized, **{**_metadata(proto), "precision": "int8"})
     return quantized
 
 
@@ -288,7 +242,7 @@ def export_onnx(
         raise GlitrError(f"--batch-size must be 1 or more, got {batch_size}")
     proto = student_step(load_student(checkpoint), crop=crop, batch_size=batch_size, int8=int8)
     atomic_write(out, lambda f: f.write(proto.SerializeToString()))
-    return {e.key: e.value for e in proto.metadata_props}
+    return _metadata(proto)
 
 
 def _source_key(checkpoint: Path) -> str:
@@ -329,7 +283,7 @@ def step_metadata(path: str | Path) -> dict[str, str]:
         proto = onnx.load(path, load_external_data=False)
     except (OSError, DecodeError):
         return {}
-    return {e.key: e.value for e in proto.metadata_props}
+    return _metadata(proto)
 
 
 # ------------------------------------------------------------------------------------- running it
@@ -346,15 +300,11 @@ def exported_student(predictor: OnnxPredictor) -> Student:
 
 
 class OnnxPredictor:
-    """An exported step (`glitr export`'s file, or its bytes) run by ONNX Runtime on the CPU, with
-    `OnlinePredictor`'s interface for one stream of whole model inputs: `step(frame (1, 3, S, S))` ->
-    `StepOutput`, `t` (steps in the current context, at most T), `frames` (since the start). `context`
-    "restart" starts from a new state after T steps, which is what `OnlinePredictor(context="restart")`
-    computes; "sliding" is the graph itself. `threads` is ONNX Runtime's intra-op thread count, the threads
-    that share one step's operators (0: its default, one per physical core).
-
-    The state stays in two sets of buffers that ONNX Runtime reads and writes in place (IO binding): each
-    step reads one set and writes the other, so nothing is copied between steps."""
+    """An exported step (a file or its bytes) run by ONNX Runtime on the CPU with `OnlinePredictor`'s
+    interface for one stream of whole model inputs; `context` "restart" starts a new state after T steps,
+    `threads` is ONNX Runtime's intra-op thread count (0: one per physical core). The state stays in two
+    sets of buffers that ONNX Runtime reads and writes in place (IO binding), so nothing is copied between
+    steps."""
 
     def __init__(self, step: str | Path | bytes, context: str = "sliding", threads: int = 0) -> None:
         try:

@@ -1,10 +1,6 @@
-"""AdamW with one learning rate per module and a per-iteration warm-up + cosine schedule.
-
-GliTr trains T_f (`backbone`), T_c (`classifier`) and T_l (`locator`) with their own base and
-floor learning rates, as the original trains them. The original decays every parameter: one group per module.
-With `exclude_from_decay` each module gets two groups instead, the second without weight decay
-for norms and biases (1-D) and the names the module's `no_weight_decay()` lists (embeddings,
-tokens); both follow that module's schedule.
+"""AdamW with one learning rate per module (T_f `backbone`, T_c `classifier`, T_l `locator`), each with a
+per-iteration warm-up + cosine schedule, as the original trains them. With `exclude_from_decay` each
+module gets a second group without weight decay for norms, biases and its `no_weight_decay()` names.
 """
 
 from __future__ import annotations

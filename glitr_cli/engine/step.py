@@ -1,15 +1,11 @@
 """One optimiser step: what `glitr train-teacher`/`train-glitr` run at every step and `glitr bench` times.
 
-A `TrainStep` owns everything between a micro-batch from the loader and updated weights: the
-device-side augmentation (`data.augment_on: device`), the objective's batch preparation (mixup,
-cutmix), forward and backward under the runtime's autocast (replayed as a CUDA graph, or inside
-DDP with gradient sync only on the last micro-batch), gradient accumulation, loss scaling, clipping,
-the per-module learning-rate schedule and AdamW.
-
-A module held still (`hold_epochs`) gets no update and no AdamW state until its hold ends: its
-gradients are dropped before clipping and the step. Where the step runs eagerly in one process,
-the loss terms that only train such a module (the teacher's location losses, `Objective.separable`)
-are not computed at all; a CUDA graph or DDP computes them and drops what they gave.
+A `TrainStep` owns everything between a micro-batch from the loader and updated weights: device-side
+augmentation, mixup/cutmix, forward and backward under autocast (as a CUDA graph, or in DDP with the
+gradient sync on the last micro-batch only), accumulation, loss scaling, clipping, the per-module
+schedules and AdamW. A module held still (`hold_epochs`) gets no update and no AdamW state; where the
+step runs eagerly in one process, the loss terms that only train it (`Objective.separable`) are not
+computed at all, while a CUDA graph or DDP computes them and drops what they gave.
 """
 
 from __future__ import annotations

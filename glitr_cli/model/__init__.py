@@ -1,10 +1,6 @@
-"""The GliTr model: glimpse transformers for online action prediction.
-
-GliTr — Rangrej, Liang, Hassner, Clark, "GliTr: Glimpse Transformers with Spatiotemporal
-Consistency for Online Action Prediction", WACV 2023. A spatial ViT (T_f) encodes one small
-glimpse per frame; two causal temporal transformers read the history of glimpse features, one
-predicting the class (T_c), the other where to look in the next frame (T_l). A teacher that
-sees full frames supplies spatial (feature) and temporal (class distribution) targets.
+"""The GliTr model (Rangrej et al., "GliTr: Glimpse Transformers with Spatiotemporal Consistency for
+Online Action Prediction", WACV 2023): T_f encodes one glimpse per frame, T_c predicts the class and T_l
+where to look next, trained from a full-frame teacher.
 """
 
 from glitr_cli.model.glimpse import extract_glimpse, glimpse_area_fraction, glimpse_mask, glimpse_theta

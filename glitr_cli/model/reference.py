@@ -1,11 +1,7 @@
-"""The plain reference path: what the original GliTr code computes, the way it computes it.
-
-float32 (the caller's), explicit softmax attention (`set_fused_attn(False)` on the model), both
-temporal heads re-run over the whole prefix at every student step (O(T^2)), and deep copies of
-the backbone and class head at every teacher step for the location losses. Training never takes
-this path; the tests use it as the oracle that the fast path must equal, and `glitr bench` as
-the yardstick its speed-ups are measured against. The objectives have the interface of
-`StudentObjective` and `TeacherObjective`: (frames, target) -> dict of losses and logits.
+"""The plain reference path: what the original GliTr code computes, the way it computes it (float32,
+explicit softmax attention, T_c and T_l re-run over the whole prefix at every step, deep copies of the
+backbone and class head for the teacher's location losses). Training never takes it: the tests use it
+as the oracle the fast path must equal, `glitr bench` as the yardstick of its speed-ups.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Loading and converting weights: our checkpoints, the original GliTr layout, iBOT, timm.
-
-Every file is read with `torch.load(..., weights_only=True)`; a file that does not fit the
-model is one `GlitrError` listing the missing, unexpected and misshaped keys. timm's pretrained
-weights come from the Hugging Face Hub through its local cache; when the hub cannot be reached
-they come from the cache alone, and weights that are not there are a `WeightsUnavailable` at once.
+"""Loading and converting weights: our checkpoints, the original GliTr layout, iBOT, timm. Files are read
+with `weights_only=True`; one that does not fit the model is one `GlitrError` listing the missing,
+unexpected and misshaped keys. timm's weights come from the Hub's local cache when the Hub is out of
+reach, and weights that are not there are a `WeightsUnavailable` at once.
 """
 
 from __future__ import annotations
