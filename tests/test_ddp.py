@@ -125,6 +125,35 @@ def test_a_crashing_rank_ends_the_whole_job_quickly(tmp_path, toy_data):
     assert not (tmp_path / "rank0.pt").exists() and not (tmp_path / "rank1.pt").exists()
 
 
+# `glitr` itself, held after optimiser step 3 until the test has sent its signal: the signal then
+# arrives at the same step on any machine, however loaded (without the hold a fast run can finish first)
+HELD = textwrap.dedent(
+    """
+    import os
+    import sys
+    import time
+    from pathlib import Path
+    from glitr_cli.cli import main
+    from glitr_cli.engine.step import TrainStep
+
+    gate = Path(sys.argv.pop(1))
+    step = TrainStep.__call__
+
+    def held_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.updates == 3 and not (gate / "sent").exists():
+            (gate / f"rank{os.environ['RANK']}").touch()
+            deadline = time.monotonic() + 300
+            while not (gate / "sent").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return out
+
+    TrainStep.__call__ = held_step
+    main()
+    """
+)
+
+
 @pytest.mark.slow
 def test_a_preempted_torchrun_job_saves_on_every_rank_and_resumes_as_if_never_stopped(tmp_path, toy_data):
     """SIGTERM to every process of a `glitr train-teacher` torchrun job (torchrun, both ranks and their
@@ -137,26 +166,29 @@ def test_a_preempted_torchrun_job_saves_on_every_rank_and_resumes_as_if_never_st
     done = subprocess.run(reference, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    preempted = torchrun_command(tmp_path, toy_data, "preempted", program, *longer)
-    metrics = tmp_path / "preempted/metrics.jsonl"
+    held = tmp_path / "held.py"
+    held.write_text(HELD)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    preempted = torchrun_command(tmp_path, toy_data, "preempted", [str(held), str(gate), *program[2:]], *longer)
     job = subprocess.Popen(
         preempted, cwd=tmp_path, env=torchrun_env(), stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     deadline = time.monotonic() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+    while not all((gate / f"rank{rank}").exists() for rank in (0, 1)) and time.monotonic() < deadline:
         assert job.poll() is None, "the job ended before it could be stopped"
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGTERM)
+    (gate / "sent").touch()
     _, err = job.communicate(timeout=120)
-    # the newest numbered checkpoint is the one written on the signal (an epoch's end may have saved one before)
-    saved = max((tmp_path / "preempted/checkpoints").glob("step_*.pt"))
-    step = int(saved.stem.removeprefix("step_"))
-    assert 3 <= step < 16 and f"stopped by SIGTERM at step {step}" in err, err[-3000:]
-    assert torch.load(saved, weights_only=True)["progress"]["step"] == step
-    assert (tmp_path / "preempted/checkpoints/last.pt").samefile(saved)
+    assert "stopped by SIGTERM at step 3" in err, err[-3000:]
+    assert sorted(p.name for p in (tmp_path / "preempted/checkpoints").glob("step_*.pt")) == ["step_00000003.pt"]
+    assert torch.load(tmp_path / "preempted/checkpoints/step_00000003.pt", weights_only=True)["progress"]["step"] == 3
+    assert (tmp_path / "preempted/checkpoints/last.pt").samefile(tmp_path / "preempted/checkpoints/step_00000003.pt")
 
-    again = subprocess.run(preempted, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and f"step {step})" in again.stderr, again.stderr[-3000:]
+    rerun = torchrun_command(tmp_path, toy_data, "preempted", program, *longer)  # the plain command
+    again = subprocess.run(rerun, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "step 3)" in again.stderr, again.stderr[-3000:]
     assert_same_weights(
         model_weights(tmp_path / "preempted/checkpoints/last.pt"),
         model_weights(tmp_path / "reference/checkpoints/last.pt"),
