@@ -430,8 +430,11 @@ def bench(
 
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(
-        Path("runs/demo"), "--out", help="Folder for data/, teacher/, glitr/, gifs/ and the results."
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Folder for data/, teacher/, glitr/, gifs/ and results (default runs/demo; runs/demo_seedN for --seed N).",
+        show_default=False,
     ),
     quick: bool = typer.Option(
         False, "--quick", help="A smoke test of under a minute: a few clips, one epoch (not accurate)."
@@ -443,6 +446,7 @@ def demo(
         None, "--train-videos", help="Toy training videos (default 400; more: slower, better)."
     ),
     gifs: int = typer.Option(4, "--gifs", help="Validation videos to draw as glimpse GIFs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of both trainings (train.seed); the data stay the same."),
 ) -> None:
     """Start here: toy data, teacher, GliTr, evaluation against baselines and glimpse GIFs, in one resumable command."""
     _library("glitr_cli.demo.run_demo")(**locals())

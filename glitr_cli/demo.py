@@ -23,22 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from glitr_cli.data.dataset import build_dataset
 from glitr_cli.data.formats import read_categories, read_list
 from glitr_cli.data.prepare import SPLIT_LISTS, prepare_toy
-from glitr_cli.data.toy import (
-    VIDEO_DIR,
-    clip_rng,
-    plan_videos,
-    read_toy_config,
-    sample_clip,
-    target_in_glimpse,
-    target_revealed,
-)
+from glitr_cli.data.toy import VIDEO_DIR, FollowMeter, read_toy_config
 from glitr_cli.engine import train
 from glitr_cli.engine.distributed import cleanup_distributed
 from glitr_cli.engine.evaluation import result_table, run_eval
@@ -131,42 +122,29 @@ def pick_videos(data: Path, n: int) -> list[tuple[Path, str]]:
 
 
 def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[str, float]:
-    """How well a GliTr checkpoint's learned glimpses follow the toy target on the validation split.
-
-    Over the steps at which the target shows its shape (it has left the centre, `target_revealed`),
-    the share whose glimpse holds the whole target (`target_in_glimpse`): per direction, and
-    "all". Reads the toy settings from `data`/download/toy.json to redraw each clip's target path."""
-    cfg = read_toy_config(data / "download")
+    """How well a GliTr checkpoint's learned glimpses follow the toy target on the validation
+    split (`FollowMeter`): per direction, and "all"."""
     student = load_student(checkpoint)
     model = student.model
     dataset = build_dataset(dataclasses.replace(student.recipe.data, root=str(data)), "val", train=False)
     loader = Runtime.from_recipe(student.recipe, device="cpu").loader(dataset, batch_size=batch_size)
-    videos = {v.id: v for v in plan_videos(cfg)}
-    indices = student.sampler.indices(cfg.num_frames, train=False)
-    hits: dict[str, list[bool]] = {d: [] for d in cfg.directions}
+    meter = FollowMeter(
+        data / "download",
+        student.sampler,
+        model.backbone.glimpse_scale[0],
+        resize=student.resize,
+        crop=student.img_size,
+    )
     records = iter(dataset.records)
     try:
         for clips, _ in loader:
             with torch.no_grad():
                 locs_batch = model.forward_student(clips).locs.numpy()
             for locs in locs_batch:
-                video = videos[next(records).id]
-                clip = sample_clip(clip_rng(cfg, video), cfg, *cfg.class_of(video.label))
-                inside = target_in_glimpse(
-                    clip,
-                    cfg,
-                    indices,
-                    locs,
-                    model.backbone.glimpse_scale[0],
-                    resize=student.resize,
-                    crop=student.img_size,
-                )
-                hits[clip.direction] += inside[target_revealed(clip, cfg)[indices]].tolist()
+                meter.add(next(records).id, locs)
     finally:
         stop_workers(loader)
-    rates = {d: float(np.mean(h)) for d, h in hits.items() if h}
-    rates["all"] = float(np.mean([x for h in hits.values() for x in h]))
-    return rates
+    return meter.rates()
 
 
 def _evaluate_quietly(recipe_path: str, overrides: list[str], out: Path) -> dict[str, Any]:
@@ -177,16 +155,22 @@ def _evaluate_quietly(recipe_path: str, overrides: list[str], out: Path) -> dict
 
 
 def run_demo(
-    out: str | Path = "runs/demo",
+    out: str | Path | None = None,
     *,
     quick: bool = False,
     epochs_scale: float = 1.0,
     train_videos: int | None = None,
     gifs: int = 4,
+    seed: int = 0,
     console: Console | None = None,
 ) -> DemoResult:
-    """Run (or finish) the demo in `out`; see the module docstring for the stages."""
+    """Run (or finish) the demo in `out` (default runs/demo, runs/demo_seedN for another seed: a
+    finished run in the folder is kept whatever its seed); see the module docstring for the stages."""
     console = console or Console(stderr=True)
+    if seed < 0:
+        raise GlitrError(f"--seed must be 0 or more, got {seed}")
+    if out is None:
+        out = "runs/demo" if seed == 0 else f"runs/demo_seed{seed}"
     if epochs_scale <= 0:
         raise GlitrError(f"--epochs-scale must be positive, got {epochs_scale}")
     if train_videos is not None and train_videos < 8:
@@ -217,7 +201,7 @@ def run_demo(
     if not summary.ok:
         raise GlitrError(f"the toy dataset in {res.data} has videos that failed to decode: see {res.data}/failed.txt")
 
-    common = [f"data.root={_quoted(res.data)}", *(QUICK_OVERRIDES if quick else [])]
+    common = [f"data.root={_quoted(res.data)}", f"train.seed={seed}", *(QUICK_OVERRIDES if quick else [])]
     teacher_recipe, student_recipe = TEACHER_RECIPE, STUDENT_RECIPE
     teacher_overrides = [f"output_dir={_quoted(out / 'teacher')}", *common]
     student_overrides = [

@@ -133,12 +133,16 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def panels_drawn(png: Path) -> list[bool]:
-    """Whether each of curves.png's four panels shows something in matplotlib's first colour."""
+    """Whether each of curves.png's panels shows something in matplotlib's first colour: loss,
+    learning rate, top-1, clips/s and, after validations that logged them, glimpse spread and
+    toy follow (a figure of 7 or 10 inches, 100 dpi)."""
     image = np.asarray(Image.open(png).convert("RGB")).astype(int)
     first = np.abs(image - [31, 119, 180]).sum(-1) < 60  # (H, W)
     h, w = first.shape
-    rows, cols = (slice(0, h // 2), slice(h // 2, h)), (slice(0, w // 2), slice(w // 2, w))
-    return [bool(first[r, c].any()) for r in rows for c in cols]  # loss, learning rate, top-1, clips/s
+    n = 3 if h > 800 else 2
+    rows = [slice(i * h // n, (i + 1) * h // n) for i in range(n)]
+    cols = (slice(0, w // 2), slice(w // 2, w))
+    return [bool(first[r, c].any()) for r in rows for c in cols]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -16,9 +16,9 @@ from glitr_cli.engine.loading import load_student
 
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "runs" / "demo"
+    out = tmp_path / "runs" / "demo_seed3"
     screen = io.StringIO()
-    res = run_demo(out, quick=True, gifs=2, console=Console(file=screen, width=80))
+    res = run_demo(out, quick=True, gifs=2, seed=3, console=Console(file=screen, width=80))
     headers = [line for line in screen.getvalue().splitlines() if line.startswith("demo ")]
     assert [h[:8] for h in headers] == [f"demo {i}/5" for i in range(1, 6)]
     assert all(re.fullmatch(r"demo \d/5 · [^…]+ · \d+ s ─+", h) for h in headers), headers  # whole in 80 columns
@@ -45,9 +45,12 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     assert all(panels_drawn(c) == [True] * 4 for c in curves)  # one epoch of 2 steps, logged and drawn
     assert "the glimpse holds the whole target at" in printed
 
-    # a rerun (through the CLI) finds every stage done and rewrites nothing
+    for run in (res.teacher, res.student):
+        assert "seed: 3" in (run.parents[1] / "recipe.yaml").read_text()
+
+    # a rerun (through the CLI; --seed 3 picks the folder) finds every stage done and rewrites nothing
     stamps = {p: p.stat().st_mtime_ns for p in (res.teacher, res.student, res.eval_json, res.follow_json, *res.gifs)}
-    code, _, err = run_cli(["demo", "--quick", "--out", "runs/demo", "--gifs", "2"], monkeypatch, capsys)
+    code, _, err = run_cli(["demo", "--quick", "--seed", "3", "--gifs", "2"], monkeypatch, capsys)
     assert code == 0, err
     assert "24 skipped" in err and "already trained" in err and "up to date" in err
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -58,6 +61,7 @@ def test_demo_mistakes_exit_2(tmp_path, monkeypatch, capsys):
     for argv, expected in [
         (["demo", "--epochs-scale", "0"], "--epochs-scale must be positive"),
         (["demo", "--train-videos", "3"], "--train-videos must be at least 8"),
+        (["demo", "--seed", "-1"], "--seed must be 0 or more"),
     ]:
         code, _, err = run_cli(argv, monkeypatch, capsys)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err

@@ -299,7 +299,7 @@ def test_metrics_are_strict_json_and_every_validation_redraws_the_curves(tmp_pat
     assert len(train) == 4 and all(r["loc_mse"] is None and r["loc_kld"] is None for r in train)
     assert all(math.isfinite(r["cls"]) for r in train)
     first = (run / "curves.png").read_bytes()
-    assert Image.open(run / "curves.png").size == (1000, 700)
+    assert Image.open(run / "curves.png").size == (1000, 1000)  # a third row: where the glimpses went
 
     Trainer(load_recipe(run / "recipe.yaml", ["optim.epochs=2"])).fit()  # one more epoch: T_l learns
     train = [r for r in read_metrics(run) if r["split"] == "train"]

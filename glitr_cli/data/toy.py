@@ -18,6 +18,7 @@ from PIL import Image
 
 from glitr_cli.data.formats import template_to_class
 from glitr_cli.data.parallel import map_tasks
+from glitr_cli.data.sampling import FrameSampler
 from glitr_cli.data.video import encode_video
 from glitr_cli.errors import GlitrError
 from glitr_cli.files import atomic_write_text
@@ -225,6 +226,40 @@ def target_in_glimpse(
     centre = (clip.path[list(indices)] * zoom - (resize - crop) / 2 - 0.5 - half) / half
     reach = scale - 0.85 * clip.radius * zoom / half
     return np.abs(np.asarray(locs) - centre).max(axis=1) < reach
+
+
+class FollowMeter:
+    """How often glimpses hold the whole toy target, per direction of motion: over the steps at
+    which the target shows its shape (it has left the centre, `target_revealed`), the share whose
+    glimpse holds it (`target_in_glimpse`). `add` one clip at a time; the counts add across ranks.
+
+    `download` is the toy download folder (its toy.json redraws each clip's path), `sampler` picks
+    the evaluated frames of a video (`FrameSampler`), the rest as `target_in_glimpse` takes them."""
+
+    def __init__(
+        self, download: Path, sampler: FrameSampler, scale: float, *, resize: int | None, crop: int | None
+    ) -> None:
+        self.cfg = read_toy_config(download)
+        self.videos = {v.id: v for v in plan_videos(self.cfg)}
+        self.indices = list(sampler.indices(self.cfg.num_frames, train=False))
+        self.scale, self.resize, self.crop = scale, resize, crop
+        self.counts = np.zeros((len(self.cfg.directions), 2))  # (direction, [held, revealed])
+
+    def add(self, video_id: str, locs: np.ndarray) -> None:
+        video = self.videos[video_id]
+        shape, direction = self.cfg.class_of(video.label)
+        clip = sample_clip(clip_rng(self.cfg, video), self.cfg, shape, direction)
+        inside = target_in_glimpse(clip, self.cfg, self.indices, locs, self.scale, resize=self.resize, crop=self.crop)
+        seen = inside[target_revealed(clip, self.cfg)[self.indices]]
+        self.counts[self.cfg.directions.index(direction)] += (seen.sum(), seen.size)
+
+    def rates(self, counts: np.ndarray | None = None) -> dict[str, float]:
+        """{direction: share, ..., "all": share} of `counts` (default: this meter's), for the
+        directions with a revealed step."""
+        counts = self.counts if counts is None else counts
+        rates = {d: float(h / n) for d, (h, n) in zip(self.cfg.directions, counts, strict=True) if n}
+        rates["all"] = float(counts[:, 0].sum() / max(counts[:, 1].sum(), 1))
+        return rates
 
 
 def _mask(kind: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:

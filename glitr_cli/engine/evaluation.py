@@ -9,7 +9,9 @@ teacher). Written as `eval.json` and plotted as `accuracy.png`:
      "teacher": {"top1": [...], "top5": [...]}, "glimpse_area": f, ...}
 
 `glimpse_area` is the fraction of the frame one glimpse covers; `covered_area` the mean
-fraction of the frame that the union of a clip's T glimpses covered.
+fraction of the frame that the union of a clip's T glimpses covered. Every policy and the teacher
+also have `"locations"`: per step, the mean and standard deviation over clips of the glimpse
+centre's x and y (-1 and +1 the first and last pixel, + right and down); a locator that never moves has zero spread.
 
 Early decisions (`engine/decisions.py`): `"calibration"` holds, for the learned policy, a
 temperature per step fitted on the evaluated split and the ECE (15 bins) and NLL at every step
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,15 +131,19 @@ def evaluate_policies(
     runtime: Runtime,
     seed: int,
     outputs: ClipOutputs | None = None,
+    observe_locs: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5 at every step t of `model` under each glimpse policy (and of `teacher` on full
-    frames) over `loader` (every rank its shard), reduced over ranks; `outputs` also keeps each
-    clip's logits and covered frame."""
+    frames) over `loader` (every rank its shard), reduced over ranks, with where the glimpses went
+    (`locations`: per step, the mean and spread of x and y; the teacher's are T_l's on full frames);
+    `outputs` also keeps each clip's logits and covered frame, and `observe_locs(name, locs)` sees
+    each batch's locations (B, T, 2) in the loader's order."""
     device = runtime.device
     t = (teacher if teacher is not None else model).num_frames
     names = [*policies, *(["teacher"] if teacher is not None else [])]
     correct = torch.zeros(len(names), 2, t, dtype=torch.float64, device=device)
     covered = torch.zeros(len(policies), dtype=torch.float64, device=device)
+    moments = torch.zeros(len(names), 2, t, 2, dtype=torch.float64, device=device)  # sums of locs and locs^2
     total = torch.zeros((), dtype=torch.float64, device=device)
     generator = torch.Generator().manual_seed(seed)  # the random policy draws on the CPU
     for m in (model, teacher):
@@ -152,28 +159,51 @@ def evaluate_policies(
             covered_t = covered_by_step(model, out.locs, frame_size)  # (B, T)
             correct[i] += topk_correct(out.logits.float(), labels).double()
             covered[i] += covered_t[:, -1].sum().double()
+            moments[i] += _moments(out.locs)
+            if observe_locs is not None:
+                observe_locs(policy, out.locs)
             if outputs is not None:
                 outputs.add(policy, out.logits.float(), covered_t)
         if teacher is not None:
             with runtime.autocast():
-                logits = teacher.forward_teacher(clips).logits
+                logits, locs = teacher.forward_teacher(clips)[1:]
             correct[-1] += topk_correct(logits.float(), labels).double()
+            moments[-1] += _moments(locs)
+            if observe_locs is not None:
+                observe_locs("teacher", locs)
             if outputs is not None:
                 outputs.add("teacher", logits.float())
         if outputs is not None:
             outputs.labels.append(labels.cpu())
         total += labels.shape[0]
-    for tensor in (correct, covered, total):
+    for tensor in (correct, covered, moments, total):
         all_reduce_sum(tensor)
     n = max(total.item(), 1.0)
     result: dict[str, Any] = {"steps": t, "clips": int(total.item()), "policies": {}}
     for i, name in enumerate(names):
-        entry = {"top1": (correct[i, 0] / n).tolist(), "top5": (correct[i, 1] / n).tolist()}
+        mean, square = moments[i] / n
+        std = (square - mean**2).clamp(min=0).sqrt()
+        entry = {
+            "top1": (correct[i, 0] / n).tolist(),
+            "top5": (correct[i, 1] / n).tolist(),
+            "locations": {
+                "x_mean": mean[:, 0].tolist(),
+                "x_std": std[:, 0].tolist(),
+                "y_mean": mean[:, 1].tolist(),
+                "y_std": std[:, 1].tolist(),
+            },
+        }
         if name == "teacher":
             result["teacher"] = entry
         else:
             result["policies"][name] = {**entry, "covered_area": covered[i].item() / n}
     return result
+
+
+def _moments(locs: torch.Tensor) -> torch.Tensor:
+    """Sums over clips of the locations and their squares: (B, T, 2) -> (2, T, 2)."""
+    locs = locs.double()
+    return torch.stack([locs.sum(0), (locs * locs).sum(0)])
 
 
 def plot_accuracy(result: dict[str, Any], path: Path, title: str = "") -> None:

@@ -135,7 +135,9 @@ def best_over_epochs(path: Path) -> dict[str, Any] | None:
 
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Training losses, learning rate per module, top-1 at the last step t (training window and
-    validation) and clips/s, each against the epoch; written atomically as a PNG."""
+    validation) and clips/s, each against the epoch, and where validations logged them, the spread
+    of the glimpse locations and how often they held the toy target per direction; written
+    atomically as a PNG."""
     train = [r for r in records if r.get("split") == "train"]
     val = [r for r in records if r.get("split") == "val" and "top1" in r]
     epochs = [r["epoch"] for r in train]
@@ -149,8 +151,10 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
     losses = {k: series(lambda r, k=k: r.get(k)) for k in loss_keys}
     lrs = {m: series(lambda r, m=m: r["lr"].get(m)) for m in first.get("lr", {})}
 
-    fig = Figure(figsize=(10, 7), dpi=100)  # no pyplot: no GUI backend, no global figure state
-    (loss_ax, lr_ax), (acc_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
+    seen = [r for r in val if "glimpses" in r]  # validations that logged where the glimpses went
+    fig = Figure(figsize=(10, 10 if seen else 7), dpi=100)  # no pyplot: no GUI backend, no global figure state
+    axes = fig.subplots(3 if seen else 2, 2, sharex=True)
+    (loss_ax, lr_ax), (acc_ax, speed_ax) = axes[:2]
     dot = "o" if len(train) == 1 else None  # a line through one record draws nothing
     for ax, curves in ((loss_ax, losses), (lr_ax, lrs)):
         for name, values in curves.items():
@@ -168,12 +172,23 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
         acc_ax.plot(val_epochs, [100 * r["top1"][-1] for r in val], "o-", label=f"validation, t={steps}")
         acc_ax.plot(val_epochs, [100 * r["top1"][0] for r in val], "s:", label="validation, t=1")
     names = {loss_ax: "training loss", lr_ax: "learning rate", acc_ax: "top-1 (%)", speed_ax: "clips/s"}
+    if seen:
+        spread_ax, follow_ax = axes[2]
+        seen_epochs = [r["epoch"] for r in seen]
+        for axis in ("x", "y"):
+            spread = [sum(r["glimpses"]["locations"][f"{axis}_std"]) / len(r["top1"]) for r in seen]
+            spread_ax.plot(seen_epochs, spread, "o-", label=f"{axis}, mean over t")
+        for direction in seen[-1]["glimpses"].get("follow", {}):  # toy data only
+            held = [100 * r["glimpses"].get("follow", {}).get(direction, math.nan) for r in seen]
+            follow_ax.plot(seen_epochs, held, "o-", label=direction, lw=2 if direction == "all" else 1)
+        follow_ax.set_visible(bool(follow_ax.lines))
+        names |= {spread_ax: "glimpse location spread (std)", follow_ax: "toy target held (%)"}
     for ax, name in names.items():
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.lines and ax is not speed_ax:
             ax.legend(fontsize="small")
-    for ax in (acc_ax, speed_ax):
+    for ax in axes[-1]:
         ax.set_xlabel("epoch")
     fig.suptitle(title)
     fig.tight_layout()

@@ -33,6 +33,7 @@ import torch
 from rich.console import Console
 
 from glitr_cli.data.dataset import build_dataset
+from glitr_cli.data.toy import FollowMeter
 from glitr_cli.engine.augment import training_data
 from glitr_cli.engine.bad_data import BAD_CLIPS_FILE, COUNTS, BadData
 from glitr_cli.engine.build import build_objective
@@ -285,9 +286,26 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- evaluation
 
     def evaluate(self) -> dict[str, Any]:
-        """Top-1/top-5 at every step t on the validation split (learned glimpses, or full frames for a teacher)."""
-        assert self.val_set is not None
+        """Top-1/top-5 at every step t on the validation split (learned glimpses, or full frames for a
+        teacher) and where the glimpses went (`glimpses`: per-step location spread, the student's
+        covered frame and, on toy data, how often they hold the target per direction)."""
+        assert self.val_set is not None and self.val_loader is not None
         student = self.objective.kind == "glitr"
+        follow = None
+        if self.recipe.data.dataset == "toy":
+            follow = FollowMeter(
+                Path(self.recipe.data.root) / "download",
+                self.val_set.sampler,
+                self.model.backbone.glimpse_scale[0],
+                resize=self.recipe.data.resize,
+                crop=self.recipe.data.img_size,
+            )
+            ids = iter([self.val_set.records[i].id for i in self.val_loader.sampler])
+
+            def observe(name: str, locs: torch.Tensor) -> None:
+                for clip_locs in locs.float().cpu().numpy():
+                    follow.add(next(ids), clip_locs)
+
         try:
             result = evaluate_policies(
                 self.model,
@@ -296,11 +314,19 @@ class Trainer:
                 teacher=None if student else self.model,
                 runtime=self.runtime,
                 seed=self.recipe.eval.seed,
+                observe_locs=observe if follow is not None else None,
             )
         finally:
             self.objective.loss_module.train()
         scores = result["policies"]["learned"] if student else result["teacher"]
-        return {"top1": scores["top1"], "top5": scores["top5"], "clips": result["clips"]}
+        glimpses: dict[str, Any] = {"locations": scores["locations"]}
+        if student:
+            glimpses["covered_area"] = scores["covered_area"]
+        if follow is not None:
+            counts = torch.from_numpy(follow.counts).to(self.runtime.device)
+            all_reduce_sum(counts)
+            glimpses["follow"] = follow.rates(counts.cpu().numpy())
+        return {"top1": scores["top1"], "top5": scores["top5"], "clips": result["clips"], "glimpses": glimpses}
 
     # --------------------------------------------------------------------------------------- checkpoints
 
