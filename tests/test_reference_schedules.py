@@ -21,7 +21,7 @@ from glitr_cli.recipe import Recipe, load_recipe
 ENV_VAR = "GLITR_TRAINING_FIXTURES"
 SCRIPTS = ("ssv2_teacher", "ssv2", "jester_teacher", "jester")
 RECIPES = Path(glitr_cli.__file__).parent / "recipes"
-# The original's AdamW decay, on every parameter (the fixture's README, §5).
+# The original's AdamW decay, on every parameter (tests/fixtures/reference-training/README.md, item 5).
 WEIGHT_DECAY = 0.05
 # Small sizes for the weight-decay check: the groups depend on which parameters exist, not on their sizes.
 TINY = ["model.embed_dim=24", "model.depth=1", "model.num_heads=2", "model.patch_size=8", "model.temporal_depth=1"]
