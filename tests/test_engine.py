@@ -8,6 +8,7 @@ import multiprocessing
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ from glitr_cli.engine.metrics import plot_curves
 from glitr_cli.engine.mixup import MixupCutmix, soft_targets
 from glitr_cli.engine.optim import MODULES, GroupSchedule, build_optimizer, build_schedule, param_groups
 from glitr_cli.engine.step import TrainStep
-from glitr_cli.engine.trainer import Trainer
+from glitr_cli.engine.trainer import PREEMPT_SIGNALS, Trainer
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import build_glitr
 from glitr_cli.model.spatial import conv_stem
@@ -356,6 +357,19 @@ def test_finished_run_is_not_trained_again(tmp_path, uninterrupted):
     ref_dir, _ = uninterrupted
     trainer = Trainer(load_recipe(ref_dir / "recipe.yaml"))
     assert trainer.fit() is None and trainer.step == 8
+
+
+def test_a_finished_run_leaves_the_signal_handlers_as_it_found_them(uninterrupted):
+    """`glitr demo` fits finished runs in the same process: afterwards SIGTERM must still end it."""
+    ref_dir, _ = uninterrupted
+    before = {signum: signal.getsignal(signum) for signum in PREEMPT_SIGNALS}
+    try:
+        for _ in range(2):
+            assert Trainer(load_recipe(ref_dir / "recipe.yaml")).fit() is None
+            assert {signum: signal.getsignal(signum) for signum in PREEMPT_SIGNALS} == before
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def test_student_resumes_bit_identically_and_learns_from_its_teacher(tmp_path, toy_data, uninterrupted):
