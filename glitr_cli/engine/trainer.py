@@ -181,13 +181,13 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir,
             enabled=runtime.is_main,
+            step=self.step,
             tensorboard=r.log.tensorboard,
             wandb=r.log.wandb,
             wandb_project=r.log.wandb_project,
             run_name=str(r.name),
             config=recipe_to_dict(r),
         )
-        self.metrics.truncate_after(self.step)
         self.bad_data = BadData(
             self.train_set,
             self.run_dir,
