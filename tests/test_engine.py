@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -414,6 +415,88 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, toy_data):
     c = model_weights(tmp_path / "switched/checkpoints/last.pt")
     for k in a:
         assert torch.allclose(a[k], c[k], atol=2e-5), k
+
+
+EXACT_STEP = ["model.drop_path=0", "objective.mixup=0", "objective.cutmix=0"]  # no draws: a step is its batch's
+
+
+def step_on(recipe, rt: runtime.Runtime) -> TrainStep:
+    """A `TrainStep` of the tiny teacher in `recipe`, from the same initial weights every time."""
+    torch.manual_seed(1)
+    return TrainStep(build_objective(recipe, [str(c) for c in range(8)], None), rt, recipe.optim, steps_per_epoch=4)
+
+
+def random_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    return [(torch.randn(4, 4, 3, 64, 64), torch.tensor([0, 1, 2, 3])) for _ in range(n)]
+
+
+def test_clipping_scales_the_gradients_down_to_the_largest_norm_and_logs_the_norm_before(tmp_path, toy_data):
+    """optim.clip_grad: AdamW's first moment after one step is (1 - beta1) x the gradient it was given."""
+    (batch,) = random_batches(1)
+    given = {}
+    for clip in (1e9, 1e-3):  # never clips, always clips
+        recipe = tiny_recipe(tmp_path, toy_data, "teacher", *EXACT_STEP, f"optim.clip_grad={clip}")
+        step = step_on(recipe, runtime.Runtime.from_recipe(recipe, device="cpu"))
+        norm = step(iter([batch]))["grad_norm"]
+        beta1 = recipe.optim.betas[0]
+        grads = [state["exp_avg"] / (1 - beta1) for state in step.optimizer.state.values()]
+        given[clip] = norm, grads
+    (norm, grads), (clipped_norm, clipped) = given[1e9], given[1e-3]
+    assert norm == pytest.approx(torch.stack([g.norm() for g in grads]).norm().item(), rel=1e-5)
+    assert clipped_norm == pytest.approx(norm, rel=1e-6) and norm > 1  # the norm before clipping
+    assert torch.stack([g.norm() for g in clipped]).norm().item() == pytest.approx(1e-3, rel=1e-4)
+    for g, c in zip(grads, clipped, strict=True):
+        assert torch.allclose(c, g * (1e-3 / norm), rtol=1e-4, atol=1e-12)
+
+    run = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={run}", "optim.epochs=1", "optim.clip_grad=1e-3")
+    Trainer(recipe).fit()
+    train = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert len(train) == 4 and all(r["grad_norm"] > 1e-3 for r in train)
+
+
+def test_fp16_loss_scaling_skips_the_steps_that_overflow_and_a_checkpoint_keeps_the_scale(tmp_path, toy_data):
+    """train.precision=fp16 runs on a GPU (a CPU trains in fp32): autocast to float16 and a
+    GradScaler. A CPU runs both, so the fp16 step runs here: a step whose scaled gradients overflow
+    float16 changes no weight and halves the scale; the others are clipped on the unscaled
+    gradients; a run resumed from a checkpoint goes on with the scale it had."""
+    recipe = tiny_recipe(tmp_path, toy_data, "teacher", *EXACT_STEP, "train.precision=fp16", "optim.clip_grad=1e3")
+    cpu = runtime.Runtime.from_recipe(recipe, device="cpu")
+    assert cpu.precision == "fp32" and not step_on(recipe, cpu).scaler.is_enabled()  # what `glitr` runs on a CPU
+    fp16 = dataclasses.replace(cpu, precision="fp16")
+    batches = random_batches(6)
+
+    whole = step_on(recipe, fp16)
+    scale = whole.scaler.get_scale()
+    outcomes = []
+    for i, batch in enumerate(batches):
+        before = [p.detach().clone() for p in whole.model.parameters()]
+        norm = whole(iter([batch]))["grad_norm"]
+        moved = not all(map(torch.equal, before, whole.model.parameters()))
+        outcomes.append(moved)
+        assert moved == math.isfinite(norm), i
+        assert whole.scaler.get_scale() == (scale if moved else scale / 2), i
+        if moved and outcomes.count(True) == 1:  # the first update: from the initial weights, as fp32's
+            fp32_norm = step_on(recipe, cpu)(iter([batch]))["grad_norm"]
+            assert norm == pytest.approx(fp32_norm, rel=0.05)  # not `scale` times larger
+        scale = whole.scaler.get_scale()
+    assert outcomes[0] is False and outcomes[-1] is True  # the initial scale overflows here
+
+    part = step_on(recipe, fp16)
+    micro_batches = iter(batches)
+    for _ in range(3):
+        part(micro_batches)
+    torch.save({"model": part.model.state_dict(), **part.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["scaler"]["scale"] < 2.0**16
+    resumed = step_on(recipe, fp16)
+    resumed.model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        resumed(micro_batches)
+    assert resumed.scaler.get_scale() == whole.scaler.get_scale()
+    assert_same_weights(resumed.model.state_dict(), whole.model.state_dict())
 
 
 def test_batch_not_divisible_is_a_clear_error(tmp_path, toy_data):
