@@ -6,17 +6,20 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import platform
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_weights, model_weights, read_metrics, tiny_recipe
+from conftest import REPO, assert_same_weights, model_weights, read_metrics, run_glitr, tiny_recipe
 from PIL import Image
 
 from glitr_cli import runtime
@@ -30,7 +33,7 @@ from glitr_cli.engine.mixup import MixupCutmix, soft_targets
 from glitr_cli.engine.optim import MODULES, GroupSchedule, build_optimizer, build_schedule, param_groups
 from glitr_cli.engine.step import TrainStep
 from glitr_cli.engine.trainer import PREEMPT_SIGNALS, Trainer
-from glitr_cli.errors import GlitrError
+from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError
 from glitr_cli.model import build_glitr
 from glitr_cli.model.spatial import conv_stem
 from glitr_cli.recipe import GroupLR, ModelConfig, load_recipe
@@ -371,6 +374,65 @@ def test_a_finished_run_leaves_the_signal_handlers_as_it_found_them(uninterrupte
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+# `glitr` held after optimiser step 5 until the test has sent its signal, so that the signal arrives
+# at that step however fast the run goes
+HELD_AT_5 = textwrap.dedent(
+    """
+    import sys
+    import time
+    from pathlib import Path
+    from glitr_cli.cli import main
+    from glitr_cli.engine.step import TrainStep
+
+    gate = Path(sys.argv.pop(1))
+    step = TrainStep.__call__
+
+    def held_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.updates == 5 and not (gate / "sent").exists():
+            (gate / "held").touch()
+            deadline = time.monotonic() + 300
+            while not (gate / "sent").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return out
+
+    TrainStep.__call__ = held_step
+    main()
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_the_step_and_the_rerun_ends_as_if_never_stopped(tmp_path, toy_data, uninterrupted):
+    """SIGUSR1 (what SLURM's --signal sends ahead of the time limit) to a `glitr train-teacher` process."""
+    ref_dir, _ = uninterrupted
+    (tmp_path / "held.py").write_text(HELD_AT_5)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    tiny_recipe(tmp_path, toy_data, "teacher")  # writes tmp_path/tiny_teacher.yaml
+    args = ["train-teacher", str(tmp_path / "tiny_teacher.yaml"), f"data.root={toy_data / 'toy'}"]
+    args.append(f"output_dir={tmp_path / 'run'}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "held.py"), str(gate), *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (gate / "held").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    (gate / "sent").touch()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert "stopped by SIGUSR1 at step 5" in err and "Traceback" not in err, err
+    ckpts = tmp_path / "run/checkpoints"
+    assert (ckpts / "last.pt").samefile(ckpts / "step_00000005.pt")
+
+    done = run_glitr(*args, cwd=tmp_path)
+    assert done.returncode == 0 and "resumed from" in done.stderr and "step 5)" in done.stderr, done.stderr
+    assert_same_weights(model_weights(ckpts / "last.pt"), model_weights(ref_dir / "checkpoints/last.pt"))
 
 
 def test_student_resumes_bit_identically_and_learns_from_its_teacher(tmp_path, toy_data, uninterrupted):
