@@ -40,8 +40,11 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, toy_data, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
-    for name in ("DIR", "CACHE_DIR", "CONFIG_DIR", "DATA_DIR", "ARTIFACT_DIR"):  # nothing W&B keeps outside tmp_path
-        monkeypatch.setenv(f"WANDB_{name}", str(tmp_path / "wandb_home" / name.lower()))
+    monkeypatch.chdir(tmp_path)  # nothing W&B writes outside tmp_path
+    for name in ("DIR", "CACHE_DIR", "CONFIG_DIR", "DATA_DIR", "ARTIFACT_DIR"):
+        folder = tmp_path / "wandb_home" / name.lower()
+        folder.mkdir(parents=True)  # older W&B writes to the working directory where one is missing
+        monkeypatch.setenv(f"WANDB_{name}", str(folder))
     run = stopped_and_resumed(tmp_path, toy_data, "log.wandb=true")
     offline_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))  # offline-run-DATE_TIME-ID
     ids = {name.rsplit("-", 1)[1] for name in offline_runs}
