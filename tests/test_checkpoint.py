@@ -13,6 +13,7 @@ import torch
 from glitr_cli.engine import checkpoint as ck
 from glitr_cli.engine.checkpoint import (
     LAST,
+    cuda_rng_state,
     load_checkpoint,
     prune,
     rng_state,
@@ -106,3 +107,34 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / LAST)["rng"][0])
     got = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_a_checkpoint_from_a_node_with_more_gpus_gives_each_device_its_own_generator(tmp_path):
+    """The CUDA state saved is the saving process's own device's; checkpoints that held every
+    visible device's (a list) give a device its entry, or nothing where the node had fewer."""
+    eight = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]  # get_rng_state_all() on 8 GPUs
+    saved = state(1)
+    saved["rng"][0]["cuda"] = eight
+    save_checkpoint(saved, tmp_path, 1, keep_last=1)
+    loaded = load_checkpoint(tmp_path / LAST)["rng"][0]
+    assert torch.equal(cuda_rng_state(loaded["cuda"], 3), eight[3])
+    assert cuda_rng_state(loaded["cuda"][:2], 3) is None
+    own = torch.full((16,), 9, dtype=torch.uint8)
+    assert cuda_rng_state(own, 3) is own
+    set_rng_state(loaded, torch.device("cpu"))  # a CPU machine restores the rest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_generator_saved_where_more_gpus_were_visible_is_restored(tmp_path):
+    device = torch.device("cuda", 0)
+    torch.cuda.manual_seed(5)
+    own = torch.cuda.get_rng_state(device)
+    expected = torch.rand(4, device=device)
+    torch.cuda.manual_seed(6)
+    visible = torch.cuda.device_count()
+    saved = state(1)
+    saved["rng"][0]["cuda"] = [own, *[torch.cuda.get_rng_state(device)] * (visible + 3)]  # more GPUs than here
+    save_checkpoint(saved, tmp_path, 1, keep_last=1)
+    set_rng_state(load_checkpoint(tmp_path / LAST)["rng"][0], device)
+    assert torch.equal(torch.rand(4, device=device), expected)
+    assert isinstance(rng_state(device)["cuda"], torch.Tensor)  # its own device's, not a list of all

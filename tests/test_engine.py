@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_weights, model_weights, read_metrics, tiny_recipe
+from conftest import REPO, assert_same_weights, model_weights, read_metrics, run_glitr, tiny_recipe
 from PIL import Image
 
 from glitr_cli import runtime
@@ -27,8 +32,8 @@ from glitr_cli.engine.metrics import plot_curves
 from glitr_cli.engine.mixup import MixupCutmix, soft_targets
 from glitr_cli.engine.optim import MODULES, GroupSchedule, build_optimizer, build_schedule, param_groups
 from glitr_cli.engine.step import TrainStep
-from glitr_cli.engine.trainer import Trainer
-from glitr_cli.errors import GlitrError
+from glitr_cli.engine.trainer import PREEMPT_SIGNALS, Trainer
+from glitr_cli.errors import PREEMPTED_EXIT_CODE, GlitrError
 from glitr_cli.model import build_glitr
 from glitr_cli.model.spatial import conv_stem
 from glitr_cli.recipe import GroupLR, ModelConfig, load_recipe
@@ -358,6 +363,78 @@ def test_finished_run_is_not_trained_again(tmp_path, uninterrupted):
     assert trainer.fit() is None and trainer.step == 8
 
 
+def test_a_finished_run_leaves_the_signal_handlers_as_it_found_them(uninterrupted):
+    """`glitr demo` fits finished runs in the same process: afterwards SIGTERM must still end it."""
+    ref_dir, _ = uninterrupted
+    before = {signum: signal.getsignal(signum) for signum in PREEMPT_SIGNALS}
+    try:
+        for _ in range(2):
+            assert Trainer(load_recipe(ref_dir / "recipe.yaml")).fit() is None
+            assert {signum: signal.getsignal(signum) for signum in PREEMPT_SIGNALS} == before
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+# `glitr` held after optimiser step 5 until the test has sent its signal, so that the signal arrives
+# at that step however fast the run goes
+HELD_AT_5 = textwrap.dedent(
+    """
+    import sys
+    import time
+    from pathlib import Path
+    from glitr_cli.cli import main
+    from glitr_cli.engine.step import TrainStep
+
+    gate = Path(sys.argv.pop(1))
+    step = TrainStep.__call__
+
+    def held_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.updates == 5 and not (gate / "sent").exists():
+            (gate / "held").touch()
+            deadline = time.monotonic() + 300
+            while not (gate / "sent").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return out
+
+    TrainStep.__call__ = held_step
+    main()
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_the_step_and_the_rerun_ends_as_if_never_stopped(tmp_path, toy_data, uninterrupted):
+    """SIGUSR1 (what SLURM's --signal sends ahead of the time limit) to a `glitr train-teacher` process."""
+    ref_dir, _ = uninterrupted
+    (tmp_path / "held.py").write_text(HELD_AT_5)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    tiny_recipe(tmp_path, toy_data, "teacher")  # writes tmp_path/tiny_teacher.yaml
+    args = ["train-teacher", str(tmp_path / "tiny_teacher.yaml"), f"data.root={toy_data / 'toy'}"]
+    args.append(f"output_dir={tmp_path / 'run'}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "held.py"), str(gate), *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (gate / "held").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    (gate / "sent").touch()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert "stopped by SIGUSR1 at step 5" in err and "Traceback" not in err, err
+    ckpts = tmp_path / "run/checkpoints"
+    assert (ckpts / "last.pt").samefile(ckpts / "step_00000005.pt")
+
+    done = run_glitr(*args, cwd=tmp_path)
+    assert done.returncode == 0 and "resumed from" in done.stderr and "step 5)" in done.stderr, done.stderr
+    assert_same_weights(model_weights(ckpts / "last.pt"), model_weights(ref_dir / "checkpoints/last.pt"))
+
+
 def test_student_resumes_bit_identically_and_learns_from_its_teacher(tmp_path, toy_data, uninterrupted):
     ref_dir, _ = uninterrupted
     teacher = f"objective.teacher={ref_dir / 'checkpoints/last.pt'}"
@@ -400,6 +477,88 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, toy_data):
     c = model_weights(tmp_path / "switched/checkpoints/last.pt")
     for k in a:
         assert torch.allclose(a[k], c[k], atol=2e-5), k
+
+
+EXACT_STEP = ["model.drop_path=0", "objective.mixup=0", "objective.cutmix=0"]  # no draws: a step is its batch's
+
+
+def step_on(recipe, rt: runtime.Runtime) -> TrainStep:
+    """A `TrainStep` of the tiny teacher in `recipe`, from the same initial weights every time."""
+    torch.manual_seed(1)
+    return TrainStep(build_objective(recipe, [str(c) for c in range(8)], None), rt, recipe.optim, steps_per_epoch=4)
+
+
+def random_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    return [(torch.randn(4, 4, 3, 64, 64), torch.tensor([0, 1, 2, 3])) for _ in range(n)]
+
+
+def test_clipping_scales_the_gradients_down_to_the_largest_norm_and_logs_the_norm_before(tmp_path, toy_data):
+    """optim.clip_grad: AdamW's first moment after one step is (1 - beta1) x the gradient it was given."""
+    (batch,) = random_batches(1)
+    given = {}
+    for clip in (1e9, 1e-3):  # never clips, always clips
+        recipe = tiny_recipe(tmp_path, toy_data, "teacher", *EXACT_STEP, f"optim.clip_grad={clip}")
+        step = step_on(recipe, runtime.Runtime.from_recipe(recipe, device="cpu"))
+        norm = step(iter([batch]))["grad_norm"]
+        beta1 = recipe.optim.betas[0]
+        grads = [state["exp_avg"] / (1 - beta1) for state in step.optimizer.state.values()]
+        given[clip] = norm, grads
+    (norm, grads), (clipped_norm, clipped) = given[1e9], given[1e-3]
+    assert norm == pytest.approx(torch.stack([g.norm() for g in grads]).norm().item(), rel=1e-5)
+    assert clipped_norm == pytest.approx(norm, rel=1e-6) and norm > 1  # the norm before clipping
+    assert torch.stack([g.norm() for g in clipped]).norm().item() == pytest.approx(1e-3, rel=1e-4)
+    for g, c in zip(grads, clipped, strict=True):
+        assert torch.allclose(c, g * (1e-3 / norm), rtol=1e-4, atol=1e-12)
+
+    run = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path, toy_data, "teacher", f"output_dir={run}", "optim.epochs=1", "optim.clip_grad=1e-3")
+    Trainer(recipe).fit()
+    train = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert len(train) == 4 and all(r["grad_norm"] > 1e-3 for r in train)
+
+
+def test_fp16_loss_scaling_skips_the_steps_that_overflow_and_a_checkpoint_keeps_the_scale(tmp_path, toy_data):
+    """train.precision=fp16 runs on a GPU (a CPU trains in fp32): autocast to float16 and a
+    GradScaler. A CPU runs both, so the fp16 step runs here: a step whose scaled gradients overflow
+    float16 changes no weight and halves the scale; the others are clipped on the unscaled
+    gradients; a run resumed from a checkpoint goes on with the scale it had."""
+    recipe = tiny_recipe(tmp_path, toy_data, "teacher", *EXACT_STEP, "train.precision=fp16", "optim.clip_grad=1e3")
+    cpu = runtime.Runtime.from_recipe(recipe, device="cpu")
+    assert cpu.precision == "fp32" and not step_on(recipe, cpu).scaler.is_enabled()  # what `glitr` runs on a CPU
+    fp16 = dataclasses.replace(cpu, precision="fp16")
+    batches = random_batches(6)
+
+    whole = step_on(recipe, fp16)
+    scale = whole.scaler.get_scale()
+    outcomes = []
+    for i, batch in enumerate(batches):
+        before = [p.detach().clone() for p in whole.model.parameters()]
+        norm = whole(iter([batch]))["grad_norm"]
+        moved = not all(map(torch.equal, before, whole.model.parameters()))
+        outcomes.append(moved)
+        assert moved == math.isfinite(norm), i
+        assert whole.scaler.get_scale() == (scale if moved else scale / 2), i
+        if moved and outcomes.count(True) == 1:  # the first update: from the initial weights, as fp32's
+            fp32_norm = step_on(recipe, cpu)(iter([batch]))["grad_norm"]
+            assert norm == pytest.approx(fp32_norm, rel=0.05)  # not `scale` times larger
+        scale = whole.scaler.get_scale()
+    assert outcomes[0] is False and outcomes[-1] is True  # the initial scale overflows here
+
+    part = step_on(recipe, fp16)
+    micro_batches = iter(batches)
+    for _ in range(3):
+        part(micro_batches)
+    torch.save({"model": part.model.state_dict(), **part.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["scaler"]["scale"] < 2.0**16
+    resumed = step_on(recipe, fp16)
+    resumed.model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        resumed(micro_batches)
+    assert resumed.scaler.get_scale() == whole.scaler.get_scale()
+    assert_same_weights(resumed.model.state_dict(), whole.model.state_dict())
 
 
 def test_batch_not_divisible_is_a_clear_error(tmp_path, toy_data):

@@ -80,8 +80,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- RNG states
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states in `weights_only`-loadable types."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch and, on a CUDA `device`, that device's generator states, in
+    `weights_only`-loadable types. Only the process's own device: a run resumed on a node with fewer
+    GPUs restores every state it saved."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
@@ -95,13 +97,22 @@ def rng_state() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured."""
+def cuda_rng_state(saved: torch.Tensor | list[torch.Tensor], index: int) -> torch.Tensor | None:
+    """The CUDA generator state for device `index` from a checkpoint's `saved` one: the saving
+    process's own device's (a tensor), or, from checkpoints that held every visible device's (a
+    list), entry `index` where the saving node had that many devices; None: nothing to restore."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    return saved[index] if index < len(saved) else None
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` captured (the CUDA state into `device`, when it is a CUDA device)."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npy = state["numpy"]
@@ -109,5 +120,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        own = cuda_rng_state(state["cuda"], index)
+        if own is not None:
+            torch.cuda.set_rng_state(own, index)

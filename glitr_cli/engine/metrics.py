@@ -8,6 +8,9 @@ out while its module is held, a diverged loss) is written as null. `curves.png` 
 records (losses, learning rates, accuracy, clips/s against the epoch); the trainer redraws it
 after every validation and at the end of the run. TensorBoard and Weights & Biases are imported
 only when a recipe turns them on.
+
+A resumed run logs again the steps after its checkpoint: it drops them from `metrics.jsonl`, hides
+them from TensorBoard (`purge_step`) and continues the same W&B run (its id kept in `wandb_id.txt`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from glitr_cli.files import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+WANDB_ID_FILE = "wandb_id.txt"
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -45,37 +49,41 @@ class MetricsLogger:
         run_dir: Path,
         *,
         enabled: bool,
+        step: int = 0,
         tensorboard: bool = False,
         wandb: bool = False,
         wandb_project: str = "glitr",
         run_name: str = "",
         config: dict[str, Any] | None = None,
     ) -> None:
+        """`step`: the optimiser step the run starts from (the records beyond it are logged again)."""
         self.enabled = enabled
         self.path = run_dir / METRICS_FILE
         self._tb = None
         self._wandb = None
         if not enabled:
             return
+        if self.path.exists():
+            kept = [record for record in read_records(self.path) if record.get("step", 0) <= step]
+            atomic_write_text(self.path, "".join(_json_line(record) for record in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise GlitrError("log.tensorboard=true needs TensorBoard: pip install 'glitr[tensorboard]'") from None
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=step + 1)
         if wandb:
             try:
                 import wandb as wandb_lib
             except ImportError:
                 raise GlitrError("log.wandb=true needs Weights & Biases: pip install 'glitr[wandb]'") from None
-            self._wandb = wandb_lib.init(project=wandb_project, name=run_name, config=config, dir=str(run_dir))
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records beyond optimiser step `step` (a resumed run writes them again)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [record for record in read_records(self.path) if record.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(_json_line(record) for record in kept))
+            id_file = run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else None
+            self._wandb = wandb_lib.init(
+                project=wandb_project, name=run_name, config=config, dir=str(run_dir), id=run_id, resume="allow"
+            )
+            if run_id is None:
+                atomic_write_text(id_file, self._wandb.id + "\n")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -182,13 +182,13 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir,
             enabled=runtime.is_main,
+            step=self.step,
             tensorboard=r.log.tensorboard,
             wandb=r.log.wandb,
             wandb_project=r.log.wandb_project,
             run_name=str(r.name),
             config=recipe_to_dict(r),
         )
-        self.metrics.truncate_after(self.step)
         self.bad_data = BadData(
             self.train_set,
             self.run_dir,
@@ -347,7 +347,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint everything needed to continue exactly here (collective: every rank calls it)."""
-        rngs = all_gather_objects(rng_state())
+        rngs = all_gather_objects(rng_state(self.runtime.device))
         path = self.ckpt_dir / LAST
         if self.runtime.is_main:
             path = save_checkpoint(self.state(rngs), self.ckpt_dir, self.step, self.recipe.train.keep_last)
@@ -379,7 +379,7 @@ class Trainer:
         layout = (self.runtime.world_size, r.optim.accum_steps)
         saved_layout = (ckpt["world_size"], ckpt["recipe"]["optim"]["accum_steps"])
         if layout == saved_layout:
-            set_rng_state(ckpt["rng"][self.runtime.rank])
+            set_rng_state(ckpt["rng"][self.runtime.rank], self.runtime.device)
         elif self.runtime.is_main:
             warn(
                 self.console,
@@ -401,7 +401,6 @@ class Trainer:
             self.setup()
         r = self.recipe
         result = None
-        handlers = self._catch_preemption()
         if self.epoch >= r.optim.epochs:
             self.say(f"{r.name}: already trained for {r.optim.epochs} epochs ({self.ckpt_dir / LAST})")
             self.metrics.close()
@@ -414,6 +413,7 @@ class Trainer:
             f"{len(self.train_set)} clips, {self.steps_per_epoch} steps/epoch of {r.optim.batch_size} clips, "
             f"{r.optim.epochs} epochs -> {self.run_dir}"
         )
+        handlers = self._catch_preemption()  # put back in `finally`, on every way out
         try:
             while self.epoch < r.optim.epochs:
                 if not self.train_epoch(max_steps):
