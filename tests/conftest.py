@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,41 @@ def exported_tiny(trained_tiny: Path, tmp_path_factory: pytest.TempPathFactory) 
     for int8 in (False, True):
         cached_step(checkpoint, int8=int8)
     return checkpoint
+
+
+# `glitr` held after optimiser step N until the test has sent its signal: the signal then arrives
+# at that step on any machine, however loaded (without the hold a fast run can finish first)
+HELD = textwrap.dedent(
+    """
+    import os
+    import sys
+    import time
+    from pathlib import Path
+    from glitr_cli.cli import main
+    from glitr_cli.engine.step import TrainStep
+
+    gate, at = Path(sys.argv.pop(1)), int(sys.argv.pop(1))
+    step = TrainStep.__call__
+
+    def held_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.updates == at and not (gate / "sent").exists():
+            (gate / f"held{os.environ.get('RANK', '0')}").touch()
+            deadline = time.monotonic() + 300
+            while not (gate / "sent").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return out
+
+    TrainStep.__call__ = held_step
+    main()
+    """
+)
+
+
+def held_glitr(tmp_path: Path, at_step: int) -> tuple[list[str], Path]:
+    """What to run instead of `-m glitr_cli` for `glitr` held after optimiser step `at_step` until
+    gate/sent exists (each process touches gate/held<RANK> when it waits): (that, gate)."""
+    script, gate = tmp_path / "held.py", tmp_path / "gate"
+    script.write_text(HELD)
+    gate.mkdir()
+    return [str(script), str(gate), str(at_step)], gate

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_same_weights, model_weights, read_metrics, tiny_recipe
+from conftest import REPO, assert_same_weights, held_glitr, model_weights, read_metrics, tiny_recipe
 
 from glitr_cli.engine.trainer import Trainer
 
@@ -125,35 +125,6 @@ def test_a_crashing_rank_ends_the_whole_job_quickly(tmp_path, toy_data):
     assert not (tmp_path / "rank0.pt").exists() and not (tmp_path / "rank1.pt").exists()
 
 
-# `glitr` itself, held after optimiser step 3 until the test has sent its signal: the signal then
-# arrives at the same step on any machine, however loaded (without the hold a fast run can finish first)
-HELD = textwrap.dedent(
-    """
-    import os
-    import sys
-    import time
-    from pathlib import Path
-    from glitr_cli.cli import main
-    from glitr_cli.engine.step import TrainStep
-
-    gate = Path(sys.argv.pop(1))
-    step = TrainStep.__call__
-
-    def held_step(self, *args, **kwargs):
-        out = step(self, *args, **kwargs)
-        if self.updates == 3 and not (gate / "sent").exists():
-            (gate / f"rank{os.environ['RANK']}").touch()
-            deadline = time.monotonic() + 300
-            while not (gate / "sent").exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        return out
-
-    TrainStep.__call__ = held_step
-    main()
-    """
-)
-
-
 @pytest.mark.slow
 def test_a_preempted_torchrun_job_saves_on_every_rank_and_resumes_as_if_never_stopped(tmp_path, toy_data):
     """SIGTERM to every process of a `glitr train-teacher` torchrun job (torchrun, both ranks and their
@@ -166,16 +137,13 @@ def test_a_preempted_torchrun_job_saves_on_every_rank_and_resumes_as_if_never_st
     done = subprocess.run(reference, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    held = tmp_path / "held.py"
-    held.write_text(HELD)
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    preempted = torchrun_command(tmp_path, toy_data, "preempted", [str(held), str(gate), *program[2:]], *longer)
+    held, gate = held_glitr(tmp_path, 3)
+    preempted = torchrun_command(tmp_path, toy_data, "preempted", [*held, *program[2:]], *longer)
     job = subprocess.Popen(
         preempted, cwd=tmp_path, env=torchrun_env(), stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     deadline = time.monotonic() + 300
-    while not all((gate / f"rank{rank}").exists() for rank in (0, 1)) and time.monotonic() < deadline:
+    while not all((gate / f"held{rank}").exists() for rank in (0, 1)) and time.monotonic() < deadline:
         assert job.poll() is None, "the job ended before it could be stopped"
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGTERM)

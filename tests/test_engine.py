@@ -13,13 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_same_weights, model_weights, read_metrics, run_glitr, tiny_recipe
+from conftest import REPO, assert_same_weights, held_glitr, model_weights, read_metrics, run_glitr, tiny_recipe
 from PIL import Image
 
 from glitr_cli import runtime
@@ -376,50 +375,18 @@ def test_a_finished_run_leaves_the_signal_handlers_as_it_found_them(uninterrupte
             signal.signal(signum, handler)
 
 
-# `glitr` held after optimiser step 5 until the test has sent its signal, so that the signal arrives
-# at that step however fast the run goes
-HELD_AT_5 = textwrap.dedent(
-    """
-    import sys
-    import time
-    from pathlib import Path
-    from glitr_cli.cli import main
-    from glitr_cli.engine.step import TrainStep
-
-    gate = Path(sys.argv.pop(1))
-    step = TrainStep.__call__
-
-    def held_step(self, *args, **kwargs):
-        out = step(self, *args, **kwargs)
-        if self.updates == 5 and not (gate / "sent").exists():
-            (gate / "held").touch()
-            deadline = time.monotonic() + 300
-            while not (gate / "sent").exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        return out
-
-    TrainStep.__call__ = held_step
-    main()
-    """
-)
-
-
 @pytest.mark.slow
 def test_sigusr1_saves_the_step_and_the_rerun_ends_as_if_never_stopped(tmp_path, toy_data, uninterrupted):
     """SIGUSR1 (what SLURM's --signal sends ahead of the time limit) to a `glitr train-teacher` process."""
     ref_dir, _ = uninterrupted
-    (tmp_path / "held.py").write_text(HELD_AT_5)
-    gate = tmp_path / "gate"
-    gate.mkdir()
+    held, gate = held_glitr(tmp_path, 5)
     tiny_recipe(tmp_path, toy_data, "teacher")  # writes tmp_path/tiny_teacher.yaml
     args = ["train-teacher", str(tmp_path / "tiny_teacher.yaml"), f"data.root={toy_data / 'toy'}"]
     args.append(f"output_dir={tmp_path / 'run'}")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, str(tmp_path / "held.py"), str(gate), *args], env=env, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, *held, *args], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not (gate / "held").exists() and time.monotonic() < deadline:
+    while not (gate / "held0").exists() and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.02)
     proc.send_signal(signal.SIGUSR1)
