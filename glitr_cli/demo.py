@@ -140,7 +140,7 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
     student = load_student(checkpoint)
     model = student.model
     dataset = build_dataset(dataclasses.replace(student.recipe.data, root=str(data)), "val", train=False)
-    loader = Runtime.from_recipe(student.recipe, device="cpu").loader(dataset, batch_size=batch_size)
+    loader = Runtime.for_this_machine(student.recipe, "cpu").loader(dataset, batch_size=batch_size)
     videos = {v.id: v for v in plan_videos(cfg)}
     indices = student.sampler.indices(cfg.num_frames, train=False)
     hits: dict[str, list[bool]] = {d: [] for d in cfg.directions}

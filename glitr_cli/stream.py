@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -358,7 +358,7 @@ def stream(
         if stop_on_decision and threshold is None:
             raise GlitrError("--stop-on-decision needs a threshold: --decide TAU, or the one --calibrated finds")
         decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
-        runtime = replace(Runtime.from_recipe(student.recipe, device="cpu" if onnx else device), threads=threads)
+        runtime = Runtime.for_this_machine(student.recipe, "cpu" if onnx else device, threads=threads)
         runtime.apply()
         fps = frame_rate(container)
         if every is None:

@@ -273,9 +273,7 @@ def predict(
     )
     data = student.recipe.data
     refs, splits = resolve_inputs(inputs, data)
-    runtime = Runtime.from_recipe(student.recipe, device=device)
-    if workers is not None:
-        runtime = dataclasses.replace(runtime, workers=workers)
+    runtime = Runtime.for_this_machine(student.recipe, device, workers=workers)
     runtime.apply()
     model = student.model.to(runtime.device).eval()
     k = min(top_k, len(student.class_names))
