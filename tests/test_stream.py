@@ -26,6 +26,7 @@ from rich.console import Console
 
 from glitr_cli.data.video import encode_video
 from glitr_cli.engine.decisions import decision_steps
+from glitr_cli.errors import GlitrError
 from glitr_cli.stream import default_every, source_format, stream
 
 FPS = 25
@@ -201,6 +202,54 @@ def test_sources_that_cannot_be_opened_exit_2_with_one_line(trained_tiny, tmp_pa
     video = clip(tmp_path, 0.4)
     code, _, err = glitr("stream", video, "-c", ckpt, "--jsonl", tmp_path)  # a folder, not a file
     assert code == 2 and len(err.strip().splitlines()) == 1 and f"--jsonl {tmp_path}: cannot write there" in err
+
+
+class _FailingDecoder:
+    """A real container whose decoding raises an error PyAV does not raise (a bug, memory) after `after` frames."""
+
+    def __init__(self, container: av.container.InputContainer, after: int) -> None:
+        self._container, self._after = container, after
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._container, name)
+
+    def decode(self, *streams: object):
+        for i, frame in enumerate(self._container.decode(*streams)):
+            if i == self._after:
+                raise MemoryError("cannot allocate the frame")
+            yield frame
+
+
+def test_any_reader_error_ends_the_stream_with_one_line_and_exit_2(trained_tiny, tmp_path, glitr, monkeypatch):
+    """Not only PyAV's errors: whatever ends the reader thread is a failed stream, not its end."""
+    import glitr_cli.stream as stream_module
+
+    opened = stream_module.open_source
+    monkeypatch.setattr(stream_module, "open_source", lambda source: _FailingDecoder(opened(source), after=6))
+    video = clip(tmp_path, 0.8)
+    out = tmp_path / "lines.jsonl"
+    code, _, err = glitr("stream", video, "-c", checkpoint(trained_tiny), "--jsonl", out, "--as-fast-as-possible")
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]  # after the "streaming ..." line: no traceback, no "done:" summary
+    assert err.count("\n") == 2 and last.startswith("error:"), err
+    assert f"{video}: reading failed after 6 frames (MemoryError: cannot allocate the frame)" in last
+    assert "summary" not in out.read_text()
+
+
+def open_paths() -> set[str]:
+    """The files this process holds open (Linux /proc)."""
+    fds = Path("/proc/self/fd")
+    return {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files in /proc")
+def test_a_jsonl_target_that_cannot_be_written_closes_the_source(trained_tiny, tmp_path):
+    video = clip(tmp_path, 0.4)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(GlitrError, match="--jsonl .*: cannot write there") as failed:
+        stream(str(video), checkpoint=checkpoint(trained_tiny), jsonl=tmp_path / "file" / "lines.jsonl")
+    assert failed.traceback  # holds stream()'s frame, whose container is closed all the same
+    assert str(video.resolve()) not in open_paths()
 
 
 @pytest.mark.slow
