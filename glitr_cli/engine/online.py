@@ -110,7 +110,7 @@ def step_frames(source: FrameSource, sampler: FrameSampler, every: int | None) -
     """Evaluation's T frames as `sampler` picks them (`every` None), or every `every`-th frame of the
     whole video."""
     if every is None:
-        return source.select(sampler.indices(source.count(), train=False))
+        return iter(source.sample(lambda n: sampler.indices(n, train=False)))
     return ((i, f) for i, f in source.frames() if i % every == 0)
 
 

@@ -121,7 +121,7 @@ def _has_clips(list_file: Path) -> bool:
 def read_clip(path: Path, sampler: FrameSampler) -> torch.Tensor:
     """Evaluation's T frames of a video file or frame folder, as `sampler` picks them: uint8 (T, 3, H, W)."""
     source = FrameSource(path)
-    frames = [f for _, f in source.select(sampler.indices(source.count(), train=False))]
+    frames = [f for _, f in source.sample(lambda n: sampler.indices(n, train=False))]
     if len({f.shape for f in frames}) > 1:
         raise GlitrError(f"{path}: frames of different sizes")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
