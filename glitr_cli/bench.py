@@ -207,7 +207,8 @@ class Setup:
 def setup(recipe: Recipe, settings: BenchSettings) -> Setup:
     """Check the settings and build the recipe's teacher and student (the student starting as a copy of the
     teacher, which it learns from), with the dataset's classes under `settings.data`."""
-    runtime = Runtime.from_recipe(recipe)
+    # this machine's threads; the training steps keep malloc as training sets it
+    runtime = replace(Runtime.for_this_machine(recipe), keep_freed_memory=recipe.train.keep_freed_memory)
     runtime.apply()
     opt = recipe.optim
     batch = settings.batch_size if settings.batch_size is not None else max(1, opt.batch_size // opt.accum_steps)

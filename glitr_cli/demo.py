@@ -127,7 +127,7 @@ def follow_rates(checkpoint: Path, data: Path, *, batch_size: int = 50) -> dict[
     student = load_student(checkpoint)
     model = student.model
     dataset = build_dataset(dataclasses.replace(student.recipe.data, root=str(data)), "val", train=False)
-    loader = Runtime.from_recipe(student.recipe, device="cpu").loader(dataset, batch_size=batch_size)
+    loader = Runtime.for_this_machine(student.recipe, "cpu").loader(dataset, batch_size=batch_size)
     meter = FollowMeter(
         data / "download",
         student.sampler,

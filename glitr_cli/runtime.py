@@ -14,6 +14,10 @@ runtime gives PyTorch the cores the loader workers leave free (`train.threads: 0
 on it. The number of workers does not change the data (each clip is seeded on its own).
 `train.keep_freed_memory` has glibc reuse freed memory instead of mapping fresh pages for every
 large tensor (`keep_freed_memory`).
+
+Those two are the training node's: a checkpoint's recipe records them (a resumed run keeps its thread
+count), but `eval`, `visualize`, `predict`, `stream`, `bench` and `demo` run on whatever machine they are
+started on, so they take `Runtime.for_this_machine`, which chooses threads and workers for this one.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import multiprocessing as mp
 import os
 import platform
 import signal
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -154,6 +159,19 @@ class Runtime:
             world_size=world,
         )
 
+    @classmethod
+    def for_this_machine(
+        cls, recipe: Recipe, device: str | None = None, *, threads: int = 0, workers: int | None = None
+    ) -> Runtime:
+        """The runtime of inference with `recipe` (often a checkpoint's, which records the training node's
+        threads and workers): its device and precision, but threads and loader workers chosen for this
+        machine, and malloc left as it is. `workers` (None: the recipe's, at most `auto_workers` here) and
+        `threads` (0: `auto_threads` of those workers) override."""
+        runtime = cls.from_recipe(recipe, device)
+        if workers is None:
+            workers = min(runtime.workers, auto_workers(runtime.device))
+        return replace(runtime, threads=threads or auto_threads(workers), workers=workers, keep_freed_memory=False)
+
     @property
     def amp_dtype(self) -> torch.dtype | None:
         return AMP_DTYPES.get(self.precision)
@@ -221,11 +239,27 @@ def _ignore_preemption_signals(worker_id: int) -> None:
 
 
 def stop_workers(loader: DataLoader) -> None:
-    """End the persistent workers of `loader` now; iterating it again starts new ones."""
-    workers = loader._iterator  # PyTorch keeps the iterator of persistent workers here
-    loader._iterator = None
-    if workers is not None:
-        workers._shutdown_workers()
+    """End the persistent workers of `loader` now; iterating it again starts new ones.
+
+    PyTorch keeps the iterator of persistent workers in the loader and ends them with a private method;
+    should it lose that method, its worker processes are killed instead (they ignore SIGTERM). A test
+    checks that both private members are there."""
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is None:
+        return
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    else:
+        kill_workers(getattr(iterator, "_workers", []))
+
+
+def kill_workers(processes: list[mp.process.BaseProcess]) -> None:
+    """End loader worker processes with SIGKILL (they ignore SIGTERM) and reap them."""
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join()
 
 
 _LIVE_LOADERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()  # loaders with workers, ended at exit

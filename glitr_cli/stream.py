@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -165,6 +165,8 @@ class Reader:
                     "range requests: serve it from one, or move the index to the front with "
                     "ffmpeg -i IN.mp4 -c copy -movflags +faststart OUT.mp4"
                 )
+        except Exception as e:  # anything else must end the stream as a failure too, not as its end
+            self.error = f"reading failed after {self.read} frames ({type(e).__name__}: {' '.join(str(e).split())})"
         finally:
             self.container.close()  # here, in the thread that decodes: never under a running decode
             with self._cond:
@@ -334,6 +336,7 @@ def stream(
     if threads < 0:
         raise GlitrError(f"--threads must be 0 (every core) or more, got {threads}")
     container = open_source(source)  # before the model: a wrong source answers at once
+    outputs = contextlib.ExitStack()
     try:
         if checkpoint is None:
             checkpoint = find_checkpoint(runs)
@@ -358,11 +361,13 @@ def stream(
         if stop_on_decision and threshold is None:
             raise GlitrError("--stop-on-decision needs a threshold: --decide TAU, or the one --calibrated finds")
         decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
-        runtime = replace(Runtime.from_recipe(student.recipe, device="cpu" if onnx else device), threads=threads)
+        runtime = Runtime.for_this_machine(student.recipe, "cpu" if onnx else device, threads=threads)
         runtime.apply()
         fps = frame_rate(container)
         if every is None:
             every = default_every(fps or 25.0, student.num_frames, student.recipe.data.dataset)
+        # the output before the stream starts: a target that cannot be written closes the source too
+        lines = outputs.enter_context(_lines(jsonl))
     except BaseException:
         container.close()
         raise
@@ -377,7 +382,7 @@ def stream(
     # a live panel of the current top-3 and latency when a person watches (not when JSON goes there)
     show = console.is_terminal and not (str(jsonl) == "-" and console.file is sys.stdout)
     watched = Live(console=console, auto_refresh=False, transient=True) if show else contextlib.nullcontext()
-    with _lines(jsonl) as lines, watched as live:
+    with outputs, watched as live:
         summary = _run(
             student,
             runtime,

@@ -67,6 +67,29 @@ def test_cuda_graph_predictor_matches_eager_steps_and_the_batched_student():
     torch.testing.assert_close(_run(graphs, one)[1], _run(eager, one)[1], rtol=1e-5, atol=1e-5)
 
 
+def _crops(frames: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """The pixels of `boxes` (B, 4) (x0, y0, x1, y1, end exclusive) of model inputs (B, 3, S, S), zeros outside."""
+    pad = frames.shape[-1]
+    padded = torch.nn.functional.pad(frames, (pad, pad, pad, pad))
+    rows = [padded[i, :, y0 + pad : y1 + pad, x0 + pad : x1 + pad] for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())]
+    return torch.stack(rows)
+
+
+def test_whole_frames_after_crops_go_on_from_the_streams_state():
+    """The first whole-frame step after eager crop steps captures the graphs; the streams keep their
+    state through the capture and continue as the eager predictor does."""
+    model = tiny_glitr().cuda()
+    x = clips(smooth=True).cuda()
+    eager = OnlinePredictor(model, batch_size=2, cuda_graphs=False)
+    graphs = OnlinePredictor(model, batch_size=2, cuda_graphs=True)
+    for t in range(x.shape[1]):
+        ref = eager.step(x[:, t])
+        out = graphs.step(crop=_crops(x[:, t], graphs.next_box())) if t < 2 else graphs.step(x[:, t])
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.next_location, ref.next_location, rtol=1e-5, atol=1e-5)
+    assert graphs.t == graphs.frames == x.shape[1]
+
+
 def test_bf16_graph_predictor_stays_close_to_float32():
     model = tiny_glitr().cuda()
     x = clips(smooth=True).cuda()

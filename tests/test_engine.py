@@ -583,15 +583,22 @@ def test_cpu_threads_leave_the_loader_workers_their_cores(monkeypatch):
     assert auto_threads(1) == 3  # the user's choice stands
 
 
-# in a fresh process: three teacher-objective steps at the toy geometry (their losses), then the page
-# faults of filling five 64 MiB tensors one after the other, each freed before the next
-_FAULTS_PROGRAM = """
-import json, resource, sys
+# in a fresh process: three teacher-objective steps at the toy geometry (their losses), then glibc's own
+# account (mallinfo2) of five 64 MiB tensors allocated one after the other, each freed before the next:
+# the bytes mapped apart from the heap while one is alive, the heap's size and its free bytes after it
+_MALLOC_PROGRAM = """
+import ctypes, json, sys
 import torch
 from glitr_cli.engine.build import build_objective
 from glitr_cli.recipe import load_recipe
 from glitr_cli.runtime import Runtime
 
+class MallInfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
 recipe = load_recipe("toy_teacher", ["train.keep_freed_memory=" + sys.argv[1], "train.threads=1"])
 Runtime.from_recipe(recipe, device="cpu").apply()
 torch.manual_seed(0)
@@ -602,27 +609,34 @@ for _ in range(3):
     out = loss(frames, labels)
     out["loss"].backward()
     values.append(out["loss"].item())
-faults = []
+mapped, heap, free = [], [], []
 for _ in range(5):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(16 << 20).sum()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"loss": values, "faults": faults}))
+    x = torch.ones(16 << 20)
+    mapped.append(libc.mallinfo2().hblkhd)
+    del x
+    heap.append(libc.mallinfo2().arena)
+    free.append(libc.mallinfo2().fordblks)
+print(json.dumps({"loss": values, "mapped": mapped, "heap": heap, "free": free}))
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_keeping_freed_memory_computes_the_same_without_the_page_faults():
-    """`train.keep_freed_memory`: the same losses as glibc's default allocator; a large tensor freed
-    and allocated again reuses its pages, where the default maps fresh ones (16384 faults of 4 KiB)."""
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and mallinfo2 are glibc's")
+def test_keeping_freed_memory_computes_the_same_and_reuses_the_heap():
+    """`train.keep_freed_memory`: the same losses as glibc's default allocator. By default glibc maps a
+    block that large apart from the heap (fresh pages, zero-filled one fault at a time) and unmaps it when
+    freed; kept, the block comes from the heap, stays there once freed, and the next ones reuse it: the
+    heap stops growing (after the second, which the first's free space may not fit)."""
     runs = {}
     for keep in ("false", "true"):
-        proc = subprocess.run([sys.executable, "-c", _FAULTS_PROGRAM, keep], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", _MALLOC_PROGRAM, keep], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         runs[keep] = json.loads(proc.stdout)
     assert runs["true"]["loss"] == runs["false"]["loss"]
-    plain, kept = sum(runs["false"]["faults"][1:]), sum(runs["true"]["faults"][1:])
-    assert plain > 4 * 10000 and kept < 1000, (runs["false"]["faults"], runs["true"]["faults"])
+    block = 64 << 20
+    plain, kept = runs["false"], runs["true"]
+    assert all(m >= block for m in plain["mapped"]), plain
+    assert all(m < block for m in kept["mapped"]), kept
+    assert all(f >= block for f in kept["free"]) and len(set(kept["heap"][1:])) == 1, kept
 
 
 _LOADER_LEFT_AT_EXIT = """

@@ -94,6 +94,33 @@ def test_onnx_predictor_matches_the_pytorch_predictor(exported_tiny, tmp_path, c
         assert (exported.t, exported.frames) == (reference.t, reference.frames)
 
 
+def test_a_batch_of_two_streams_matches_the_pytorch_step(trained_tiny, tmp_path, glitr):
+    """`glitr export --batch-size 2`: a step whose shapes hold two streams; ONNX Runtime runs it on two
+    different real toy clips at once, twice as long as T (the cached steps, then sliding), within 1e-4 of
+    the PyTorch predictor's batch of two."""
+    ckpt = trained_tiny / "runs" / "tiny" / "checkpoints" / "last.pt"
+    out = tmp_path / "step2.onnx"
+    code, _, err = glitr("export", ckpt, "--out", out, "--batch-size", 2)
+    assert code == 0, err
+    student = load_student(ckpt)
+    t = student.num_frames
+    transform = eval_transform(student.img_size, student.resize)
+    clips = [transform(toy_clip(tmp_path, student, 2 * t, seed=seed)) for seed in (6, 7)]
+    frames = torch.stack(clips, 1)  # (2T, 2, 3, S, S)
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 2
+    state = {i.name: np.zeros(i.shape, np.int64 if "int64" in i.type else np.float32) for i in session.get_inputs()[1:]}
+    reference = OnlinePredictor(student.model, batch_size=2, context="sliding")
+    for frame in frames:
+        ref = reference.step(frame)
+        outputs = dict(zip(OUTPUTS, session.run(None, {"frame": frame.numpy(), **state}), strict=True))
+        np.testing.assert_allclose(outputs["probs"], ref.probs.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(outputs["next_location"], ref.next_location.numpy(), atol=1e-4, rtol=0)
+        state = {name: outputs[f"next_{name}"] for name in STATE}
+    assert not np.allclose(outputs["probs"][0], outputs["probs"][1], atol=1e-3)  # two streams, not one twice
+
+
 def test_export_mistakes_exit_2(trained_tiny, tmp_path, glitr):
     ckpt = trained_tiny / "runs" / "tiny" / "checkpoints" / "last.pt"
     code, _, err = glitr("export", ckpt, "--out", tmp_path / "step.txt")

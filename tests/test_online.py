@@ -142,3 +142,26 @@ def test_glimpse_only_input_equals_full_frames(tmp_path, context):
         glimpse_only.step(crop=torch.zeros(2, 3, size, size))
     with pytest.raises(GlitrError, match="short side must be the evaluation resize"):
         CentreCrop.of(64, 40, size, resize)
+
+
+@pytest.mark.parametrize("context", [None, "sliding", "restart"])
+def test_what_a_capture_runs_between_two_steps_leaves_the_streams_state(context):
+    """On CUDA the first whole-frame step after eager (crop) steps captures the graphs, which steps
+    placeholder streams through the predictor's state and caches; `_state_kept` gives the streams
+    their state back. Here on the CPU what a capture does (a reset, T steps) runs eagerly inside it,
+    once during the first window and, with a context, once after it: the streams go on as if nothing
+    had run between their steps."""
+    model = tiny_glitr()
+    n = 8 if context else model.num_frames
+    x, placeholder = clips(frames=n, smooth=True), clips(seed=1, smooth=True)
+    plain = OnlinePredictor(model, batch_size=2, context=context)
+    interrupted = OnlinePredictor(model, batch_size=2, context=context)
+    for t in range(n):
+        if t in (2, 6):
+            with interrupted._state_kept():
+                interrupted.reset(2)
+                for s in range(model.num_frames):
+                    interrupted.step(placeholder[:, s])
+        a, b = plain.step(x[:, t]), interrupted.step(x[:, t])
+        assert torch.equal(b.logits, a.logits) and torch.equal(b.next_location, a.next_location), t
+        assert (interrupted.t, interrupted.frames) == (plain.t, plain.frames)

@@ -89,7 +89,9 @@ def test_videos_frame_folders_and_unreadable_inputs(in_project, toy_data, tmp_pa
     code, out_text, err = glitr("predict", checkpoint, clips, frames, f"{toy_data / 'toy'}:val", "-o", out, "-j", "2")
     assert code == 1, out_text + err  # two inputs failed
     assert "predicted, 2 failed" in err.replace("\n", " ")
-    failed = dict(line.split("\t", 1) for line in (tmp_path / "out" / "failed.txt").read_text().splitlines())
+    failed = dict(
+        line.split("\t", 1) for line in (tmp_path / "out" / "preds.jsonl.failed.txt").read_text().splitlines()
+    )
     assert list(failed) == [str(clips / "sub" / "c.webm"), str(clips / "sub" / "d.avi")]
     assert "truncated" in failed[str(clips / "sub" / "c.webm")]
     assert "cannot open as a video" in failed[str(clips / "sub" / "d.avi")]
@@ -111,6 +113,29 @@ def test_videos_frame_folders_and_unreadable_inputs(in_project, toy_data, tmp_pa
     assert rows[0] == ["clip", "label", "step", "x", "y", "top1", "p1", "top2", "p2"]
     assert [row[2] for row in rows[1:]] == ["1", "2", "3", "4"]
     assert rows[-1][5] == records[0]["top"][0][0]
+
+
+def test_the_failed_clips_of_a_prediction_in_a_datasets_folder_leave_its_failed_txt(in_project, tmp_path, glitr):
+    """Predictions written into a prepared dataset's folder list their failures in a file named after the
+    output, not in the dataset's own failed.txt; a later run without failures removes that list."""
+    checkpoint = in_project / "runs/tiny/checkpoints/last.pt"
+    mine = tmp_path / "mine"
+    own = "videos/lost.mp4\tcannot open as a video (Invalid data found when processing input)\n"
+    (mine / "videos").mkdir(parents=True)
+    (mine / "failed.txt").write_text(own)  # as `glitr prepare-data folder` leaves it
+    encode_video(mine / "videos" / "a.mp4", make_frames(9, 48, 64, seed=1), "h264")
+    (mine / "videos" / "broken.mp4").write_bytes(b"not a video\n" * 40)
+    out = mine / "preds.jsonl"
+    code, _, err = glitr("predict", checkpoint, mine / "videos", "-o", out)
+    assert code == 1, err
+    assert (mine / "failed.txt").read_text() == own
+    listed = (mine / "preds.jsonl.failed.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [str(mine / "videos" / "broken.mp4")]
+    assert f"listed in {mine / 'preds.jsonl.failed.txt'}" in err.replace("\n", "")
+    (mine / "videos" / "broken.mp4").unlink()
+    code, _, err = glitr("predict", checkpoint, mine / "videos", "-o", out)
+    assert code == 0, err
+    assert not (mine / "preds.jsonl.failed.txt").exists() and (mine / "failed.txt").read_text() == own
 
 
 def test_mistakes_are_one_line_errors(in_project, tmp_path, glitr):

@@ -8,7 +8,7 @@ Frames are uint8 numpy arrays (H, W, 3), RGB.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -58,7 +58,23 @@ def iter_video_frames(
     `check_complete`, a file whose decoded frames cover clearly less than the duration
     its header announces (a truncated download) raises. Every failure raises `GlitrError`
     naming the file."""
-    path = Path(path)
+    size: list[tuple[int, int]] = []  # the first frame's, resized
+
+    def rgb(frame: av.VideoFrame) -> np.ndarray:
+        if not size:
+            size.append(resized_size(frame.width, frame.height, short_side))
+        return to_rgb(frame, size[0])
+
+    return _decoded(Path(path), rgb, check_complete)
+
+
+def to_rgb(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
+    """A decoded frame as RGB uint8 (H, W, 3) of `size` (width, height), resized bicubic."""
+    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
+
+
+def _decoded(path: Path, convert: Callable[[av.VideoFrame], Any], check_complete: bool) -> Iterator[Any]:
+    """`convert` of every decoded frame of the video file `path`; failures as in `iter_video_frames`."""
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as e:
@@ -69,17 +85,14 @@ def iter_video_frames(
         stream = container.streams.video[0]
         n = 0
         first_t = last_t = None
-        size: tuple[int, int] | None = None
         try:
             for frame in container.decode(stream):
-                if size is None:
-                    size = resized_size(frame.width, frame.height, short_side)
-                arr = frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
+                converted = convert(frame)
                 if frame.time is not None:
                     first_t = frame.time if first_t is None else first_t
                     last_t = frame.time
                 n += 1
-                yield arr
+                yield converted
         except av.FFmpegError as e:
             raise GlitrError(f"{path}: decoding failed after {n} frames ({_av_reason(e)})") from None
         if n == 0:
@@ -241,14 +254,6 @@ class FrameSource:
             raise GlitrError(f"{self.path}: no such video file or frame folder")
         self._files = image_files(self.path) if self.path.is_dir() else None
 
-    def count(self) -> int:
-        """Number of frames (decodes a video file once; cheap thanks to a tiny output size)."""
-        if self._files is not None:
-            return len(self._files)
-        # decoding is unavoidable (headers often omit or misstate the count); converting every
-        # frame to an 8-pixel image keeps the counting pass cheap
-        return sum(1 for _ in iter_video_frames(self.path, short_side=8))
-
     def frames(self) -> Iterator[tuple[int, np.ndarray]]:
         """(index, frame) for every frame in order."""
         if self._files is not None:
@@ -257,17 +262,14 @@ class FrameSource:
             return
         yield from enumerate(iter_video_frames(self.path))
 
-    def select(self, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """The frames at `indices` (ascending, repeats allowed), decoding the video once."""
+    def sample(self, pick: Callable[[int], list[int]]) -> list[tuple[int, np.ndarray]]:
+        """(index, frame) for the indices `pick` chooses from the number of frames, decoding a video once.
+
+        Headers often omit or misstate the number of frames, so it is known only once the whole video is
+        decoded: its frames are kept as the decoder gives them (in a 4:2:0 video half the bytes of RGB)
+        and only the chosen ones are converted."""
         if self._files is not None:
-            for i in indices:
-                yield i, read_image(self._files[i])
-            return
-        wanted = iter(indices)
-        nxt = next(wanted, None)
-        for i, frame in self.frames():
-            while nxt == i:
-                yield i, frame
-                nxt = next(wanted, None)
-            if nxt is None:
-                return
+            return [(i, read_image(self._files[i])) for i in pick(len(self._files))]
+        decoded = list(_decoded(self.path, lambda frame: frame, check_complete=True))
+        size = (decoded[0].width, decoded[0].height)
+        return [(i, to_rgb(decoded[i], size)) for i in pick(len(decoded))]

@@ -277,7 +277,7 @@ def run_eval(
     """Evaluate a run's checkpoint (default: its last.pt) on `eval.split`; write eval.json and accuracy.png."""
     console = console or Console()
     r = resolve_recipe(recipe)
-    runtime = Runtime.from_recipe(r)
+    runtime = Runtime.for_this_machine(r)
     runtime.apply()
     init_distributed(runtime)
     run_dir = Path(r.output_dir or ".")

@@ -110,7 +110,7 @@ def step_frames(source: FrameSource, sampler: FrameSampler, every: int | None) -
     """Evaluation's T frames as `sampler` picks them (`every` None), or every `every`-th frame of the
     whole video."""
     if every is None:
-        return source.select(sampler.indices(source.count(), train=False))
+        return iter(source.sample(lambda n: sampler.indices(n, train=False)))
     return ((i, f) for i, f in source.frames() if i % every == 0)
 
 
@@ -357,7 +357,7 @@ def visualize(
         checkpoint, student.num_frames, calibrated=calibrated, calibration=calibration, decide=decide, console=console
     )
     decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
-    runtime = Runtime.from_recipe(student.recipe, device=device)  # the precision evaluation uses
+    runtime = Runtime.for_this_machine(student.recipe, device)  # the precision evaluation uses
     runtime.apply()
 
     mp4 = out.suffix.lower() == ".mp4"

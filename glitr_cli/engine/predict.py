@@ -12,8 +12,8 @@ prepared split is named by the frame folder it was read from (`DIR/frames/<id>`,
 `predict` and `visualize`) and also carries `"id"` and, when labelled, `"label"`. A location lies in
 [-1, 1] over the model input, (-1, -1) its top-left pixel centre. Or CSV (`.csv`), one row per clip and
 step: `clip,label,step,x,y,top1,p1,...,topk,pk`. A clip that cannot be read is listed with the reason
-in `failed.txt` beside the output and the others are predicted; the output is written atomically once
-all are done.
+in `<output>.failed.txt` beside the output (never a prepared dataset's own `failed.txt` in the same
+folder) and the others are predicted; the output is written atomically once all are done.
 
 Calibration and early decisions (`engine/decisions.py`): with the temperatures `glitr eval` fitted
 (`calibrated`, or `calibration` naming its eval.json) every probability is the calibrated one. With a
@@ -52,7 +52,7 @@ from glitr_cli.recipe import DataConfig
 from glitr_cli.runtime import Runtime, stop_workers
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
-FAILED_FILE = "failed.txt"
+FAILED_SUFFIX = ".failed.txt"  # the list of failed clips is named after the output
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ class ClipRef:
     index: int = -1
     id: str | None = None
     label: str | None = None
+
+
+def failed_file(out: Path) -> Path:
+    """Where `predict` lists the clips that failed for output `out`."""
+    return out.with_name(out.name + FAILED_SUFFIX)
 
 
 def is_split_spec(spec: str) -> bool:
@@ -116,7 +121,7 @@ def _has_clips(list_file: Path) -> bool:
 def read_clip(path: Path, sampler: FrameSampler) -> torch.Tensor:
     """Evaluation's T frames of a video file or frame folder, as `sampler` picks them: uint8 (T, 3, H, W)."""
     source = FrameSource(path)
-    frames = [f for _, f in source.select(sampler.indices(source.count(), train=False))]
+    frames = [f for _, f in source.sample(lambda n: sampler.indices(n, train=False))]
     if len({f.shape for f in frames}) > 1:
         raise GlitrError(f"{path}: frames of different sizes")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
@@ -221,7 +226,7 @@ class PredictSummary:
     def describe(self, max_failures: int = 5) -> str:
         failed = f"{len(self.failed)} failed"
         if self.failed:
-            failed += f" (listed in {self.out.parent / FAILED_FILE})"
+            failed += f" (listed in {failed_file(self.out)})"
         lines = [f"wrote {self.out}: {self.predicted} clips predicted, {failed}"]
         if self.labelled:
             lines[0] += f"; top-1 at the last step on the {self.labelled} labelled clips: {self.accuracy:.2%}"
@@ -252,7 +257,7 @@ def predict(
     console: Console | None = None,
 ) -> PredictSummary:
     """Predict every clip `inputs` name with the GliTr student in `checkpoint`; write `out` (.jsonl or
-    .csv) and, when clips fail, `failed.txt` beside it. `batch_size` and `workers` default to the
+    .csv) and, when clips fail, `<out>.failed.txt` beside it. `batch_size` and `workers` default to the
     checkpoint recipe's `eval.batch_size` and `data.workers`. `calibrated`, `calibration` and `decide`:
     see the module docstring and `decision_settings`."""
     console = console or Console(stderr=True)
@@ -273,9 +278,7 @@ def predict(
     )
     data = student.recipe.data
     refs, splits = resolve_inputs(inputs, data)
-    runtime = Runtime.from_recipe(student.recipe, device=device)
-    if workers is not None:
-        runtime = dataclasses.replace(runtime, workers=workers)
+    runtime = Runtime.for_this_machine(student.recipe, device, workers=workers)
     runtime.apply()
     model = student.model.to(runtime.device).eval()
     k = min(top_k, len(student.class_names))
@@ -306,8 +309,10 @@ def predict(
     text = format_csv(done, k) if out.suffix.lower() == ".csv" else format_jsonl(done)
     atomic_write_text(out, text)
     named = [(refs[i].name, reason) for i, reason in sorted(failed)]
-    if named:  # an older failed.txt is left alone: it may belong to a dataset prepared in the same folder
-        atomic_write_text(out.parent / FAILED_FILE, "".join(f"{name}\t{reason}\n" for name, reason in named))
+    if named:
+        atomic_write_text(failed_file(out), "".join(f"{name}\t{reason}\n" for name, reason in named))
+    else:  # one left by an earlier run to the same output would not describe this one
+        failed_file(out).unlink(missing_ok=True)
     labelled = [r for r in done if "label" in r]
     correct = sum(r["top"][0][0] == r["label"] for r in labelled)
     summary = PredictSummary(out, len(done), named, len(labelled), correct)

@@ -23,6 +23,7 @@ predictor for the first T steps.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -193,9 +194,32 @@ class OnlinePredictor:
         self._keep(feat.clone())
         return StepOutput(loc.clone(), logits, logits.softmax(dim=-1), self._next)
 
+    @contextlib.contextmanager
+    def _state_kept(self) -> Iterator[None]:
+        """Give the streams back, after the block, the state they had before it: the counts, the kept
+        features, the next location and the caches' contents, copied back into the caches' own storage
+        (captured graphs point at it). A capture steps placeholder streams through that state."""
+        caches = (self._cls_cache, self._loc_cache)
+        counts, feats, nxt = (self.t, self.frames), list(self._feats), self._next.clone()
+        kept = [(c.length, None if c.keys is None else (c.keys.clone(), c.values.clone())) for c in caches]
+        try:
+            yield
+        finally:
+            (self.t, self.frames), self._feats, self._next = counts, feats, nxt
+            for cache, (length, contents) in zip(caches, kept, strict=True):
+                cache.length = length
+                if contents is not None:
+                    cache.keys.copy_(contents[0])
+                    cache.values.copy_(contents[1])
+
     def _capture(self, frame: torch.Tensor) -> None:
-        """Record one graph per step t (0..T-1) on placeholder streams; the caches keep fixed storage."""
-        t_max, frames = self.model.num_frames, self.frames
+        """Record one graph per step t (0..T-1) on placeholder streams (the streams' own state is kept);
+        the caches keep fixed storage."""
+        with self._state_kept():
+            self._record(frame)
+
+    def _record(self, frame: torch.Tensor) -> None:
+        t_max = self.model.num_frames
         self._static_frame = frame.clone()
         self._static_loc = self.model.initial_location(frame.shape[0]).to(frame).clone()
         side = torch.cuda.Stream(frame.device)
@@ -215,8 +239,6 @@ class OnlinePredictor:
                 self._static_loc.copy_(nxt)
             pool = graph.pool()
             self._graphs.append((graph, (loc, logits, nxt, feat)))
-        self.reset(self.batch_size)
-        self.frames = frames  # a capture at the start of a later window keeps the count
 
 
 class StepGraph(torch.nn.Module):
