@@ -264,14 +264,16 @@ def test_a_jsonl_target_that_cannot_be_written_closes_the_source(trained_tiny, t
 
 @pytest.mark.slow
 def test_ctrl_c_stops_with_the_summary(trained_tiny, tmp_path):
-    video = clip(tmp_path, 30.0)
+    """Ctrl-C while a paced file waits for its next frame (six frames 100 s apart: the stream is
+    still running when the signal comes, however loaded the machine) ends with the summary."""
+    video = encode_video(tmp_path / "sparse.mp4", make_frames(6, 48, 64), "h264", fps=0.01)
     out = tmp_path / "lines.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "glitr_cli", "stream", str(video), "-c", str(checkpoint(trained_tiny))]
-    proc = subprocess.Popen([*cmd, "--every", "5", "--jsonl", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd, "--every", "1", "--jsonl", str(out)], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        while not (out.exists() and out.read_text().count("\n") >= 1) and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
@@ -282,8 +284,8 @@ def test_ctrl_c_stops_with_the_summary(trained_tiny, tmp_path):
     assert proc.returncode == 0, err
     records, summary = read_lines(out)
     assert summary["interrupted"] is True and "stopped:" in err
-    assert summary["frames_processed"] == len(records) >= 2
-    assert summary["frames_read"] < 30 * FPS
+    assert summary["frames_processed"] == len(records) >= 1
+    assert summary["frames_read"] < 6
 
 
 def test_stream_is_in_the_help(glitr):
