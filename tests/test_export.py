@@ -14,7 +14,16 @@ from glitr_cli.data.toy import ToyConfig, render_clip, sample_clip
 from glitr_cli.data.transforms import CentreCrop, eval_transform
 from glitr_cli.data.video import encode_video, iter_video_frames
 from glitr_cli.engine.loading import load_student
-from glitr_cli.engine.onnx import INPUTS, OUTPUTS, STATE, OnnxPredictor, cached_step, step_metadata
+from glitr_cli.engine.onnx import (
+    INPUTS,
+    OUTPUTS,
+    STATE,
+    OnnxPredictor,
+    cached_step,
+    int8_weight_bits,
+    quantize_int8,
+    step_metadata,
+)
 from glitr_cli.model import OnlinePredictor
 
 ort = pytest.importorskip("onnxruntime")
@@ -142,12 +151,14 @@ def test_the_float_step_holds_each_weight_once_in_its_multiplication_layout(expo
     assert {"If", "Attention"} <= {n.op_type for n in model.graph.node}
 
 
-def test_int8_step_quantizes_every_linear_layer_and_stays_close(exported_tiny, tmp_path):
-    """The int8 step: T_f's linear layers as dynamically quantized products, T_c's and T_l's (in the branches)
-    as blocks of int8 weights, no float product with a weight left; the predictions stay close to the float
-    step's on a real toy clip fed to both, the same glimpse locations to each (open loop)."""
-    path = exported_tiny.with_name("last.pt.step-int8.onnx")
-    model = onnx.load(path)
+@pytest.mark.parametrize("bits", [7, 8])
+def test_int8_step_quantizes_every_linear_layer_and_stays_close(exported_tiny, tmp_path, bits):
+    """The int8 step: T_f's linear layers as dynamically quantized products (weights of `bits` bits), T_c's
+    and T_l's (in the branches) as blocks of int8 weights, no float product with a weight left; the
+    predictions stay close to the float step's on a real toy clip fed to both, the same glimpse locations to
+    each (open loop)."""
+    float_step = exported_tiny.with_name("last.pt.step.onnx")
+    model = quantize_int8(onnx.load(float_step), weight_bits=bits)
     weights = {w.name for w in model.graph.initializer if w.data_type == onnx.TensorProto.FLOAT and len(w.dims) == 2}
     nodes = [n for g in graphs(model.graph) for n in g.node]
     branches = list(graphs(model.graph))[1:]
@@ -155,17 +166,38 @@ def test_int8_step_quantizes_every_linear_layer_and_stays_close(exported_tiny, t
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in model.graph.node}
     assert all("MatMulNBits" in {n.op_type for n in g.node} for g in branches)
     assert not [n for n in nodes if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
-    assert step_metadata(path)["precision"] == "int8"
+    t_f = [w for w in model.graph.initializer if w.data_type == onnx.TensorProto.INT8 and w.name.endswith("_quantized")]
+    largest = max(np.abs(onnx.numpy_helper.to_array(w).astype(int)).max() for w in t_f)
+    assert largest == 2 ** (bits - 1) - 1  # each channel's largest weight takes the top of the range
+    meta = {e.key: e.value for e in model.metadata_props}
+    assert meta["precision"] == "int8" and meta["int8_weight_bits"] == str(bits)
+    # what `glitr stream --backend onnx-int8` made beside the checkpoint has the bits this CPU holds exactly
+    cached = step_metadata(exported_tiny.with_name("last.pt.step-int8.onnx"))
+    assert cached["int8_weight_bits"] == str(int8_weight_bits())
 
     student = load_student(exported_tiny)
     inputs = eval_transform(student.img_size, student.resize)(toy_clip(tmp_path, student, 2 * student.num_frames, 5))
-    exact = OnnxPredictor(exported_tiny.with_name("last.pt.step.onnx"), threads=1)
-    fast = OnnxPredictor(path, threads=1)
+    exact = OnnxPredictor(float_step, threads=1)
+    fast = OnnxPredictor(model.SerializeToString(), threads=1)
     location = None
     for frame in inputs:
         a, b = exact.step(frame[None]), fast.step(frame[None], location=location)
         assert (a.probs - b.probs).abs().max() < 0.02 and (a.next_location - b.next_location).abs().max() < 0.02
         location = a.next_location
+
+
+def test_int8_weights_have_8_bits_where_the_cpu_adds_int8_products_in_32_bits(tmp_path):
+    """x86 without VNNI (AVX2's int8 products add pairs in 16 bits): 7 bits; with VNNI, or on ARM: 8; an
+    x86 CPU whose features cannot be read: 7."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
+    assert int8_weight_bits(cpuinfo, "x86_64") == 7
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni\n")
+    assert int8_weight_bits(cpuinfo, "x86_64") == 8
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx avx2 avx_vnni\n")
+    assert int8_weight_bits(cpuinfo, "AMD64") == 8
+    assert int8_weight_bits(tmp_path / "missing", "x86_64") == 7
+    assert int8_weight_bits(tmp_path / "missing", "aarch64") == 8
 
 
 def test_the_cache_is_used_until_the_checkpoint_changes(exported_tiny, tmp_path):
@@ -180,6 +212,22 @@ def test_the_cache_is_used_until_the_checkpoint_changes(exported_tiny, tmp_path)
     assert cached_step(ckpt, notice=said.append) == cache
     assert len(said) == 1 and "exporting the online step" in said[0] and cache.stat().st_mtime_ns != before
     assert json.loads(step_metadata(cache)["source"])["mtime_ns"] == before + 10**9
+
+
+def test_an_int8_cache_made_for_other_bits_is_made_again(exported_tiny, tmp_path):
+    """An int8 step cached beside a checkpoint on a shared disk by a CPU that holds other bits is
+    quantized again here."""
+    ckpt = shutil.copy2(exported_tiny, tmp_path / "last.pt")
+    cache = shutil.copy2(exported_tiny.with_name("last.pt.step-int8.onnx"), tmp_path / "last.pt.step-int8.onnx")
+    said: list[str] = []
+    assert cached_step(ckpt, int8=True, notice=said.append) == cache and said == []
+    model = onnx.load(cache)
+    other = str(15 - int8_weight_bits())  # 7 <-> 8
+    onnx.helper.set_model_props(model, {**{e.key: e.value for e in model.metadata_props}, "int8_weight_bits": other})
+    onnx.save(model, cache)
+    assert cached_step(ckpt, int8=True, notice=said.append) == cache
+    assert len(said) == 1 and "exporting the int8 online step" in said[0]
+    assert step_metadata(cache)["int8_weight_bits"] == str(int8_weight_bits())
 
 
 def test_a_cache_that_cannot_be_written_still_gives_the_step(exported_tiny, tmp_path):

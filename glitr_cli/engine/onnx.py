@@ -12,6 +12,8 @@ import copy
 import importlib.util
 import json
 import logging
+import platform
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from glitr_cli import __version__
 from glitr_cli.engine.loading import Student, load_student
-from glitr_cli.errors import GlitrError
+from glitr_cli.errors import GlitrError, warn
 from glitr_cli.files import atomic_write
 from glitr_cli.model import GliTr
 from glitr_cli.model.online import CONTEXTS, StepGraph, StepOutput
@@ -150,12 +153,25 @@ def _set_metadata(proto: Any, **entries: str) -> None:
     onnx.helper.set_model_props(proto, {**_metadata(proto), **entries})
 
 
-def quantize_int8(proto: Any) -> Any:
+def int8_weight_bits(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | None = None) -> int:
+    """The bits of T_f's int8 weights that this CPU's int8 products hold exactly: 8, or 7 on an x86 CPU
+    without VNNI (AVX2 only), whose products add pairs in 16 bits, which 8-bit weights times uint8
+    inputs overflow. An x86 CPU whose features cannot be read (`cpuinfo`) counts as one without VNNI."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return 8  # ARM's int8 dot products add in 32 bits
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return 7
+    return 8 if re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) else 7
+
+
+def quantize_int8(proto: Any, weight_bits: int | None = None) -> Any:
     """`proto` with int8 linear layers, each kind with the ONNX Runtime quantizer that keeps its decisions
-    best (docs/online.md#int8): T_f (the main graph) dynamically, 7-bit weights per output channel; T_c and
-    T_l (the `If` branches, one token a step) as `MatMulNBits` blocks of 32, whose per-block input scales
-    keep the token from being lost to its largest values. 7 bits and signed block inputs because the int8
-    products of x86 CPUs without VNNI add pairs in 16 bits, which 8-bit weights times uint8 inputs overflow."""
+    best (docs/online.md#int8): T_f (the main graph) dynamically, `weight_bits` (default: what this CPU
+    holds exactly, `int8_weight_bits`) per output channel; T_c and T_l (the `If` branches, one token a
+    step) as `MatMulNBits` blocks of 32 with signed inputs, whose per-block input scales keep the token
+    from being lost to its largest values. The bits are in the metadata (`int8_weight_bits`)."""
     import onnx
 
     try:
@@ -173,6 +189,9 @@ def quantize_int8(proto: Any) -> Any:
         if node.op_type == "MatMul" and node.input[1] in weights
     }
     others = [node.name for graph in _graphs(proto.graph) for node in graph.node if node.op_type == "MatMul"]
+    bits = int8_weight_bits() if weight_bits is None else weight_bits
+    if bits not in (7, 8):
+        raise GlitrError(f"int8 weights have 7 or 8 bits, got {bits}")
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantizers():
         raw, out = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
         onnx.save(proto, raw)
@@ -181,7 +200,7 @@ def quantize_int8(proto: Any) -> Any:
             out,
             ["MatMul"],
             per_channel=True,
-            reduce_range=True,
+            reduce_range=bits == 7,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=[name for name in others if name not in linear & main],
         )
@@ -195,7 +214,7 @@ def quantize_int8(proto: Any) -> Any:
         )
         blocks.process()
         quantized = blocks.model.model
-    _set_metadata(quantized, **{**_metadata(proto), "precision": "int8"})
+    _set_metadata(quantized, **{**_metadata(proto), "precision": "int8", "int8_weight_bits": str(bits)})
     return quantized
 
 
@@ -255,14 +274,17 @@ def _source_key(checkpoint: Path) -> str:
 def cached_step(checkpoint: str | Path, *, int8: bool = False, notice: Callable[[str], Any] = print) -> Path | bytes:
     """The exported step of a `.pt` checkpoint (float32, or int8 with `int8`), from a cache beside it
     (`last.pt` -> `last.pt.step.onnx`, `last.pt.step-int8.onnx`). It is exported (`notice` says so) when
-    the cache is missing or was exported from a checkpoint file of another size or modification time; where
+    the cache is missing, was exported from a checkpoint file of another size or modification time, or
+    (int8) has weights of other bits than this CPU holds exactly (`int8_weight_bits`); where
     nothing can be written beside the checkpoint, the step comes back as bytes, exported again next time."""
     require_onnx()
     checkpoint = Path(checkpoint)
     student = None if checkpoint.is_file() else load_student(checkpoint)  # the loader's message when missing
     cache = checkpoint.with_name(f"{checkpoint.name}.step{'-int8' if int8 else ''}.onnx")
     key = _source_key(checkpoint)
-    if cache.is_file() and step_metadata(cache).get("source") == key:
+    meta = step_metadata(cache) if cache.is_file() else {}
+    # an int8 step made where the CPU held other bits (a checkpoint on a cluster's shared disk) is made again
+    if meta.get("source") == key and (not int8 or meta.get("int8_weight_bits") == str(int8_weight_bits())):
         return cache
     notice(f"exporting the {'int8 ' if int8 else ''}online step of {checkpoint} to {cache} (once per checkpoint)")
     data = student_step(student or load_student(checkpoint), int8=int8, source=key).SerializeToString()
@@ -336,6 +358,13 @@ class OnnxPredictor:
         if self.metadata.get("input") != "frame" or inputs["frame"].shape[0] != 1:
             raise GlitrError(
                 f"{self.name}: runs here as one stream of whole frames; export it without --crop and --batch-size"
+            )
+        bits = self.metadata.get("int8_weight_bits")
+        if bits is not None and int(bits) > int8_weight_bits():
+            warn(
+                Console(stderr=True),
+                f"{self.name}: int8 weights of {bits} bits, made for a CPU with VNNI; this CPU's int8 products "
+                "can overflow on them. Quantize it here: glitr export --int8 (7 bits)",
             )
         self.num_frames = int(self.metadata["num_frames"])
         self.glimpse_scale = tuple(json.loads(self.metadata["glimpse_scale"]))
