@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 from model_helpers import clips, tiny_glitr
 
-from glitr_cli import bench  # not `setup` itself: pytest before 8.1 runs a test module's `setup` as nose's set-up
+from glitr_cli import bench  # not `setup` itself: pytest 8.0 calls a test module's `setup` as nose's set-up
 from glitr_cli.bench import BenchSettings, Measurements, derived, peak_memory, set_fused_attention, training
 from glitr_cli.engine.onnx import onnx_runtime_available
 from glitr_cli.model import StudentObjective, TeacherObjective
