@@ -10,7 +10,8 @@ import torch
 from conftest import run_cli
 from model_helpers import clips, tiny_glitr
 
-from glitr_cli.bench import BenchSettings, Measurements, derived, peak_memory, set_fused_attention, setup, training
+from glitr_cli import bench  # not `setup` itself: pytest 8.0 calls a test module's `setup` as nose's set-up
+from glitr_cli.bench import BenchSettings, Measurements, derived, peak_memory, set_fused_attention, training
 from glitr_cli.engine.onnx import onnx_runtime_available
 from glitr_cli.model import StudentObjective, TeacherObjective
 from glitr_cli.model.reference import PlainStudentObjective, PlainTeacherObjective, plain_student_forward
@@ -165,7 +166,7 @@ def test_bench_times_the_training_step_and_its_plain_path_makes_the_same_update(
     # eps: AdamW's first update is lr * g / (|g| + eps); a large eps keeps it linear in g, so float noise
     # in gradients that are zero in exact arithmetic (the key bias) stays noise
     overrides = ["objective.label_smoothing=0.1", "model.drop_path=0", "optim.lr_batch=2", "optim.eps=1e-3", *rates]
-    s = setup(load_recipe(recipe, overrides), BenchSettings(batch_size=2, num_classes=4))
+    s = bench.setup(load_recipe(recipe, overrides), BenchSettings(batch_size=2, num_classes=4))
     model = s.objectives[kind].model
     start = copy.deepcopy(model.state_dict())
     s.step(kind, s.runtime)()
@@ -184,7 +185,7 @@ def test_grad_checkpointing_lowers_the_activation_memory_bench_reports(tmp_path)
     settings = BenchSettings(batch_size=2, num_classes=4, warmup=0, repeats=1, baseline=False)
     saved = {}
     for checkpointing in ("false", "true"):
-        s = setup(load_recipe(recipe, [f"train.grad_checkpointing={checkpointing}"]), settings)
+        s = bench.setup(load_recipe(recipe, [f"train.grad_checkpointing={checkpointing}"]), settings)
         m = Measurements(0, 1, s.runtime.device)
         training(s, m, baseline=False)
         saved[checkpointing] = m.saved_mib
@@ -203,7 +204,7 @@ def test_the_plain_baseline_runs_no_fused_attention(tmp_path):
     scaled_dot_product_attention in a plain step, and the recipe's attention back afterwards."""
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
-    s = setup(load_recipe(recipe), BenchSettings(batch_size=2, num_classes=4, warmup=0, repeats=1))
+    s = bench.setup(load_recipe(recipe), BenchSettings(batch_size=2, num_classes=4, warmup=0, repeats=1))
     training(s, Measurements(0, 1, s.runtime.device), baseline=True)
     for kind in ("student", "teacher"):
         assert _sdpa_calls(s.step(kind, s.runtime)) > 0, "the recipe's step uses fused attention"

@@ -3,9 +3,10 @@
 and the evaluation resize.
 
 Everything goes through what training uses: datasets made by `build_dataset` from the four paper
-recipes (read by glitr's recipe loader), their own frame sampler and transforms. Every case and
-tolerance comes from the fixture folder; extra folders of the same layout are read from
-GLITR_TRAINING_FIXTURES. A listed folder that is missing or malformed fails. (The folder's
+recipes (read by glitr's recipe loader), their own frame sampler and transforms, at the T and sizes
+each fixture case holds (that the recipes hold the paper's is a test of its own). Every case and
+tolerance comes from the fixture folder; extra folders of the same layout, of any T and sizes, are
+read from GLITR_TRAINING_FIXTURES. A listed folder that is missing or malformed fails. (The folder's
 learning-rate schedules are checked by test_reference_schedules.py.)
 """
 
@@ -75,29 +76,47 @@ def _diff(actual: torch.Tensor, expected: np.ndarray) -> np.ndarray:
     return np.abs(actual - expected.astype(np.float64))
 
 
+# the data settings of the paper's runs: T frames per clip, the evaluation short side and crop
+PAPER_DATA = {
+    "ssv2": {"num_frames": 16, "resize": 256, "img_size": 224},
+    "jester": {"num_frames": 8, "resize": 256, "img_size": 224},
+}
+
+
+def test_paper_recipes_use_the_papers_frames_and_sizes():
+    """The fixture tests below run each paper recipe's data settings at the fixture's T and sizes; this is
+    where the recipes themselves are held to the paper's, and the shipped fixture to the same shapes."""
+    for name in PAPER_RECIPES:
+        cfg = paper_recipe(name).data
+        assert {k: getattr(cfg, k) for k in PAPER_DATA[cfg.dataset]} == PAPER_DATA[cfg.dataset], name
+    shipped = load(FOLDERS[0]).cases
+    assert sorted(shipped["sampling"]["segments"]) == sorted({d["num_frames"] for d in PAPER_DATA.values()})
+    for dataset, data in PAPER_DATA.items():
+        assert shipped["eval"][f"eval/{dataset}"] == {"resize": data["resize"], "crop": data["img_size"]}
+
+
 @pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
 def test_frame_sampling_matches_the_release(folder, tmp_path):
+    """Every paper recipe's sampling, at each T the fixture holds."""
     fixture = load(folder)
     s = fixture.cases["sampling"]
     lengths = [int(n) for n in s["num_frames"]]
-    recipes = {name: paper_recipe(name).data for name in PAPER_RECIPES}
-    untested = set(s["segments"]) - {cfg.num_frames for cfg in recipes.values()}
-    assert not untested, f"no paper recipe samples {sorted(untested)} segments"
-    for name, cfg in recipes.items():
-        assert cfg.num_frames in s["segments"], f"{name}: the fixture has no case for T={cfg.num_frames}"
-        train, val = _datasets(cfg, lengths, tmp_path / name)
-        t = str(cfg.num_frames)
-        for n in lengths:
-            support = [[lo + 1, hi + 1] for lo, hi in train.sampler.support(n)]  # the fixture counts from 1
-            assert support == s["train"][t][str(n)], f"{name}: training support of a {n}-frame clip"
-            drawn = train.sampler.indices(n, train=True)
-            assert all(lo <= i + 1 <= hi for i, (lo, hi) in zip(drawn, support, strict=True)), f"{name}: N={n}"
-            indices = [i + 1 for i in val.sampler.indices(n, train=False)]
-            assert indices == s["eval"][t][str(n)], f"{name}: validation frames of a {n}-frame clip"
-        shortest = s["min_train_frames"]
-        assert [r.num_frames for r in train.records] == [n for n in lengths if n >= shortest], name
-        assert train.dropped_clips == sum(n < shortest for n in lengths) and val.dropped_clips == 0, name
-        assert [r.num_frames for r in val.records] == lengths, f"{name}: evaluation keeps every clip"
+    for name in PAPER_RECIPES:
+        for segments in s["segments"]:
+            cfg = dataclasses.replace(paper_recipe(name).data, num_frames=int(segments))
+            train, val = _datasets(cfg, lengths, tmp_path / f"{name}_{segments}")
+            t, where = str(segments), f"{name} at T={segments}"
+            for n in lengths:
+                support = [[lo + 1, hi + 1] for lo, hi in train.sampler.support(n)]  # the fixture counts from 1
+                assert support == s["train"][t][str(n)], f"{where}: training support of a {n}-frame clip"
+                drawn = train.sampler.indices(n, train=True)
+                assert all(lo <= i + 1 <= hi for i, (lo, hi) in zip(drawn, support, strict=True)), f"{where}: N={n}"
+                indices = [i + 1 for i in val.sampler.indices(n, train=False)]
+                assert indices == s["eval"][t][str(n)], f"{where}: validation frames of a {n}-frame clip"
+            shortest = s["min_train_frames"]
+            assert [r.num_frames for r in train.records] == [n for n in lengths if n >= shortest], where
+            assert train.dropped_clips == sum(n < shortest for n in lengths) and val.dropped_clips == 0, where
+            assert [r.num_frames for r in val.records] == lengths, f"{where}: evaluation keeps every clip"
 
 
 def _timm_config(config: str) -> dict[str, float]:
@@ -155,6 +174,7 @@ def test_crop_matches_the_release(folder, tmp_path):
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
 def test_evaluation_resize_matches_the_release(folder, tmp_path):
+    """The evaluation transform of every paper recipe on the case's dataset, at the case's sizes."""
     fixture = load(folder)
     tol = fixture.tol["eval"]
     for key, size in fixture.cases["eval"].items():
@@ -162,8 +182,7 @@ def test_evaluation_resize_matches_the_release(folder, tmp_path):
         names = [n for n in PAPER_RECIPES if paper_recipe(n).data.dataset == dataset]
         assert names, f"{key}: no paper recipe trains on {dataset}"
         for name in names:
-            cfg = paper_recipe(name).data
-            assert (cfg.resize, cfg.img_size) == (size["resize"], size["crop"]), f"{name}: evaluation sizes"
+            cfg = dataclasses.replace(paper_recipe(name).data, resize=size["resize"], img_size=size["crop"])
             _, val = _datasets(cfg, [16], tmp_path / name)
             out = (denormalize(val.transform(fixture.clip(f"{key}/input"))) * 255).round()  # back to grey levels
             diff = _diff(out.permute(0, 2, 3, 1), fixture.array(f"{key}/output"))

@@ -90,7 +90,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     """A 63-bit seed for the clip at `position` of epoch `epoch`'s global order."""
-    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([seed, epoch, position]).generate_state(2, np.uint32)
+    return int(state.view(np.uint64)[0]) >> 1  # shifted as a Python int: NumPy 1.x cannot shift a uint64 by an int
 
 
 class ResumableSampler(DistributedSampler):

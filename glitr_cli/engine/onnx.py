@@ -38,13 +38,27 @@ OPSET = 23  # scaled_dot_product_attention as ONNX's Attention
 FORMAT = 2  # the step's inputs, outputs and metadata; a file of another format is exported again
 
 
+EXPORT_TORCH = (2, 8)  # the first PyTorch whose dynamo exporter writes this step (its control flow, opset 23)
+
+
+def _torch_exports() -> bool:
+    return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= EXPORT_TORCH
+
+
 def onnx_runtime_available() -> bool:
-    """Whether this environment can export the step and run it (onnx, onnxscript, onnxruntime)."""
-    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
+    """Whether this environment can export the step and run it (onnx, onnxscript, onnxruntime, a new
+    enough PyTorch)."""
+    names = ("onnx", "onnxscript", "onnxruntime")
+    return _torch_exports() and all(importlib.util.find_spec(name) is not None for name in names)
 
 
 def require_onnx() -> None:
-    """The exporter needs onnx and onnxscript; neither is a core dependency."""
+    """The exporter needs onnx, onnxscript and PyTorch 2.8; the ONNX packages are not core dependencies."""
+    if not _torch_exports():
+        need = ".".join(map(str, EXPORT_TORCH))
+        raise GlitrError(
+            f"glitr export needs PyTorch {need} or newer (this is {torch.__version__}): pip install 'glitr[export]'"
+        )
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
