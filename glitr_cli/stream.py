@@ -361,7 +361,8 @@ def stream(
         if stop_on_decision and threshold is None:
             raise GlitrError("--stop-on-decision needs a threshold: --decide TAU, or the one --calibrated finds")
         decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
-        runtime = Runtime.for_this_machine(student.recipe, "cpu" if onnx else device, threads=threads)
+        # no loader: every core (or --threads) to the model
+        runtime = Runtime.for_this_machine(student.recipe, "cpu" if onnx else device, threads=threads, workers=0)
         runtime.apply()
         fps = frame_rate(container)
         if every is None:

@@ -48,6 +48,30 @@ def test_inference_chooses_this_machines_threads_not_the_training_nodes(
         torch.set_num_threads(before)
 
 
+def test_stream_and_visualize_give_every_core_to_the_model(trained_tiny, tmp_path, monkeypatch, glitr):
+    """They read frames without a loader: a recipe's loader workers (one here, what `data.workers:
+    auto` leaves on two cores) take no core from the model."""
+    ckpt = torch.load(trained_tiny / "runs/tiny/checkpoints/last.pt", weights_only=False)
+    ckpt["recipe"]["data"]["workers"] = 1
+    checkpoint = tmp_path / "last.pt"
+    torch.save(ckpt, checkpoint)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    video = encode_video(tmp_path / "clip.mp4", make_frames(8, 48, 64), "h264")
+    commands = {
+        "stream": ["stream", video, "-c", checkpoint, "--jsonl", tmp_path / "s.jsonl", "--as-fast-as-possible"],
+        "visualize": ["visualize", video, "-c", checkpoint, "-o", tmp_path / "v.gif", "--device", "cpu"],
+    }
+    before = torch.get_num_threads()
+    try:
+        for name, command in commands.items():
+            torch.set_num_threads(1)
+            code, _, err = glitr(*command)
+            assert code == 0, err
+            assert torch.get_num_threads() == runtime_module.available_cores(), name
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def running_loader():
     """A runtime loader whose one persistent worker is running (and ignores SIGTERM)."""

@@ -357,7 +357,7 @@ def visualize(
         checkpoint, student.num_frames, calibrated=calibrated, calibration=calibration, decide=decide, console=console
     )
     decider = None if threshold is None else OnlineDecider(threshold, student.num_frames, context == "sliding")
-    runtime = Runtime.for_this_machine(student.recipe, device)  # the precision evaluation uses
+    runtime = Runtime.for_this_machine(student.recipe, device, workers=0)  # evaluation's precision; no loader
     runtime.apply()
 
     mp4 = out.suffix.lower() == ".mp4"
