@@ -270,7 +270,15 @@ def test_ctrl_c_stops_with_the_summary(trained_tiny, tmp_path):
     out = tmp_path / "lines.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "glitr_cli", "stream", str(video), "-c", str(checkpoint(trained_tiny))]
-    proc = subprocess.Popen([*cmd, "--every", "1", "--jsonl", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal sends it: a shell starts background jobs (a CI script run with &) with SIGINT
+    # ignored, and a Python child keeps it ignored, so the test sets it back for the stream
+    proc = subprocess.Popen(
+        [*cmd, "--every", "1", "--jsonl", str(out)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out.exists() and out.read_text().count("\n") >= 1) and time.monotonic() < deadline:
