@@ -7,8 +7,10 @@ from pathlib import Path
 
 import av
 import pytest
+import torch
 from data_helpers import encode_video, make_frames
 
+from glitr_cli.data import video as video_module
 from glitr_cli.engine.loading import load_student
 from glitr_cli.engine.online import visualize
 from glitr_cli.engine.predict import read_clip
@@ -62,3 +64,16 @@ def test_visualize_decodes_a_video_once(trained_tiny, video, tmp_path, decoded):
     result = visualize(video, checkpoint=trained_tiny / "runs/tiny/checkpoints/last.pt", out=tmp_path / "v.gif")
     assert len(result["frames"]) == 4
     assert decoded.count(str(video)) == FRAMES  # (the GIF is written by Pillow, not decoded)
+
+
+def test_a_video_too_long_to_hold_is_decoded_again_for_the_same_frames(trained_tiny, video, decoded, monkeypatch):
+    """Past `KEEP_DECODED_BYTES` of decoded frames, the first pass only counts them and a second one takes
+    the chosen frames (up to the last of them): the same clip, in bounded memory."""
+    sampler = load_student(trained_tiny / "runs/tiny/checkpoints/last.pt").sampler
+    once = read_clip(video, sampler)
+    monkeypatch.setattr(video_module, "KEEP_DECODED_BYTES", 1)
+    decoded.clear()
+    twice = read_clip(video, sampler)
+    assert torch.equal(once, twice)
+    last = max(sampler.indices(FRAMES, train=False))
+    assert decoded == [str(video)] * (FRAMES + last + 1)

@@ -21,6 +21,8 @@ from PIL import Image
 from glitr_cli.errors import GlitrError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# decoded frames `FrameSource.sample` holds to decode a video once (some 340 frames of 1080p); past it, twice
+KEEP_DECODED_BYTES = 1 << 30
 
 # name -> (container format, encoder, default encoder options)
 CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -263,13 +265,33 @@ class FrameSource:
         yield from enumerate(iter_video_frames(self.path))
 
     def sample(self, pick: Callable[[int], list[int]]) -> list[tuple[int, np.ndarray]]:
-        """(index, frame) for the indices `pick` chooses from the number of frames, decoding a video once.
+        """(index, frame) for the indices `pick` chooses (ascending, repeats allowed) from the number of
+        frames, decoding a video once where it fits in `KEEP_DECODED_BYTES`.
 
         Headers often omit or misstate the number of frames, so it is known only once the whole video is
         decoded: its frames are kept as the decoder gives them (in a 4:2:0 video half the bytes of RGB)
-        and only the chosen ones are converted."""
+        and only the chosen ones are converted. A longer video is decoded a second time to take them."""
         if self._files is not None:
             return [(i, read_image(self._files[i])) for i in pick(len(self._files))]
-        decoded = list(_decoded(self.path, lambda frame: frame, check_complete=True))
-        size = (decoded[0].width, decoded[0].height)
-        return [(i, to_rgb(decoded[i], size)) for i in pick(len(decoded))]
+        kept: list[av.VideoFrame] | None = []
+        n = held = 0
+        for frame in _decoded(self.path, lambda frame: frame, check_complete=True):
+            n += 1
+            if kept is not None:
+                kept.append(frame)
+                held += sum(plane.buffer_size for plane in frame.planes)
+                if held > KEEP_DECODED_BYTES:
+                    kept = None  # too long to hold: counted now, its frames taken in a second pass
+        indices = pick(n)
+        if kept is not None:
+            size = (kept[0].width, kept[0].height)
+            return [(i, to_rgb(kept[i], size)) for i in indices]
+        wanted = iter(indices)
+        chosen, nxt = [], next(wanted, None)
+        for i, frame in self.frames():
+            while nxt == i:
+                chosen.append((i, frame))
+                nxt = next(wanted, None)
+            if nxt is None:
+                break
+        return chosen
