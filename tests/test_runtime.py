@@ -14,6 +14,20 @@ from glitr_cli.engine.loading import load_student
 from glitr_cli.runtime import Runtime
 
 
+def threads_after(glitr, commands: dict[str, list]) -> dict[str, int]:
+    """The PyTorch threads each `glitr` command (run in-process, started from one thread) leaves set."""
+    before, chosen = torch.get_num_threads(), {}
+    try:
+        for name, command in commands.items():
+            torch.set_num_threads(1)
+            code, _, err = glitr(*command)
+            assert code == 0, err
+            chosen[name] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return chosen
+
+
 def test_inference_chooses_this_machines_threads_not_the_training_nodes(
     trained_tiny, toy_data, tmp_path, monkeypatch, glitr
 ):
@@ -37,15 +51,7 @@ def test_inference_chooses_this_machines_threads_not_the_training_nodes(
         "visualize": ["visualize", video, "-c", checkpoint, "-o", tmp_path / "v.gif", "--device", "cpu"],
         "eval": ["eval", "runs/tiny/recipe.yaml", "eval.policies=[learned]", "--out", tmp_path / "eval"],
     }
-    before = torch.get_num_threads()
-    try:
-        for name, command in commands.items():
-            torch.set_num_threads(1)
-            code, _, err = glitr(*command)
-            assert code == 0, err
-            assert torch.get_num_threads() == 3, name
-    finally:
-        torch.set_num_threads(before)
+    assert threads_after(glitr, commands) == dict.fromkeys(commands, 3)
 
 
 def test_stream_and_visualize_give_every_core_to_the_model(trained_tiny, tmp_path, monkeypatch, glitr):
@@ -61,15 +67,7 @@ def test_stream_and_visualize_give_every_core_to_the_model(trained_tiny, tmp_pat
         "stream": ["stream", video, "-c", checkpoint, "--jsonl", tmp_path / "s.jsonl", "--as-fast-as-possible"],
         "visualize": ["visualize", video, "-c", checkpoint, "-o", tmp_path / "v.gif", "--device", "cpu"],
     }
-    before = torch.get_num_threads()
-    try:
-        for name, command in commands.items():
-            torch.set_num_threads(1)
-            code, _, err = glitr(*command)
-            assert code == 0, err
-            assert torch.get_num_threads() == runtime_module.available_cores(), name
-    finally:
-        torch.set_num_threads(before)
+    assert threads_after(glitr, commands) == dict.fromkeys(commands, runtime_module.available_cores())
 
 
 @pytest.fixture()
