@@ -291,7 +291,7 @@ class Trainer:
         covered frame and, on toy data, how often they hold the target per direction)."""
         assert self.val_set is not None and self.val_loader is not None
         student = self.objective.kind == "glitr"
-        follow = None
+        follow = observe = None
         if self.recipe.data.dataset == "toy":
             follow = FollowMeter(
                 Path(self.recipe.data.root) / "download",
@@ -302,7 +302,7 @@ class Trainer:
             )
             ids = iter([self.val_set.records[i].id for i in self.val_loader.sampler])
 
-            def observe(name: str, locs: torch.Tensor) -> None:
+            def observe(name: str, locs: torch.Tensor) -> None:  # each batch, in the loader's order
                 for clip_locs in locs.float().cpu().numpy():
                     follow.add(next(ids), clip_locs)
 
@@ -314,7 +314,7 @@ class Trainer:
                 teacher=None if student else self.model,
                 runtime=self.runtime,
                 seed=self.recipe.eval.seed,
-                observe_locs=observe if follow is not None else None,
+                observe_locs=observe,
             )
         finally:
             self.objective.loss_module.train()
