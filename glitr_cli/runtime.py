@@ -1,23 +1,11 @@
 """How this process runs: one frozen `Runtime`, decided once from the recipe and the environment.
 
 Device, precision (autocast), CUDA graphs, `torch.compile`, gradient checkpointing, CPU threads,
-data-loader workers and the process's place in a `torchrun` job live here, so training,
-evaluation, `visualize`, `bench` and `demo` make the same choices for the same recipe.
-
-CPU threads and loader workers share the cores this process may use (divided among the processes
-a `torchrun` job starts on this machine). `data.workers: auto` leaves the training process one core
-on a GPU (it only launches kernels) and half of them on the CPU (it computes there), and gives the
-loader workers the rest. PyTorch starts one thread per core, and when loader workers (or other
-programs) hold some of those cores every parallel operation waits for a descheduled thread: the
-runtime gives PyTorch the cores the loader workers leave free (`train.threads: 0`), or
-`$OMP_NUM_THREADS` when it is set; a run records the number it used, because float results depend
-on it. The number of workers does not change the data (each clip is seeded on its own).
-`train.keep_freed_memory` has glibc reuse freed memory instead of mapping fresh pages for every
-large tensor (`keep_freed_memory`).
-
-Those two are the training node's: a checkpoint's recipe records them (a resumed run keeps its thread
-count), but `eval`, `visualize`, `predict`, `stream`, `bench` and `demo` run on whatever machine they are
-started on, so they take `Runtime.for_this_machine`, which chooses threads and workers for this one.
+loader workers and the place in a `torchrun` job live here, so every command makes the same choices
+for the same recipe. Threads and workers share the cores this process may use: PyTorch gets those the
+workers leave free (or `$OMP_NUM_THREADS`), since a parallel operation waits for any descheduled
+thread. Training records its thread count (float results depend on it); the other commands run on
+whatever machine they start on and take `Runtime.for_this_machine`.
 """
 
 from __future__ import annotations

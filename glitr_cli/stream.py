@@ -1,22 +1,11 @@
 """`glitr stream`: predict an action online from a video file, a URL or a camera, as the frames come.
 
-PyAV opens the source (a file; a URL: http, https, rtsp, rtmp, udp; a capture device: `/dev/videoN`
-through v4l2, `avfoundation:0` on macOS, `dshow:video=NAME` on Windows); a reader thread decodes it and
-hands every `every`-th frame to the online predictor in the main thread, which writes one JSON line per
-processed frame, then a summary line.
-
-In real time (the default) the reader releases each frame at its time stamp and keeps only the newest
-frame not yet taken: one that arrives while the model is busy replaces it and counts as dropped, so
-nothing queues and the latency (from a frame's decoding to its prediction) stays that of one step.
-With `as_fast_as_possible` it waits for the model instead and drops nothing. The default stride spaces
-the steps as training spaced them: `every` = round(fps * D / T), D the typical clip duration of the
-recipe's dataset (`CLIP_SECONDS`, else 3 s); a source without a frame rate counts as 25 fps.
-
-Early decisions (`engine/decisions.py`): with calibration the probabilities are those of the
-temperatures `glitr eval` fitted. With a decision threshold a `{"decision": ...}` line follows the
-frame at which the rule decides: in every window the first step whose top probability reaches the
-threshold, else its T-th step; a sliding context decides again each time another class reaches it.
-`stop_on_decision` ends the stream at the first decision, with its summary.
+A reader thread decodes the PyAV source and hands every `every`-th frame to the online predictor in
+the main thread, which writes one JSON line per processed frame, then a summary line. In real time the
+reader releases each frame at its time stamp and keeps only the newest one not yet taken (the others
+count as dropped), so latency stays that of one step; `as_fast_as_possible` waits for the model
+instead. The default `every` spaces the steps as training did: round(fps * D / T), D the recipe
+dataset's typical clip duration (`CLIP_SECONDS`). Decisions: docs/online.md#early-decisions.
 """
 
 from __future__ import annotations
@@ -303,16 +292,9 @@ def stream(
 ) -> dict[str, Any]:
     """Run a GliTr student online over `source` as its frames arrive; returns the summary record.
 
-    Writes one JSON line per processed frame to `jsonl` ("-": stdout) and the summary last, and with
-    `out` (.mp4) the processed frames drawn as `glitr visualize` draws them. `step_delay` (seconds)
-    is slept after every step: a slower model, to see how the stream copes (drops, latency). Ctrl-C
-    stops the stream and still writes the summary. `backend` "onnx" runs the step `glitr export` writes
-    with ONNX Runtime on the CPU instead of PyTorch (the same numbers up to float rounding), "onnx-int8"
-    the step of `glitr export --int8` (int8 linear layers: an approximation); `checkpoint` is then either
-    such a file or a `.pt` checkpoint, whose export is cached beside it. `threads` is the CPU threads of the
-    step (PyTorch's, or ONNX Runtime's intra-op threads); 0: every core this process may use. `calibrated`,
-    `calibration`, `decide` and `stop_on_decision`: the early decisions (see the module docstring).
-    """
+    The options are `glitr stream`'s (docs/online.md#glitr-stream). `step_delay` (seconds) is slept after
+    every step, to see how the stream copes with a slower model; `runs` is where the newest checkpoint is
+    looked for."""
     console = console or Console(stderr=True)
     if every is not None and every < 1:
         raise GlitrError(f"--every must be 1 or more, got {every}")

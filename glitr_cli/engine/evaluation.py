@@ -1,29 +1,11 @@
 """`glitr eval`: accuracy at every step t for the learned glimpse policy and two baselines.
 
-For one checkpoint: top-1/top-5 after each frame t with glimpses where T_l sends them
-("learned"), fixed at the frame centre ("center") and at seeded uniform locations ("random"),
-plus the full-frame teacher's (the checkpoint itself when it is a teacher, else the run's
-teacher). Written as `eval.json` and plotted as `accuracy.png`:
-
-    {"steps": T, "policies": {"learned": {"top1": [...T...], "top5": [...], "covered_area": f}, ...},
-     "teacher": {"top1": [...], "top5": [...]}, "glimpse_area": f, ...}
-
-`glimpse_area` is the fraction of the frame one glimpse covers; `covered_area` the mean
-fraction of the frame that the union of a clip's T glimpses covered. Every policy and the teacher
-also have `"locations"`: per step, the mean and standard deviation over clips of the glimpse
-centre's x and y (-1 and +1 the first and last pixel, + right and down); a locator that never moves has zero spread.
-
-Early decisions (`engine/decisions.py`): `"calibration"` holds, for the learned policy, a
-temperature per step fitted on the evaluated split and the ECE (15 bins) and NLL at every step
-before and after it; `"early"` the decision rule over a grid of thresholds for every policy and the
-teacher (each calibrated with its own temperatures) and the chosen threshold, plotted as
-`early.png`. `glitr predict`, `stream` and `visualize` read both back (`read_calibration`).
-
-These are the numbers of ONE checkpoint. The paper reports another: for every t, the best top-1
-over the per-epoch validations of the whole run. When the run's `metrics.jsonl` holds those
-validations, `eval.json` also has `"best_over_epochs": {"top1": [...], "epoch": [...], "of":
-"learned"|"teacher", "split": ..., "validations": n}`, a separate row of the table and a dotted line
-of the plot.
+For one checkpoint: top-1/top-5 after each frame t with glimpses where T_l sends them ("learned"),
+at the frame centre ("center") and at seeded uniform locations ("random"), plus the full-frame
+teacher's, with the glimpses' `locations` and `covered_area`; the calibration and early-decision
+curves of `engine/decisions.py`; and, from the run's `metrics.jsonl`, the paper's figure
+`best_over_epochs` (docs/training.md#which-number-to-read). Written as `eval.json`, `accuracy.png`
+and `early.png`.
 """
 
 from __future__ import annotations

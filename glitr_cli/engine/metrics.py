@@ -1,16 +1,9 @@
 """Metrics: per-step accuracy, `metrics.jsonl` in the run directory, optional TensorBoard / W&B.
 
-Only the main process writes. `metrics.jsonl` holds one JSON object per line: training records
-(`"split": "train"`, losses, learning rate per module, clips/s, accuracy at every step t),
-validation records (`"split": "val"`, top-1/top-5 at every step t) and bad-data counts
-(`"split": "data"`, once per epoch). It is strict JSON: a value that is not finite (a loss left
-out while its module is held, a diverged loss) is written as null. `curves.png` beside it plots the
-records (losses, learning rates, accuracy, clips/s against the epoch); the trainer redraws it
-after every validation and at the end of the run. TensorBoard and Weights & Biases are imported
-only when a recipe turns them on.
-
-A resumed run logs again the steps after its checkpoint: it drops them from `metrics.jsonl`, hides
-them from TensorBoard (`purge_step`) and continues the same W&B run (its id kept in `wandb_id.txt`).
+Only the main process writes. `metrics.jsonl` is strict JSON, one record per line (train, val, and
+bad-data counts as `"split": "data"`); a value that is not finite is written as null. `curves.png`
+plots it. A resumed run drops the records after its checkpoint, hides them from TensorBoard
+(`purge_step`) and continues the same W&B run (`wandb_id.txt`).
 """
 
 from __future__ import annotations

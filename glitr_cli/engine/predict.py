@@ -1,25 +1,9 @@
 """`glitr predict`: a trained GliTr's classes and glimpse locations for your clips, one record per clip.
 
-Inputs: video files, folders (searched recursively: every video file, and every folder of images as
-one clip) and prepared splits written `DIR:split`. Every clip is preprocessed as evaluation does it (a
-prepared split through evaluation's own dataset, a video through the same frame choice and transform)
-and the student's batched glimpse pass runs under the checkpoint recipe's runtime, so a prepared split
-gets exactly the numbers `glitr eval` computes.
-
-Output, JSON lines (`.jsonl`), one object per clip: `{"clip": ..., "top": [[class, p], ...], "steps":
-[{"location": [x, y], "top": [...]}, ...T...]}`, `top` the top-k after the last step; a clip of a
-prepared split is named by the frame folder it was read from (`DIR/frames/<id>`, itself an input of
-`predict` and `visualize`) and also carries `"id"` and, when labelled, `"label"`. A location lies in
-[-1, 1] over the model input, (-1, -1) its top-left pixel centre. Or CSV (`.csv`), one row per clip and
-step: `clip,label,step,x,y,top1,p1,...,topk,pk`. A clip that cannot be read is listed with the reason
-in `<output>.failed.txt` beside the output (never a prepared dataset's own `failed.txt` in the same
-folder) and the others are predicted; the output is written atomically once all are done.
-
-Calibration and early decisions (`engine/decisions.py`): with the temperatures `glitr eval` fitted
-(`calibrated`, or `calibration` naming its eval.json) every probability is the calibrated one. With a
-decision threshold (`decide`, by default the one `glitr eval` chose when its results are used) each
-record also has `"decided_at": t` (1-based, the first step whose top probability reached it, else T)
-and `"decided": [class, p]`; a CSV gets a last column `decided`, 1 on that row.
+Inputs are video files, folders (searched recursively) and prepared splits `DIR:split`; every clip is
+preprocessed as evaluation does it and run under the checkpoint recipe's runtime, so a prepared split
+gets exactly the numbers `glitr eval` computes. The output formats (.jsonl or .csv), the failed-clip
+list and the early decisions: docs/online.md#glitr-predict.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """The training engine: one `Trainer` for the teacher and the student, on CPU, GPU or many GPUs.
 
-Phases: `setup` (runtime, process group, data, objective, the training step, resume), `train_epoch`,
-`evaluate`, `save`, `resume`; `fit` runs them. Teacher and student differ only in the `Objective`
-plugged in (objectives.py); what happens inside one optimiser step is the `TrainStep` (step.py).
-
-Reproducibility on CPU: model weights are initialised from `train.seed` on every rank; each
-clip's augmentation is seeded by (seed, epoch, position) (`ResumableSampler`); the global
-generators (mixup, drop-path) are saved per rank in every checkpoint; the CPU thread count is
-recorded in the run and reused on resume. A run stopped at any moment and restarted from `last.pt`
-replays the same steps and ends with the same weights.
-
-Progress is kept in units that do not depend on the layout: epochs, optimiser steps, and steps
-within the epoch, each of `optim.batch_size` clips (len(train set) // batch_size per epoch). Rank r
-reads positions r, r + W, ... of the epoch's permutation, so optimiser step s always trains on the
-clips at positions [s·B, (s+1)·B) whatever the number of processes W and accumulation steps; a run
-resumed on another layout trains the same clips at the same steps.
-
-Preemption: SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before they kill a job) lets the
-step in progress finish, writes a checkpoint at that step on every rank, and raises `Preempted`,
-which the CLI turns into one line and exit code 75 (`errors.PREEMPTED_EXIT_CODE`).
+`fit` runs `setup`, `train_epoch`, `evaluate`, `save` and `resume`; teacher and student differ only in
+the `Objective` (objectives.py), and one optimiser step is the `TrainStep` (step.py). Progress counts
+optimiser steps of `optim.batch_size` clips: rank r reads positions r, r + W, ... of the epoch's
+permutation, so step s trains on the same clips whatever the layout, and with the per-clip augmentation
+seeds and the generators saved per rank a resumed run replays the same steps. SIGTERM or SIGUSR1 finish
+the step, checkpoint it and raise `Preempted` (docs/training.md#preemption-and-slurm).
 """
 
 from __future__ import annotations

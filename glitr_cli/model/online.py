@@ -1,23 +1,12 @@
 """Online prediction: one frame in, class probabilities so far and the next glimpse location out.
 
-The predictor calls the very modules the student trains with, one step at a time: T_f on the
-glimpse, then one `step` of T_c and T_l each against their KV caches, so a new frame costs
-the same whatever the history. It runs several streams at once as a batch.
-
-On a CUDA device each of the T steps is captured once as a CUDA graph (the caches have fixed
-storage, so step t always has the same shapes) and replayed for every later stream: a frame
-then costs a handful of launches instead of a few hundred, which is what batch-1 latency is
-made of. The graphs compute the same numbers as the eager steps.
-
-Glimpse-only input: `next_box()` names the pixels of the model input that the next glimpse reads,
-and `step(crop=...)` takes those alone. `StepGraph` is the sliding step as one stateless
-fixed-shape function, what `glitr export` writes as ONNX.
-
-The model was trained on T steps. `context` says what happens after them: None (the default)
-refuses a step T + 1; "restart" resets the streams and starts a new window of T steps;
-"sliding" keeps the last T glimpse features and, for every later frame, re-runs T_c and T_l
-over them at positions 1..T (T_f still runs once per frame). Both modes equal the bounded
-predictor for the first T steps.
+The predictor calls the very modules the student trains with, one step at a time: T_f on the glimpse,
+then one `step` of T_c and T_l each against their KV caches, for several streams at once as a batch. On
+CUDA each of the T steps is captured once as a CUDA graph (the caches have fixed storage) and replayed.
+`next_box()` and `step(crop=...)` take only the pixels the next glimpse reads; `StepGraph` is the
+sliding step as one stateless function, what `glitr export` writes. After T steps `context` None
+refuses, "restart" starts a new window and "sliding" re-runs T_c and T_l over the last T glimpse
+features (docs/online.md#streams-longer-than-t).
 """
 
 from __future__ import annotations
