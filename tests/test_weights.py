@@ -4,10 +4,10 @@ from model_helpers import tiny_glitr
 
 from glitr_cli.errors import GlitrError
 from glitr_cli.model.weights import (
+    convert_original_glitr,
     init_student_from_teacher,
     load_backbone,
     load_jester_teacher_init,
-    load_original_glitr,
     load_state_dict_checked,
     read_checkpoint,
 )
@@ -32,14 +32,12 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
 
 
-def test_original_student_checkpoint_with_ddp_prefix_and_embedded_teacher(tmp_path):
+def test_original_student_state_dict_with_ddp_prefix_and_embedded_teacher():
     source, teacher = tiny_glitr(0), tiny_glitr(1)
     sd = _to_original_layout(source.state_dict())
     sd.update({f"teacher.{k}": v for k, v in _to_original_layout(teacher.state_dict()).items()})
-    path = tmp_path / "glitr_student.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, path)
     target = tiny_glitr(2)
-    load_original_glitr(target, path)
+    load_state_dict_checked(target, convert_original_glitr({f"module.{k}": v for k, v in sd.items()}), "original")
     assert _same_weights(target, source)
 
 

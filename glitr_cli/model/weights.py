@@ -100,14 +100,9 @@ def load_state_dict_checked(
     misshaped = sorted(
         f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(sd) if sd[k].shape != own[k].shape
     )
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {key_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {key_summary(unexpected)}")
-        if misshaped:
-            parts.append(f"misshaped (file vs model) {len(misshaped)}: {key_summary(misshaped)}")
+    kinds = {"missing": missing, "unexpected": unexpected, "misshaped (file vs model)": misshaped}
+    parts = [f"{kind} {len(keys)}: {key_summary(keys)}" for kind, keys in kinds.items() if keys]
+    if parts:
         raise GlitrError(f"{source} does not fit the model: " + "; ".join(parts))
     module.load_state_dict(sd, strict=not allow_missing, assign=assign)
 
@@ -132,15 +127,6 @@ def convert_original_glitr(sd: Mapping[str, torch.Tensor]) -> StateDict:
     if "backbone.cls_embed" in out and "backbone.pos_embed" in out:
         out["backbone.pos_embed"] = torch.cat([out.pop("backbone.cls_embed"), out["backbone.pos_embed"]], dim=1)
     return out
-
-
-def load_original_glitr(model: GliTr, path: str | Path) -> None:
-    """Load a checkpoint written by the original GliTr code into `model`."""
-    obj = read_checkpoint(path)
-    sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
-    if not isinstance(sd, Mapping):
-        raise GlitrError(f"{path}: expected a state dict (optionally under 'model'), found {type(sd).__name__}")
-    load_state_dict_checked(model, convert_original_glitr(sd), str(path))
 
 
 def _fit_backbone(model: GliTr, sd: Mapping[str, torch.Tensor]) -> StateDict:
