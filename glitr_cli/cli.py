@@ -254,9 +254,7 @@ def visualize(
     ),
     out: Path = typer.Option(Path("glimpses.gif"), "--out", "-o", help="Output animation: .gif, or .mp4."),
     every: int | None = typer.Option(
-        None,
-        "--every",
-        help="Feed every Nth frame online instead of the T evaluation frames, as a camera would.",
+        None, "--every", help="Feed every Nth frame online instead of the T evaluation frames, as a camera would."
     ),
     context: str = typer.Option(
         "sliding",
@@ -375,21 +373,7 @@ def predict(
     ),
 ) -> None:
     """A trained GliTr's classes after every step and its glimpse locations, for your clips."""
-    from glitr_cli.engine.predict import predict as run
-
-    summary = run(
-        checkpoint,
-        inputs,
-        out=out,
-        top_k=top_k,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        calibrated=calibrated,
-        calibration=calibration,
-        decide=decide,
-    )
-    if not summary.ok:
+    if not _library("glitr_cli.engine.predict.predict")(**locals()).ok:
         raise typer.Exit(1)
 
 
