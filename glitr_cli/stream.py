@@ -113,6 +113,7 @@ class Reader:
     read: int = 0
     dropped: int = 0
     error: str | None = None
+    current: Arrival | None = None  # the frame last taken by `frames`
     _slot: Arrival | None = None
     _done: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -182,6 +183,7 @@ class Reader:
                 self._cond.notify_all()
             if arrival is None:
                 return
+            self.current = arrival
             yield arrival
 
     def stop(self) -> None:
@@ -218,26 +220,20 @@ def summarize(latencies: list[float], read: int, dropped: int, elapsed: float, i
 def describe(summary: dict[str, Any], paced: bool = True) -> str:
     """The summary as one line; unless `paced`, the latency says that it includes the queue of one frame."""
     s = summary
-    latency = (
-        f"latency p50 {s['latency_ms_p50']} ms, p95 {s['latency_ms_p95']} ms, max {s['latency_ms_max']} ms"
-        if s["frames_processed"]
-        else "no latency"
-    )
-    if s["frames_processed"] and not paced:
-        latency += " (from decoding to prediction: each frame also waited for the model to finish the one before)"
+    latency = "no latency"
+    if s["frames_processed"]:
+        latency = f"latency p50 {s['latency_ms_p50']} ms, p95 {s['latency_ms_p95']} ms, max {s['latency_ms_max']} ms"
+        if not paced:
+            latency += " (from decoding to prediction: each frame also waited for the model to finish the one before)"
     ended = "stopped" if s["interrupted"] else "stopped at the decision" if s.get("stopped_on_decision") else "done"
-    return (
-        f"{ended}: {s['frames_read']} frames read, "
-        f"{s['frames_processed']} processed, {s['frames_dropped']} dropped; {latency}; "
-        f"{s['processed_fps']} processed frames/s"
-        + (
-            f"; read {s['pixels_read_per_frame']:.0f} pixels per frame of the {s['model_input_pixels']} a whole "
-            "model input has"
-            if "pixels_read_per_frame" in s
-            else ""
-        )
-        + (f"; {s['decisions']} decision{'' if s['decisions'] == 1 else 's'}" if "decisions" in s else "")
-    )
+    read = f"{s['frames_read']} frames read, {s['frames_processed']} processed, {s['frames_dropped']} dropped"
+    parts = [f"{ended}: {read}", latency, f"{s['processed_fps']} processed frames/s"]
+    if "pixels_read_per_frame" in s:
+        pixels = s["pixels_read_per_frame"]
+        parts.append(f"read {pixels:.0f} pixels per frame of the {s['model_input_pixels']} a whole model input has")
+    if "decisions" in s:
+        parts.append(f"{s['decisions']} decision{'' if s['decisions'] == 1 else 's'}")
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -428,13 +424,6 @@ def _run(
     decider: OnlineDecider | None,
     stop_on_decision: bool,
 ) -> dict[str, Any]:
-    current: list[Arrival] = []  # the frame run_steps is working on (it pulls one at a time)
-
-    def frames() -> Iterator[tuple[int, np.ndarray]]:
-        for arrival in reader.frames():
-            current[:] = [arrival]
-            yield arrival.index, arrival.frame
-
     writer: VideoWriter | None = None
     latencies: list[float] = []
     pixels_read: list[int] = []
@@ -450,7 +439,7 @@ def _run(
         reader.start()
         steps = run_steps(
             student,
-            frames(),
+            ((arrival.index, arrival.frame) for arrival in reader.frames()),
             runtime,
             context=context,
             top_k=top_k,
@@ -461,7 +450,8 @@ def _run(
         for frame, step in steps:
             if step_delay > 0:
                 time.sleep(step_delay)
-            arrival = current[0]
+            arrival = reader.current
+            assert arrival is not None
             latency = (time.perf_counter() - arrival.arrived) * 1000
             latencies.append(latency)
             record = {
