@@ -128,19 +128,9 @@ def _check_complete(
 
 
 def iter_folder_frames(folder: Path | str, short_side: int | None = None) -> Iterator[np.ndarray]:
-    """The images of a frame folder (`image_files` order) as RGB uint8 arrays (H, W, 3), resized
-    (bicubic) so the shorter side has `short_side` pixels. An unreadable image raises `GlitrError`."""
+    """The images of a frame folder (`image_files` order), as `read_image` reads them."""
     for path in image_files(Path(folder)):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                size = resized_size(im.width, im.height, short_side)
-                if size != (im.width, im.height):
-                    im = im.resize(size, Image.Resampling.BICUBIC)
-                arr = np.array(im)
-        except (OSError, ValueError) as e:
-            raise GlitrError(f"{path}: cannot read as an image ({' '.join(str(e).split())})") from None
-        yield arr
+        yield read_image(path, short_side)
 
 
 def iter_clip_frames(path: Path | str, short_side: int | None = None) -> Iterator[np.ndarray]:
@@ -238,13 +228,16 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_image(path: Path) -> np.ndarray:
-    """One image file as RGB uint8 (H, W, 3); an unreadable one is a GlitrError naming it."""
+def read_image(path: Path, short_side: int | None = None) -> np.ndarray:
+    """One image file as RGB uint8 (H, W, 3), resized (bicubic) so the shorter side has `short_side`
+    pixels; an unreadable one is a GlitrError naming it."""
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            im = im.convert("RGB")
+            size = resized_size(im.width, im.height, short_side)
+            return np.array(im if size == (im.width, im.height) else im.resize(size, Image.Resampling.BICUBIC))
     except (OSError, ValueError) as e:
-        raise GlitrError(f"{path}: cannot read as an image ({e})") from None
+        raise GlitrError(f"{path}: cannot read as an image ({' '.join(str(e).split())})") from None
 
 
 class FrameSource:
@@ -258,11 +251,8 @@ class FrameSource:
 
     def frames(self) -> Iterator[tuple[int, np.ndarray]]:
         """(index, frame) for every frame in order."""
-        if self._files is not None:
-            for i, f in enumerate(self._files):
-                yield i, read_image(f)
-            return
-        yield from enumerate(iter_video_frames(self.path))
+        frames = map(read_image, self._files) if self._files is not None else iter_video_frames(self.path)
+        yield from enumerate(frames)
 
     def sample(self, pick: Callable[[int], list[int]]) -> list[tuple[int, np.ndarray]]:
         """(index, frame) for the indices `pick` chooses (ascending, repeats allowed) from the number of
