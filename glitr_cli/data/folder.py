@@ -15,7 +15,7 @@ from csv import reader as csv_reader
 from dataclasses import dataclass
 from pathlib import Path
 
-from glitr_cli.data.formats import DatasetInfo, SplitEntry
+from glitr_cli.data.formats import DatasetInfo, SplitEntry, read_text
 from glitr_cli.data.prepare import (
     NOT_VIDEO_SUFFIXES,
     PrepareSummary,
@@ -140,23 +140,12 @@ def scan_class_folders(src: Path) -> list[Clip]:
     return [c for e in tops for c in _class_folders(Path(e.path), src, e.name)]
 
 
-def _read_csv_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise GlitrError(f"--csv {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise GlitrError(f"{path}: expected a UTF-8 CSV file, got undecodable bytes at offset {e.start}") from None
-    except OSError as e:
-        raise GlitrError(f"{path}: cannot read the CSV file ({e.strerror})") from None
-
-
 def read_clip_csv(path: Path, src: Path) -> list[Clip]:
     """The clips a CSV of `path,label[,split]` lines lists, paths relative to `src`, in file order."""
     clips: list[Clip] = []
     seen: dict[str, int] = {}
     first = True
-    for line, raw in enumerate(_read_csv_text(path).splitlines(), start=1):
+    for line, raw in enumerate(read_text(path, "CSV listing (--csv)").splitlines(), start=1):
         if not raw.strip():
             continue
         fields = [f.strip() for f in next(csv_reader([raw]))]

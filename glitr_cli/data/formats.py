@@ -40,9 +40,10 @@ class SplitEntry:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str) -> str:
+    """The text of a UTF-8 file (a byte-order mark left by some editors dropped); a failure names `what`."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise GlitrError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as e:
@@ -64,9 +65,8 @@ def _json_error(path: Path, e: json.JSONDecodeError, what: str) -> GlitrError:
 def _json_array_items(path: Path, what: str) -> list[tuple[int, Any]]:
     """Parse a top-level JSON array item by item (`raw_decode`), returning (line, item) pairs so that
     errors can name the line of the item."""
-    text = _read_text(path, what)
+    text = read_text(path, what)
     pos = _SPACE.match(text).end()
-    pos += text.startswith("\ufeff", pos)  # a byte-order mark left by some editors
     if not text.startswith("[", pos):
         raise GlitrError(f"{path}:{_line_of(text, pos)}: expected a JSON list of videos ({what})")
     pos += 1
@@ -100,7 +100,7 @@ def template_to_class(template: str) -> str:
 
 def parse_ssv2_labels(path: Path) -> list[str]:
     """Read an SSv2 labels JSON (class name -> index) into the class names in index order."""
-    text = _read_text(path, "SSv2 labels file")
+    text = read_text(path, "SSv2 labels file")
     try:
         pairs = json.loads(text, object_pairs_hook=lambda kv: kv)  # [(name, index), ...] in file order
     except json.JSONDecodeError as e:
@@ -175,8 +175,8 @@ def parse_ssv2_split(path: Path, class_index: dict[str, int] | None) -> list[Spl
 
 def _csv_rows(path: Path, what: str) -> list[tuple[int, list[str]]]:
     rows = []
-    for i, raw in enumerate(_read_text(path, what).splitlines(), start=1):
-        s = raw.strip().lstrip("\ufeff")
+    for i, raw in enumerate(read_text(path, what).splitlines(), start=1):
+        s = raw.strip()
         if not s:
             continue
         rows.append((i, [f.strip() for f in s.split(";")]))
@@ -242,7 +242,7 @@ def read_list(path: Path, num_classes: int | None = None) -> list[VideoRecord]:
 
     With `num_classes`, labels must lie in [0, num_classes)."""
     records = []
-    for i, raw in enumerate(_read_text(path, "list file").splitlines(), start=1):
+    for i, raw in enumerate(read_text(path, "list file").splitlines(), start=1):
         fields = raw.split()
         if not fields:
             continue
@@ -269,7 +269,7 @@ def write_categories(path: Path, names: list[str]) -> None:
 
 def read_categories(path: Path) -> list[str]:
     """Read `category.txt` (line i = class i); blank lines inside the file are an error."""
-    lines = _read_text(path, "category file").splitlines()
+    lines = read_text(path, "category file").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     for i, name in enumerate(lines, start=1):
@@ -306,7 +306,7 @@ def read_dataset_info(root: Path) -> DatasetInfo | None:
     path = root / DATASET_INFO
     if not path.is_file():
         return None
-    text = _read_text(path, "dataset info")
+    text = read_text(path, "dataset info")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
