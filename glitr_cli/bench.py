@@ -429,11 +429,8 @@ def derived(
     weight_bytes: dict[str, int] | None = None,
     online_threads: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The figures computed from measured ones (`values`: name -> (per-repeat values, unit)), each repeat
-    against the median of what it is compared with: per kind FLOP/s (and share of the GPU's `peak`),
-    speed-up over the plain path, ms per clip and the data-fed share of the synthetic speed; per online step
-    at batch 1, GFLOP/s, the memory bound (`weight_bytes` at the bandwidth measured with its
-    `online_threads`), the time over it and the speed-up over the eager step (docs/speed.md)."""
+    """The figures computed from the measured `values` (name -> (per-repeat values, unit)), each repeat
+    against the median of what it is compared with; what each means: docs/speed.md."""
     out: dict[str, dict[str, Any]] = {}
 
     def median(name: str) -> float:

@@ -115,11 +115,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def best_over_epochs(path: Path) -> dict[str, Any] | None:
-    """For every step t, the best validation top-1 over a run's per-epoch validations, and its epoch.
-
-    This is the number the paper reports (the original validates every epoch and keeps, per t,
-    the best). None when the run has no `metrics.jsonl` or never validated.
-    """
+    """For every step t, the best validation top-1 over a run's per-epoch validations and its epoch (the
+    paper's number); None when the run never validated."""
     if not path.is_file():
         return None
     vals = [r for r in read_records(path) if r.get("split") == "val" and "top1" in r]

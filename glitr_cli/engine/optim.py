@@ -40,14 +40,9 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_from_decay: bool
 
 @dataclass(frozen=True)
 class GroupSchedule:
-    """Learning rate of one module at optimiser step `it` (0-based) of `total`.
-
-    Zero for the first `hold` steps; the schedule then runs over the remaining steps: a half-cosine
-    from `base` down to `floor` over all of them, with a linear warm-up from `warmup_start` to
-    `base` replacing its first `warmup` steps. The cosine does not restart after the warm-up, so
-    the rate drops from `base` to the cosine's value at that step (timm's `CosineLRScheduler`,
-    the original's schedule).
-    """
+    """Learning rate of one module at optimiser step `it` (0-based) of `total`: zero for `hold` steps, then
+    a half-cosine from `base` to `floor` over the rest whose first `warmup` steps a linear warm-up from
+    `warmup_start` replaces, without restarting the cosine (timm's `CosineLRScheduler`, the original's)."""
 
     base: float
     floor: float
@@ -67,11 +62,8 @@ class GroupSchedule:
 
 
 class LRSchedule:
-    """Per-module schedules applied to an optimiser's groups by their `module` tag.
-
-    Stateless: the learning rate is a function of the step alone, so resuming needs only the
-    step count, which the checkpoint keeps.
-    """
+    """Per-module schedules applied to an optimiser's groups by their `module` tag; stateless, so resuming
+    needs only the step count."""
 
     def __init__(self, schedules: dict[str, GroupSchedule]) -> None:
         self.schedules = schedules
@@ -126,10 +118,8 @@ def build_optimizer(
     eps: float,
     fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`; learning rates are set by `LRSchedule.apply` each step.
-
-    `fused` takes the single-kernel implementation when the parameters are on a CUDA device.
-    """
+    """AdamW over `param_groups(model)`, the single-kernel one with `fused` on CUDA; `LRSchedule.apply`
+    sets the learning rates each step."""
     fused = fused and next(model.parameters()).is_cuda
     groups = param_groups(model, weight_decay, exclude_from_decay)
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused or None)
