@@ -137,14 +137,6 @@ class ObjectiveConfig:
     cutmix: float = setting(0.0, "teacher: cutmix's Beta alpha, the same box on every frame; 0: off", "[0, inf)")
     mixup_prob: float = setting(1.0, "probability that a batch is mixed at all", "[0, 1]")
     mixup_switch_prob: float = setting(0.5, "probability of cutmix instead of mixup when both are on", "[0, 1]")
-    location_noise: float = setting(
-        0.0,
-        "standard deviation of the Gaussian noise that moves each training glimpse T_l places (the teacher's "
-        "location-loss glimpses, the student's glimpses), in frame coordinates (-1 to 1): T_l then learns from "
-        "the losses around its locations, so a target beyond the glimpse's edge can pull it; evaluation never "
-        "moves a glimpse; 0: off, as in the paper",
-        "[0, inf)",
-    )
     videomae: str | None = setting(None, "teacher: VideoMAE checkpoint whose predictions it distils; null: none")
     teacher: str | None = setting(
         None, "student: its teacher's checkpoint; null: runs/<name>_teacher/checkpoints/last.pt"
@@ -280,7 +272,6 @@ ORIGINAL_VALUES: dict[str, Any] = {
     "data.crop_resize": "original",
     "model.stem": "patch",
     "optim.exclude_from_decay": False,
-    "objective.location_noise": 0.0,
     **{f"optim.{group}.hold_epochs": 0.0 for group in ("backbone", "classifier", "locator")},
 }
 

@@ -55,50 +55,6 @@ def test_teacher_location_losses_train_only_the_locator():
     assert not _nonzero({k: v for k, v in cls_only.items() if k.startswith("locator.")})
 
 
-@pytest.mark.parametrize("kind", ["teacher", "glitr"])
-def test_location_noise_lets_a_target_beyond_the_glimpse_pull_it(kind):
-    # a black frame with a bright patch at its right edge, out of reach of a glimpse at the centre
-    model = tiny_glitr()
-    with torch.no_grad():
-        model.backbone.pos_embed.zero_()  # no gradient through the resampled position embeddings
-        model.locator.head.weight.zero_()
-        model.locator.init_loc.zero_()  # every glimpse at the centre, covering x in [-0.5, 0.5]
-    x = torch.zeros(2, 5, 3, 32, 32)
-    x[..., 8:24, 28:] = 3.0
-    y = torch.tensor([0, 2])
-
-    def objective(noise: float) -> torch.nn.Module:
-        if kind == "teacher":
-            return TeacherObjective(model, location_noise=noise)
-        return StudentObjective(model, copy.deepcopy(model), location_noise=noise)
-
-    def init_loc_grad(noise: float) -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(0)
-        objective(noise)(x, y)["loss"].backward()
-        return model.locator.init_loc.grad
-
-    assert not init_loc_grad(0.0).any()  # the paper's losses: no pull at all
-    assert init_loc_grad(0.5).abs().sum() > 0
-    with torch.no_grad():  # in evaluation the losses are the paper's
-        noisy, plain = objective(0.5).eval()(x, y), objective(0.0).eval()(x, y)
-    for key, value in plain.items():
-        torch.testing.assert_close(noisy[key], value, equal_nan=True)
-
-
-def test_location_noise_moves_the_students_glimpses_and_records_where_they_were_taken():
-    model = tiny_glitr().eval()
-    x = clips()
-    with torch.no_grad():
-        torch.manual_seed(0)
-        noisy = model.forward_student(x, location_noise=0.3)
-        torch.manual_seed(0)
-        moves = 0.3 * torch.randn(2, 2)  # the first glimpse's draw
-        torch.testing.assert_close(noisy.locs[:, 0], model.initial_location(2) + moves)
-        torch.testing.assert_close(noisy.feat[:, 0], model.backbone(x[:, 0], noisy.locs[:, 0]))
-        assert not torch.allclose(noisy.locs, model.forward_student(x).locs)
-
-
 def test_teacher_locations_shift_by_one_frame():
     model = tiny_glitr().eval()
     with torch.no_grad():

@@ -55,7 +55,7 @@ def teacher_objective(
     smoothing = 0.0 if mix.active else cfg.label_smoothing
     return Objective(
         kind="teacher",
-        loss_module=TeacherObjective(model, videomae, label_smoothing=smoothing, location_noise=cfg.location_noise),
+        loss_module=TeacherObjective(model, videomae, label_smoothing=smoothing),
         model=model,
         prepare=mix if mix.active else _labels_as_is,
         scalars=("cls", "distill", "loc_mse", "loc_kld"),
@@ -67,9 +67,7 @@ def student_objective(student: GliTr, teacher: GliTr, cfg: ObjectiveConfig) -> O
     """GliTr student learning from its frozen teacher: L_cls + spatial + temporal consistency."""
     return Objective(
         kind="glitr",
-        loss_module=StudentObjective(
-            student, teacher, label_smoothing=cfg.label_smoothing, location_noise=cfg.location_noise
-        ),
+        loss_module=StudentObjective(student, teacher, label_smoothing=cfg.label_smoothing),
         model=student,
         prepare=_labels_as_is,
         scalars=("cls", "spatial", "temporal"),

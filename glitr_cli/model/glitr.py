@@ -104,20 +104,14 @@ class GliTr(nn.Module):
         return TeacherOutput(feat, logits, locs)
 
     def forward_student(
-        self,
-        frames: torch.Tensor,
-        policy: str = "learned",
-        generator: torch.Generator | None = None,
-        location_noise: float = 0.0,
+        self, frames: torch.Tensor, policy: str = "learned", generator: torch.Generator | None = None
     ) -> StudentOutput:
         """Online glimpse pass: frame t is seen only through one glimpse at a location chosen from 0..t-1.
 
         `policy` "learned" asks T_l (through a KV cache, O(T) in all); "center" looks at (0, 0)
         and "random" at uniform locations that keep the glimpse inside the frame (baselines).
         Gradients reach T_l through the glimpse pixels and position embeddings; T_l's input is
-        detached, so nothing flows from T_l into T_f. `location_noise` > 0 moves each learned
-        glimpse by Gaussian noise of that standard deviation (training's exploration, not in the
-        original); `locs` are where the glimpses were taken.
+        detached, so nothing flows from T_l into T_f.
         """
         if policy not in POLICIES:
             raise GlitrError(f"unknown glimpse policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -129,11 +123,10 @@ class GliTr(nn.Module):
             fixed = self._baseline_locations(policy, b, t, frames, generator)  # (B, T, 2)
         feats, locs = [], []
         for i in range(t):
-            seen = fixed[:, i] if policy != "learned" else loc
-            if policy == "learned" and location_noise > 0:
-                seen = seen + location_noise * torch.randn_like(seen)
-            locs.append(seen)
-            f = self.backbone(frames[:, i], seen)  # (B, D)
+            if policy != "learned":
+                loc = fixed[:, i]
+            locs.append(loc)
+            f = self.backbone(frames[:, i], loc)  # (B, D)
             feats.append(f)
             if policy == "learned" and i < t - 1:
                 loc = self.locator.step(f.detach(), cache)
@@ -184,22 +177,12 @@ class TeacherObjective(nn.Module):
     parameters via `functional_call`, no module copies), so L_mse and L_kld train only T_l and
     init_loc, through the glimpse pixels and resampled position embeddings. With "locator" in
     `leave_out` (T_l held still) they are not computed: the loss leaves them out and reports NaN.
-    In training, `location_noise` > 0 moves each of those glimpses by Gaussian noise of that standard
-    deviation (not in the original): T_l then learns from the loss around its location, not only at
-    it, so a target just beyond the glimpse's edge still pulls it.
     """
 
-    def __init__(
-        self,
-        model: GliTr,
-        videomae: nn.Module | None = None,
-        label_smoothing: float = 0.0,
-        location_noise: float = 0.0,
-    ) -> None:
+    def __init__(self, model: GliTr, videomae: nn.Module | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
-        self.location_noise = location_noise
         self.videomae = videomae
         self.leave_out: frozenset[str] = frozenset()
         if videomae is not None:
@@ -228,11 +211,8 @@ class TeacherObjective(nn.Module):
         if "locator" in self.leave_out:
             loc_mse = loc_kld = cls.new_full((), math.nan)
         else:
-            locs = out.locs
-            if self.training and self.location_noise > 0:
-                locs = locs + self.location_noise * torch.randn_like(locs)
             glimpse_feat = functional_call(
-                model.backbone, _frozen(model.backbone), (frames.flatten(0, 1), locs.flatten(0, 1))
+                model.backbone, _frozen(model.backbone), (frames.flatten(0, 1), out.locs.flatten(0, 1))
             ).view(b, t, -1)  # (B, T, D)
             glimpse_logits = functional_call(model.classifier, _frozen(model.classifier), (glimpse_feat,))
             loc_mse = F.mse_loss(glimpse_feat, out.feat.detach())
@@ -255,18 +235,11 @@ class StudentObjective(nn.Module):
     The teacher is frozen and always in eval mode; only `student` is trained and saved.
     """
 
-    def __init__(
-        self,
-        student: GliTr,
-        teacher: GliTr,
-        label_smoothing: float = 0.0,
-        location_noise: float = 0.0,
-    ) -> None:
+    def __init__(self, student: GliTr, teacher: GliTr, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.label_smoothing = label_smoothing
-        self.location_noise = location_noise
         teacher.requires_grad_(False)
         teacher.eval()
 
@@ -276,7 +249,7 @@ class StudentObjective(nn.Module):
         return self
 
     def student_forward(self, frames: torch.Tensor) -> StudentOutput:
-        return self.student.forward_student(frames, location_noise=self.location_noise if self.training else 0.0)
+        return self.student.forward_student(frames)
 
     def forward(self, frames: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
