@@ -70,9 +70,16 @@ def iter_video_frames(
     return _decoded(Path(path), rgb, check_complete)
 
 
+# Scale on the calling thread: from PyAV 17 on, swscale starts threads of its own by default, and a
+# loader worker forked from a process that had scaled frames waits for them forever.
+SCALE_ON_ONE_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
+
 def to_rgb(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
     """A decoded frame as RGB uint8 (H, W, 3) of `size` (width, height), resized bicubic."""
-    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
+    return frame.to_ndarray(
+        format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC", **SCALE_ON_ONE_THREAD
+    )
 
 
 def _decoded(path: Path, convert: Callable[[av.VideoFrame], Any], check_complete: bool) -> Iterator[Any]:
