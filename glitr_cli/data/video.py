@@ -272,7 +272,10 @@ class FrameSource:
             return [(i, read_image(self._files[i])) for i in pick(len(self._files))]
         kept: list[av.VideoFrame] | None = []
         n = held = 0
+        size = (0, 0)  # the first frame's, which every frame is converted to
         for frame in _decoded(self.path, lambda frame: frame, check_complete=True):
+            if n == 0:
+                size = (frame.width, frame.height)
             n += 1
             if kept is not None:
                 kept.append(frame)
@@ -281,13 +284,12 @@ class FrameSource:
                     kept = None  # too long to hold: counted now, its frames taken in a second pass
         indices = pick(n)
         if kept is not None:
-            size = (kept[0].width, kept[0].height)
             return [(i, to_rgb(kept[i], size)) for i in indices]
         wanted = iter(indices)
         chosen, nxt = [], next(wanted, None)
-        for i, frame in self.frames():
-            while nxt == i:
-                chosen.append((i, frame))
+        for i, frame in enumerate(_decoded(self.path, lambda frame: frame, check_complete=False)):
+            while nxt == i:  # only the chosen frames are converted
+                chosen.append((i, to_rgb(frame, size)))
                 nxt = next(wanted, None)
             if nxt is None:
                 break
