@@ -71,7 +71,7 @@ def open_source(source: str) -> Any:
         raise GlitrError(f"{source}: cannot open as a video source ({reason})") from None
     if not container.streams.video:
         container.close()
-        raise GlitrError(f"{source}: has no video stream")
+        raise GlitrError(f"{source}: cannot open as a video source (it has no video stream)")
     return container
 
 

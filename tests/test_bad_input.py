@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 from data_helpers import JESTER_LABELS, encode_video, make_frames, make_jester_download, make_ssv2_download
@@ -262,15 +265,29 @@ def test_student_of_other_geometry_than_the_recipe(override, needle, in_trained,
 # --------------------------------------------------------------------------------------------- videos
 
 
-@pytest.mark.parametrize("kind", ["empty", "text", "random bytes", "folder without frames", "missing"])
+def write_audio_only(path: Path) -> None:
+    """A real encoded file with one audio stream and no video stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000, layout="mono")
+        samples = (np.sin(np.arange(8000) / 5.0) * 3000).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "random bytes", "audio only", "folder without frames", "missing"])
 def test_bad_video(kind, in_trained, glitr, unchanged):
-    video = in_trained / ("clip" if kind == "folder without frames" else "clip.mp4")
+    name = {"folder without frames": "clip", "audio only": "clip.wav"}.get(kind, "clip.mp4")
+    video = in_trained / name
     if kind == "empty":
         video.write_bytes(b"")
     elif kind == "text":
         video.write_text("not a video\n" * 50)
     elif kind == "random bytes":
-        video.write_bytes(os.urandom(5000))
+        video.write_bytes(random.Random(0).randbytes(5000))
+    elif kind == "audio only":
+        write_audio_only(video)
     elif kind == "folder without frames":
         video.mkdir()
         (video / "notes.txt").write_text("no frames here\n")

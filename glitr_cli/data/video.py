@@ -90,7 +90,7 @@ def _decoded(path: Path, convert: Callable[[av.VideoFrame], Any], check_complete
         raise GlitrError(f"{path}: cannot open as a video ({_av_reason(e)})") from None
     with container:
         if not container.streams.video:
-            raise GlitrError(f"{path}: has no video stream")
+            raise GlitrError(f"{path}: cannot open as a video (it has no video stream)")
         stream = container.streams.video[0]
         n = 0
         first_t = last_t = None
