@@ -178,7 +178,7 @@ def _bad_checkpoint(kind: str, project: Path) -> tuple[Path, list[str]]:
     path = project / f"{kind}.pt"
     student = project / "runs" / "tiny" / "checkpoints" / "last.pt"
     if kind == "random":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(1).randbytes(4096))
         return path, [str(path), "not a readable PyTorch checkpoint"]
     if kind == "truncated":
         data = student.read_bytes()
