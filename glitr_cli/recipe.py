@@ -141,6 +141,19 @@ class ObjectiveConfig:
     teacher: str | None = setting(
         None, "student: its teacher's checkpoint; null: runs/<name>_teacher/checkpoints/last.pt"
     )
+    glimpse_reading: float = setting(
+        0.0,
+        "teacher: weight of a loss that trains T_f to read glimpses: the MSE of the feature of a glimpse at "
+        "a random place in each frame to the frame's full-frame feature; 0: off",
+        "[0, inf)",
+    )
+    loc_centring: float = setting(
+        0.0,
+        "teacher: weight of a penalty, while T_l trains, on the squared distance of the batch's mean glimpse "
+        "location from the frame centre at each step (against one direction taking every clip's glimpse); "
+        "0: off",
+        "[0, inf)",
+    )
 
 
 @dataclass
@@ -272,6 +285,8 @@ ORIGINAL_VALUES: dict[str, Any] = {
     "data.crop_resize": "original",
     "model.stem": "patch",
     "optim.exclude_from_decay": False,
+    "objective.glimpse_reading": 0.0,
+    "objective.loc_centring": 0.0,
     **{f"optim.{group}.hold_epochs": 0.0 for group in ("backbone", "classifier", "locator")},
 }
 

@@ -50,16 +50,21 @@ def test_student_fast_path_equals_plain_path(dtype, smooth, tol):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def test_teacher_fast_path_equals_deep_copy_path():
+@pytest.mark.parametrize("extra", [{}, {"glimpse_reading": 0.5, "loc_centring": 2.0}])
+def test_teacher_fast_path_equals_deep_copy_path(extra):
     model = tiny_glitr().double()
     x, y = clips().double(), torch.tensor([0, 2])
-    fast = TeacherObjective(model)(x, y)
+    torch.manual_seed(0)  # the same random glimpse places for both
+    fast = TeacherObjective(model, **extra)(x, y)
     fast["loss"].backward()
     fast_grads = _grads(model)
     model.zero_grad(set_to_none=True)
-    plain = PlainTeacherObjective(model)(x, y)
+    torch.manual_seed(0)
+    plain = PlainTeacherObjective(model, **extra)(x, y)
     plain["loss"].backward()
-    for k in ("loss", "cls", "loc_mse", "loc_kld"):
+    terms = ("reading", "centring") if extra else ()
+    assert all(k in fast for k in terms)
+    for k in ("loss", "cls", "loc_mse", "loc_kld", *terms):
         torch.testing.assert_close(fast[k], plain[k].detach(), rtol=1e-10, atol=1e-10)
     _assert_same(fast_grads, _grads(model), 1e-10)
 

@@ -55,10 +55,23 @@ def teacher_objective(
     smoothing = 0.0 if mix.active else cfg.label_smoothing
     return Objective(
         kind="teacher",
-        loss_module=TeacherObjective(model, videomae, label_smoothing=smoothing),
+        loss_module=TeacherObjective(
+            model,
+            videomae,
+            label_smoothing=smoothing,
+            glimpse_reading=cfg.glimpse_reading,
+            loc_centring=cfg.loc_centring,
+        ),
         model=model,
         prepare=mix if mix.active else _labels_as_is,
-        scalars=("cls", "distill", "loc_mse", "loc_kld"),
+        scalars=(
+            "cls",
+            "distill",
+            "loc_mse",
+            "loc_kld",
+            *(["reading"] if cfg.glimpse_reading else []),
+            *(["centring"] if cfg.loc_centring else []),
+        ),
         separable=("locator",),
     )
 
@@ -80,5 +93,7 @@ def reference_objective(objective: Objective) -> Objective:
     if isinstance(loss, StudentObjective):
         plain: nn.Module = PlainStudentObjective(loss.student, loss.teacher, loss.label_smoothing)
     else:
-        plain = PlainTeacherObjective(loss.model, loss.videomae, loss.label_smoothing)
+        plain = PlainTeacherObjective(
+            loss.model, loss.videomae, loss.label_smoothing, loss.glimpse_reading, loss.loc_centring
+        )
     return replace(objective, loss_module=plain, separable=())

@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glitr_cli.model.glitr import GliTr, StudentObjective, StudentOutput, kl_divergence, step_cross_entropy
+from glitr_cli.model.glitr import (
+    GliTr,
+    StudentObjective,
+    StudentOutput,
+    kl_divergence,
+    step_cross_entropy,
+    teacher_extra_terms,
+)
 
 
 def plain_student_forward(student: GliTr, frames: torch.Tensor) -> StudentOutput:
@@ -39,9 +46,17 @@ class PlainStudentObjective(StudentObjective):
 class PlainTeacherObjective(nn.Module):
     """The teacher loss of the original: frozen snapshots for the location losses are deep copies."""
 
-    def __init__(self, model: GliTr, videomae: nn.Module | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: GliTr,
+        videomae: nn.Module | None = None,
+        label_smoothing: float = 0.0,
+        glimpse_reading: float = 0.0,
+        loc_centring: float = 0.0,
+    ) -> None:
         super().__init__()
         self.model, self.videomae, self.label_smoothing = model, videomae, label_smoothing
+        self.glimpse_reading, self.loc_centring = glimpse_reading, loc_centring
 
     def forward(self, frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model
@@ -58,12 +73,21 @@ class PlainTeacherObjective(nn.Module):
             with torch.no_grad():
                 target_logits = self.videomae.forward_clip(frames)
             distill = kl_divergence(out.logits[:, -1], target_logits)
-        loss = cls + distill + loc_mse + loc_kld
+        added, extra = teacher_extra_terms(
+            model,
+            frames,
+            out,
+            glimpse_reading=self.glimpse_reading,
+            loc_centring=self.loc_centring,
+            locator_trains=True,
+        )
+        loss = cls + distill + loc_mse + loc_kld + added
         return {
             "loss": loss,
             "cls": cls,
             "distill": distill,
             "loc_mse": loc_mse,
             "loc_kld": loc_kld,
+            **extra,
             "logits": out.logits,
         }
