@@ -233,6 +233,19 @@ class TeacherObjective(nn.Module):
         if videomae is not None:
             videomae.requires_grad_(False)
 
+    def extra_terms(
+        self, frames: torch.Tensor, out: TeacherOutput, locator_trains: bool
+    ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """`teacher_extra_terms` with this loss's weights."""
+        return teacher_extra_terms(
+            self.model,
+            frames,
+            out,
+            glimpse_reading=self.glimpse_reading,
+            loc_centring=self.loc_centring,
+            locator_trains=locator_trains,
+        )
+
     def train(self, mode: bool = True) -> TeacherObjective:
         super().train(mode)
         if self.videomae is not None:
@@ -263,14 +276,7 @@ class TeacherObjective(nn.Module):
             loc_mse = F.mse_loss(glimpse_feat, out.feat.detach())
             loc_kld = kl_divergence(glimpse_logits, out.logits)
             loss = loss + loc_mse + loc_kld
-        added, extra = teacher_extra_terms(
-            model,
-            frames,
-            out,
-            glimpse_reading=self.glimpse_reading,
-            loc_centring=self.loc_centring,
-            locator_trains="locator" not in self.leave_out,
-        )
+        added, extra = self.extra_terms(frames, out, locator_trains="locator" not in self.leave_out)
         loss = loss + added
         return {
             "loss": loss,

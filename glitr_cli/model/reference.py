@@ -9,16 +9,15 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from glitr_cli.model.glitr import (
     GliTr,
     StudentObjective,
     StudentOutput,
+    TeacherObjective,
     kl_divergence,
     step_cross_entropy,
-    teacher_extra_terms,
 )
 
 
@@ -43,20 +42,8 @@ class PlainStudentObjective(StudentObjective):
         return plain_student_forward(self.student, frames)
 
 
-class PlainTeacherObjective(nn.Module):
+class PlainTeacherObjective(TeacherObjective):
     """The teacher loss of the original: frozen snapshots for the location losses are deep copies."""
-
-    def __init__(
-        self,
-        model: GliTr,
-        videomae: nn.Module | None = None,
-        label_smoothing: float = 0.0,
-        glimpse_reading: float = 0.0,
-        loc_centring: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.model, self.videomae, self.label_smoothing = model, videomae, label_smoothing
-        self.glimpse_reading, self.loc_centring = glimpse_reading, loc_centring
 
     def forward(self, frames: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model
@@ -73,14 +60,7 @@ class PlainTeacherObjective(nn.Module):
             with torch.no_grad():
                 target_logits = self.videomae.forward_clip(frames)
             distill = kl_divergence(out.logits[:, -1], target_logits)
-        added, extra = teacher_extra_terms(
-            model,
-            frames,
-            out,
-            glimpse_reading=self.glimpse_reading,
-            loc_centring=self.loc_centring,
-            locator_trains=True,
-        )
+        added, extra = self.extra_terms(frames, out, locator_trains=True)
         loss = cls + distill + loc_mse + loc_kld + added
         return {
             "loss": loss,
