@@ -6,7 +6,6 @@ from model_helpers import TINY, clips, tiny_glitr
 
 from glitr_cli.errors import GlitrError
 from glitr_cli.model import StudentObjective, TeacherObjective, build_glitr, kl_divergence, step_cross_entropy
-from glitr_cli.model.glitr import teacher_extra_terms
 
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
@@ -62,16 +61,16 @@ def test_teacher_extra_terms_train_only_their_module():
     model = tiny_glitr()
     x = clips()
     out = model.forward_teacher(x)
-    added, terms = teacher_extra_terms(model, x, out, glimpse_reading=0.5, loc_centring=2.0, locator_trains=True)
+    added, terms = TeacherObjective(model, glimpse_reading=0.5, loc_centring=2.0).extra_terms(x, out, True)
     torch.testing.assert_close(added, 0.5 * terms["reading"] + 2.0 * terms["centring"])
     for name, module in (("reading", "backbone."), ("centring", "locator.")):
         model.zero_grad(set_to_none=True)
         terms[name].backward(retain_graph=True)
         reached = _nonzero(_grads(model))
         assert reached and all(k.startswith(module) for k in reached), (name, reached)
-    held_added, held = teacher_extra_terms(model, x, out, glimpse_reading=0.0, loc_centring=2.0, locator_trains=False)
+    held_added, held = TeacherObjective(model, loc_centring=2.0).extra_terms(x, out, False)
     assert held_added == 0.0 and held.keys() == {"centring"} and held["centring"].isnan()
-    assert teacher_extra_terms(model, x, out, glimpse_reading=0.0, loc_centring=0.0, locator_trains=True) == (0.0, {})
+    assert TeacherObjective(model).extra_terms(x, out, True) == (0.0, {})
     y = torch.tensor([0, 2])
     assert "reading" not in TeacherObjective(model)(x, y)
     on = TeacherObjective(model, glimpse_reading=0.5, loc_centring=2.0)

@@ -165,43 +165,6 @@ def kl_divergence(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Te
     return torch.sum(log_p.exp() * (log_p - log_q), dim=-1).mean()
 
 
-def teacher_extra_terms(
-    model: GliTr,
-    frames: torch.Tensor,
-    out: TeacherOutput,
-    *,
-    glimpse_reading: float,
-    loc_centring: float,
-    locator_trains: bool,
-) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
-    """The teacher's optional loss terms (recipe options, off in the paper's recipes): what they add to the
-    loss, and each term unweighted for the logs, present only when its weight is on.
-
-    - `reading`: MSE of T_f's feature of one glimpse per frame, at a uniform random place inside the
-      frame, to the frame's full-frame feature (detached). It trains T_f (only: the place is drawn, not
-      chosen) to read glimpses, so that the location losses tell a glimpse near the target from one far
-      from it, and not only one on the target from any other.
-    - `centring`: the squared distance from the frame centre of the batch's mean location, averaged over
-      the steps. It trains T_l (and init_loc) against sending every clip's glimpse the same way, which
-      takes the glimpse out of reach of targets on the other side; NaN (and no loss) while T_l is held.
-    """
-    added: torch.Tensor | float = 0.0
-    terms = {}
-    if glimpse_reading:
-        b, t = frames.shape[:2]
-        places = model._baseline_locations("random", b, t, frames, None).flatten(0, 1)
-        glimpse_feat = model.backbone(frames.flatten(0, 1), places).view(b, t, -1)
-        terms["reading"] = F.mse_loss(glimpse_feat, out.feat.detach())
-        added = added + glimpse_reading * terms["reading"]
-    if loc_centring:
-        if locator_trains:
-            terms["centring"] = out.locs.mean(0).pow(2).sum(-1).mean()  # batch mean (T, 2) -> scalar
-            added = added + loc_centring * terms["centring"]
-        else:
-            terms["centring"] = out.locs.new_full((), math.nan)
-    return added, terms
-
-
 def _frozen(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's current parameters, detached: the same weights with no gradient to them."""
     return {name: p.detach() for name, p in module.named_parameters()}
@@ -236,15 +199,33 @@ class TeacherObjective(nn.Module):
     def extra_terms(
         self, frames: torch.Tensor, out: TeacherOutput, locator_trains: bool
     ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
-        """`teacher_extra_terms` with this loss's weights."""
-        return teacher_extra_terms(
-            self.model,
-            frames,
-            out,
-            glimpse_reading=self.glimpse_reading,
-            loc_centring=self.loc_centring,
-            locator_trains=locator_trains,
-        )
+        """The optional loss terms (recipe options, off in the paper's recipes): what they add to the loss,
+        and each term unweighted for the logs, present only when its weight is on.
+
+        - `reading`: MSE of T_f's feature of one glimpse per frame, at a uniform random place inside the
+          frame, to the frame's full-frame feature (detached). It trains T_f (only: the place is drawn,
+          not chosen) to read glimpses, so that the location losses tell a glimpse near the target from
+          one far from it, and not only one on the target from any other.
+        - `centring`: the squared distance from the frame centre of the batch's mean location, averaged
+          over the steps. It trains T_l (and init_loc) against sending every clip's glimpse the same way,
+          which takes the glimpse out of reach of targets on the other side; NaN (and no loss) while T_l
+          is held.
+        """
+        added: torch.Tensor | float = 0.0
+        terms = {}
+        if self.glimpse_reading:
+            b, t = frames.shape[:2]
+            places = self.model._baseline_locations("random", b, t, frames, None).flatten(0, 1)
+            glimpse_feat = self.model.backbone(frames.flatten(0, 1), places).view(b, t, -1)
+            terms["reading"] = F.mse_loss(glimpse_feat, out.feat.detach())
+            added = added + self.glimpse_reading * terms["reading"]
+        if self.loc_centring:
+            if locator_trains:
+                terms["centring"] = out.locs.mean(0).pow(2).sum(-1).mean()  # batch mean (T, 2) -> scalar
+                added = added + self.loc_centring * terms["centring"]
+            else:
+                terms["centring"] = out.locs.new_full((), math.nan)
+        return added, terms
 
     def train(self, mode: bool = True) -> TeacherObjective:
         super().train(mode)
