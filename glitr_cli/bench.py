@@ -127,6 +127,16 @@ def _threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _with_threads(threads: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run with PyTorch's CPU threads set to `threads`."""
+
+    def run() -> Any:
+        with _threads(threads):
+            return fn()
+
+    return run
+
+
 def saved_for_backward_mib(fn: Callable[[], Any], exclude: set[int]) -> float:
     """MiB of distinct tensors autograd keeps for the backward pass during one call of `fn` (the
     activation memory that gradient checkpointing trades for recomputation), on any device; storages
@@ -171,6 +181,24 @@ class Measurements:
             torch.cuda.empty_cache()
             return
         self.peak_mib.update({name: peak["mib"]} if peak else {})
+        self._record(name, seconds, work, unit)
+
+    def time_together(self, calls: dict[str, Callable[[], Any]], work: float, unit: str) -> None:
+        """`time` for several calls whose figures are compared (CPU only), their repeats interleaved: each
+        repeat times one call of each in turn, so that a machine whose speed drifts during the run (other
+        jobs on shared cores) slows all of them alike rather than whichever ran in a slow minute."""
+        for fn in calls.values():
+            time_calls(fn, self.device, self.warmup, 0)
+        seconds: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(self.repeats):
+            for name, fn in calls.items():
+                with peak_memory(self.device) as peak:
+                    seconds[name] += time_calls(fn, self.device, 0, 1)
+                self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), peak.get("mib", 0.0))
+        for name, values in seconds.items():
+            self._record(name, values, work, unit)
+
+    def _record(self, name: str, seconds: list[float], work: float, unit: str) -> None:
         rate = unit.startswith("ms")
         self.values[name] = ([1000 * s / work if rate else work / s for s in seconds], unit)
 
@@ -281,7 +309,8 @@ def inference(s: Setup, m: Measurements, online_batch: int) -> None:
     student, runtime = s.objectives["student"].model.eval(), s.runtime
     t, size, n = s.recipe.data.num_frames, s.recipe.data.img_size, s.batch["student"]
     m.time("eval_clips_per_s", lambda: predict_clips(student, s.clips[:n], runtime), n, "clips/s")
-    runs = [(1, runtime, "online_ms_per_frame_b1", "ms/frame")]
+    exported = runtime.device.type == "cpu" and onnx_runtime_available()  # then batch 1 is timed beside it
+    runs = [] if exported else [(1, runtime, "online_ms_per_frame_b1", "ms/frame")]
     runs.append((online_batch, runtime, f"online_frames_per_s_b{online_batch}", "frames/s"))
     if runtime.eval_graphs:  # what the graphs save
         runs.append((1, replace(runtime, eval_graphs=False), "online_ms_per_frame_b1_no_graphs", "ms/frame"))
@@ -291,7 +320,7 @@ def inference(s: Setup, m: Measurements, online_batch: int) -> None:
     stream = s.clips[:1].transpose(0, 1)  # (T, 1, 3, S, S): one stream
     eager = online_predictor(student, replace(runtime, eval_graphs=False))
     m.flops["online_step"] = count_flops(_stream(eager, stream)) // t
-    if runtime.device.type == "cpu" and onnx_runtime_available():
+    if exported:
         exported_online(s, m, stream)
     one, centre = s.clips[:1, 0], s.clips.new_zeros(1, 2)
     with torch.no_grad():
@@ -300,10 +329,11 @@ def inference(s: Setup, m: Measurements, online_batch: int) -> None:
 
 
 def exported_online(s: Setup, m: Measurements, stream: torch.Tensor) -> None:
-    """One stream's first T frames `stream` (T, 1, 3, S, S) through the exported float32 and int8 steps in
-    ONNX Runtime and the eager step, with the recipe's threads and with every core; the weight bytes each
-    step reads, the memory read bandwidth, and int8's open-loop top-1 agreement with the float step on
-    these random weights (`scripts/int8_accuracy.py` measures a trained model's)."""
+    """One stream's first T frames `stream` (T, 1, 3, S, S) through the eager step and the exported float32
+    and int8 steps in ONNX Runtime, timed together (`Measurements.time_together`) with the recipe's threads
+    and then with every core; the weight bytes each step reads, the memory read bandwidth, and int8's
+    open-loop top-1 agreement with the float step on these random weights (`scripts/int8_accuracy.py`
+    measures a trained model's)."""
     student, runtime, t, cores = s.objectives["student"].model.eval(), s.runtime, len(stream), available_cores()
     m.online_threads |= {"recipe": runtime.threads, "all_cores": cores}
     protos = {"onnx": step_program(student)}
@@ -313,14 +343,12 @@ def exported_online(s: Setup, m: Measurements, stream: torch.Tensor) -> None:
     steps = {name: proto.SerializeToString() for name, proto in protos.items()}
     runs = {runtime.threads: ""} | ({cores: "_all_cores"} if cores != runtime.threads else {})
     for threads, suffix in runs.items():
+        eager = _stream(online_predictor(student, replace(runtime, threads=threads)), stream)
+        calls = {f"online_ms_per_frame_b1{suffix}": _with_threads(threads, eager)}
         for name, step in steps.items():
-            run = _stream(OnnxPredictor(step, threads=threads), stream)
-            m.time(f"online_ms_per_frame_b1_{name}{suffix}", run, t, "ms/frame")
+            calls[f"online_ms_per_frame_b1_{name}{suffix}"] = _stream(OnnxPredictor(step, threads=threads), stream)
+        m.time_together(calls, t, "ms/frame")
         m.values[f"memory_read_gb_per_s_{threads}_threads"] = (memory_read_gb_per_s(threads), "GB/s")
-    if cores != runtime.threads:
-        with _threads(cores):
-            eager = _stream(online_predictor(student, replace(runtime, threads=cores)), stream)
-            m.time("online_ms_per_frame_b1_all_cores", eager, t, "ms/frame")
     predictors = {name: OnnxPredictor(step, threads=runtime.threads) for name, step in steps.items()}
     reference, exact, fast = online_predictor(student, runtime), predictors["onnx"], predictors["onnx_int8"]
     for predictor in (reference, exact, fast):

@@ -198,6 +198,17 @@ def test_grad_checkpointing_lowers_the_activation_memory_bench_reports(tmp_path)
         assert saved["true"][f"{kind}_train_step"] < saved["false"][f"{kind}_train_step"], saved
 
 
+def test_figures_timed_together_interleave_their_repeats():
+    """Compared figures (eager, ONNX and int8 online steps) are timed in turns, one call of each per repeat,
+    after each one's warm-up: a machine that slows down for a while slows all of them alike."""
+    calls = []
+    m = Measurements(1, 3, torch.device("cpu"))
+    m.time_together({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, "ms/frame")
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert all(len(m.values[k][0]) == 3 and m.values[k][1] == "ms/frame" for k in "ab")
+    assert all(v > 0 for k in "ab" for v in m.values[k][0])
+
+
 def _sdpa_calls(fn) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
