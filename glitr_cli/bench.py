@@ -194,7 +194,8 @@ class Measurements:
             for name, fn in calls.items():
                 with peak_memory(self.device) as peak:
                     seconds[name] += time_calls(fn, self.device, 0, 1)
-                self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), peak.get("mib", 0.0))
+                if peak:  # as `time`: nothing where the peak cannot be read
+                    self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), peak["mib"])
         for name, values in seconds.items():
             self._record(name, values, work, unit)
 
